@@ -1,0 +1,30 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of torch; GPU users install a CUDA build into .venv first (README).
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+$(BIN)/genattr: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(BIN)/genattr
+
+setup: $(BIN)/genattr
+
+demo: setup
+	$(BIN)/genattr demo --out demo-output
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/pytest
+
+bench: setup
+	$(BIN)/python benchmarks/eval_speed.py
+
+clean:
+	rm -rf $(VENV) demo-output
