@@ -1,0 +1,3 @@
+"""genattr: which training images are responsible for a generated image, and how much."""
+
+__version__ = "0.1.0"

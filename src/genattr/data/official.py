@@ -1,0 +1,208 @@
+"""The authors' torch `.pth` files: features from `extract_feat.py` and mapper checkpoints.
+
+Gallery file:   {"feats": FloatTensor[N, D], "paths": [str]}
+Test-case file: {"exemplar_paths", "exemplar_chunks": [(start, end)] per model,
+                 "exemplar_tensors": [E, D], "synth_paths": {ptype: [...]},
+                 "synth_ids": {ptype: [model index per query]}, "synth_tensors": {ptype: [Q, D]}}
+Mapper file:    {"real_mapper": state_dict, "synth_mapper": state_dict}
+Loading memory-maps the tensors (zip-format files), so a 1M-image gallery costs no RAM upfront.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from genattr.atomic import atomic_path
+from genattr.errors import GenattrError
+from genattr.heads.networks import head_from_state_dict, head_in_out, infer_head_kind
+
+
+@dataclass
+class GalleryFeatures:
+    """Features of the training images to search (the distractors in the AbC protocol)."""
+
+    feats: torch.Tensor
+    paths: list[str]
+
+    @property
+    def dim(self) -> int:
+        return self.feats.shape[1]
+
+
+@dataclass
+class TestCaseFeatures:
+    """Exemplars and synthesized queries of a benchmark, with which model made each query."""
+
+    exemplar_paths: list[str]
+    exemplar_chunks: list[tuple[int, int]]
+    exemplar_feats: torch.Tensor
+    synth_paths: dict[str, list[str]]
+    synth_ids: dict[str, list[int]]
+    synth_feats: dict[str, torch.Tensor]
+
+    @property
+    def dim(self) -> int:
+        return self.exemplar_feats.shape[1]
+
+    @property
+    def prompt_types(self) -> list[str]:
+        return list(self.synth_feats)
+
+    def validate(self) -> None:
+        """Raise ValueError on anything the evaluation would silently get wrong."""
+        n_ex, dim = _matrix_shape("exemplar_tensors", self.exemplar_feats)
+        if len(self.exemplar_paths) not in (0, n_ex):
+            raise ValueError(f"{len(self.exemplar_paths)} exemplar_paths for {n_ex} exemplar rows")
+        for m, (start, end) in enumerate(self.exemplar_chunks):
+            if not 0 <= start <= end <= n_ex:
+                raise ValueError(f"exemplar_chunks[{m}] = ({start}, {end}) is outside 0..{n_ex}")
+            if start == end:
+                raise ValueError(f"model {m} has no exemplars (exemplar_chunks[{m}] is empty)")
+        _check_finite("exemplar_tensors", self.exemplar_feats)
+        n_models = len(self.exemplar_chunks)
+        for ptype, feats in self.synth_feats.items():
+            q, d = _matrix_shape(f"synth_tensors[{ptype!r}]", feats)
+            if d != dim:
+                raise ValueError(f"synth_tensors[{ptype!r}] has dim {d}, exemplars have {dim}")
+            ids = self.synth_ids.get(ptype)
+            if ids is None or len(ids) != q:
+                n = None if ids is None else len(ids)
+                raise ValueError(f"synth_ids[{ptype!r}] has {n} entries for {q} queries")
+            bad = [i for i in ids if not 0 <= int(i) < n_models]
+            if bad:
+                raise ValueError(
+                    f"synth_ids[{ptype!r}] refers to model {bad[0]}, but there are "
+                    f"{n_models} models (exemplar_chunks)"
+                )
+            _check_finite(f"synth_tensors[{ptype!r}]", feats)
+
+
+def _matrix_shape(name: str, t: Any) -> tuple[int, int]:
+    if not isinstance(t, torch.Tensor) or t.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D tensor, got {type(t).__name__}")
+    return t.shape[0], t.shape[1]
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    bad = (~torch.isfinite(t)).any(dim=1).nonzero()
+    if len(bad):
+        raise ValueError(f"{name} has NaN or Inf values (first in row {bad[0].item()})")
+
+
+def _load(path: str | os.PathLike, what: str) -> dict:
+    if not os.path.exists(path):
+        raise GenattrError(f"{path}: no such file")
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GenattrError(f"{path}: cannot read as a torch {what} file ({reason})") from None
+    if not isinstance(obj, dict):
+        raise GenattrError(f"{path}: expected a dict in a {what} file, got {type(obj).__name__}")
+    return obj
+
+
+def _require(path, obj: dict, keys: tuple[str, ...], what: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise GenattrError(f"{path}: not a {what} file (missing {', '.join(missing)})")
+
+
+def load_gallery_pth(path: str | os.PathLike) -> GalleryFeatures:
+    obj = _load(path, "gallery feature")
+    _require(path, obj, ("feats",), "gallery feature")
+    feats = obj["feats"]
+    try:
+        n, _ = _matrix_shape("feats", feats)
+        paths = list(obj.get("paths", []))
+        if paths and len(paths) != n:
+            raise ValueError(f"{len(paths)} paths for {n} feature rows")
+    except ValueError as e:
+        raise GenattrError(f"{path}: {e}") from None
+    return GalleryFeatures(feats, [str(p) for p in paths])
+
+
+def save_gallery_pth(gallery: GalleryFeatures, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save({"feats": gallery.feats.float(), "paths": list(gallery.paths)}, tmp)
+
+
+_TESTCASE_KEYS = ("exemplar_chunks", "exemplar_tensors", "synth_ids", "synth_tensors")
+
+
+def load_testcase_pth(path: str | os.PathLike) -> TestCaseFeatures:
+    obj = _load(path, "test-case feature")
+    _require(path, obj, _TESTCASE_KEYS, "test-case feature")
+    try:
+        tc = TestCaseFeatures(
+            exemplar_paths=[str(p) for p in obj.get("exemplar_paths", [])],
+            exemplar_chunks=[(int(s), int(e)) for s, e in obj["exemplar_chunks"]],
+            exemplar_feats=obj["exemplar_tensors"],
+            synth_paths={k: [str(p) for p in v] for k, v in obj.get("synth_paths", {}).items()},
+            synth_ids={k: [int(i) for i in v] for k, v in obj["synth_ids"].items()},
+            synth_feats=dict(obj["synth_tensors"]),
+        )
+        tc.validate()
+    except (ValueError, TypeError) as e:
+        raise GenattrError(f"{path}: {e}") from None
+    return tc
+
+
+def save_testcase_pth(tc: TestCaseFeatures, path: str | os.PathLike) -> None:
+    obj = {
+        "exemplar_paths": list(tc.exemplar_paths),
+        "exemplar_chunks": [tuple(c) for c in tc.exemplar_chunks],
+        "exemplar_tensors": tc.exemplar_feats.float(),
+        "synth_paths": {k: list(v) for k, v in tc.synth_paths.items()},
+        "synth_ids": {k: list(v) for k, v in tc.synth_ids.items()},
+        "synth_tensors": {k: v.float() for k, v in tc.synth_feats.items()},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+@dataclass
+class MapperPair:
+    """The two heads of the paper: one for real (training) images, one for synthesized ones."""
+
+    real: nn.Module
+    synth: nn.Module
+    kind: str
+
+    @property
+    def in_dim(self) -> int:
+        return head_in_out(self.real)[0]
+
+
+def load_mapper_pth(path: str | os.PathLike, kind: str | None = None) -> MapperPair:
+    obj = _load(path, "mapper checkpoint")
+    _require(path, obj, ("real_mapper", "synth_mapper"), "mapper checkpoint")
+    try:
+        heads = [head_from_state_dict(obj[k], kind) for k in ("real_mapper", "synth_mapper")]
+        for name, head in zip(("real_mapper", "synth_mapper"), heads, strict=True):
+            for pname, p in head.state_dict().items():
+                if p.is_floating_point() and not torch.isfinite(p).all():
+                    raise ValueError(f"{name}.{pname} has NaN or Inf values")
+        if head_in_out(heads[0]) != head_in_out(heads[1]):
+            raise ValueError("real_mapper and synth_mapper have different shapes")
+    except (ValueError, RuntimeError) as e:
+        raise GenattrError(f"{path}: {str(e).splitlines()[0]}") from None
+    return MapperPair(heads[0], heads[1], infer_head_kind(obj["real_mapper"]))
+
+
+def save_mapper_pth(mappers: MapperPair, path: str | os.PathLike) -> None:
+    obj = {"real_mapper": mappers.real.state_dict(), "synth_mapper": mappers.synth.state_dict()}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

@@ -1,0 +1,365 @@
+"""The AbC evaluation protocol (Wang et al. 2023), exact and fast.
+
+For each synthesized query the gallery is every distractor plus that query's own model's
+exemplars. Features are mapped (real head on gallery and exemplars, synth head on queries),
+L2-normalised and scored by dot product. Per query:
+    AP = mean over exemplars, in ranked order, of k / rank_k   (1-based ranks)
+    Recall@K = (#exemplars in the top K) / |E|
+averaged over queries, separately per prompt type.
+
+AP and Recall@K depend only on the ranks of the exemplars, and an exemplar's rank is
+1 + (#gallery items scoring higher) + (#exemplars ahead of it). So instead of sorting a 1M
+gallery per query as the authors do, genattr streams the gallery in blocks, scores a block of
+queries against it with one matrix product and counts. It never sorts the gallery and never
+holds a full queries x gallery score matrix. `evaluate_reference` is the authors' per-query
+argsort, kept as the oracle for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genattr.atomic import atomic_path
+from genattr.data.official import MapperPair, TestCaseFeatures
+from genattr.errors import GenattrError
+
+RESULTS_FORMAT_VERSION = 1
+DEFAULT_KS = (5, 10, 100)
+# Pads the per-query threshold rows; above any cosine similarity (<= 1 up to rounding).
+_PAD = 4.0
+# Rows of different queries are laid out on one number line, _ROW_GAP apart (see _count_sparse).
+_ROW_GAP = 8.0
+
+FeatureMatrix = torch.Tensor | np.ndarray
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PromptTypeResults:
+    """Per-query metrics of one prompt type."""
+
+    ap: np.ndarray  # (Q,)
+    recall: np.ndarray  # (Q, len(ks))
+    model_ids: np.ndarray  # (Q,)
+    n_exemplars: np.ndarray  # (Q,)
+    paths: list[str]
+
+    @property
+    def n_queries(self) -> int:
+        return len(self.ap)
+
+
+@dataclass
+class EvaluationResult:
+    ks: tuple[int, ...]
+    per_type: dict[str, PromptTypeResults]
+
+    def summary(self) -> dict[str, dict]:
+        """{ptype: {"mAP", "recall": {"5": ...}, "n_queries"}}: the mean over queries."""
+        out = {}
+        for ptype, r in self.per_type.items():
+            recall = r.recall.mean(axis=0) if r.n_queries else np.full(len(self.ks), np.nan)
+            out[ptype] = {
+                "mAP": float(r.ap.mean()) if r.n_queries else float("nan"),
+                "recall": {str(k): float(v) for k, v in zip(self.ks, recall, strict=True)},
+                "n_queries": r.n_queries,
+            }
+        return out
+
+
+def _as_float_block(feats: FeatureMatrix, start: int, stop: int, device: torch.device):
+    block = feats[start:stop]
+    if isinstance(block, np.ndarray):
+        block = torch.from_numpy(np.ascontiguousarray(block))
+    return block.to(device=device, dtype=torch.float32)
+
+
+def _embed(x: torch.Tensor, transform: Transform | None) -> torch.Tensor:
+    if transform is not None:
+        x = transform(x).float()
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def _count_dense(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """(B, G) scores, (B, E) thresholds -> (B, E) counts of scores > threshold."""
+    return torch.stack(
+        [(scores > thresholds[:, j : j + 1]).sum(1) for j in range(thresholds.shape[1])], 1
+    )
+
+
+def _count_sparse(scores: torch.Tensor, thresholds: torch.Tensor, above_min: torch.Tensor):
+    """As `_count_dense`, visiting only the scores above each row's smallest threshold.
+
+    Thresholds are sorted ascending per row. Row r is shifted by r * _ROW_GAP on one float64
+    number line (exact: a float32 plus a small multiple of 8 fits in float64's mantissa), so a
+    single searchsorted buckets every surviving score among its own row's thresholds.
+    """
+    b, e = thresholds.shape
+    rows, cols = above_min.nonzero(as_tuple=True)
+    offsets = torch.arange(b, device=scores.device, dtype=torch.float64) * _ROW_GAP
+    line = (thresholds.double() + offsets[:, None]).flatten()
+    keys = scores[rows, cols].double() + offsets[rows]
+    below = torch.searchsorted(line, keys) - rows * e  # thresholds of its row strictly below
+    hist = torch.bincount(rows * (e + 1) + below, minlength=b * (e + 1)).view(b, e + 1)
+    return hist.flip(1).cumsum(1).flip(1)[:, 1:]
+
+
+def count_scores_above(
+    gallery: FeatureMatrix,
+    queries: torch.Tensor,
+    thresholds: torch.Tensor,
+    *,
+    gallery_transform: Transform | None = None,
+    block_elements: int = 1 << 24,
+    method: str = "auto",
+    progress: bool = False,
+) -> torch.Tensor:
+    """For each query row and threshold, count gallery items whose score is strictly higher.
+
+    queries: (Q, D) mapped and normalised; thresholds: (Q, E) sorted ascending per row (pad
+    with values > 1). Gallery rows are mapped with `gallery_transform` and normalised block by
+    block, so a memory-mapped gallery is read once and never held whole.
+    """
+    if method not in ("auto", "dense", "sparse"):
+        raise ValueError(f"unknown counting method {method!r}")
+    device = queries.device
+    n, q = len(gallery), len(queries)
+    counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
+    q_block = max(1, min(q, 1024))
+    g_block = max(1024, block_elements // q_block)
+    starts = range(0, n, g_block)
+    if progress:
+        from rich.progress import track
+
+        starts = track(starts, description="scoring gallery", transient=True)
+    with torch.no_grad():
+        for g0 in starts:
+            block = _as_float_block(gallery, g0, g0 + g_block, device)
+            if not torch.isfinite(block).all():
+                row = (~torch.isfinite(block)).any(1).nonzero()[0].item() + g0
+                raise GenattrError(f"gallery row {row} has NaN or Inf values")
+            block = _embed(block, gallery_transform)
+            for q0 in range(0, q, q_block):
+                thr = thresholds[q0 : q0 + q_block]
+                scores = queries[q0 : q0 + q_block] @ block.T
+                above_min = scores > thr[:, :1]
+                if (
+                    thr.shape[1] == 1
+                    or method == "dense"
+                    or (method == "auto" and above_min.sum().item() * 8 > above_min.numel())
+                ):
+                    counts[q0 : q0 + q_block] += _count_dense(scores, thr)
+                else:
+                    counts[q0 : q0 + q_block] += _count_sparse(scores, thr, above_min)
+    return counts
+
+
+def _padded_index(chunks: Sequence[tuple[int, int]], model_ids: np.ndarray) -> np.ndarray:
+    """(Q, Emax) exemplar row indices per query, -1 where the model has fewer exemplars."""
+    sizes = np.array([e - s for s, e in chunks])[model_ids]
+    starts = np.array([s for s, _ in chunks])[model_ids]
+    width = int(sizes.max()) if len(sizes) else 1
+    cols = np.arange(width)
+    return np.where(cols < sizes[:, None], starts[:, None] + cols, -1)
+
+
+def metrics_from_counts(
+    counts: np.ndarray, n_exemplars: np.ndarray, ks: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """AP and Recall@K from gallery counts above each exemplar (thresholds ascending).
+
+    With E exemplars sorted by ascending score, the j-th (0-based) is the (E-j)-th exemplar in
+    ranked order and has rank c_j + E - j, so AP = mean_j (E-j) / (c_j + E - j).
+    """
+    e = n_exemplars[:, None]
+    j = np.arange(counts.shape[1])[None, :]
+    valid = j < e
+    k = e - j  # position among exemplars in ranked order, 1-based
+    rank = counts + k
+    ap = np.where(valid, k / np.maximum(rank, 1), 0.0).sum(1) / n_exemplars
+    recall = np.stack([(valid & (rank <= kk)).sum(1) / n_exemplars for kk in ks], axis=1)
+    return ap, recall
+
+
+def _check_dims(gallery: FeatureMatrix, testcase: TestCaseFeatures, mappers: MapperPair | None):
+    if gallery.ndim != 2:
+        raise GenattrError(f"gallery features must be 2-D, got shape {tuple(gallery.shape)}")
+    if gallery.shape[1] != testcase.dim:
+        raise GenattrError(
+            f"dimension mismatch: gallery features are {gallery.shape[1]}-d, "
+            f"test-case features are {testcase.dim}-d"
+        )
+    if mappers is not None and mappers.in_dim != testcase.dim:
+        raise GenattrError(
+            f"dimension mismatch: the {mappers.kind} mapper takes {mappers.in_dim}-d features, "
+            f"the features are {testcase.dim}-d"
+        )
+
+
+def _check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    if not ks or any(int(k) < 1 for k in ks):
+        raise GenattrError(f"recall cut-offs must be positive integers, got {list(ks)}")
+    return tuple(int(k) for k in ks)
+
+
+def evaluate_protocol(
+    gallery: FeatureMatrix,
+    testcase: TestCaseFeatures,
+    ks: Sequence[int] = DEFAULT_KS,
+    mappers: MapperPair | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    block_elements: int = 1 << 24,
+    method: str = "auto",
+    progress: bool = False,
+) -> EvaluationResult:
+    """Evaluate one benchmark against a gallery (N, D): fp16/fp32, tensor or memory-mapped array."""
+    ks = _check_ks(ks)
+    _check_dims(gallery, testcase, mappers)
+    device = torch.device(device)
+    real = synth = None
+    if mappers is not None:
+        real, synth = mappers.real.to(device).eval(), mappers.synth.to(device).eval()
+    ptypes = testcase.prompt_types
+    with torch.no_grad():
+        exemplars = _embed(testcase.exemplar_feats.to(device, torch.float32), real)
+        queries = torch.cat(
+            [_embed(testcase.synth_feats[p].to(device, torch.float32), synth) for p in ptypes]
+        )
+    model_ids = np.concatenate([np.asarray(testcase.synth_ids[p], dtype=np.int64) for p in ptypes])
+    index = torch.from_numpy(_padded_index(testcase.exemplar_chunks, model_ids)).to(device)
+    ex_scores = torch.einsum("qd,qed->qe", queries, exemplars[index.clamp(min=0)])
+    thresholds = torch.where(index >= 0, ex_scores, torch.full_like(ex_scores, _PAD))
+    thresholds = thresholds.sort(dim=1).values
+    counts = count_scores_above(
+        gallery,
+        queries,
+        thresholds,
+        gallery_transform=real,
+        block_elements=block_elements,
+        method=method,
+        progress=progress,
+    )
+    n_ex = (index >= 0).sum(1).cpu().numpy()
+    ap, recall = metrics_from_counts(counts.cpu().numpy(), n_ex, ks)
+    per_type, start = {}, 0
+    for p in ptypes:
+        stop = start + len(testcase.synth_ids[p])
+        per_type[p] = PromptTypeResults(
+            ap[start:stop],
+            recall[start:stop],
+            model_ids[start:stop],
+            n_ex[start:stop],
+            list(testcase.synth_paths.get(p, [])),
+        )
+        start = stop
+    return EvaluationResult(ks, per_type)
+
+
+def evaluate_reference(
+    gallery: FeatureMatrix,
+    testcase: TestCaseFeatures,
+    ks: Sequence[int] = DEFAULT_KS,
+    mappers: MapperPair | None = None,
+    query_limit: int | None = None,
+) -> EvaluationResult:
+    """The authors' protocol as they run it: one full argsort of gallery + exemplars per query."""
+    ks = _check_ks(ks)
+    _check_dims(gallery, testcase, mappers)
+    real = mappers.real.eval() if mappers else None
+    synth = mappers.synth.eval() if mappers else None
+    with torch.no_grad():
+        data = _embed(
+            torch.as_tensor(
+                np.asarray(gallery[:]) if isinstance(gallery, np.ndarray) else gallery
+            ).float(),
+            real,
+        )
+        exemplars = _embed(testcase.exemplar_feats.float(), real)
+        n = len(data)
+        per_type = {}
+        for p in testcase.prompt_types:
+            ids = np.asarray(testcase.synth_ids[p][:query_limit], dtype=np.int64)
+            queries = _embed(testcase.synth_feats[p][:query_limit].float(), synth)
+            aps, recalls, sizes = [], [], []
+            for model, query in zip(ids, queries, strict=True):
+                start, end = testcase.exemplar_chunks[model]
+                order = torch.argsort(-(torch.cat([data, exemplars[start:end]]) @ query))
+                hits = (order >= n).numpy()
+                positions = np.flatnonzero(hits) + 1
+                aps.append(np.mean(np.arange(1, len(positions) + 1) / positions))
+                recalls.append([hits[:k].sum() / (end - start) for k in ks])
+                sizes.append(end - start)
+            per_type[p] = PromptTypeResults(
+                np.array(aps),
+                np.array(recalls).reshape(len(ids), len(ks)),
+                ids,
+                np.array(sizes),
+                list(testcase.synth_paths.get(p, []))[:query_limit],
+            )
+    return EvaluationResult(ks, per_type)
+
+
+def queries_path(results_path: str | os.PathLike) -> Path:
+    """Where the per-query table goes: results.json -> results.queries.parquet."""
+    p = Path(results_path)
+    return p.with_name(p.stem + ".queries.parquet")
+
+
+def write_results(result: EvaluationResult, path: str | os.PathLike, **provenance) -> None:
+    """results.json (summary, format_version 1) and results.queries.parquet, both atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, list] = {
+        "prompt_type": [],
+        "query_index": [],
+        "query_path": [],
+        "model_index": [],
+        "n_exemplars": [],
+        "ap": [],
+    }
+    columns.update({f"recall@{k}": [] for k in result.ks})
+    for ptype, r in result.per_type.items():
+        columns["prompt_type"] += [ptype] * r.n_queries
+        columns["query_index"] += list(range(r.n_queries))
+        columns["query_path"] += r.paths if len(r.paths) == r.n_queries else [None] * r.n_queries
+        columns["model_index"] += r.model_ids.tolist()
+        columns["n_exemplars"] += r.n_exemplars.tolist()
+        columns["ap"] += r.ap.tolist()
+        for i, k in enumerate(result.ks):
+            columns[f"recall@{k}"] += r.recall[:, i].tolist()
+    table = pa.table(columns)
+    doc = {
+        "format_version": RESULTS_FORMAT_VERSION,
+        "results": result.summary(),
+        "ks": list(result.ks),
+        "queries_file": queries_path(path).name,
+        **provenance,
+    }
+    with atomic_path(queries_path(path)) as tmp_q, atomic_path(path) as tmp_j:
+        pq.write_table(table, tmp_q)
+        tmp_j.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def results_table(result: EvaluationResult, title: str = "AbC evaluation"):
+    """A rich table: one row per prompt type, mAP and Recall@K in percent as in the paper."""
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("prompt type")
+    table.add_column("queries", justify="right")
+    table.add_column("mAP", justify="right")
+    for k in result.ks:
+        table.add_column(f"R@{k}", justify="right")
+    for ptype, s in result.summary().items():
+        recall = [f"{100 * v:.2f}" for v in s["recall"].values()]
+        table.add_row(ptype, str(s["n_queries"]), f"{100 * s['mAP']:.2f}", *recall)
+    return table
