@@ -18,7 +18,7 @@ from PIL import Image
 
 @dataclass
 class Backbone:
-    """A frozen feature extractor: preprocess an RGB image, then `model` maps a batch to (B, dim)."""
+    """A frozen feature extractor: `preprocess` an RGB image, `model` maps a batch to (B, dim)."""
 
     name: str
     dim: int
