@@ -120,6 +120,7 @@ def count_scores_above(
     block_elements: int = 1 << 24,
     method: str = "auto",
     progress: bool = False,
+    gallery_name: str = "gallery",
 ) -> torch.Tensor:
     """For each query row and threshold, count gallery items whose score is strictly higher.
 
@@ -144,7 +145,7 @@ def count_scores_above(
             block = _as_float_block(gallery, g0, g0 + g_block, device)
             if not torch.isfinite(block).all():
                 row = (~torch.isfinite(block)).any(1).nonzero()[0].item() + g0
-                raise GenattrError(f"gallery row {row} has NaN or Inf values")
+                raise GenattrError(f"{gallery_name}: row {row} has NaN or Inf values")
             block = _embed(block, gallery_transform)
             for q0 in range(0, q, q_block):
                 thr = thresholds[q0 : q0 + q_block]
@@ -188,18 +189,23 @@ def metrics_from_counts(
     return ap, recall
 
 
-def _check_dims(gallery: FeatureMatrix, testcase: TestCaseFeatures, mappers: MapperPair | None):
+def _check_dims(
+    gallery: FeatureMatrix,
+    testcase: TestCaseFeatures,
+    mappers: MapperPair | None,
+    names: tuple[str, str, str] = ("gallery", "test case", "mapper"),
+):
     if gallery.ndim != 2:
-        raise GenattrError(f"gallery features must be 2-D, got shape {tuple(gallery.shape)}")
+        raise GenattrError(f"{names[0]}: features must be 2-D, got shape {tuple(gallery.shape)}")
     if gallery.shape[1] != testcase.dim:
         raise GenattrError(
-            f"dimension mismatch: gallery features are {gallery.shape[1]}-d, "
-            f"test-case features are {testcase.dim}-d"
+            f"dimension mismatch: {names[0]} has {gallery.shape[1]}-d features, "
+            f"{names[1]} has {testcase.dim}-d features"
         )
     if mappers is not None and mappers.in_dim != testcase.dim:
         raise GenattrError(
-            f"dimension mismatch: the {mappers.kind} mapper takes {mappers.in_dim}-d features, "
-            f"the features are {testcase.dim}-d"
+            f"dimension mismatch: {names[2]} is a {mappers.kind} head on {mappers.in_dim}-d "
+            f"features, {names[1]} has {testcase.dim}-d features"
         )
 
 
@@ -219,10 +225,14 @@ def evaluate_protocol(
     block_elements: int = 1 << 24,
     method: str = "auto",
     progress: bool = False,
+    names: tuple[str, str, str] = ("gallery", "test case", "mapper"),
 ) -> EvaluationResult:
-    """Evaluate one benchmark against a gallery (N, D): fp16/fp32, tensor or memory-mapped array."""
+    """Evaluate one benchmark against a gallery (N, D): fp16/fp32, tensor or memory-mapped array.
+
+    `names` (gallery, test case, mapper) are used in error messages, e.g. their file names.
+    """
     ks = _check_ks(ks)
-    _check_dims(gallery, testcase, mappers)
+    _check_dims(gallery, testcase, mappers, names)
     device = torch.device(device)
     real = synth = None
     if mappers is not None:
@@ -246,6 +256,7 @@ def evaluate_protocol(
         block_elements=block_elements,
         method=method,
         progress=progress,
+        gallery_name=names[0],
     )
     n_ex = (index >= 0).sum(1).cpu().numpy()
     ap, recall = metrics_from_counts(counts.cpu().numpy(), n_ex, ks)
@@ -363,3 +374,35 @@ def results_table(result: EvaluationResult, title: str = "AbC evaluation"):
         recall = [f"{100 * v:.2f}" for v in s["recall"].values()]
         table.add_row(ptype, str(s["n_queries"]), f"{100 * s['mAP']:.2f}", *recall)
     return table
+
+
+def evaluate_files(
+    gallery_feats: str | os.PathLike,
+    test_feats: str | os.PathLike,
+    out: str | os.PathLike,
+    mapper: str | os.PathLike | None = None,
+    head: str | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    device: str = "cpu",
+    progress: bool = False,
+) -> EvaluationResult:
+    """`genattr evaluate`: the authors' `.pth` feature files in, results.json + parquet out."""
+    from genattr.data.official import load_gallery_pth, load_mapper_pth, load_testcase_pth
+
+    gallery = load_gallery_pth(gallery_feats)
+    testcase = load_testcase_pth(test_feats)
+    mappers = load_mapper_pth(mapper, head) if mapper is not None else None
+    names = (str(gallery_feats), str(test_feats), str(mapper))
+    result = evaluate_protocol(
+        gallery.feats, testcase, ks, mappers, device=device, progress=progress, names=names
+    )
+    write_results(
+        result,
+        out,
+        gallery_feats=str(gallery_feats),
+        test_feats=str(test_feats),
+        mapper=None if mapper is None else str(mapper),
+        head=None if mappers is None else mappers.kind,
+        n_gallery=len(gallery.feats),
+    )
+    return result
