@@ -76,8 +76,8 @@ class EvaluationResult:
 
 def _as_float_block(feats: FeatureMatrix, start: int, stop: int, device: torch.device):
     block = feats[start:stop]
-    if isinstance(block, np.ndarray):
-        block = torch.from_numpy(np.ascontiguousarray(block))
+    if isinstance(block, np.ndarray):  # a copy: memory-mapped pages are read-only
+        block = torch.from_numpy(np.array(block, dtype=np.float32))
     return block.to(device=device, dtype=torch.float32)
 
 
