@@ -66,11 +66,7 @@ def test_evaluate_writes_results(bench_files):
         assert set(got["recall"]) == {"5", "10", "100"}
         for k, v in summary["recall"].items():
             assert got["recall"][k] == pytest.approx(v, abs=1e-9)
-    table = (
-        pq.read_table(d / "res" / "results.queries.parquet").to_pandas()
-        if False
-        else pq.read_table(d / "res" / "results.queries.parquet").to_pydict()
-    )
+    table = pq.read_table(d / "res" / "results.queries.parquet").to_pydict()
     media = [i for i, p in enumerate(table["prompt_type"]) if p == "media"]
     assert len(media) == ref.per_type["media"].n_queries
     np.testing.assert_allclose([table["ap"][i] for i in media], ref.per_type["media"].ap, atol=1e-9)
