@@ -21,8 +21,8 @@ def assert_same(result, reference):
 SIZES = [1, 1, 1, 4, 7, 12, 1, 30, 2]
 
 
-@pytest.mark.parametrize("method", ["auto", "dense", "sparse"])
-@pytest.mark.parametrize("noise", [0.3, 3.0])  # easy queries (sparse counts) and hard ones
+@pytest.mark.parametrize("method", ["auto", "dense", "kernel"])
+@pytest.mark.parametrize("noise", [0.3, 3.0])  # easy queries (few items above) and hard ones
 def test_matches_per_query_argsort(method, noise):
     gallery, tc = make_fixture(sizes=SIZES, noise=noise, seed=1)
     # a small block forces many gallery and query blocks

@@ -34,8 +34,6 @@ RESULTS_FORMAT_VERSION = 1
 DEFAULT_KS = (5, 10, 100)
 # Pads the per-query threshold rows; above any cosine similarity (<= 1 up to rounding).
 _PAD = 4.0
-# Rows of different queries are laid out on one number line, _ROW_GAP apart (see _count_sparse).
-_ROW_GAP = 8.0
 
 FeatureMatrix = torch.Tensor | np.ndarray
 Transform = Callable[[torch.Tensor], torch.Tensor]
@@ -94,27 +92,11 @@ def _count_dense(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
     )
 
 
-def _count_sparse(scores: torch.Tensor, thresholds: torch.Tensor, above_min: torch.Tensor):
-    """As `_count_dense`, visiting only the scores above each row's smallest threshold.
-
-    Thresholds are sorted ascending per row. Row r is shifted by r * _ROW_GAP on one float64
-    number line (exact: a float32 plus a small multiple of 8 fits in float64's mantissa), so a
-    single searchsorted buckets every surviving score among its own row's thresholds.
-    """
-    b, e = thresholds.shape
-    rows, cols = above_min.nonzero(as_tuple=True)
-    offsets = torch.arange(b, device=scores.device, dtype=torch.float64) * _ROW_GAP
-    line = (thresholds.double() + offsets[:, None]).flatten()
-    keys = scores[rows, cols].double() + offsets[rows]
-    below = torch.searchsorted(line, keys) - rows * e  # thresholds of its row strictly below
-    hist = torch.bincount(rows * (e + 1) + below, minlength=b * (e + 1)).view(b, e + 1)
-    return hist.flip(1).cumsum(1).flip(1)[:, 1:]
-
-
 def count_scores_above(
     gallery: FeatureMatrix,
     queries: torch.Tensor,
     thresholds: torch.Tensor,
+    n_valid: np.ndarray,
     *,
     gallery_transform: Transform | None = None,
     block_elements: int = 1 << 24,
@@ -124,17 +106,24 @@ def count_scores_above(
 ) -> torch.Tensor:
     """For each query row and threshold, count gallery items whose score is strictly higher.
 
-    queries: (Q, D) mapped and normalised; thresholds: (Q, E) sorted ascending per row (pad
-    with values > 1). Gallery rows are mapped with `gallery_transform` and normalised block by
-    block, so a memory-mapped gallery is read once and never held whole.
+    queries: (Q, D) mapped and normalised; thresholds: (Q, E) sorted ascending per row, the
+    first n_valid[i] real and the rest padded with a value above any cosine similarity.
+    Gallery rows are mapped with `gallery_transform` and normalised block by block, so a
+    memory-mapped gallery is read once and never held whole. Counting runs in a fused numba
+    kernel on CPU ("kernel") and as one comparison per threshold on GPU ("dense").
     """
-    if method not in ("auto", "dense", "sparse"):
+    if method not in ("auto", "dense", "kernel"):
         raise ValueError(f"unknown counting method {method!r}")
     device = queries.device
+    if method == "auto":
+        method = "kernel" if device.type == "cpu" else "dense"
+    if method == "kernel":
+        from genattr._kernels import count_above_sorted
     n, q = len(gallery), len(queries)
     counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
     q_block = max(1, min(q, 1024))
     g_block = max(1024, block_elements // q_block)
+    scores = torch.empty((q_block, g_block), dtype=torch.float32, device=device)
     starts = range(0, n, g_block)
     if progress:
         from rich.progress import track
@@ -148,17 +137,18 @@ def count_scores_above(
                 raise GenattrError(f"{gallery_name}: row {row} has NaN or Inf values")
             block = _embed(block, gallery_transform)
             for q0 in range(0, q, q_block):
-                thr = thresholds[q0 : q0 + q_block]
-                scores = queries[q0 : q0 + q_block] @ block.T
-                above_min = scores > thr[:, :1]
-                if (
-                    thr.shape[1] == 1
-                    or method == "dense"
-                    or (method == "auto" and above_min.sum().item() * 8 > above_min.numel())
-                ):
-                    counts[q0 : q0 + q_block] += _count_dense(scores, thr)
+                q1 = min(q, q0 + q_block)
+                out = scores[: q1 - q0, : len(block)]
+                torch.matmul(queries[q0:q1], block.T, out=out)
+                if method == "dense":
+                    counts[q0:q1] += _count_dense(out, thresholds[q0:q1])
                 else:
-                    counts[q0 : q0 + q_block] += _count_sparse(scores, thr, above_min)
+                    count_above_sorted(
+                        out.numpy(),
+                        thresholds[q0:q1].numpy(),
+                        n_valid[q0:q1],
+                        counts[q0:q1].numpy(),
+                    )
     return counts
 
 
@@ -248,17 +238,18 @@ def evaluate_protocol(
     ex_scores = torch.einsum("qd,qed->qe", queries, exemplars[index.clamp(min=0)])
     thresholds = torch.where(index >= 0, ex_scores, torch.full_like(ex_scores, _PAD))
     thresholds = thresholds.sort(dim=1).values
+    n_ex = (index >= 0).sum(1).cpu().numpy()
     counts = count_scores_above(
         gallery,
         queries,
         thresholds,
+        n_ex,
         gallery_transform=real,
         block_elements=block_elements,
         method=method,
         progress=progress,
         gallery_name=names[0],
     )
-    n_ex = (index >= 0).sum(1).cpu().numpy()
     ap, recall = metrics_from_counts(counts.cpu().numpy(), n_ex, ks)
     per_type, start = {}, 0
     for p in ptypes:
