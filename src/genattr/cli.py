@@ -43,7 +43,7 @@ def _greedy_ints(ctx: typer.Context, first: list[int] | None, default: tuple[int
         if not arg.lstrip("-").isdigit():
             raise GenattrError(f"unexpected argument {arg!r}")
         extra.append(int(arg))
-    return tuple(first or default) + tuple(extra) if first else default
+    return (*first, *extra) if first else default
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -228,6 +228,8 @@ def evaluate_protocol(
     if mappers is not None:
         real, synth = mappers.real.to(device).eval(), mappers.synth.to(device).eval()
     ptypes = testcase.prompt_types
+    if not any(len(testcase.synth_ids[p]) for p in ptypes):
+        raise GenattrError(f"{names[1]}: has no synthesized queries")
     with torch.no_grad():
         exemplars = _embed(testcase.exemplar_feats.to(device, torch.float32), real)
         queries = torch.cat(
