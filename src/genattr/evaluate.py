@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +29,12 @@ import torch
 from genattr.atomic import atomic_path
 from genattr.data.official import MapperPair, TestCaseFeatures
 from genattr.errors import GenattrError
+from genattr.vectors import FeatureMatrix, Transform, embed, read_block
 
 RESULTS_FORMAT_VERSION = 1
 DEFAULT_KS = (5, 10, 100)
 # Pads the per-query threshold rows; above any cosine similarity (<= 1 up to rounding).
 _PAD = 4.0
-
-FeatureMatrix = torch.Tensor | np.ndarray
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -70,19 +68,6 @@ class EvaluationResult:
                 "n_queries": r.n_queries,
             }
         return out
-
-
-def _as_float_block(feats: FeatureMatrix, start: int, stop: int, device: torch.device):
-    block = feats[start:stop]
-    if isinstance(block, np.ndarray):  # a copy: memory-mapped pages are read-only
-        block = torch.from_numpy(np.array(block, dtype=np.float32))
-    return block.to(device=device, dtype=torch.float32)
-
-
-def _embed(x: torch.Tensor, transform: Transform | None) -> torch.Tensor:
-    if transform is not None:
-        x = transform(x).float()
-    return torch.nn.functional.normalize(x, dim=-1)
 
 
 def _count_dense(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -131,11 +116,11 @@ def count_scores_above(
         starts = track(starts, description="scoring gallery", transient=True)
     with torch.no_grad():
         for g0 in starts:
-            block = _as_float_block(gallery, g0, g0 + g_block, device)
+            block = read_block(gallery, g0, g0 + g_block, device)
             if not torch.isfinite(block).all():
                 row = (~torch.isfinite(block)).any(1).nonzero()[0].item() + g0
                 raise GenattrError(f"{gallery_name}: row {row} has NaN or Inf values")
-            block = _embed(block, gallery_transform)
+            block = embed(block, gallery_transform)
             for q0 in range(0, q, q_block):
                 q1 = min(q, q0 + q_block)
                 out = scores[: q1 - q0, : len(block)]
@@ -231,9 +216,9 @@ def evaluate_protocol(
     if not any(len(testcase.synth_ids[p]) for p in ptypes):
         raise GenattrError(f"{names[1]}: has no synthesized queries")
     with torch.no_grad():
-        exemplars = _embed(testcase.exemplar_feats.to(device, torch.float32), real)
+        exemplars = embed(testcase.exemplar_feats.to(device, torch.float32), real)
         queries = torch.cat(
-            [_embed(testcase.synth_feats[p].to(device, torch.float32), synth) for p in ptypes]
+            [embed(testcase.synth_feats[p].to(device, torch.float32), synth) for p in ptypes]
         )
     model_ids = np.concatenate([np.asarray(testcase.synth_ids[p], dtype=np.int64) for p in ptypes])
     index = torch.from_numpy(_padded_index(testcase.exemplar_chunks, model_ids)).to(device)
@@ -280,18 +265,18 @@ def evaluate_reference(
     real = mappers.real.eval() if mappers else None
     synth = mappers.synth.eval() if mappers else None
     with torch.no_grad():
-        data = _embed(
+        data = embed(
             torch.as_tensor(
                 np.asarray(gallery[:]) if isinstance(gallery, np.ndarray) else gallery
             ).float(),
             real,
         )
-        exemplars = _embed(testcase.exemplar_feats.float(), real)
+        exemplars = embed(testcase.exemplar_feats.float(), real)
         n = len(data)
         per_type = {}
         for p in testcase.prompt_types:
             ids = np.asarray(testcase.synth_ids[p][:query_limit], dtype=np.int64)
-            queries = _embed(testcase.synth_feats[p][:query_limit].float(), synth)
+            queries = embed(testcase.synth_feats[p][:query_limit].float(), synth)
             aps, recalls, sizes = [], [], []
             for model, query in zip(ids, queries, strict=True):
                 start, end = testcase.exemplar_chunks[model]
