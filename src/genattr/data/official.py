@@ -40,6 +40,8 @@ class GalleryFeatures:
 class TestCaseFeatures:
     """Exemplars and synthesized queries of a benchmark, with which model made each query."""
 
+    __test__ = False  # not a pytest test class despite its name
+
     exemplar_paths: list[str]
     exemplar_chunks: list[tuple[int, int]]
     exemplar_feats: torch.Tensor
