@@ -17,7 +17,6 @@ from genattr.calibrate import (
     save_calibrator_pth,
     softmax_nll,
 )
-from genattr.data.official import TestCaseFeatures
 from genattr.errors import GenattrError
 from genattr.search.exact import topk_exact
 from genattr.world.synthetic import make_synthetic_benchmark
@@ -102,18 +101,6 @@ def test_training_loss_is_the_authors():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
-def split_models(tc: TestCaseFeatures, models: set[int]) -> TestCaseFeatures:
-    keep = {p: [i for i, m in enumerate(tc.synth_ids[p]) if m in models] for p in tc.prompt_types}
-    return TestCaseFeatures(
-        tc.exemplar_paths,
-        tc.exemplar_chunks,
-        tc.exemplar_feats,
-        {},
-        {p: [tc.synth_ids[p][i] for i in idx] for p, idx in keep.items()},
-        {p: tc.synth_feats[p][idx] for p, idx in keep.items()},
-    )
-
-
 def test_fitted_calibrator_beats_plain_softmax(tmp_path):
     bench = make_synthetic_benchmark(
         n_gallery=5000, dim=32, n_object_models=20, n_style_models=8, seed=3
@@ -121,11 +108,11 @@ def test_fitted_calibrator_beats_plain_softmax(tmp_path):
     n_models = len(bench.testcase.exemplar_chunks)
     val_models = set(range(0, n_models, 2))  # split by model, never by image
     val = calibration_set(
-        bench.gallery.feats, split_models(bench.testcase, val_models), bench.oracle_mappers, 50
+        bench.gallery.feats, bench.testcase.select_models(val_models), bench.oracle_mappers, 50
     )
     test = calibration_set(
         bench.gallery.feats,
-        split_models(bench.testcase, set(range(n_models)) - val_models),
+        bench.testcase.select_models(set(range(n_models)) - val_models),
         bench.oracle_mappers,
         50,
     )
