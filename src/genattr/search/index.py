@@ -1,0 +1,224 @@
+"""Attribution indexes: FAISS chosen from gallery size and memory budget, exact re-ranking.
+
+An index directory holds everything needed to answer a query the way the gallery was embedded:
+    index.json        format_version, kind, factory string, count, dim, nprobe, re-rank depth,
+                      the store's backbone / weights id / preprocessing, and the head, if any
+    index.faiss       the FAISS index over head-mapped, L2-normalised gallery vectors
+    vectors.npy       the same vectors in fp32 (IVF kinds only), memory-mapped for exact
+                      re-ranking, so every reported similarity is exact
+    head/             a copy of the head (head.safetensors + head.json), if one was used
+The choice follows autofaiss: a flat (exact) index while the vectors fit the memory budget and
+the gallery is up to about a million images, IVF-PQ beyond, memory-mapped at query time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genattr.atomic import atomic_path, write_text_atomic
+from genattr.data.official import MapperPair
+from genattr.errors import GenattrError
+from genattr.vectors import FeatureMatrix, embed, read_block
+
+INDEX_FORMAT_VERSION = 1
+KINDS = ("auto", "flat", "ivf", "ivfpq")
+FLAT_MAX = 1_000_000
+
+
+def parse_size(text: str | int) -> int:
+    """'4GB', '512MB', '1.5G' or a number of bytes -> bytes."""
+    if isinstance(text, int):
+        return text
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    s = text.strip().upper().removesuffix("B").removesuffix("I")
+    num = s.rstrip("KMGT")
+    try:
+        return int(float(num) * units[s[len(num) :]])
+    except (ValueError, KeyError):
+        raise GenattrError(f"cannot read memory size {text!r} (e.g. 4GB, 512MB)") from None
+
+
+@dataclass
+class IndexSpec:
+    kind: str
+    factory: str
+    nlist: int = 0
+    nprobe: int = 0
+    rerank: int = 0  # candidates re-scored exactly per requested result (IVF kinds)
+
+    @property
+    def exact(self) -> bool:
+        return self.kind == "flat"
+
+
+def choose_index(n: int, dim: int, memory_budget: int, kind: str = "auto") -> IndexSpec:
+    """Pick the index type and its parameters from the gallery size and the RAM budget."""
+    if kind not in KINDS:
+        raise GenattrError(f"unknown index kind {kind!r}; choose from {KINDS}")
+    flat_bytes = n * dim * 4
+    if kind == "auto":
+        kind = "flat" if n <= FLAT_MAX and flat_bytes <= memory_budget else "ivfpq"
+    if kind == "flat":
+        return IndexSpec("flat", "Flat")
+    nlist = int(2 ** round(math.log2(max(16.0, 4 * math.sqrt(n)))))
+    nlist = max(1, min(nlist, n // 39 or 1))  # faiss wants ~39 training points per centroid
+    nprobe = max(1, min(nlist, nlist // 64 or 1) * 4)
+    if kind == "ivf":
+        return IndexSpec("ivf", f"IVF{nlist},Flat", nlist, nprobe, rerank=1)
+    # PQ with 8-bit codes: m sub-quantizers, m | dim, the largest whose codes fit the budget
+    m_options = [m for m in (dim // 4, dim // 8, dim // 16, dim // 32) if m >= 1 and dim % m == 0]
+    m = next((m for m in m_options if n * m <= memory_budget), m_options[-1])
+    return IndexSpec("ivfpq", f"IVF{nlist},PQ{m}", nlist, nprobe, rerank=10)
+
+
+def _mapped_blocks(vectors: FeatureMatrix, head: MapperPair | None, block: int = 65536):
+    real = head.real.eval() if head is not None else None
+    with torch.no_grad():
+        for start in range(0, len(vectors), block):
+            yield (
+                start,
+                embed(read_block(vectors, start, start + block, torch.device("cpu")), real).numpy(),
+            )
+
+
+def build_index(
+    vectors: FeatureMatrix,
+    out_dir: str | os.PathLike,
+    *,
+    kind: str = "auto",
+    memory_budget: str | int = "4GB",
+    head: MapperPair | None = None,
+    head_dir: str | os.PathLike | None = None,
+    provenance: dict | None = None,
+    train_size: int = 100_000,
+    seed: int = 0,
+) -> AttributionIndex:
+    """Map (head), normalise and index the gallery; write the index directory atomically-ish:
+    index.json is written last, so a directory without it is an unfinished build."""
+    import faiss
+
+    n, dim = len(vectors), vectors.shape[1]
+    if n == 0:
+        raise GenattrError("cannot index an empty gallery")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "index.json").unlink(missing_ok=True)
+    out_dim = dim if head is None else _head_out_dim(head)
+    spec = choose_index(n, out_dim, parse_size(memory_budget), kind)
+    index = faiss.index_factory(out_dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
+    if spec.kind != "flat":
+        exact = np.lib.format.open_memmap(
+            out / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, out_dim)
+        )
+        for start, block in _mapped_blocks(vectors, head):
+            exact[start : start + len(block)] = block
+        exact.flush()
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
+        index.train(np.ascontiguousarray(exact[sample]))
+        for start in range(0, n, 65536):
+            index.add(np.ascontiguousarray(exact[start : start + 65536]))
+        del exact
+    else:
+        for _, block in _mapped_blocks(vectors, head):
+            index.add(block)
+    with atomic_path(out / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    if head_dir is not None:
+        shutil.copytree(head_dir, out / "head", dirs_exist_ok=True)
+    doc = {
+        "kind": "genattr.index",
+        "format_version": INDEX_FORMAT_VERSION,
+        "index": spec.__dict__,
+        "count": n,
+        "dim": out_dim,
+        "input_dim": dim,
+        "head": None if head is None else head.kind,
+        **(provenance or {}),
+    }
+    write_text_atomic(out / "index.json", json.dumps(doc, indent=2) + "\n")
+    return AttributionIndex.load(out)
+
+
+def _head_out_dim(head: MapperPair) -> int:
+    from genattr.heads.networks import head_in_out
+
+    return head_in_out(head.real)[1]
+
+
+class AttributionIndex:
+    """A built index: search head-mapped, normalised queries; similarities are exact."""
+
+    def __init__(self, path: Path, meta: dict, index, exact_vectors: np.ndarray | None):
+        self.path, self.meta, self.index, self.exact_vectors = path, meta, index, exact_vectors
+        self.spec = IndexSpec(**meta["index"])
+        if self.spec.nprobe:
+            import faiss
+
+            faiss.extract_index_ivf(index).nprobe = self.spec.nprobe
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> AttributionIndex:
+        import faiss
+
+        path = Path(path)
+        try:
+            meta = json.loads((path / "index.json").read_text())
+        except (OSError, ValueError):
+            raise GenattrError(f"{path}: not a genattr index (no readable index.json)") from None
+        if (
+            meta.get("kind") != "genattr.index"
+            or meta.get("format_version") != INDEX_FORMAT_VERSION
+        ):
+            raise GenattrError(f"{path}/index.json: not a genattr index (format_version 1)")
+        flags = faiss.IO_FLAG_MMAP if mmap and meta["index"]["kind"] != "flat" else 0
+        index = faiss.read_index(str(path / "index.faiss"), flags)
+        exact = (
+            np.load(path / "vectors.npy", mmap_mode="r")
+            if (path / "vectors.npy").exists()
+            else None
+        )
+        return cls(path, meta, index, exact)
+
+    @property
+    def count(self) -> int:
+        return self.meta["count"]
+
+    def head(self) -> MapperPair | None:
+        """The head the gallery was mapped with (queries go through its synth side)."""
+        if self.meta.get("head") is None:
+            return None
+        from genattr.heads.train import load_heads
+
+        return load_heads(self.path / "head")[0]
+
+    def set_nprobe(self, nprobe: int) -> None:
+        import faiss
+
+        if self.spec.nprobe:
+            faiss.extract_index_ivf(self.index).nprobe = nprobe
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k) exact similarities, best first, and gallery row ids (-1 past the gallery)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        k = min(k, self.count)
+        if self.spec.exact:
+            return self.index.search(queries, k)
+        depth = min(self.count, max(k * self.spec.rerank, k))
+        _, cand = self.index.search(queries, depth)
+        sims = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)
+        for row, c in enumerate(cand):
+            c = np.sort(c[c >= 0])  # sorted rows read the memory map in order
+            s = self.exact_vectors[c] @ queries[row]
+            top = np.argsort(-s, kind="stable")[:k]
+            sims[row, : len(top)], ids[row, : len(top)] = s[top], c[top]
+        return sims, ids
