@@ -119,7 +119,7 @@ def main() -> int:
         "about": "torchvision reference outputs; written by scripts/make_preprocess_fixtures.py",
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
-        "images": {k: list(v.size) + [v.mode] for k, v in source_images().items()},
+        "images": {k: [*v.size, v.mode] for k, v in source_images().items()},
         "geometries": {
             k: {"resize": r, "interpolation": i, "crop": c} for k, (r, i, c) in GEOMETRIES.items()
         },

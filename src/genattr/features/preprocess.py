@@ -134,6 +134,6 @@ def _center_crop(array: np.ndarray, size: int) -> np.ndarray:
         h, w = array.shape[:2]
         if h == size and w == size:
             return array
-    top = int(round((h - size) / 2.0))
-    left = int(round((w - size) / 2.0))
+    top = round((h - size) / 2.0)
+    left = round((w - size) / 2.0)
     return array[top : top + size, left : left + size]
