@@ -28,6 +28,21 @@ class ClipImageEncoder(torch.nn.Module):
         return self.vision(pixel_values=pixel_values).image_embeds
 
 
+def _vision_config(directory: Path) -> dict:
+    """A full CLIP checkpoint keeps `projection_dim` at its top level, which transformers does
+    not carry into the vision config it derives (it would assume 512); pass it explicitly."""
+    import json
+
+    import transformers
+
+    if json.loads((directory / "config.json").read_text()).get("model_type") != "clip":
+        return {}
+    full = transformers.CLIPConfig.from_pretrained(directory)
+    vision = full.vision_config
+    vision.projection_dim = full.projection_dim
+    return {"config": vision}
+
+
 @register_backbone("clip-vit-b32", dim=512, preprocess=PREPROCESS)
 def clip_vit_b32(
     weights: str | os.PathLike | None = None,
@@ -43,6 +58,7 @@ def clip_vit_b32(
             directory,
             backbone="clip-vit-b32",
             model_types=("clip", "clip_vision_model"),
+            **_vision_config(directory),
         )
         return ClipImageEncoder(vision), vision.config.projection_dim
 
