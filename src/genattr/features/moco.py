@@ -148,7 +148,8 @@ def moco_vit_from_state_dict(state: dict[str, torch.Tensor], heads: int = 12) ->
         depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
         mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
         qkv_bias = "blocks.0.attn.qkv.bias" in state
-        tokens = state["pos_embed"].shape[1] - 1 if "pos_embed" in state else 14 * 14
+        # MoCo v3 trained at 224 px; the table length gives the size when it is stored.
+        tokens = state["pos_embed"].shape[1] - 1 if "pos_embed" in state else (224 // patch) ** 2
     except (KeyError, ValueError) as e:
         raise GenattrError(f"MoCo checkpoint lacks the ViT weights it needs: {e}") from e
     grid = round(tokens**0.5)

@@ -98,7 +98,9 @@ def get_backbone(
     `device`, `dtype` (e.g. torch.bfloat16) and `channels_last` convert the model after loading.
     """
     backbone = backbone_spec(name).constructor(weights=weights, **kwargs)
-    model = backbone.model.eval().requires_grad_(False)
+    model = backbone.model.eval()
+    for param in model.parameters():  # (ScriptModules have no requires_grad_)
+        param.requires_grad_(False)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     if channels_last:

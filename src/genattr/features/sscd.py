@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -40,7 +41,10 @@ def sscd_disc_mixup(
         )
     )
     try:
-        model = torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():
+            # Deprecated in recent torch, but TorchScript is the format SSCD is released in.
+            warnings.filterwarnings("ignore", "`torch.jit.load` is deprecated", DeprecationWarning)
+            model = torch.jit.load(str(path), map_location="cpu")
     except Exception as e:
         raise GenattrError(f"cannot load TorchScript model {path}: {e}") from e
     return Backbone(
