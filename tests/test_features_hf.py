@@ -86,6 +86,27 @@ def test_clip_image_embeds_match_clip_model(tmp_path: Path) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_clip_vision_only_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(7)
+    config = transformers.CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+        projection_dim=16,
+    )
+    vision = transformers.CLIPVisionModelWithProjection(config).eval()
+    vision.save_pretrained(tmp_path)
+    backbone = get_backbone("clip-vit-b32", weights=tmp_path)
+    _check_common(backbone, "clip-vit-b32", tmp_path, 16)
+    x = _batch(backbone, 1)
+    with torch.inference_mode():
+        expected = vision(pixel_values=x).image_embeds
+    torch.testing.assert_close(backbone.embed(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_dino_returns_normed_cls_not_pooler(tmp_path: Path) -> None:
     torch.manual_seed(1)
     vit = transformers.ViTModel(_vit_config(image_size=224, patch_size=32)).eval()

@@ -110,7 +110,7 @@ def _cached_hub_dir(repo_id: str, cache: Path) -> Path | None:
 
 def _download_hub_dir(repo_id: str, cache: Path, backbone: str) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
         config = hf_hub_download(repo_id, "config.json", cache_dir=cache)
@@ -118,7 +118,9 @@ def _download_hub_dir(repo_id: str, cache: Path, backbone: str) -> Path:
             try:
                 hf_hub_download(repo_id, name, cache_dir=cache)
                 return Path(config).parent
-            except EntryNotFoundError:
+            except EntryNotFoundError as e:
+                if isinstance(e, LocalEntryNotFoundError):  # unreachable, not absent
+                    raise
                 continue
     except Exception as e:  # network, auth, disk: one clear message
         raise GenattrError(
