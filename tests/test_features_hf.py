@@ -162,6 +162,33 @@ def test_dinov2_cls(tmp_path: Path) -> None:
     torch.testing.assert_close(got, out.pooler_output, rtol=1e-5, atol=1e-5)
 
 
+def _legacy_vit_key(key: str) -> str:
+    """transformers 5 names -> the names in the hub's ViT checkpoints (written by 4.x)."""
+    key = key.replace("layers.", "encoder.layer.")
+    for new, old in [("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value")]:
+        key = key.replace(f"attention.{new}", f"attention.attention.{old}")
+    key = key.replace("attention.o_proj", "attention.output.dense")
+    return key.replace("mlp.fc1", "intermediate.dense").replace("mlp.fc2", "output.dense")
+
+
+def test_hub_era_checkpoint_layout_loads(tmp_path: Path) -> None:
+    """The real DINO / ViT repos hold pytorch_model.bin with transformers-4 key names."""
+    torch.manual_seed(8)
+    config = _vit_config(image_size=224, patch_size=32)
+    vit = transformers.ViTModel(config, add_pooling_layer=False).eval()
+    config.save_pretrained(tmp_path)
+    legacy = {_legacy_vit_key(k): v for k, v in vit.state_dict().items()}
+    assert "encoder.layer.0.attention.attention.query.weight" in legacy
+    torch.save(legacy, tmp_path / "pytorch_model.bin")
+
+    backbone = get_backbone("dino-vitb16", weights=tmp_path)
+    assert backbone.weights_id == _sha16(tmp_path / "pytorch_model.bin")
+    x = _batch(backbone, 1)
+    with torch.inference_mode():
+        expected = vit(pixel_values=x).last_hidden_state[:, 0]
+    torch.testing.assert_close(backbone.embed(x), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_loads_from_the_hub_cache_by_repo_id(tmp_path: Path, monkeypatch) -> None:
     """A model in the hub cache layout loads by its repo id with no network and no path."""
     torch.manual_seed(4)
