@@ -76,7 +76,8 @@ def choose_index(n: int, dim: int, memory_budget: int, kind: str = "auto") -> In
     # PQ with 8-bit codes: m sub-quantizers, m | dim, the largest whose codes fit the budget
     m_options = [m for m in (dim // 4, dim // 8, dim // 16, dim // 32) if m >= 1 and dim % m == 0]
     m = next((m for m in m_options if n * m <= memory_budget), m_options[-1])
-    return IndexSpec("ivfpq", f"IVF{nlist},PQ{m}", nlist, nprobe, rerank=10)
+    # "np": no polysemous training, which costs minutes and serves only Hamming filtering
+    return IndexSpec("ivfpq", f"IVF{nlist},PQ{m}np", nlist, nprobe, rerank=10)
 
 
 def _mapped_blocks(vectors: FeatureMatrix, head: MapperPair | None, block: int = 65536):
