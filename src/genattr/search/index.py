@@ -6,6 +6,7 @@ An index directory holds everything needed to answer a query the way the gallery
     index.faiss       the FAISS index over head-mapped, L2-normalised gallery vectors
     vectors.npy       the same vectors in fp32 (IVF kinds only), memory-mapped for exact
                       re-ranking, so every reported similarity is exact
+    metadata.parquet  id and path of every gallery row, in row order
     head/             a copy of the head (head.safetensors + head.json), if one was used
 The choice follows autofaiss: a flat (exact) index while the vectors fit the memory budget and
 the gallery is up to about a million images, IVF-PQ beyond, memory-mapped at query time.
@@ -98,6 +99,8 @@ def build_index(
     memory_budget: str | int = "4GB",
     head: MapperPair | None = None,
     head_dir: str | os.PathLike | None = None,
+    ids: list[str] | None = None,
+    paths: list[str] | None = None,
     provenance: dict | None = None,
     train_size: int = 100_000,
     seed: int = 0,
@@ -135,6 +138,7 @@ def build_index(
         faiss.write_index(index, str(tmp))
     if head_dir is not None:
         shutil.copytree(head_dir, out / "head", dirs_exist_ok=True)
+    _write_metadata(out / "metadata.parquet", n, ids, paths)
     doc = {
         "kind": "genattr.index",
         "format_version": INDEX_FORMAT_VERSION,
@@ -147,6 +151,18 @@ def build_index(
     }
     write_text_atomic(out / "index.json", json.dumps(doc, indent=2) + "\n")
     return AttributionIndex.load(out)
+
+
+def _write_metadata(path: Path, n: int, ids: list[str] | None, paths: list[str] | None) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
+    paths = [""] * n if paths is None else [str(p) for p in paths]
+    if len(ids) != n or len(paths) != n:
+        raise GenattrError(f"{len(ids)} ids and {len(paths)} paths for {n} gallery vectors")
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table({"id": ids, "path": paths}), tmp)
 
 
 def _head_out_dim(head: MapperPair) -> int:
@@ -192,6 +208,13 @@ class AttributionIndex:
     @property
     def count(self) -> int:
         return self.meta["count"]
+
+    def metadata(self) -> tuple[list[str], list[str]]:
+        """Gallery ids and paths, in row order."""
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.path / "metadata.parquet")
+        return table.column("id").to_pylist(), table.column("path").to_pylist()
 
     def head(self) -> MapperPair | None:
         """The head the gallery was mapped with (queries go through its synth side)."""
