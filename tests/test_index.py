@@ -27,7 +27,7 @@ def test_choose_index_follows_size_and_budget():
     # 1M x 768 fp32 is 3 GiB: flat within 4 GiB, IVF-PQ within 1 GiB
     assert choose_index(1_000_000, 768, parse_size("4GiB")).kind == "flat"
     spec = choose_index(1_000_000, 768, parse_size("1GB"))
-    assert spec.kind == "ivfpq" and spec.factory.startswith("IVF4096,PQ")
+    assert spec.kind == "ivfpq" and spec.factory.startswith("IVF1024,PQ")
     # the PQ code must fit the budget: 1M x m bytes
     m = int(spec.factory.rsplit("PQ", 1)[1].removesuffix("np"))
     assert 1_000_000 * m <= parse_size("1GB") and 768 % m == 0
