@@ -161,3 +161,17 @@ def test_topk_exact_matches_full_sort():
     ref_s, ref_i = full.topk(25, dim=1)
     np.testing.assert_array_equal(i, ref_i.numpy())
     np.testing.assert_allclose(s, ref_s.numpy(), atol=1e-6)
+
+
+def test_reliability_plot(tmp_path):
+    from genattr.report.plots import reliability_data, reliability_plot
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(20), size=200)
+    is_true = rng.random((200, 20)) < p  # calibrated by construction
+    rows = reliability_data(p, is_true)
+    assert sum(n for _, _, n in rows) == (p > 0).sum()
+    big = [(m, f) for m, f, n in rows if n > 200]
+    assert all(abs(m - f) < 0.1 for m, f in big)
+    reliability_plot(p, is_true, tmp_path / "rel.png")
+    assert (tmp_path / "rel.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
