@@ -32,7 +32,7 @@ def build_tiny_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # No merges: every word is spelled out character by character, which is all a test needs.
-    tokenizer = CLIPTokenizer(vocab=char_vocab(), merges=[], model_max_length=16)
+    tokenizer = CLIPTokenizer(vocab=char_vocab(), merges=[], model_max_length=77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,
@@ -63,7 +63,7 @@ def build_tiny_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=16,
+            max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -48,7 +48,7 @@ def load_base_pipeline(
     torch_dtype = resolve_dtype(dtype, dev)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(base), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            str(base), dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError, EnvironmentError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from genattr.atomic import atomic_path, write_text_atomic
+from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
@@ -234,7 +234,7 @@ class Customizer:
             if tok.convert_tokens_to_ids(token) not in (None, tok.unk_token_id):
                 raise GenattrError(f"the tokenizer already has {token!r}; pick another token")
             tok.add_tokens(token)
-            te.resize_token_embeddings(len(tok))
+            te.resize_token_embeddings(len(tok), mean_resizing=False)
             self.token, self.token_id = token, tok.convert_tokens_to_ids(token)
         elif token != self.token:
             raise GenattrError(f"this pipeline was customized with {self.token!r}, not {token!r}")
@@ -439,11 +439,14 @@ class Customizer:
                 state[f"{name}.to_v_custom_diffusion.weight"] = v.contiguous()
             else:
                 state[name] = {}  # diffusers keeps an (empty) entry for every other layer
-        with atomic_path(out / WEIGHTS_NAME) as tmp:
-            torch.save(state, tmp)
         assert self.token is not None
-        with atomic_path(out / f"{self.token}.bin") as tmp:
-            torch.save({self.token: self._trained_emb.contiguous()}, tmp)
+        for name, obj in (
+            (WEIGHTS_NAME, state),
+            (f"{self.token}.bin", {self.token: self._trained_emb.contiguous()}),
+        ):
+            with atomic_path(out / name) as tmp:
+                torch.save(obj, tmp)
+                os.chmod(tmp, 0o644)
         info = {
             "kind": "genattr.custom_diffusion",
             "format_version": CUSTOMIZE_FORMAT_VERSION,
@@ -454,7 +457,9 @@ class Customizer:
             **self._meta,
             **(extra or {}),
         }
-        write_text_atomic(out / INFO_NAME, json.dumps(info, indent=1))
+        with atomic_path(out / INFO_NAME) as tmp:
+            tmp.write_text(json.dumps(info, indent=1))
+            os.chmod(tmp, 0o644)
         return out
 
     def reset(self) -> None:
