@@ -50,7 +50,7 @@ def load_base_pipeline(
         pipe = StableDiffusionPipeline.from_pretrained(
             str(base), dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
         )
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GenattrError(f"cannot load the base model {str(base)!r}: {first}") from None
     pipe = pipe.to(dev)

@@ -81,8 +81,9 @@ def training_prompt(mode: str, category: str | None, token: str = "<new1>") -> s
     """The authors' training prompts: '<new1> {category}' (objects), a style sentence (styles)."""
     if mode == "object":
         if not category:
-            raise GenattrError("object models need a --category (the training prompt is "
-                               f"'{token} CATEGORY')")
+            raise GenattrError(
+                f"object models need a --category (the training prompt is '{token} CATEGORY')"
+            )
         return f"{token} {category}"
     if mode == "style":
         return f"A picture in the style of {token} art"
@@ -167,7 +168,10 @@ def augment_example(
             left // factor + 1 : (left + scale) // factor - 1,
         ] = 1.0
         if not mask.any():
-            mask[top // factor : (top + scale) // factor + 1, left // factor : (left + scale) // factor + 1] = 1.0
+            mask[
+                top // factor : (top + scale) // factor + 1,
+                left // factor : (left + scale) // factor + 1,
+            ] = 1.0
     prefix = ""
     if scale < 0.6 * size:
         prefix = _SMALL_PREFIXES[int(rng.integers(0, 2))]
@@ -306,7 +310,9 @@ class Customizer:
         )
         amp = dtype != torch.float32
         autocast = (
-            torch.autocast(device_type=device.type, dtype=dtype) if amp else contextlib.nullcontext()
+            torch.autocast(device_type=device.type, dtype=dtype)
+            if amp
+            else contextlib.nullcontext()
         )
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
@@ -347,10 +353,15 @@ class Customizer:
                 with torch.no_grad():
                     latents = vae.encode(x).latent_dist.sample(generator=gen)
                     latents = latents * vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=gen, device=device, dtype=latents.dtype)
+                noise = torch.randn(
+                    latents.shape, generator=gen, device=device, dtype=latents.dtype
+                )
                 t = torch.randint(
-                    0, noise_sched.config.num_train_timesteps, (latents.shape[0],),
-                    generator=gen, device=device,
+                    0,
+                    noise_sched.config.num_train_timesteps,
+                    (latents.shape[0],),
+                    generator=gen,
+                    device=device,
                 ).long()
                 noisy = noise_sched.add_noise(latents, noise, t)
                 if noise_sched.config.prediction_type == "v_prediction":
