@@ -75,6 +75,7 @@ def build_tiny_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path
         beta_schedule="scaled_linear",
         clip_sample=False,
         set_alpha_to_one=False,
+        steps_offset=1,
     )
     pipe = StableDiffusionPipeline(
         unet=unet,

@@ -13,6 +13,7 @@ Saved in diffusers' Custom Diffusion format (`pytorch_custom_diffusion_weights.b
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -455,8 +456,12 @@ class Customizer:
             (WEIGHTS_NAME, state),
             (f"{self.token}.bin", {self.token: self._trained_emb.contiguous()}),
         ):
+            # Through a buffer: torch.save names the archive after the file, and the temporary
+            # file's random name would make identical models differ byte for byte.
+            buf = io.BytesIO()
+            torch.save(obj, buf)
             with atomic_path(out / name) as tmp:
-                torch.save(obj, tmp)
+                tmp.write_bytes(buf.getvalue())
                 os.chmod(tmp, 0o644)
         info = {
             "kind": "genattr.custom_diffusion",
