@@ -7,6 +7,8 @@ Diffusion step takes milliseconds on a CPU. Weights are random; seeded, so repro
 
 from __future__ import annotations
 
+import inspect
+import json
 import string
 from pathlib import Path
 
@@ -32,7 +34,14 @@ def build_tiny_pipeline(out: Path, seed: int = 0, sample_size: int = 16) -> Path
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     # No merges: every word is spelled out character by character, which is all a test needs.
-    tokenizer = CLIPTokenizer(vocab=char_vocab(), merges=[], model_max_length=77)
+    if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers 4
+        (out / "vocab.json").write_text(json.dumps(char_vocab()))
+        (out / "merges.txt").write_text("#version: 0.2\n")
+        tokenizer = CLIPTokenizer(
+            str(out / "vocab.json"), str(out / "merges.txt"), model_max_length=77
+        )
+    else:
+        tokenizer = CLIPTokenizer(vocab=char_vocab(), merges=[], model_max_length=77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=sample_size,

@@ -46,9 +46,15 @@ def load_base_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    try:  # diffusers renamed torch_dtype to dtype (0.36); the old name still works there
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+        dtype_kw = {"dtype": torch_dtype}
+    except ImportError:
+        dtype_kw = {"torch_dtype": torch_dtype}
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            str(base), dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+            str(base), **dtype_kw, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
