@@ -354,13 +354,29 @@ def _same_but_times(a: bytes, b: bytes) -> bool:
     return da == db
 
 
-def test_make_benchmark_killed_and_resumed_equals_uninterrupted(tiny, tmp_path):
-    plan = _write_plan(tmp_path, tiny)
-    ref = tmp_path / "ref" / "bench"
+@pytest.fixture(scope="module")
+def planned(tiny, tmp_path_factory):
+    """A three-model plan and its benchmark made by one uninterrupted run."""
+    root = tmp_path_factory.mktemp("plan")
+    plan = _write_plan(root, tiny)
+    ref = root / "ref" / "bench"
     done = subprocess.run(_cmd(plan, ref), env=_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "s per model" in done.stderr and "images/s" in done.stderr
+    return plan, ref
 
+
+def _assert_same_benchmark(got: dict[str, bytes], want: dict[str, bytes]) -> None:
+    assert set(got) == set(want)
+    for name in want:
+        if name.startswith("state/") or name.endswith("genattr_customize.json"):
+            assert _same_but_times(got[name], want[name]), name
+        else:
+            assert got[name] == want[name], name  # images, weights, JSON: byte for byte
+
+
+def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_path):
+    plan, ref = planned
     bench = tmp_path / "run" / "bench"
     proc = subprocess.Popen(
         _cmd(plan, bench), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -389,13 +405,8 @@ def test_make_benchmark_killed_and_resumed_equals_uninterrupted(tiny, tmp_path):
     assert "model disc0: complete, skipped" in again.stderr
     assert "model box0 (object, box): training" in again.stderr
 
-    want, got = _files(ref), _files(bench)
-    assert set(got) == set(want)
-    for name in want:
-        if name.startswith("state/") or name.endswith("genattr_customize.json"):
-            assert _same_but_times(got[name], want[name]), name
-        else:
-            assert got[name] == want[name], name  # images, weights, JSON: byte for byte
+    got = _files(bench)
+    _assert_same_benchmark(got, _files(ref))
 
     # What was written: the authors' layout, genattr's manifest, splits by model.
     manifest = read_manifest(bench / "manifest.json")
@@ -431,7 +442,7 @@ def test_bad_plan_is_a_clear_error(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text("base: x\nmodels:\n  - {id: a, mode: object, exemplars: [nope.png]}\n")
     r = CliRunner().invoke(app, ["make-benchmark", "--plan", str(plan), "--out", str(tmp_path)])
-    assert r.exit_code == 2 and "needs a 'category'" in r.output
+    assert r.exit_code == 2 and "need a 'category'" in r.output
     plan.write_text(
         "base: x\nmodels:\n  - {id: a, mode: object, category: cat, exemplars: [nope.png]}\n"
     )
@@ -441,3 +452,23 @@ def test_bad_plan_is_a_clear_error(tmp_path):
         app, ["make-benchmark", "--plan", str(plan), "--out", str(tmp_path), "--engine", "slurm"]
     )
     assert r.exit_code == 2 and "--engine" in r.output
+
+
+def test_ray_engine_gives_the_same_benchmark(planned, tmp_path):
+    pytest.importorskip("ray")
+    plan, ref = planned
+    bench = tmp_path / "ray" / "bench"
+    cmd = [*_cmd(plan, bench), "--engine", "ray"]
+    env = _env() | {"RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    _assert_same_benchmark(_files(bench), _files(ref))
+
+
+def test_ray_engine_without_ray_is_a_clear_error(tiny, tmp_path, monkeypatch):
+    from genattr.customize.driver import make_benchmark
+
+    plan = _write_plan(tmp_path, tiny)
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    with pytest.raises(GenattrError, match=r"genattr\[ray\]"):
+        make_benchmark(plan, tmp_path / "bench", engine="ray", log=lambda s: None)
