@@ -219,6 +219,31 @@ def test_loader_errors_are_clear(tiny, tmp_path):
         load_custom_diffusion(base, tmp_path)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_path(tiny, exemplars, tmp_path, dtype):
+    """The GPU recipe's path (autocast, float32 master weights, fp16 loss scaling) on the CPU."""
+    from genattr.customize.loading import load_custom_diffusion
+    from genattr.customize.pipeline import load_base_pipeline
+    from genattr.customize.train import Customizer
+
+    pipe = load_base_pipeline(tiny, "cpu", dtype)
+    want = getattr(torch, dtype)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    cz = Customizer(pipe)
+    stats = cz.train(exemplars, "object", "dog", _config(max_train_steps=2))
+    assert np.isfinite(stats.losses).all()
+    assert {p.dtype for p in pipe.unet.parameters()} == {want}  # back to the pipeline's dtype
+    changed = {k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in changed)
+    cz.save(tmp_path / "m")
+    state = torch.load(tmp_path / "m" / "pytorch_custom_diffusion_weights.bin", weights_only=True)
+    assert {v.dtype for v in state.values() if isinstance(v, torch.Tensor)} == {torch.float32}
+    other = load_base_pipeline(tiny, "cpu", dtype)
+    load_custom_diffusion(other, tmp_path / "m")
+    got = _render(other)
+    assert np.isfinite(got).all() and got.shape == (1, RES, RES, 3)
+
+
 def test_reset_restores_the_base_exactly(trained, tiny, exemplars):
     from genattr.customize.pipeline import load_base_pipeline
     from genattr.customize.train import Customizer
@@ -448,6 +473,9 @@ def test_bad_plan_is_a_clear_error(tmp_path):
     )
     r = CliRunner().invoke(app, ["make-benchmark", "--plan", str(plan), "--out", str(tmp_path)])
     assert r.exit_code == 2 and "nope.png: no such file" in r.output
+    (tmp_path / "nope.png").write_bytes(b"not an image")
+    r = CliRunner().invoke(app, ["make-benchmark", "--plan", str(plan), "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "not a readable image" in r.output
     r = CliRunner().invoke(
         app, ["make-benchmark", "--plan", str(plan), "--out", str(tmp_path), "--engine", "slurm"]
     )

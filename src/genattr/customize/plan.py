@@ -30,7 +30,7 @@ from typing import Any
 
 from genattr.customize.prompts import PromptSet, load_prompt_set, read_captions
 from genattr.customize.sample import SampleConfig, sample_config_from_dict
-from genattr.customize.train import CustomizeConfig, config_from_dict, list_images
+from genattr.customize.train import CustomizeConfig, check_image, config_from_dict, list_images
 from genattr.data.benchmark import MODES, SPLITS
 from genattr.errors import GenattrError
 
@@ -168,6 +168,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
             raise GenattrError(f"{where}: split must be one of {SPLITS}")
         try:
             exemplars = list_images(_resolve(root, m.get("exemplars"), f"{where}: exemplars"))
+            for p in exemplars:
+                check_image(p)  # a bad file stops the plan now, not hours into the run
             train = config_from_dict({**train_defaults, **(m.get("train") or {})})
             reg = m.get("reg_images")
             reg_images = list_images(_resolve(root, reg, "reg_images")) if reg else []

@@ -120,6 +120,17 @@ def _open_rgb(path: Path) -> Image.Image:
         raise GenattrError(f"{path}: not a readable image ({e})") from None
 
 
+def check_image(path: Path) -> None:
+    """Raise a GenattrError naming the file unless it is a readable image (header check)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise GenattrError(f"{path}: not a readable image ({e})") from None
+
+
 def _square(im: Image.Image) -> Image.Image:
     w, h = im.size
     s = min(w, h)
