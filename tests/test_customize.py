@@ -273,15 +273,17 @@ def test_generate_records_settings_and_reproduces_single_images(trained, tmp_pat
     assert [e["seed"] for e in index["images"]] == list(range(10, 16))
     with Image.open(paths[4]) as im:
         meta = json.loads(im.text["genattr"])
-        pixels4 = np.asarray(im)
+        pixels4 = np.asarray(im).astype(int)
     assert meta["prompt"] == "a color pencil sketch of <new1> dog" and meta["seed"] == 14
-    # Image 4 on its own, from its recorded seed, is the same image.
+    # Image 4 on its own, from its recorded seed, is the same image (up to float rounding:
+    # a batch of one multiplies in another order than a batch of three).
     one = SampleConfig(steps=3, images_per_prompt=1, seed=14, height=RES, width=RES)
     (again,), _ = generate(trained["dir"], [meta["prompt"]], tmp_path / "one", one, device="cpu")
     with Image.open(again) as im:
-        assert np.array_equal(np.asarray(im), pixels4)
-    with Image.open(paths[0]) as a, Image.open(paths[1]) as b:
-        assert not np.array_equal(np.asarray(a), np.asarray(b))  # seeds differ per image
+        alone = np.asarray(im).astype(int)
+    assert np.abs(alone - pixels4).max() <= 2
+    with Image.open(paths[3]) as im:  # same prompt, the next seed: a different image
+        assert np.abs(np.asarray(im).astype(int) - pixels4).mean() > 10
 
 
 def test_cli_customize_and_generate(tiny, exemplars, tmp_path):

@@ -387,8 +387,10 @@ class Customizer:
                     cond = te(ids)[0]
                     pred = unet(noisy, t, cond).sample
                 err = F.mse_loss(pred.float(), target.float(), reduction="none")
+                # As diffusers' script: summed over latent channels, averaged over masked
+                # pixels (so this term weighs 4x a plain mean next to the prior loss).
                 inst = err[:n_inst] * mask[:n_inst]
-                loss = (inst.sum((1, 2, 3)) / (mask[:n_inst].sum((1, 2, 3)) * err.shape[1])).mean()
+                loss = (inst.sum((1, 2, 3)) / mask[:n_inst].sum((1, 2, 3))).mean()
                 if n_inst < len(pix):
                     loss = loss + cfg.prior_loss_weight * err[n_inst:].mean()
                 opt.zero_grad(set_to_none=True)
