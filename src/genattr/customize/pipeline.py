@@ -1,0 +1,64 @@
+"""Loading a Stable Diffusion 1.x pipeline on the device and in the precision asked for."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from genattr.errors import GenattrError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
+_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' is the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenattrError(f"--device {device}: no CUDA GPU is visible to torch")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    """'auto' is float16 on a GPU (as the Custom Diffusion scripts run) and float32 elsewhere."""
+    import torch
+
+    name = _ALIASES.get(dtype, dtype)
+    if name not in DTYPE_NAMES:
+        raise GenattrError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, not {dtype!r}")
+    if name == "auto":
+        name = "float16" if device.startswith("cuda") else "float32"
+    return getattr(torch, name)
+
+
+def load_base_pipeline(
+    base: str | os.PathLike, device: str = "auto", dtype: str = "auto"
+) -> StableDiffusionPipeline:
+    """A Stable Diffusion 1.x pipeline from a Hugging Face id (your cache) or a local folder."""
+    from diffusers import StableDiffusionPipeline
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    try:  # diffusers renamed torch_dtype to dtype (0.36); the old name still works there
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+
+        dtype_kw = {"dtype": torch_dtype}
+    except ImportError:
+        dtype_kw = {"torch_dtype": torch_dtype}
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(base), **dtype_kw, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GenattrError(f"cannot load the base model {str(base)!r}: {first}") from None
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

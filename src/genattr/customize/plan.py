@@ -1,0 +1,217 @@
+"""Benchmark plans: which models to customize, from which exemplars, with which prompt sets.
+
+A plan is YAML or JSON; relative paths in it resolve against the plan file's folder.
+
+```yaml
+name: abc-mini
+base: CompVis/stable-diffusion-v1-4      # HF id (from your cache) or a local folder
+device: auto                              # auto | cpu | cuda | cuda:1 ...
+dtype: auto                               # auto (float16 on GPU) | float32 | float16 | bfloat16
+train: {max_train_steps: 250}             # Custom Diffusion options (CustomizeConfig)
+sample: {steps: 100, images_per_prompt: 4}  # sampling options (SampleConfig)
+split: {train: 0.8, val: 0.1, test: 0.1}  # by model, stable under plan growth
+prompt_sets: {object: [media, captions], style: [style-scene, style-object]}
+captions: captions.yaml                   # {category: [sentences with <new1>]}
+models:
+  - {id: n01518878_0008, mode: object, category: bird, exemplars: [bird.jpg]}
+  - {id: sisley, mode: style, exemplars: artists/sisley/, split: test}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from genattr.customize.prompts import PromptSet, load_prompt_set, read_captions
+from genattr.customize.sample import SampleConfig, sample_config_from_dict
+from genattr.customize.train import CustomizeConfig, check_image, config_from_dict, list_images
+from genattr.data.benchmark import MODES, SPLITS
+from genattr.errors import GenattrError
+
+PLAN_FORMAT_VERSION = 1
+DEFAULT_PROMPT_SETS = {"object": ["media", "captions"], "style": ["style-scene", "style-object"]}
+DEFAULT_SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ModelSpec:
+    """One model of a plan, with everything resolved (paths, prompts, options)."""
+
+    id: str
+    mode: str
+    category: str | None
+    exemplars: list[Path]
+    split: str
+    train: CustomizeConfig
+    prompts: dict[str, list[str]]
+    reg_images: list[Path] = field(default_factory=list)
+    reg_captions: list[str] = field(default_factory=list)
+
+    def key(self, base: str, sample: SampleConfig) -> str:
+        """Changes whenever anything that shapes this model's outputs changes."""
+        h = hashlib.sha256()
+        for p in [*self.exemplars, *self.reg_images]:
+            h.update(p.read_bytes())
+        spec = {
+            "base": base,
+            "mode": self.mode,
+            "category": self.category,
+            "train": asdict(self.train),
+            "sample": asdict(sample),
+            "prompts": self.prompts,
+            "reg_captions": self.reg_captions,
+            "n_exemplars": len(self.exemplars),
+            "n_reg": len(self.reg_images),
+        }
+        h.update(json.dumps(spec, sort_keys=True).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class Plan:
+    name: str
+    base: str
+    device: str
+    dtype: str
+    sample: SampleConfig
+    models: list[ModelSpec]
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def assign_split(model_id: str, fractions: dict[str, float]) -> str:
+    """A split from the model id alone (a hash), so adding models never moves existing ones."""
+    u = int(hashlib.sha256(model_id.encode()).hexdigest()[:12], 16) / 16**12
+    acc = 0.0
+    for name in SPLITS:
+        acc += fractions.get(name, 0.0)
+        if u < acc:
+            return name
+    return [s for s in SPLITS if fractions.get(s, 0.0) > 0][-1]
+
+
+def _resolve(root: Path, value: Any, what: str) -> list[Path]:
+    items = value if isinstance(value, list) else [value]
+    if not items or not all(isinstance(v, str) for v in items):
+        raise GenattrError(f"{what} must be a path or a list of paths")
+    return [p if p.is_absolute() else root / p for p in map(Path, items)]
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    """Parse and check a plan; every error names the plan and the model."""
+    from genattr.customize.prompts import _read_data
+
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        raise GenattrError(f"{path}: a plan is a .yaml or .json file")
+    data = _read_data(path)
+    if not isinstance(data, dict):
+        raise GenattrError(f"{path}: a plan is a mapping")
+    version = data.get("format_version", PLAN_FORMAT_VERSION)
+    if version != PLAN_FORMAT_VERSION:
+        raise GenattrError(f"{path}: format_version {version!r} is not supported")
+    root = path.resolve().parent
+    base = data.get("base")
+    if not isinstance(base, str) or not base:
+        raise GenattrError(f"{path}: 'base' (the pretrained model) is required")
+    if not Path(base).is_absolute() and (root / base).exists():
+        base = str(root / base)
+    train_defaults = data.get("train") or {}
+    sample = sample_config_from_dict(data.get("sample"))
+    fractions = data.get("split") or DEFAULT_SPLIT
+    if not isinstance(fractions, dict) or set(fractions) - set(SPLITS):
+        raise GenattrError(f"{path}: 'split' maps {SPLITS} to fractions")
+    if abs(sum(float(v) for v in fractions.values()) - 1.0) > 1e-6:
+        raise GenattrError(f"{path}: split fractions must add up to 1")
+    set_names = {**DEFAULT_PROMPT_SETS, **(data.get("prompt_sets") or {})}
+    sets: dict[str, list[PromptSet]] = {}
+    for mode in MODES:
+        names = set_names.get(mode, [])
+        if not isinstance(names, list):
+            raise GenattrError(f"{path}: prompt_sets.{mode} must be a list")
+        sets[mode] = [
+            load_prompt_set(n if not str(n).endswith((".json", ".yaml", ".yml")) else root / n)
+            for n in names
+        ]
+    captions = None
+    if data.get("captions"):
+        captions = read_captions(_resolve(root, data["captions"], "captions")[0])
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise GenattrError(f"{path}: 'models' must be a non-empty list")
+    models, seen = [], set()
+    for i, m in enumerate(models_raw):
+        where = f"{path}: model {i}"
+        if not isinstance(m, dict):
+            raise GenattrError(f"{where}: must be a mapping")
+        mid = str(m.get("id", ""))
+        if not _ID.match(mid):
+            raise GenattrError(f"{where}: 'id' must be a file-name-safe string, not {mid!r}")
+        if mid in seen:
+            raise GenattrError(f"{where}: duplicate id {mid!r}")
+        seen.add(mid)
+        where = f"{path}: model {mid!r}"
+        mode = m.get("mode", "object")
+        if mode not in MODES:
+            raise GenattrError(f"{where}: mode must be object or style")
+        category = m.get("category")
+        if mode == "object" and not category:
+            raise GenattrError(f"{where}: object models need a 'category'")
+        split = m.get("split") or assign_split(mid, {k: float(v) for k, v in fractions.items()})
+        if split not in SPLITS:
+            raise GenattrError(f"{where}: split must be one of {SPLITS}")
+        try:
+            exemplars = list_images(_resolve(root, m.get("exemplars"), f"{where}: exemplars"))
+            for p in exemplars:
+                check_image(p)  # a bad file stops the plan now, not hours into the run
+            train = config_from_dict({**train_defaults, **(m.get("train") or {})})
+            reg = m.get("reg_images")
+            reg_images = list_images(_resolve(root, reg, "reg_images")) if reg else []
+            reg_captions = _reg_captions(root, m.get("reg_captions"), len(reg_images))
+            prompts: dict[str, list[str]] = {}
+            for ps in sets[mode]:
+                if ps.prompt_type in prompts:
+                    raise GenattrError(f"two prompt sets of type {ps.prompt_type!r}")
+                prompts[ps.prompt_type] = ps.render(category, captions)
+        except GenattrError as e:
+            raise GenattrError(f"{where}: {e}") from None
+        models.append(
+            ModelSpec(
+                mid, mode, category, exemplars, split, train, prompts, reg_images, reg_captions
+            )
+        )
+    return Plan(
+        name=str(data.get("name", path.stem)),
+        base=base,
+        device=str(data.get("device", "auto")),
+        dtype=str(data.get("dtype", "auto")),
+        sample=sample,
+        models=models,
+        source=data,
+    )
+
+
+def _reg_captions(root: Path, value: Any, n: int) -> list[str]:
+    if n == 0:
+        if value:
+            raise GenattrError("reg_captions given without reg_images")
+        return []
+    if value is None:
+        raise GenattrError("reg_images need reg_captions (a file, a list, or one prompt)")
+    if isinstance(value, list):
+        caps = [str(v) for v in value]
+    elif (root / str(value)).is_file():
+        caps = [ln.strip() for ln in (root / str(value)).read_text().splitlines() if ln.strip()]
+    else:
+        caps = [str(value)]
+    if len(caps) == 1:
+        caps = caps * n
+    if len(caps) != n:
+        raise GenattrError(f"{n} regularization images but {len(caps)} captions")
+    return caps
