@@ -234,3 +234,48 @@ def load_heads(path: str | os.PathLike) -> tuple[MapperPair, dict]:
         state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(side + ".")}
         parts[side] = head_from_state_dict(state, doc["head"])
     return MapperPair(parts["real"], parts["synth"], doc["head"]), doc
+
+
+def train_heads_from_stores(
+    bench: str | os.PathLike,
+    store_real: str | os.PathLike,
+    store_synth: str | os.PathLike,
+    out: str | os.PathLike,
+    config: TrainConfig,
+    distractors: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> TrainResult:
+    """`genattr train-head`: train on the manifest's train models, stop early on its val models."""
+    from genattr.data.benchmark import read_benchmark
+    from genattr.store import EmbeddingStore, check_same_backbone
+    from genattr.store.join import testcase_from_stores
+
+    manifest = read_benchmark(bench)
+    real, synth = EmbeddingStore.open(store_real), EmbeddingStore.open(store_synth)
+    tc, notes = testcase_from_stores(manifest, real, synth)
+    splits = {
+        s: {i for i, m in enumerate(manifest.models) if m.split == s} for s in ("train", "val")
+    }
+    if not splits["train"]:
+        raise GenattrError(f"{bench}: no models with split 'train'")
+    pool = None
+    validation = None
+    if distractors is not None:
+        dstore = EmbeddingStore.open(distractors)
+        check_same_backbone(real, dstore)
+        pool = torch.from_numpy(np.asarray(dstore.vectors, dtype=np.float32))
+        if splits["val"]:
+            validation = (dstore.vectors, tc.select_models(splits["val"]))
+    elif splits["val"]:
+        validation = (tc.exemplar_feats[:0], tc.select_models(splits["val"]))
+    data = PairedFeatures.from_testcase(tc.select_models(splits["train"]), pool)
+    result = train_heads(data, config, validation, progress=progress)
+    save_heads(
+        result,
+        out,
+        backbone=real.backbone.name,
+        weights_id=real.backbone.weights_id,
+        bench=str(bench),
+        notes=notes,
+    )
+    return result

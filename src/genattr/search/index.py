@@ -248,3 +248,44 @@ class AttributionIndex:
             top = np.argsort(-s, kind="stable")[:k]
             sims[row, : len(top)], ids[row, : len(top)] = s[top], c[top]
         return sims, ids
+
+
+def build_index_from_store(
+    store: str | os.PathLike,
+    out: str | os.PathLike,
+    head: str | os.PathLike | None = None,
+    kind: str = "auto",
+    memory_budget: str | int = "4GB",
+) -> AttributionIndex:
+    """`genattr index build`: index a store's vectors, recording its backbone and the head."""
+    from genattr.heads.train import load_heads
+    from genattr.store import EmbeddingStore
+
+    s = EmbeddingStore.open(store)
+    mappers, head_doc = load_heads(head) if head is not None else (None, None)
+    if head_doc and head_doc.get("weights_id") not in (None, s.backbone.weights_id):
+        raise GenattrError(
+            f"{head}: trained on {head_doc.get('backbone')} features "
+            f"({head_doc.get('weights_id')}), the store holds {s.backbone.describe()}"
+        )
+    head_dir = None if head is None else (Path(head) if Path(head).is_dir() else Path(head).parent)
+    provenance = {
+        "store": str(Path(store).resolve()),
+        "backbone": {
+            "name": s.backbone.name,
+            "weights_id": s.backbone.weights_id,
+            "weights_path": s.info.get("weights_path"),
+            "preprocess_config": s.backbone.preprocess_config,
+        },
+    }
+    return build_index(
+        s.vectors,
+        out,
+        kind=kind,
+        memory_budget=memory_budget,
+        head=mappers,
+        head_dir=head_dir,
+        ids=s.ids,
+        paths=s.paths,
+        provenance=provenance,
+    )
