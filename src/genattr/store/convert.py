@@ -113,7 +113,7 @@ def testcase_pth_to_store(
         ex_paths = tc.exemplar_paths or [None] * n_ex
         store.append(
             tc.exemplar_feats,
-            [f"exemplar/{m}/{j}" for j, m in enumerate(model_of.tolist())],
+            [f"exemplar/{j}" for j in range(n_ex)],
             ex_paths,
             {
                 "role": ["exemplar"] * n_ex,
