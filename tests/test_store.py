@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -169,7 +171,19 @@ def test_a_failed_shard_write_commits_nothing(tmp_path, monkeypatch):
 def test_one_writer_at_a_time(tmp_path):
     store = _store_with(tmp_path, [np.zeros((1, 2))])
     other = EmbeddingStore.open(tmp_path / "s")
-    with store.writing(), pytest.raises(GenattrError, match="another process"), other.writing():
+    with (
+        store.writing(),
+        pytest.raises(GenattrError, match="already being written"),
+        other.writing(),
+    ):
+        pass
+    code = "from genattr.store import EmbeddingStore as S; S.open({!r}).writing().__enter__()"
+    with store.writing():
+        res = subprocess.run(
+            [sys.executable, "-c", code.format(str(tmp_path / "s"))], capture_output=True, text=True
+        )
+    assert res.returncode != 0 and "another process is writing" in res.stderr
+    with other.writing():  # released
         pass
 
 

@@ -33,6 +33,7 @@ STORE_FORMAT_VERSION = 1
 STORE_KIND = "genattr.embedding_store"
 DTYPES = {"float32": np.float32, "float16": np.float16, "fp32": np.float32, "fp16": np.float16}
 _FP16_MAX = float(np.finfo(np.float16).max)
+_LOCKED_HERE: set[str] = set()  # stores this process is writing (lockf is per process)
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -351,21 +352,30 @@ class EmbeddingStore:
     # ---- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def writing(self) -> Iterator[EmbeddingStore]:
-        """Hold the store's write lock (one writer at a time) and drop uncommitted leftovers."""
+        """Hold the store's write lock (one writer at a time) and drop uncommitted leftovers.
+
+        A POSIX record lock (lockf), not flock: forked children such as decode workers do not
+        inherit it, so a killed writer's lock dies with it even while its workers wind down.
+        """
         import fcntl
 
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as lock:
+        key = str(self.path.resolve())
+        if key in _LOCKED_HERE:
+            raise GenattrError(f"{self.path}: this store is already being written")
+        with open(self.path / ".lock", "a") as lock:
             try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
                 raise GenattrError(f"{self.path}: another process is writing this store") from None
-            self._reload()
-            self.remove_uncommitted()
+            _LOCKED_HERE.add(key)
             try:
+                self._reload()
+                self.remove_uncommitted()
                 yield self
             finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+                _LOCKED_HERE.discard(key)
+                fcntl.lockf(lock, fcntl.LOCK_UN)
 
     def _reload(self) -> None:
         self._info = EmbeddingStore.open(self.path)._info
