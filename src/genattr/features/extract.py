@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -92,9 +93,22 @@ def _collate(items):
 
 
 def _worker_init(_):
+    """Decode workers: one thread each, and die with the main process even on SIGKILL.
+
+    Without PR_SET_PDEATHSIG a killed extraction leaves its workers blocked on a full result
+    pipe that their siblings keep open, forever.
+    """
     import torch
 
     torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def _reference_shape(preprocess) -> tuple[int, ...]:
