@@ -6,8 +6,9 @@
 (b) plain loop: open, convert, preprocess, forward, one batch at a time in one process (what
     the authors' extract_feat.py does with num_workers=0);
 (c) extract(): decode workers overlapped with the model, writing a real store.
-Backbone: `efficientnet-lite0` when registered, else a ViT-B/16 built from a transformers
-config with random weights (weights do not change speed). Images: real PNGs from Debian's
+Backbone (--arch auto): `efficientnet-lite0` when registered, else a ViT-B/16 built from a
+transformers config with random weights (weights do not change speed); --arch vit-s16 is a
+lighter model, where decoding is a larger share of the work. Images: real PNGs from Debian's
 openclipart-png (public domain), fetched with `apt-get download` into benchmarks/.cache when
 --images is not given. Prints rates and ratios; record them in BENCHMARKS.md.
 """
@@ -56,16 +57,24 @@ def pick_images(folder: Path, n: int, dest: Path) -> list[Path]:
     return sorted(dest.iterdir())
 
 
-def make_backbone():
+VIT_SIZES = {
+    "vit-b16": {},
+    "vit-s16": {"hidden_size": 384, "num_attention_heads": 6, "intermediate_size": 1536},
+}
+
+
+def make_backbone(arch: str = "vit-b16"):
     from genattr.features import get_backbone, list_backbones
     from genattr.features.registry import Backbone
 
-    if "efficientnet-lite0" in list_backbones():
+    if arch == "auto" and "efficientnet-lite0" in list_backbones():
         return get_backbone("efficientnet-lite0")
+    arch = "vit-b16" if arch == "auto" else arch
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    vit = ViTModel(ViTConfig(image_size=224, patch_size=16), add_pooling_layer=False).eval()
+    config = ViTConfig(image_size=224, patch_size=16, **VIT_SIZES[arch])
+    vit = ViTModel(config, add_pooling_layer=False).eval()
 
     class Cls(torch.nn.Module):
         def __init__(self, m):
@@ -80,8 +89,8 @@ def make_backbone():
         return (np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0 - 0.5) / 0.5
 
     return Backbone(
-        name="vit-b16-random",
-        dim=768,
+        name=f"{arch}-random",
+        dim=config.hidden_size,
         model=Cls(vit),
         preprocess=preprocess,
         preprocess_config={"resize": 224, "mean": 0.5, "std": 0.5},
@@ -127,18 +136,20 @@ def run_extract(backbone, folder: Path, batch_size: int, dtype: str, tmp: Path, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=Path, help="folder of PNGs (default: openclipart)")
-    ap.add_argument("--n", type=int, default=96)
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n", type=int, default=48, help="images per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all methods, interleaved")
+    ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--arch", default="auto", choices=["auto", *VIT_SIZES])
     ap.add_argument("--variants", action="store_true", help="also try thread/worker splits")
     args = ap.parse_args()
 
-    backbone = make_backbone()
+    backbone = make_backbone(args.arch)
     n_params = sum(p.numel() for p in backbone.model.parameters())
     print(
-        f"backbone {backbone.name}, {n_params / 1e6:.1f}M params, "
-        f"batch {args.batch_size}, {args.dtype}, torch threads {torch.get_num_threads()}, "
-        f"{os.cpu_count()} cores"
+        f"backbone {backbone.name}, {n_params / 1e6:.1f}M params, batch {args.batch_size}, "
+        f"{args.dtype}, {args.n} images x {args.rounds} rounds, torch threads "
+        f"{torch.get_num_threads()}, {os.cpu_count()} cores"
     )
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
@@ -148,30 +159,45 @@ def main() -> None:
             np.stack([backbone.preprocess(Image.open(p).convert("RGB")) for p in paths])
         )
         decode_rate = len(paths) / (time.perf_counter() - t0)
+        print(f"decode + preprocess alone, one process: {decode_rate:.1f} img/s")
         bare_forward(backbone, tensors[: args.batch_size], args.batch_size, args.dtype)  # warm-up
-
-        rates = {"bare forward": bare_forward(backbone, tensors, args.batch_size, args.dtype)}
-        rates["plain loop"] = plain_loop(backbone, paths, args.batch_size, args.dtype)
-        rates["extract"] = run_extract(backbone, tmp / "images", args.batch_size, args.dtype, tmp)
+        bs, dt, folder = args.batch_size, args.dtype, tmp / "images"
+        methods = {
+            "bare forward": lambda: bare_forward(backbone, tensors, bs, dt),
+            "plain loop": lambda: plain_loop(backbone, paths, bs, dt),
+            "extract": lambda: run_extract(backbone, folder, bs, dt, tmp),
+        }
         if args.variants:
-            rates["extract workers=0"] = run_extract(
-                backbone, tmp / "images", args.batch_size, args.dtype, tmp, workers=0
+            methods["extract workers=0"] = lambda: run_extract(
+                backbone, folder, bs, dt, tmp, workers=0
             )
-            rates["extract threads=1"] = run_extract(
-                backbone, tmp / "images", args.batch_size, args.dtype, tmp, threads=1
+            methods["extract threads=1"] = lambda: run_extract(
+                backbone, folder, bs, dt, tmp, threads=1
             )
-            rates["extract no channels_last"] = run_extract(
-                backbone, tmp / "images", args.batch_size, args.dtype, tmp, channels_last=False
+            methods["extract no channels_last"] = lambda: run_extract(
+                backbone, folder, bs, dt, tmp, channels_last=False
             )
-        rates["bare forward (again)"] = bare_forward(backbone, tensors, args.batch_size, args.dtype)
+        rates: dict[str, list[float]] = {m: [] for m in methods}
+        cpu: dict[str, list[float]] = {m: [] for m in methods}
+        names = list(methods)
+        for r in range(args.rounds):  # rotate the order: load from other processes drifts
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                c0 = os.times()
+                rates[name].append(methods[name]())
+                c1 = os.times()
+                used = sum(b - a for a, b in zip(c0[:4], c1[:4], strict=True))
+                cpu[name].append(used / args.n)
+            print(f"round {r + 1}: " + ", ".join(f"{m} {v[-1]:.2f}" for m, v in rates.items()))
 
-    bare = (rates["bare forward"] + rates["bare forward (again)"]) / 2
-    print(f"decode + preprocess alone, one process: {decode_rate:8.1f} img/s")
-    for name, rate in rates.items():
-        print(f"{name:28s} {rate:8.2f} img/s   {rate / bare:5.3f} x bare")
-    ext = rates["extract"]
-    print(f"extract / bare forward = {ext / bare:.3f}  (target >= 0.85)")
-    print(f"extract / plain loop   = {ext / rates['plain loop']:.3f}  (target > 1)")
+    bare = np.array(rates["bare forward"])
+    print(f"{'method':28s} {'median img/s':>12s} {'x bare':>8s} {'CPU s/img':>10s}")
+    for name, v in rates.items():
+        ratio = np.median(np.array(v) / bare)  # median over rounds of the per-round ratio
+        print(f"{name:28s} {np.median(v):12.2f} {ratio:8.3f} {np.median(cpu[name]):10.3f}")
+    ext = np.array(rates["extract"])
+    print(f"extract / bare forward = {np.median(ext / bare):.3f}  (target >= 0.85)")
+    plain = np.array(rates["plain loop"])
+    print(f"extract / plain loop   = {np.median(ext / plain):.3f}  (target > 1)")
 
 
 if __name__ == "__main__":

@@ -108,5 +108,7 @@ def load_rgb(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT
             raise ImageDecodeError(f"truncated or corrupt: {e}") from None
         except MemoryError:
             raise ImageDecodeError("out of memory while decoding") from None
+        except Exception as e:  # plugins raise struct.error, KeyError, ...: never stop a run
+            raise ImageDecodeError(f"cannot decode: {type(e).__name__}: {e}") from None
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
