@@ -8,9 +8,10 @@
 (c) extract(): decode workers overlapped with the model, writing a real store.
 Backbone (--arch auto): `efficientnet-lite0` when registered, else a ViT-B/16 built from a
 transformers config with random weights (weights do not change speed); --arch vit-s16 is a
-lighter model, where decoding is a larger share of the work. Images: real PNGs from Debian's
-openclipart-png (public domain), fetched with `apt-get download` into benchmarks/.cache when
---images is not given. Prints rates and ratios; record them in BENCHMARKS.md.
+lighter model, where decoding is a larger share of the work; --arch pixel (no model) measures
+the decoding pipeline alone. --large 1024 re-encodes the images as photo-sized JPEGs.
+Images: real PNGs from Debian's openclipart-png (public domain), fetched with
+`apt-get download` into benchmarks/.cache when --images is not given. Prints rates and ratios; record them in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -44,8 +45,12 @@ def clipart_folder() -> Path:
     return png_root
 
 
-def pick_images(folder: Path, n: int, dest: Path) -> list[Path]:
-    """The first n regular PNG files (sorted), linked into dest so extract sees exactly them."""
+def pick_images(folder: Path, n: int, dest: Path, large: int = 0) -> list[Path]:
+    """n PNG files spread over the sorted list, put in dest so extract sees exactly them.
+
+    With `large`, each is re-encoded as a photo-sized JPEG (long side `large` px, on white),
+    closer to a LAION-like gallery, where decoding costs more than for small clip-art PNGs.
+    """
     files = sorted(p for p in folder.rglob("*.png") if p.is_file() and not p.is_symlink())
     if len(files) < n:
         sys.exit(f"only {len(files)} images under {folder}")
@@ -53,7 +58,15 @@ def pick_images(folder: Path, n: int, dest: Path) -> list[Path]:
     chosen = files[::step][:n]
     dest.mkdir(parents=True)
     for k, p in enumerate(chosen):
-        os.symlink(p.resolve(), dest / f"{k:05d}.png")
+        if not large:
+            os.symlink(p.resolve(), dest / f"{k:05d}.png")
+            continue
+        from genattr.data.images import load_rgb
+
+        image = load_rgb(p)
+        scale = large / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image.resize(size, Image.Resampling.BICUBIC).save(dest / f"{k:05d}.jpg", quality=90)
     return sorted(dest.iterdir())
 
 
@@ -67,6 +80,8 @@ def make_backbone(arch: str = "vit-b16"):
     from genattr.features import get_backbone, list_backbones
     from genattr.features.registry import Backbone
 
+    if arch == "pixel":
+        return get_backbone("pixel")
     if arch == "auto" and "efficientnet-lite0" in list_backbones():
         return get_backbone("efficientnet-lite0")
     arch = "vit-b16" if arch == "auto" else arch
@@ -140,7 +155,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of all methods, interleaved")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--arch", default="auto", choices=["auto", *VIT_SIZES])
+    ap.add_argument("--arch", default="auto", choices=["auto", *VIT_SIZES, "pixel"])
+    ap.add_argument("--large", type=int, default=0, help="re-encode as JPEGs of this size")
     ap.add_argument("--variants", action="store_true", help="also try thread/worker splits")
     args = ap.parse_args()
 
@@ -153,7 +169,7 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        paths = pick_images(args.images or clipart_folder(), args.n, tmp / "images")
+        paths = pick_images(args.images or clipart_folder(), args.n, tmp / "images", args.large)
         t0 = time.perf_counter()
         tensors = torch.from_numpy(
             np.stack([backbone.preprocess(Image.open(p).convert("RGB")) for p in paths])
