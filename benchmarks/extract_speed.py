@@ -11,7 +11,8 @@ transformers config with random weights (weights do not change speed); --arch vi
 lighter model, where decoding is a larger share of the work; --arch pixel (no model) measures
 the decoding pipeline alone. --large 1024 re-encodes the images as photo-sized JPEGs.
 Images: real PNGs from Debian's openclipart-png (public domain), fetched with
-`apt-get download` into benchmarks/.cache when --images is not given. Prints rates and ratios; record them in BENCHMARKS.md.
+`apt-get download` into benchmarks/.cache when --images is not given.
+Prints rates and ratios; record them in BENCHMARKS.md.
 """
 
 from __future__ import annotations
