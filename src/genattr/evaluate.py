@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,16 +29,12 @@ import torch
 from genattr.atomic import atomic_path
 from genattr.data.official import MapperPair, TestCaseFeatures
 from genattr.errors import GenattrError
+from genattr.vectors import FeatureMatrix, Transform, embed, read_block
 
 RESULTS_FORMAT_VERSION = 1
 DEFAULT_KS = (5, 10, 100)
 # Pads the per-query threshold rows; above any cosine similarity (<= 1 up to rounding).
 _PAD = 4.0
-# Rows of different queries are laid out on one number line, _ROW_GAP apart (see _count_sparse).
-_ROW_GAP = 8.0
-
-FeatureMatrix = torch.Tensor | np.ndarray
-Transform = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -74,19 +70,6 @@ class EvaluationResult:
         return out
 
 
-def _as_float_block(feats: FeatureMatrix, start: int, stop: int, device: torch.device):
-    block = feats[start:stop]
-    if isinstance(block, np.ndarray):
-        block = torch.from_numpy(np.ascontiguousarray(block))
-    return block.to(device=device, dtype=torch.float32)
-
-
-def _embed(x: torch.Tensor, transform: Transform | None) -> torch.Tensor:
-    if transform is not None:
-        x = transform(x).float()
-    return torch.nn.functional.normalize(x, dim=-1)
-
-
 def _count_dense(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """(B, G) scores, (B, E) thresholds -> (B, E) counts of scores > threshold."""
     return torch.stack(
@@ -94,46 +77,38 @@ def _count_dense(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor
     )
 
 
-def _count_sparse(scores: torch.Tensor, thresholds: torch.Tensor, above_min: torch.Tensor):
-    """As `_count_dense`, visiting only the scores above each row's smallest threshold.
-
-    Thresholds are sorted ascending per row. Row r is shifted by r * _ROW_GAP on one float64
-    number line (exact: a float32 plus a small multiple of 8 fits in float64's mantissa), so a
-    single searchsorted buckets every surviving score among its own row's thresholds.
-    """
-    b, e = thresholds.shape
-    rows, cols = above_min.nonzero(as_tuple=True)
-    offsets = torch.arange(b, device=scores.device, dtype=torch.float64) * _ROW_GAP
-    line = (thresholds.double() + offsets[:, None]).flatten()
-    keys = scores[rows, cols].double() + offsets[rows]
-    below = torch.searchsorted(line, keys) - rows * e  # thresholds of its row strictly below
-    hist = torch.bincount(rows * (e + 1) + below, minlength=b * (e + 1)).view(b, e + 1)
-    return hist.flip(1).cumsum(1).flip(1)[:, 1:]
-
-
 def count_scores_above(
     gallery: FeatureMatrix,
     queries: torch.Tensor,
     thresholds: torch.Tensor,
+    n_valid: np.ndarray,
     *,
     gallery_transform: Transform | None = None,
     block_elements: int = 1 << 24,
     method: str = "auto",
     progress: bool = False,
+    gallery_name: str = "gallery",
 ) -> torch.Tensor:
     """For each query row and threshold, count gallery items whose score is strictly higher.
 
-    queries: (Q, D) mapped and normalised; thresholds: (Q, E) sorted ascending per row (pad
-    with values > 1). Gallery rows are mapped with `gallery_transform` and normalised block by
-    block, so a memory-mapped gallery is read once and never held whole.
+    queries: (Q, D) mapped and normalised; thresholds: (Q, E) sorted ascending per row, the
+    first n_valid[i] real and the rest padded with a value above any cosine similarity.
+    Gallery rows are mapped with `gallery_transform` and normalised block by block, so a
+    memory-mapped gallery is read once and never held whole. Counting runs in a fused numba
+    kernel on CPU ("kernel") and as one comparison per threshold on GPU ("dense").
     """
-    if method not in ("auto", "dense", "sparse"):
+    if method not in ("auto", "dense", "kernel"):
         raise ValueError(f"unknown counting method {method!r}")
     device = queries.device
+    if method == "auto":
+        method = "kernel" if device.type == "cpu" else "dense"
+    if method == "kernel":
+        from genattr._kernels import count_above_sorted
     n, q = len(gallery), len(queries)
     counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
     q_block = max(1, min(q, 1024))
     g_block = max(1024, block_elements // q_block)
+    scores = torch.empty((q_block, g_block), dtype=torch.float32, device=device)
     starts = range(0, n, g_block)
     if progress:
         from rich.progress import track
@@ -141,23 +116,24 @@ def count_scores_above(
         starts = track(starts, description="scoring gallery", transient=True)
     with torch.no_grad():
         for g0 in starts:
-            block = _as_float_block(gallery, g0, g0 + g_block, device)
+            block = read_block(gallery, g0, g0 + g_block, device)
             if not torch.isfinite(block).all():
                 row = (~torch.isfinite(block)).any(1).nonzero()[0].item() + g0
-                raise GenattrError(f"gallery row {row} has NaN or Inf values")
-            block = _embed(block, gallery_transform)
+                raise GenattrError(f"{gallery_name}: row {row} has NaN or Inf values")
+            block = embed(block, gallery_transform)
             for q0 in range(0, q, q_block):
-                thr = thresholds[q0 : q0 + q_block]
-                scores = queries[q0 : q0 + q_block] @ block.T
-                above_min = scores > thr[:, :1]
-                if (
-                    thr.shape[1] == 1
-                    or method == "dense"
-                    or (method == "auto" and above_min.sum().item() * 8 > above_min.numel())
-                ):
-                    counts[q0 : q0 + q_block] += _count_dense(scores, thr)
+                q1 = min(q, q0 + q_block)
+                out = scores[: q1 - q0, : len(block)]
+                torch.matmul(queries[q0:q1], block.T, out=out)
+                if method == "dense":
+                    counts[q0:q1] += _count_dense(out, thresholds[q0:q1])
                 else:
-                    counts[q0 : q0 + q_block] += _count_sparse(scores, thr, above_min)
+                    count_above_sorted(
+                        out.numpy(),
+                        thresholds[q0:q1].numpy(),
+                        n_valid[q0:q1],
+                        counts[q0:q1].numpy(),
+                    )
     return counts
 
 
@@ -188,18 +164,23 @@ def metrics_from_counts(
     return ap, recall
 
 
-def _check_dims(gallery: FeatureMatrix, testcase: TestCaseFeatures, mappers: MapperPair | None):
+def _check_dims(
+    gallery: FeatureMatrix,
+    testcase: TestCaseFeatures,
+    mappers: MapperPair | None,
+    names: tuple[str, str, str] = ("gallery", "test case", "mapper"),
+):
     if gallery.ndim != 2:
-        raise GenattrError(f"gallery features must be 2-D, got shape {tuple(gallery.shape)}")
+        raise GenattrError(f"{names[0]}: features must be 2-D, got shape {tuple(gallery.shape)}")
     if gallery.shape[1] != testcase.dim:
         raise GenattrError(
-            f"dimension mismatch: gallery features are {gallery.shape[1]}-d, "
-            f"test-case features are {testcase.dim}-d"
+            f"dimension mismatch: {names[0]} has {gallery.shape[1]}-d features, "
+            f"{names[1]} has {testcase.dim}-d features"
         )
     if mappers is not None and mappers.in_dim != testcase.dim:
         raise GenattrError(
-            f"dimension mismatch: the {mappers.kind} mapper takes {mappers.in_dim}-d features, "
-            f"the features are {testcase.dim}-d"
+            f"dimension mismatch: {names[2]} is a {mappers.kind} head on {mappers.in_dim}-d "
+            f"features, {names[1]} has {testcase.dim}-d features"
         )
 
 
@@ -219,35 +200,43 @@ def evaluate_protocol(
     block_elements: int = 1 << 24,
     method: str = "auto",
     progress: bool = False,
+    names: tuple[str, str, str] = ("gallery", "test case", "mapper"),
 ) -> EvaluationResult:
-    """Evaluate one benchmark against a gallery (N, D): fp16/fp32, tensor or memory-mapped array."""
+    """Evaluate one benchmark against a gallery (N, D): fp16/fp32, tensor or memory-mapped array.
+
+    `names` (gallery, test case, mapper) are used in error messages, e.g. their file names.
+    """
     ks = _check_ks(ks)
-    _check_dims(gallery, testcase, mappers)
+    _check_dims(gallery, testcase, mappers, names)
     device = torch.device(device)
     real = synth = None
     if mappers is not None:
         real, synth = mappers.real.to(device).eval(), mappers.synth.to(device).eval()
     ptypes = testcase.prompt_types
+    if not any(len(testcase.synth_ids[p]) for p in ptypes):
+        raise GenattrError(f"{names[1]}: has no synthesized queries")
     with torch.no_grad():
-        exemplars = _embed(testcase.exemplar_feats.to(device, torch.float32), real)
+        exemplars = embed(testcase.exemplar_feats.to(device, torch.float32), real)
         queries = torch.cat(
-            [_embed(testcase.synth_feats[p].to(device, torch.float32), synth) for p in ptypes]
+            [embed(testcase.synth_feats[p].to(device, torch.float32), synth) for p in ptypes]
         )
     model_ids = np.concatenate([np.asarray(testcase.synth_ids[p], dtype=np.int64) for p in ptypes])
     index = torch.from_numpy(_padded_index(testcase.exemplar_chunks, model_ids)).to(device)
     ex_scores = torch.einsum("qd,qed->qe", queries, exemplars[index.clamp(min=0)])
     thresholds = torch.where(index >= 0, ex_scores, torch.full_like(ex_scores, _PAD))
     thresholds = thresholds.sort(dim=1).values
+    n_ex = (index >= 0).sum(1).cpu().numpy()
     counts = count_scores_above(
         gallery,
         queries,
         thresholds,
+        n_ex,
         gallery_transform=real,
         block_elements=block_elements,
         method=method,
         progress=progress,
+        gallery_name=names[0],
     )
-    n_ex = (index >= 0).sum(1).cpu().numpy()
     ap, recall = metrics_from_counts(counts.cpu().numpy(), n_ex, ks)
     per_type, start = {}, 0
     for p in ptypes:
@@ -276,18 +265,18 @@ def evaluate_reference(
     real = mappers.real.eval() if mappers else None
     synth = mappers.synth.eval() if mappers else None
     with torch.no_grad():
-        data = _embed(
+        data = embed(
             torch.as_tensor(
                 np.asarray(gallery[:]) if isinstance(gallery, np.ndarray) else gallery
             ).float(),
             real,
         )
-        exemplars = _embed(testcase.exemplar_feats.float(), real)
+        exemplars = embed(testcase.exemplar_feats.float(), real)
         n = len(data)
         per_type = {}
         for p in testcase.prompt_types:
             ids = np.asarray(testcase.synth_ids[p][:query_limit], dtype=np.int64)
-            queries = _embed(testcase.synth_feats[p][:query_limit].float(), synth)
+            queries = embed(testcase.synth_feats[p][:query_limit].float(), synth)
             aps, recalls, sizes = [], [], []
             for model, query in zip(ids, queries, strict=True):
                 start, end = testcase.exemplar_chunks[model]
@@ -363,3 +352,35 @@ def results_table(result: EvaluationResult, title: str = "AbC evaluation"):
         recall = [f"{100 * v:.2f}" for v in s["recall"].values()]
         table.add_row(ptype, str(s["n_queries"]), f"{100 * s['mAP']:.2f}", *recall)
     return table
+
+
+def evaluate_files(
+    gallery_feats: str | os.PathLike,
+    test_feats: str | os.PathLike,
+    out: str | os.PathLike,
+    mapper: str | os.PathLike | None = None,
+    head: str | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    device: str = "cpu",
+    progress: bool = False,
+) -> EvaluationResult:
+    """`genattr evaluate`: the authors' `.pth` feature files in, results.json + parquet out."""
+    from genattr.data.official import load_gallery_pth, load_mapper_pth, load_testcase_pth
+
+    gallery = load_gallery_pth(gallery_feats)
+    testcase = load_testcase_pth(test_feats)
+    mappers = load_mapper_pth(mapper, head) if mapper is not None else None
+    names = (str(gallery_feats), str(test_feats), str(mapper))
+    result = evaluate_protocol(
+        gallery.feats, testcase, ks, mappers, device=device, progress=progress, names=names
+    )
+    write_results(
+        result,
+        out,
+        gallery_feats=str(gallery_feats),
+        test_feats=str(test_feats),
+        mapper=None if mapper is None else str(mapper),
+        head=None if mappers is None else mappers.kind,
+        n_gallery=len(gallery.feats),
+    )
+    return result

@@ -40,6 +40,8 @@ class GalleryFeatures:
 class TestCaseFeatures:
     """Exemplars and synthesized queries of a benchmark, with which model made each query."""
 
+    __test__ = False  # not a pytest test class despite its name
+
     exemplar_paths: list[str]
     exemplar_chunks: list[tuple[int, int]]
     exemplar_feats: torch.Tensor
@@ -54,6 +56,20 @@ class TestCaseFeatures:
     @property
     def prompt_types(self) -> list[str]:
         return list(self.synth_feats)
+
+    def select_models(self, models: set[int]) -> TestCaseFeatures:
+        """The queries of only these models (a split); exemplar rows and ids stay as they are."""
+        keep = {
+            p: [i for i, m in enumerate(ids) if m in models] for p, ids in self.synth_ids.items()
+        }
+        return TestCaseFeatures(
+            self.exemplar_paths,
+            self.exemplar_chunks,
+            self.exemplar_feats,
+            {p: [v[i] for i in keep[p]] for p, v in self.synth_paths.items() if len(v)},
+            {p: [self.synth_ids[p][i] for i in idx] for p, idx in keep.items()},
+            {p: self.synth_feats[p][idx] for p, idx in keep.items()},
+        )
 
     def validate(self) -> None:
         """Raise ValueError on anything the evaluation would silently get wrong."""

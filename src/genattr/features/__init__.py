@@ -1,6 +1,23 @@
 """Feature spaces: a registry of frozen backbones, each with its exact preprocessing."""
 
-from genattr.features import pixel  # noqa: F401  (registers its backbone)
-from genattr.features.registry import Backbone, get_backbone, list_backbones, register_backbone
+# Importing a family module registers its backbones; none imports transformers at module level.
+from genattr.features import clip, dinov2, efficientnet, moco, pixel, sscd, vit  # noqa: F401
+from genattr.features.preprocess import ImagePreprocess
+from genattr.features.registry import (
+    Backbone,
+    BackboneSpec,
+    backbone_spec,
+    get_backbone,
+    list_backbones,
+    register_backbone,
+)
 
-__all__ = ["Backbone", "get_backbone", "list_backbones", "register_backbone"]
+__all__ = [
+    "Backbone",
+    "BackboneSpec",
+    "ImagePreprocess",
+    "backbone_spec",
+    "get_backbone",
+    "list_backbones",
+    "register_backbone",
+]

@@ -2,26 +2,25 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from PIL import Image
 
+from genattr.errors import GenattrError
+from genattr.features.preprocess import ImagePreprocess
 from genattr.features.registry import Backbone, register_backbone
 
 PIXEL_SIZE = 32
+PREPROCESS = ImagePreprocess(resize=(PIXEL_SIZE, PIXEL_SIZE), interpolation="bicubic")
 
 
-def _preprocess(image: Image.Image) -> np.ndarray:
-    small = image.convert("RGB").resize((PIXEL_SIZE, PIXEL_SIZE), Image.Resampling.BICUBIC)
-    return np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0
-
-
-@register_backbone("pixel")
-def pixel_backbone(weights: str | None = None, **_) -> Backbone:
+@register_backbone("pixel", dim=3 * PIXEL_SIZE * PIXEL_SIZE, preprocess=PREPROCESS)
+def pixel_backbone(weights: str | None = None, **_: object) -> Backbone:
+    """Flattened 32x32 RGB in [0, 1]; download and cache options do not apply."""
+    if weights is not None:
+        raise GenattrError("backbone 'pixel' has no weights; do not pass weights")
     return Backbone(
         name="pixel",
         dim=3 * PIXEL_SIZE * PIXEL_SIZE,
         model=torch.nn.Flatten(),
-        preprocess=_preprocess,
-        preprocess_config={"resize": [PIXEL_SIZE, PIXEL_SIZE], "interpolation": "bicubic"},
+        preprocess=PREPROCESS,
+        preprocess_config=PREPROCESS.to_config(),
     )

@@ -1,0 +1,27 @@
+"""Feature matrices as every stage reads them: blocks of a (maybe memory-mapped) array, mapped
+by a head and L2-normalised for cosine similarity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+FeatureMatrix = torch.Tensor | np.ndarray
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def read_block(feats: FeatureMatrix, start: int, stop: int, device: torch.device) -> torch.Tensor:
+    """Rows start:stop as fp32 on `device` (fp16 storage is cast; accumulation is fp32)."""
+    block = feats[start:stop]
+    if isinstance(block, np.ndarray):  # a copy: memory-mapped pages are read-only
+        block = torch.from_numpy(np.array(block, dtype=np.float32))
+    return block.to(device=device, dtype=torch.float32)
+
+
+def embed(x: torch.Tensor, transform: Transform | None) -> torch.Tensor:
+    """Apply a head (if any) and L2-normalise: the space where dot product is cosine."""
+    if transform is not None:
+        x = transform(x).float()
+    return torch.nn.functional.normalize(x, dim=-1)

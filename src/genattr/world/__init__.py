@@ -1,0 +1,1 @@
+"""Worlds to run the whole method on without a GPU or downloads."""
