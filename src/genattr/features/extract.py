@@ -1,0 +1,408 @@
+"""Batched, resumable feature extraction from image collections into an embedding store.
+
+Decoding runs in worker processes (a torch DataLoader) while the main process runs the model,
+so on a CPU the cores go to the forward pass and decoding hides behind it. Images that cannot
+be decoded are recorded in STORE/failed.parquet (source_index, id, path, reason) and skipped.
+
+Resuming: store.json's extra["extraction"]["cursor"] is the number of source items fully
+accounted for (embedded in a committed shard, or failed). Batches never straddle a shard, and
+shards close after exactly `shard_size` vectors, so a run killed at any moment and started
+again recomputes the same batches and ends with the same store (ids and vectors) as one that
+was never interrupted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genattr.errors import GenattrError
+
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_SHARD_SIZE = 10_000
+COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
+FAILED_FILE = "failed.parquet"
+
+
+def default_workers() -> int:
+    """One decode worker per spare core, at least one: the model gets the threads."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+@dataclass
+class ExtractResult:
+    """What one call did: `extracted` and `failed_now` count this run only."""
+
+    store: Any  # EmbeddingStore
+    total: int  # items in the source
+    resumed_from: int  # items already done before this run
+    extracted: int
+    failed_now: int
+    failed_total: int
+    seconds: float
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.extracted + self.failed_now
+        return done / self.seconds if self.seconds > 0 else float("nan")
+
+
+class _DecodeDataset:
+    """Item k -> (source_index, float32 array | None, failure reason | None); runs in workers."""
+
+    def __init__(self, source, start: int, preprocess, max_pixels: int | None, shape):
+        self.source, self.start, self.preprocess = source, start, preprocess
+        self.max_pixels, self.shape = max_pixels, tuple(shape)
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start
+
+    def __getitem__(self, k: int):
+        from genattr.data.images import ImageDecodeError, load_rgb
+
+        i = self.start + k
+        if i in self.source.prefailed:
+            return i, None, self.source.prefailed[i]
+        try:
+            image = load_rgb(self.source.read_bytes(i), self.max_pixels)
+        except ImageDecodeError as e:
+            return i, None, str(e)
+        except OSError as e:
+            return i, None, f"cannot read: {e.strerror or e}"
+        try:
+            arr = np.asarray(self.preprocess(image), dtype=np.float32)
+        except Exception as e:  # a backbone's preprocess rejecting one image must not stop the run
+            return i, None, f"preprocess failed: {type(e).__name__}: {e}"
+        if arr.shape != self.shape:
+            return i, None, f"preprocess gave shape {arr.shape}, expected {self.shape}"
+        if not np.isfinite(arr).all():
+            return i, None, "preprocess gave NaN or Inf values"
+        return i, arr, None
+
+
+def _collate(items):
+    return items
+
+
+def _worker_init(_):
+    """Decode workers: one thread each, and die with the main process even on SIGKILL.
+
+    Without PR_SET_PDEATHSIG a killed extraction leaves its workers blocked on a full result
+    pipe that their siblings keep open, forever.
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _reference_shape(preprocess) -> tuple[int, ...]:
+    from PIL import Image
+
+    return tuple(np.asarray(preprocess(Image.new("RGB", (256, 256), (128, 128, 128)))).shape)
+
+
+def _resolve_backbone(features, weights, device):
+    from genattr.features.registry import Backbone, get_backbone
+
+    if isinstance(features, Backbone):
+        return features
+    try:
+        return get_backbone(features, weights=weights)
+    except KeyError as e:
+        raise GenattrError(str(e.args[0])) from None
+
+
+def _autocast(device: str, dtype: str):
+    import torch
+
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
+
+
+def _has_conv(model) -> bool:
+    import torch
+
+    return any(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    import torch
+
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _progress_bar(enabled: bool, total: int, done: int):
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    progress = Progress(
+        TextColumn("[bold]extract"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        disable=not enabled,
+        transient=False,
+    )
+    task = progress.add_task("extract", total=total, completed=done, rate="   -")
+    return progress, task
+
+
+class _FailureLog:
+    """Failures so far; written with each commit, filtered to the committed cursor."""
+
+    def __init__(self, path: Path, cursor: int):
+        self.path = path
+        self.rows: list[tuple[int, str, str, str]] = []
+        if path.exists():
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(path).to_pylist()
+            self.rows = [
+                (r["source_index"], r["id"], r["path"], r["reason"])
+                for r in t
+                if r["source_index"] < cursor
+            ]
+
+    def add(self, i: int, source, reason: str) -> None:
+        self.rows.append((i, source.ids[i], source.paths[i], reason))
+
+    def write(self, cursor: int) -> int:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from genattr.atomic import atomic_path
+
+        rows = [r for r in self.rows if r[0] < cursor]
+        table = pa.table(
+            {
+                "source_index": pa.array([r[0] for r in rows], pa.int64()),
+                "id": pa.array([r[1] for r in rows], pa.string()),
+                "path": pa.array([r[2] for r in rows], pa.string()),
+                "reason": pa.array([r[3] for r in rows], pa.string()),
+            }
+        )
+        with atomic_path(self.path) as tmp:
+            pq.write_table(table, tmp)
+        return len(rows)
+
+
+def _open_store(out: Path, backbone, source, settings: dict[str, Any], store_dtype: str):
+    from genattr.store import BackboneInfo, EmbeddingStore
+
+    info = BackboneInfo.from_backbone(backbone)
+    src = source.describe()
+    if not EmbeddingStore.exists(out):
+        state = {"source": src, **settings, "cursor": 0, "complete": False, "failed": 0}
+        extra = {"extraction": state, **source.extra}
+        return EmbeddingStore.create(out, info, backbone.dim, store_dtype, extra=extra)
+    store = EmbeddingStore.open(out, backbone=info)
+    state = store.extra.get("extraction")
+    if state is None:
+        raise GenattrError(f"{out}: this store was not made by `genattr extract`; use a new --out")
+    if state["source"]["fingerprint"] != src["fingerprint"]:
+        raise GenattrError(
+            f"{out}: this store was extracted from {state['source']['location']} "
+            f"({state['source']['count']} images), which differs from {src['location']} "
+            f"({src['count']} images); use a new --out to extract another collection"
+        )
+    for key in ("shard_size", "dtype"):
+        if state.get(key) != settings[key]:
+            raise GenattrError(
+                f"{out}: cannot resume with {key}={settings[key]!r}; the store was started "
+                f"with {key}={state.get(key)!r}"
+            )
+    if store.dtype != np.dtype(
+        {"fp32": "float32", "fp16": "float16"}.get(store_dtype, store_dtype)
+    ):
+        raise GenattrError(f"{out}: the store holds {store.dtype.name} vectors, not {store_dtype}")
+    return store
+
+
+def extract(
+    features: Any,
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    weights: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    workers: int | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    store_dtype: str = "fp32",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    threads: int | None = None,
+    channels_last: bool | None = None,
+    max_pixels: int | None = None,
+    root: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> ExtractResult:
+    """Embed every image of `images` with backbone `features` into the store at `out`.
+
+    features: a registered backbone name or a `Backbone`; images: a folder, a text file of
+    paths, webdataset .tar shards or an AbC test-case JSON (see genattr.data.sources).
+    dtype is the compute precision (autocast for fp16/bf16); store_dtype what is written (fp32
+    or fp16). workers: decode processes (0 decodes in this process); threads: torch threads for
+    the model. Re-running with the same arguments resumes an interrupted run; on a complete
+    store it does nothing.
+    """
+    import torch
+
+    from genattr.data.images import DEFAULT_MAX_PIXELS
+    from genattr.data.sources import open_source
+
+    if dtype not in COMPUTE_DTYPES:
+        raise GenattrError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
+    if store_dtype not in ("fp32", "fp16", "float32", "float16"):
+        raise GenattrError(f"store dtype must be fp32 or fp16, got {store_dtype!r}")
+    if batch_size < 1 or shard_size < 1:
+        raise GenattrError("--batch-size and --shard-size must be positive")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GenattrError("--device cuda was asked for, but torch sees no CUDA device")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise GenattrError(f"--device must be cpu or cuda, got {device!r}")
+    workers = default_workers() if workers is None else int(workers)
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    out = Path(out)
+
+    source = open_source(images, root=root, exclude=out)
+    backbone = _resolve_backbone(features, weights, device)
+    settings = {
+        "shard_size": int(shard_size),
+        "dtype": dtype,
+        "batch_size": int(batch_size),
+        "max_pixels": max_pixels,
+    }
+    store = _open_store(out, backbone, source, settings, store_dtype)
+    t0 = time.perf_counter()
+    with store.writing():
+        state = store.extra["extraction"]
+        start = int(state["cursor"])
+        failures = _FailureLog(out / FAILED_FILE, start)
+        n_failed_before = len(failures.rows)
+        n = len(source)
+        if start >= n:
+            if not state.get("complete"):
+                store.update_extra({"extraction": {**state, "complete": True}})
+            return ExtractResult(store, n, start, 0, 0, n_failed_before, 0.0)
+
+        model = backbone.model.eval().to(device)
+        use_cl = _has_conv(model) if channels_last is None else channels_last
+        if use_cl:
+            model = model.to(memory_format=torch.channels_last)
+        shape = _reference_shape(backbone.preprocess)
+        dataset = _DecodeDataset(source, start, backbone.preprocess, max_pixels, shape)
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=workers,
+            collate_fn=_collate,
+            worker_init_fn=_worker_init if workers else None,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+        )
+
+        shard_vecs: list[np.ndarray] = []
+        shard_rows: list[int] = []
+        batch: list[np.ndarray] = []
+        batch_rows: list[int] = []
+        extracted = 0
+
+        def run_batch() -> None:
+            x = torch.from_numpy(np.stack(batch))
+            if use_cl and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.to(device, non_blocking=True)
+            with torch.inference_mode(), _autocast(device.split(":")[0], dtype):
+                y = backbone.embed(x)
+            y = y.float().cpu().numpy()
+            if y.shape != (len(batch), backbone.dim):
+                raise GenattrError(
+                    f"backbone {backbone.name} returned {y.shape}, expected "
+                    f"({len(batch)}, {backbone.dim})"
+                )
+            shard_vecs.append(y)
+            shard_rows.extend(batch_rows)
+            batch.clear()
+            batch_rows.clear()
+
+        def commit(cursor: int) -> None:
+            nonlocal extracted
+            n_fail = failures.write(cursor)
+            new_state = {**state, **settings, "cursor": cursor, "failed": n_fail}
+            new_state["complete"] = cursor >= n
+            if shard_rows:
+                cols = {k: [v[i] for i in shard_rows] for k, v in source.columns.items()}
+                cols["source_index"] = list(shard_rows)
+                store.append(
+                    np.concatenate(shard_vecs),
+                    [source.ids[i] for i in shard_rows],
+                    [source.paths[i] for i in shard_rows],
+                    cols,
+                    extra={"extraction": new_state},
+                )
+                extracted += len(shard_rows)
+            else:
+                store.update_extra({"extraction": new_state})
+            shard_vecs.clear()
+            shard_rows.clear()
+
+        bar, task = _progress_bar(progress, n, start)
+        t_run, done_run = time.perf_counter(), 0
+        with _torch_threads(threads), bar:
+            for chunk in loader:
+                for i, arr, reason in chunk:
+                    if arr is None:
+                        failures.add(i, source, reason)
+                        continue
+                    batch.append(arr)
+                    batch_rows.append(i)
+                    room = shard_size - len(shard_rows)
+                    if len(batch) >= min(batch_size, room):
+                        run_batch()
+                        if len(shard_rows) >= shard_size:
+                            commit(i + 1)
+                done_run += len(chunk)
+                rate = done_run / max(1e-9, time.perf_counter() - t_run)
+                bar.update(task, advance=len(chunk), rate=f"{rate:7.1f}")
+            if batch:
+                run_batch()
+            commit(n)
+    seconds = time.perf_counter() - t0
+    failed_total = len([r for r in failures.rows if r[0] < n])
+    return ExtractResult(
+        store, n, start, extracted, failed_total - n_failed_before, failed_total, seconds
+    )
