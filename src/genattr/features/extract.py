@@ -226,7 +226,8 @@ def _open_store(out: Path, backbone, source, settings: dict[str, Any], store_dty
     src = source.describe()
     if not EmbeddingStore.exists(out):
         state = {"source": src, **settings, "cursor": 0, "complete": False, "failed": 0}
-        extra = {"extraction": state, **source.extra}
+        # where the weights came from, so an index over this store can load them again
+        extra = {"extraction": state, "weights_path": backbone.weights_path, **source.extra}
         return EmbeddingStore.create(out, info, backbone.dim, store_dtype, extra=extra)
     store = EmbeddingStore.open(out, backbone=info)
     state = store.extra.get("extraction")

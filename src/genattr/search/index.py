@@ -274,7 +274,7 @@ def build_index_from_store(
         "backbone": {
             "name": s.backbone.name,
             "weights_id": s.backbone.weights_id,
-            "weights_path": s.info.get("weights_path"),
+            "weights_path": s.extra.get("weights_path"),
             "preprocess_config": s.backbone.preprocess_config,
         },
     }
