@@ -135,6 +135,10 @@ def train_heads(
 
     result = TrainResult(MapperPair(real, syn, config.head), config)
     best_state, best_score, since_best = None, -np.inf, 0
+    if validation is not None:  # the untrained heads are the baseline to beat (epoch -1)
+        best_score = val_map()
+        best_state = (_copy_state(real), _copy_state(syn))
+        result.history.append({"epoch": -1, "loss": float("nan"), "val_mAP": best_score})
     epochs = range(config.epochs)
     if progress:
         from rich.progress import track
