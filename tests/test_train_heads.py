@@ -106,3 +106,33 @@ def test_nt_xent_prefers_positives():
     logits = q @ cand.T / 0.1
     logp = torch.log_softmax(logits, dim=1)[0]
     assert both.item() == pytest.approx(-(logp[0] + logp[1]).item() / 2)
+
+
+def test_head_import_export_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from genattr.cli import app
+    from genattr.data.official import load_mapper_pth
+    from tests.conftest import random_mappers
+
+    pair = random_mappers("mlp", 24, seed=1)
+    torch.save(
+        {"real_mapper": pair.real.state_dict(), "synth_mapper": pair.synth.state_dict()},
+        tmp_path / "m.pth",
+    )
+    runner = CliRunner()
+    res = runner.invoke(
+        app, ["head", "import", "--mapper", str(tmp_path / "m.pth"), "--out", str(tmp_path / "h")]
+    )
+    assert res.exit_code == 0, res.output
+    heads, doc = load_heads(tmp_path / "h")
+    assert doc["head"] == "mlp" and doc["imported_from"].endswith("m.pth")
+    res = runner.invoke(
+        app, ["head", "export", "--head", str(tmp_path / "h"), "--out", str(tmp_path / "back.pth")]
+    )
+    assert res.exit_code == 0, res.output
+    back = load_mapper_pth(tmp_path / "back.pth")
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(back.synth(x), pair.synth(x))
+        torch.testing.assert_close(heads.real(x), pair.real(x))

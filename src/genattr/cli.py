@@ -412,5 +412,41 @@ def attribute(
         console.print(f"{len(answers)} attribution(s) written to {out}")
 
 
+head_app = typer.Typer(
+    help="Move heads between genattr and the authors' .pth format.", no_args_is_help=True
+)
+app.add_typer(head_app, name="head")
+
+
+@head_app.command("import")
+@_friendly_errors
+def head_import(
+    mapper: Annotated[Path, typer.Option(help="The authors' mapper .pth.")],
+    out: Annotated[Path, typer.Option(help="Head directory to write.")],
+    head: Annotated[str | None, typer.Option(help="linear|channel|mlp; read if omitted.")] = None,
+    backbone: Annotated[
+        str | None, typer.Option(help="Backbone the mapper was trained on.")
+    ] = None,
+) -> None:
+    """Import the authors' mapper checkpoint as a genattr head directory."""
+    from genattr.heads.train import import_mapper_pth
+
+    pair = import_mapper_pth(mapper, out, head, **({"backbone": backbone} if backbone else {}))
+    console.print(f"{pair.kind} head written to {out}/")
+
+
+@head_app.command("export")
+@_friendly_errors
+def head_export(
+    head: Annotated[Path, typer.Option(help="Head directory from train-head.")],
+    out: Annotated[Path, typer.Option(help="The authors' mapper .pth to write.")],
+) -> None:
+    """Export a genattr head in the authors' mapper format (their eval.py loads it)."""
+    from genattr.heads.train import export_mapper_pth
+
+    pair = export_mapper_pth(head, out)
+    console.print(f"{pair.kind} mapper written to {out}")
+
+
 if __name__ == "__main__":
     app()

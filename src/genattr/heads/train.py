@@ -283,3 +283,28 @@ def train_heads_from_stores(
         notes=notes,
     )
     return result
+
+
+def export_mapper_pth(head_dir: str | os.PathLike, out: str | os.PathLike) -> MapperPair:
+    """A genattr head directory -> the authors' mapper `.pth` (their eval.py loads it)."""
+    from genattr.data.official import save_mapper_pth
+
+    mappers, _ = load_heads(head_dir)
+    save_mapper_pth(mappers, out)
+    return mappers
+
+
+def import_mapper_pth(
+    pth: str | os.PathLike, out_dir: str | os.PathLike, kind: str | None = None, **provenance
+) -> MapperPair:
+    """The authors' mapper `.pth` -> a genattr head directory (for `index build --head`)."""
+    from genattr.data.official import load_mapper_pth
+
+    mappers = load_mapper_pth(pth, kind)
+    save_heads(
+        TrainResult(mappers, TrainConfig(head=mappers.kind)),
+        out_dir,
+        imported_from=str(pth),
+        **provenance,
+    )
+    return mappers
