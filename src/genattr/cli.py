@@ -257,6 +257,10 @@ def extract(
         Path | None, typer.Option(help="Folder that relative paths in list/JSON files are under.")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    augment: Annotated[
+        str | None, typer.Option(help="mild or strong: also embed augmented views.")
+    ] = None,
+    views: Annotated[int, typer.Option(help="Views per image with --augment (view 0 as is).")] = 1,
 ) -> None:
     """Embed a collection of images into an embedding store; re-run to resume."""
     from genattr.features.extract import extract as run_extract
@@ -276,6 +280,8 @@ def extract(
         max_pixels=max_pixels,
         root=root,
         progress=progress,
+        augment=augment,
+        views=views,
     )
     resumed = f", resumed after {r.resumed_from}" if r.resumed_from else ""
     console.print(

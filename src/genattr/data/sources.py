@@ -248,6 +248,27 @@ def tar_source(spec: str):
     return src
 
 
+def with_views(source: ImageSource, views: int) -> ImageSource:
+    """Each image `views` times in a row: item i*views + k is view k of image i (k=0 as is)."""
+    if views == 1:
+        return source
+    rep = lambda xs: [x for x in xs for _ in range(views)]  # noqa: E731
+    columns = {k: rep(v) for k, v in source.columns.items()}
+    columns["view"] = list(range(views)) * len(source)
+    return ImageSource(
+        kind=source.kind,
+        location=source.location,
+        ids=[f"{i}#v{k}" if k else i for i in source.ids for k in range(views)],
+        paths=rep(source.paths),
+        files=rep(source.files),
+        offsets=None if source.offsets is None else rep(source.offsets),
+        sizes=None if source.sizes is None else rep(source.sizes),
+        columns=columns,
+        prefailed={i * views + k: r for i, r in source.prefailed.items() for k in range(views)},
+        extra={**source.extra, "views": views},
+    )
+
+
 def open_source(
     spec: str | os.PathLike,
     *,

@@ -58,9 +58,10 @@ class ExtractResult:
 class _DecodeDataset:
     """Item k -> (source_index, float32 array | None, failure reason | None); runs in workers."""
 
-    def __init__(self, source, start: int, preprocess, max_pixels: int | None, shape):
+    def __init__(self, source, start: int, preprocess, max_pixels: int | None, shape, augment=None):
         self.source, self.start, self.preprocess = source, start, preprocess
-        self.max_pixels, self.shape = max_pixels, tuple(shape)
+        self.max_pixels, self.shape, self.augment = max_pixels, tuple(shape), augment
+        self.views = source.columns.get("view")
 
     def __len__(self) -> int:
         return len(self.source) - self.start
@@ -77,6 +78,8 @@ class _DecodeDataset:
             return i, None, str(e)
         except OSError as e:
             return i, None, f"cannot read: {e.strerror or e}"
+        if self.augment is not None and self.views is not None and self.views[i] > 0:
+            image = self.augment(image, i)
         try:
             arr = np.asarray(self.preprocess(image), dtype=np.float32)
         except Exception as e:  # a backbone's preprocess rejecting one image must not stop the run
@@ -239,7 +242,7 @@ def _open_store(out: Path, backbone, source, settings: dict[str, Any], store_dty
             f"({state['source']['count']} images), which differs from {src['location']} "
             f"({src['count']} images); use a new --out to extract another collection"
         )
-    for key in ("shard_size", "dtype"):
+    for key in ("shard_size", "dtype", "augment", "views", "augment_seed"):
         if state.get(key) != settings[key]:
             raise GenattrError(
                 f"{out}: cannot resume with {key}={settings[key]!r}; the store was started "
@@ -269,6 +272,9 @@ def extract(
     max_pixels: int | None = None,
     root: str | os.PathLike | None = None,
     progress: bool = False,
+    augment: str | None = None,
+    views: int = 1,
+    augment_seed: int = 0,
 ) -> ExtractResult:
     """Embed every image of `images` with backbone `features` into the store at `out`.
 
@@ -276,8 +282,9 @@ def extract(
     paths, webdataset .tar shards or an AbC test-case JSON (see genattr.data.sources).
     dtype is the compute precision (autocast for fp16/bf16); store_dtype what is written (fp32
     or fp16). workers: decode processes (0 decodes in this process); threads: torch threads for
-    the model. Re-running with the same arguments resumes an interrupted run; on a complete
-    store it does nothing.
+    the model. augment (mild|strong) with views=K embeds each image K times, view 0 as it is
+    (a `view` metadata column tells them apart; see genattr.features.augment). Re-running
+    with the same arguments resumes an interrupted run; on a complete store it does nothing.
     """
     import torch
 
@@ -298,13 +305,27 @@ def extract(
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     out = Path(out)
 
-    source = open_source(images, root=root, exclude=out)
+    if (augment is None) != (views == 1) or views < 1:
+        raise GenattrError("--augment and --views go together: e.g. --augment mild --views 4")
+    augmenter = None
+    if augment is not None:
+        from genattr.features.augment import AUGMENTATIONS, Augmenter
+
+        if augment not in AUGMENTATIONS:
+            raise GenattrError(f"--augment must be one of {', '.join(AUGMENTATIONS)}")
+        augmenter = Augmenter(augment, augment_seed)
+    from genattr.data.sources import with_views
+
+    source = with_views(open_source(images, root=root, exclude=out), views)
     backbone = _resolve_backbone(features, weights, device)
     settings = {
         "shard_size": int(shard_size),
         "dtype": dtype,
         "batch_size": int(batch_size),
         "max_pixels": max_pixels,
+        "augment": augment,
+        "views": views,
+        "augment_seed": augment_seed,
     }
     store = _open_store(out, backbone, source, settings, store_dtype)
     t0 = time.perf_counter()
@@ -324,7 +345,7 @@ def extract(
         if use_cl:
             model = model.to(memory_format=torch.channels_last)
         shape = _reference_shape(backbone.preprocess)
-        dataset = _DecodeDataset(source, start, backbone.preprocess, max_pixels, shape)
+        dataset = _DecodeDataset(source, start, backbone.preprocess, max_pixels, shape, augmenter)
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_size=batch_size,

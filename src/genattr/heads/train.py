@@ -252,7 +252,7 @@ def train_heads_from_stores(
     """`genattr train-head`: train on the manifest's train models, stop early on its val models."""
     from genattr.data.benchmark import read_benchmark
     from genattr.store import EmbeddingStore, check_same_backbone
-    from genattr.store.join import testcase_from_stores
+    from genattr.store.join import testcase_from_stores, training_pairs_from_stores
 
     manifest = read_benchmark(bench)
     real, synth = EmbeddingStore.open(store_real), EmbeddingStore.open(store_synth)
@@ -272,7 +272,8 @@ def train_heads_from_stores(
             validation = (dstore.vectors, tc.select_models(splits["val"]))
     elif splits["val"]:
         validation = (tc.exemplar_feats[:0], tc.select_models(splits["val"]))
-    data = PairedFeatures.from_testcase(tc.select_models(splits["train"]), pool)
+    data = training_pairs_from_stores(tc, real, synth, splits["train"])
+    data.distractors = pool
     result = train_heads(data, config, validation, progress=progress)
     save_heads(
         result,
