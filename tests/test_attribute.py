@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from genattr.attribute import attribute, write_attributions
+from genattr.attribution import attribute, write_attributions
 from genattr.calibrate import Calibrator
 from genattr.errors import GenattrError
 from genattr.features import get_backbone
@@ -105,3 +105,13 @@ def test_bad_query_image(world, tmp_path):
         attribute([tmp_path / "bad.png"], index)
     with pytest.raises(GenattrError, match="top-k"):
         attribute([tmp_path / "bad.png"], index, top_k=0)
+
+
+def test_top_level_call(world):
+    import genattr
+
+    root, index = world
+    [answer] = genattr.attribute(
+        [root / "generated.png"], index=index, calibrator=Calibrator(60.0, -50.0)
+    )
+    assert answer.results[0].id == "train-7" and len(answer.results) == 20

@@ -1,3 +1,16 @@
 """genattr: which training images are responsible for a generated image, and how much."""
 
+from __future__ import annotations
+
 __version__ = "0.1.0"
+
+
+def attribute(images, index, calibrator=None, top_k: int = 20, **kwargs):
+    """Which training images made each image, and how much: see `genattr.attribution`.
+
+    `genattr.attribute(["gen.png"], index="index/", calibrator="calibrator.json")` returns one
+    `Attribution` per image (ranked training images with similarity and influence).
+    """
+    from genattr.attribution import attribute as run
+
+    return run(images, index, calibrator, top_k, **kwargs)

@@ -402,8 +402,8 @@ def attribute(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Which training images made these images, and how much (calibrated influence)."""
-    from genattr.attribute import attribute as run
-    from genattr.attribute import attributions_table, write_attributions
+    from genattr.attribution import attribute as run
+    from genattr.attribution import attributions_table, write_attributions
 
     if format not in ("table", "json", "html"):
         raise GenattrError(f"--format must be table, json or html, not {format!r}")
