@@ -143,6 +143,22 @@ def _has_conv(model) -> bool:
 
 
 @contextlib.contextmanager
+def _memory_format(model, channels_last: bool) -> Iterator[None]:
+    """channels_last while extracting (faster convolutions on CPU); the caller's model is
+    given back in its own layout."""
+    import torch
+
+    if not channels_last:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
     import torch
 
@@ -275,7 +291,9 @@ def extract(
     paths, webdataset .tar shards or an AbC test-case JSON (see genattr.data.sources).
     dtype is the compute precision (autocast for fp16/bf16); store_dtype what is written (fp32
     or fp16). workers: decode processes (0 decodes in this process); threads: torch threads for
-    the model. Re-running with the same arguments resumes an interrupted run; on a complete
+    the model, by default the cores the workers leave (oversubscribing a small CPU costs more
+    than it gives: see BENCHMARKS.md). channels_last: default on for models with convolutions.
+    Re-running with the same arguments resumes an interrupted run; on a complete
     store it does nothing.
     """
     import torch
@@ -320,8 +338,8 @@ def extract(
 
         model = backbone.model.eval().to(device)
         use_cl = _has_conv(model) if channels_last is None else channels_last
-        if use_cl:
-            model = model.to(memory_format=torch.channels_last)
+        if threads is None and device == "cpu":
+            threads = max(1, (os.cpu_count() or 1) - workers)
         shape = _reference_shape(backbone.preprocess)
         dataset = _DecodeDataset(source, start, backbone.preprocess, max_pixels, shape)
         loader = torch.utils.data.DataLoader(
@@ -382,7 +400,7 @@ def extract(
 
         bar, task = _progress_bar(progress, n, start)
         t_run, done_run = time.perf_counter(), 0
-        with _torch_threads(threads), bar:
+        with _torch_threads(threads), _memory_format(model, use_cl), bar:
             for chunk in loader:
                 for i, arr, reason in chunk:
                     if arr is None:
