@@ -261,6 +261,8 @@ def test_resume_refuses_other_backbone_or_source(tmp_path):
         extract("pixel", src, tmp_path / "out", workers=0, shard_size=3)
     with pytest.raises(GenattrError, match="no such file"):
         extract("pixel", tmp_path / "nope.txt", tmp_path / "o2", workers=0)
+    with pytest.raises(GenattrError, match="is not an embedding store"):
+        extract("pixel", src, src, workers=0)  # a folder with other files in it
     assert EmbeddingStore.open(tmp_path / "out").count == 1
 
 

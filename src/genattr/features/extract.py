@@ -241,6 +241,8 @@ def _open_store(out: Path, backbone, source, settings: dict[str, Any], store_dty
     info = BackboneInfo.from_backbone(backbone)
     src = source.describe()
     if not EmbeddingStore.exists(out):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise GenattrError(f"{out}: exists and is not an embedding store; choose a new --out")
         state = {"source": src, **settings, "cursor": 0, "complete": False, "failed": 0}
         extra = {"extraction": state, **source.extra}
         return EmbeddingStore.create(out, info, backbone.dim, store_dtype, extra=extra)
