@@ -261,6 +261,8 @@ def test_resume_refuses_other_backbone_or_source(tmp_path):
         extract("pixel", src, tmp_path / "out", workers=0, shard_size=3)
     with pytest.raises(GenattrError, match="no such file"):
         extract("pixel", tmp_path / "nope.txt", tmp_path / "o2", workers=0)
+    with pytest.raises(GenattrError, match="is not an embedding store"):
+        extract("pixel", src, src, workers=0)  # a folder with other files in it
     assert EmbeddingStore.open(tmp_path / "out").count == 1
 
 
@@ -282,3 +284,26 @@ def test_cli_extract(tmp_path):
     assert EmbeddingStore.open(out).num_shards == 2
     res = CliRunner().invoke(app, [*args[:2], "nope", *args[3:], "--no-progress"])
     assert res.exit_code == 2 and "unknown backbone" in res.output
+
+
+def test_convnet_runs_channels_last_and_the_model_is_given_back(tmp_path):
+    import torch
+
+    from genattr.features.registry import Backbone
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for k in range(5):
+        _rand_image(k).save(src / f"{k}.png")
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.Flatten())
+    pixel = get_backbone("pixel")
+    backbone = Backbone("tiny-conv", 4 * 15 * 15, conv, pixel.preprocess, weights_id="t")
+    r = extract(backbone, src, tmp_path / "out", workers=0, batch_size=2)
+    assert conv[0].weight.is_contiguous()  # not left in channels_last
+    with torch.no_grad():
+        x = torch.from_numpy(
+            np.stack([pixel.preprocess(Image.open(p)) for p in sorted(src.iterdir())])
+        )
+        expected = conv(x).numpy()
+    np.testing.assert_allclose(np.asarray(r.store.vectors), expected, rtol=1e-5, atol=1e-5)

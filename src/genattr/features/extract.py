@@ -146,6 +146,22 @@ def _has_conv(model) -> bool:
 
 
 @contextlib.contextmanager
+def _memory_format(model, channels_last: bool) -> Iterator[None]:
+    """channels_last while extracting (faster convolutions on CPU); the caller's model is
+    given back in its own layout."""
+    import torch
+
+    if not channels_last:
+        yield
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
 def _torch_threads(n: int | None) -> Iterator[None]:
     import torch
 
@@ -228,6 +244,8 @@ def _open_store(out: Path, backbone, source, settings: dict[str, Any], store_dty
     info = BackboneInfo.from_backbone(backbone)
     src = source.describe()
     if not EmbeddingStore.exists(out):
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise GenattrError(f"{out}: exists and is not an embedding store; choose a new --out")
         state = {"source": src, **settings, "cursor": 0, "complete": False, "failed": 0}
         # where the weights came from, so an index over this store can load them again
         extra = {"extraction": state, "weights_path": backbone.weights_path, **source.extra}
@@ -282,9 +300,11 @@ def extract(
     paths, webdataset .tar shards or an AbC test-case JSON (see genattr.data.sources).
     dtype is the compute precision (autocast for fp16/bf16); store_dtype what is written (fp32
     or fp16). workers: decode processes (0 decodes in this process); threads: torch threads for
-    the model. augment (mild|strong) with views=K embeds each image K times, view 0 as it is
-    (a `view` metadata column tells them apart; see genattr.features.augment). Re-running
-    with the same arguments resumes an interrupted run; on a complete store it does nothing.
+    the model, by default the cores the workers leave (oversubscribing a small CPU costs more
+    than it gives: see BENCHMARKS.md). channels_last: default on for models with convolutions.
+    augment (mild|strong) with views=K embeds each image K times, view 0 as it is (a `view`
+    metadata column tells them apart; see genattr.features.augment). Re-running with the same
+    arguments resumes an interrupted run; on a complete store it does nothing.
     """
     import torch
 
@@ -342,8 +362,8 @@ def extract(
 
         model = backbone.model.eval().to(device)
         use_cl = _has_conv(model) if channels_last is None else channels_last
-        if use_cl:
-            model = model.to(memory_format=torch.channels_last)
+        if threads is None and device == "cpu":
+            threads = max(1, (os.cpu_count() or 1) - workers)
         shape = _reference_shape(backbone.preprocess)
         dataset = _DecodeDataset(source, start, backbone.preprocess, max_pixels, shape, augmenter)
         loader = torch.utils.data.DataLoader(
@@ -404,7 +424,7 @@ def extract(
 
         bar, task = _progress_bar(progress, n, start)
         t_run, done_run = time.perf_counter(), 0
-        with _torch_threads(threads), bar:
+        with _torch_threads(threads), _memory_format(model, use_cl), bar:
             for chunk in loader:
                 for i, arr, reason in chunk:
                     if arr is None:
