@@ -210,3 +210,40 @@ def test_demo_head_helps(tmp_path):
     head = json.loads((tmp_path / "results_head.json").read_text())["results"]
     for ptype in raw:
         assert head[ptype]["mAP"] > raw[ptype]["mAP"] + 0.1
+
+
+def test_evaluate_on_stores_equals_pth(bench_files):
+    from genattr.store import EmbeddingStore
+
+    _, d = bench_files
+    EmbeddingStore.from_gallery_pth(d / "gallery.pth", d / "gstore", "synthetic", shard_size=1000)
+    EmbeddingStore.from_testcase_pth(d / "test.pth", d / "tstore", "synthetic")
+    for gallery, test, out in [
+        ("gallery.pth", "test.pth", "a.json"),
+        ("gstore", "tstore", "b.json"),
+    ]:
+        res = run(
+            "evaluate",
+            "--gallery-feats",
+            d / gallery,
+            "--test-feats",
+            d / test,
+            "--mapper",
+            d / "mapper.pth",
+            "--out",
+            d / out,
+        )
+        assert res.exit_code == 0, res.output
+    a, b = (json.loads((d / f).read_text())["results"] for f in ("a.json", "b.json"))
+    assert a == b
+    EmbeddingStore.from_testcase_pth(d / "test.pth", d / "other", "another-backbone")
+    res = run(
+        "evaluate",
+        "--gallery-feats",
+        d / "gstore",
+        "--test-feats",
+        d / "other",
+        "--out",
+        d / "c.json",
+    )
+    assert res.exit_code == 2 and "another-backbone" in res.output

@@ -50,8 +50,12 @@ def _greedy_ints(ctx: typer.Context, first: list[int] | None, default: tuple[int
 @_friendly_errors
 def evaluate(
     ctx: typer.Context,
-    gallery_feats: Annotated[Path, typer.Option(help="Distractor features (.pth: feats, paths).")],
-    test_feats: Annotated[Path, typer.Option(help="Test-case features (.pth, extract_feat.py).")],
+    gallery_feats: Annotated[
+        Path, typer.Option(help="Distractor features: .pth (feats, paths) or a store directory.")
+    ],
+    test_feats: Annotated[
+        Path, typer.Option(help="Test-case features: .pth (extract_feat.py) or a store directory.")
+    ],
     out: Annotated[Path, typer.Option(help="results.json; per-query table goes beside it.")],
     mapper: Annotated[Path | None, typer.Option(help="Mapper checkpoint (.pth).")] = None,
     head: Annotated[

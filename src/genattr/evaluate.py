@@ -266,9 +266,9 @@ def evaluate_reference(
     synth = mappers.synth.eval() if mappers else None
     with torch.no_grad():
         data = embed(
-            torch.as_tensor(
-                np.asarray(gallery[:]) if isinstance(gallery, np.ndarray) else gallery
-            ).float(),
+            gallery.float()
+            if isinstance(gallery, torch.Tensor)
+            else torch.from_numpy(np.asarray(gallery, dtype=np.float32)),
             real,
         )
         exemplars = embed(testcase.exemplar_feats.float(), real)
@@ -364,15 +364,30 @@ def evaluate_files(
     device: str = "cpu",
     progress: bool = False,
 ) -> EvaluationResult:
-    """`genattr evaluate`: the authors' `.pth` feature files in, results.json + parquet out."""
+    """`genattr evaluate`: features in (the authors' `.pth` files or genattr embedding store
+    directories, which must share a backbone), results.json + parquet out."""
     from genattr.data.official import load_gallery_pth, load_mapper_pth, load_testcase_pth
 
-    gallery = load_gallery_pth(gallery_feats)
-    testcase = load_testcase_pth(test_feats)
+    stores = {}
+    if Path(gallery_feats).is_dir() or Path(test_feats).is_dir():
+        from genattr.store import EmbeddingStore, check_same_backbone
+
+        stores = {
+            p: EmbeddingStore.open(p) for p in (gallery_feats, test_feats) if Path(p).is_dir()
+        }
+        check_same_backbone(*stores.values())
+    gallery = (
+        stores[gallery_feats].vectors
+        if gallery_feats in stores
+        else load_gallery_pth(gallery_feats).feats
+    )
+    testcase = (
+        stores[test_feats].to_testcase() if test_feats in stores else load_testcase_pth(test_feats)
+    )
     mappers = load_mapper_pth(mapper, head) if mapper is not None else None
     names = (str(gallery_feats), str(test_feats), str(mapper))
     result = evaluate_protocol(
-        gallery.feats, testcase, ks, mappers, device=device, progress=progress, names=names
+        gallery, testcase, ks, mappers, device=device, progress=progress, names=names
     )
     write_results(
         result,
@@ -381,6 +396,6 @@ def evaluate_files(
         test_feats=str(test_feats),
         mapper=None if mapper is None else str(mapper),
         head=None if mappers is None else mappers.kind,
-        n_gallery=len(gallery.feats),
+        n_gallery=len(gallery),
     )
     return result
