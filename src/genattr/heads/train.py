@@ -26,6 +26,7 @@ from genattr.evaluate import evaluate_protocol
 from genattr.heads.networks import create_head, head_from_state_dict, head_in_out
 
 HEAD_FORMAT_VERSION = 1
+MAX_DISTRACTOR_POOL = 200_000
 
 
 @dataclass
@@ -267,7 +268,13 @@ def train_heads_from_stores(
     if distractors is not None:
         dstore = EmbeddingStore.open(distractors)
         check_same_backbone(real, dstore)
-        pool = torch.from_numpy(np.asarray(dstore.vectors, dtype=np.float32))
+        # negatives are drawn from a seeded sample, so a 1M-image store costs ~600 MB, not 3 GB
+        rows = np.arange(len(dstore.vectors))
+        if len(rows) > MAX_DISTRACTOR_POOL:
+            rows = np.sort(
+                np.random.default_rng(config.seed).choice(rows, MAX_DISTRACTOR_POOL, replace=False)
+            )
+        pool = torch.from_numpy(np.asarray(dstore.vectors[rows], dtype=np.float32))
         if splits["val"]:
             validation = (dstore.vectors, tc.select_models(splits["val"]))
     elif splits["val"]:
