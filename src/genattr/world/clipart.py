@@ -36,6 +36,7 @@ PACKAGE_ROOT = Path("usr/share/openclipart/png")
 DEFAULT_DATA_DIR = Path(__file__).parent / "data"
 IMAGES_NAME = "clipart{size}.npz"
 META_NAME = "clipart{size}.json"
+PARSER_VERSION = 2  # bump when names, captions or the hold-out change
 STEM_CUT = 24  # the package's file stems are cut at this many characters
 _NUMBERED = re.compile(r"^(?P<stem>.+)_(?P<num>\d{2})$")
 SPLITS = ("pretrain", "object-exemplar", "style-exemplar", "unused")
@@ -45,7 +46,8 @@ SPLITS = ("pretrain", "object-exemplar", "style-exemplar", "unused")
 class NameParts:
     """What one file's path says: title words, category folders, number, artist tail."""
 
-    title: str
+    title: str  # without the tail: the title if the tail is an artist
+    full_title: str  # with the tail: the title if it is not
     categories: tuple[str, ...]
     tail: str | None  # the last two words of a numbered stem: a (possibly cut) artist name
     cut: bool  # the stem has the package's maximum length, so the tail may be cut
@@ -60,7 +62,7 @@ def split_name(relpath: str) -> NameParts:
     m = _NUMBERED.match(stem)
     tail = None
     cut = False
-    title_stem = stem
+    title_stem = full_stem = stem
     if m:
         words = m["stem"].split("_")
         cut = len(m["stem"]) >= STEM_CUT
@@ -69,21 +71,26 @@ def split_name(relpath: str) -> NameParts:
             title_stem = "_".join(words[:-2])
         else:
             title_stem = m["stem"]
-    return NameParts(_title(title_stem), categories, tail, cut)
+        full_stem = m["stem"]
+    return NameParts(_title(title_stem), _title(full_stem), categories, tail, cut)
 
 
 def _title(stem: str) -> str:
     words = re.split(r"[_\-\s]+", stem.lower())
     words = [re.sub(r"[^a-z]", "", w) for w in words]
-    return " ".join(w for w in words if len(w) > 1 or w in ("a",)).strip()
+    words = [w for w in words if len(w) > 1 or w == "a"]
+    while words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
 
 
 def resolve_artists(names: Iterable[NameParts]) -> list[str | None]:
-    """Artist of each name. A tail seen in two or more files, or in a stem that was not cut, is
-    an artist; a cut tail is the longest such artist it is a prefix of (same first word)."""
+    """Artist of each name. A tail seen in two or more files is an artist; a cut tail is the
+    longest such artist it is a prefix of (same first word). Tails seen once are taken for
+    part of the title ('a_simple_pig_01')."""
     names = list(names)
     counts = Counter(n.tail for n in names if n.tail)
-    known = {n.tail for n in names if n.tail and (not n.cut or counts[n.tail] >= 2)}
+    known = {n.tail for n in names if n.tail and counts[n.tail] >= 2}
     known = {t for t in known if not t.endswith("_")}
     by_first: dict[str, list[str]] = defaultdict(list)
     for t in known:
@@ -262,10 +269,8 @@ def render_package(
             {
                 "source": rel,
                 "sha1": digest,
-                "title": parts.title,
                 "categories": list(parts.categories),
                 "folder": "/".join(parts.categories),
-                "caption": caption(parts.title, parts.categories),
             }
         )
         if log and (n + 1) % 1000 == 0:
@@ -289,7 +294,7 @@ def build_data(
     out = Path(out)
     files = sorted(p for p in root.rglob("*.png") if p.is_file())
     listing = hashlib.sha256("\n".join(str(p.relative_to(root)) for p in files).encode())
-    key = {"size": size, "seed": seed, "listing_sha256": listing.hexdigest()[:16]}
+    key = {"size": size, "seed": seed, "parser": PARSER_VERSION, "listing_sha256": listing.hexdigest()[:16]}
     meta_path = out / META_NAME.format(size=size)
     if meta_path.is_file() and (out / IMAGES_NAME.format(size=size)).is_file():
         old = json.loads(meta_path.read_text())
@@ -313,8 +318,10 @@ def build_data(
             with atomic_path(cached / "render.json") as tmp:
                 tmp.write_text(json.dumps([records, stats]))
     parts = [split_name(r["source"]) for r in records]
-    for r, a in zip(records, resolve_artists(parts), strict=True):
+    for r, p, a in zip(records, parts, resolve_artists(parts), strict=True):
         r["artist"] = a
+        r["title"] = p.title if a else p.full_title
+        r["caption"] = caption(r["title"], p.categories)
     choose_holdout(records, seed=seed)
     info = {
         "kind": "genattr.world.clipart",
