@@ -130,3 +130,28 @@ def test_tokenizer_ids() -> None:
     assert len(padded) == 16
     # Saved and reloaded by transformers itself: the same ids.
     assert len(merges) > 0
+
+
+def test_agreement_and_chance() -> None:
+    from genattr.world.quality import agreement_and_chance
+
+    wanted = np.array(["a", "a", "b", "b"])
+    assert agreement_and_chance(wanted, wanted) == (1.0, 0.5)
+    assert agreement_and_chance(wanted, np.array(["b", "b", "a", "a"])) == (0.0, 0.5)
+    # A model that always gives "a": right half the time, and so is chance.
+    assert agreement_and_chance(wanted, np.array(["a"] * 4)) == (0.5, 0.5)
+
+
+@pytest.mark.slow
+def test_real_images_agree_with_their_category_above_chance(shipped: ClipartData) -> None:
+    """The quality measure's ceiling is real: EfficientNet neighbours of real clip-art share
+    its top-level category far more often than chance."""
+    from genattr.world.quality import _nn, agreement_and_chance, embed
+
+    pre = np.random.default_rng(0).permutation(shipped.indices("pretrain"))[:360]
+    feats = embed(shipped.images[pre])
+    top = np.array([shipped.records[i]["categories"][0] for i in pre])
+    idx, sims = _nn(feats[:60], feats[60:])
+    hit, chance = agreement_and_chance(top[:60], top[60:][idx])
+    assert hit > chance + 0.2
+    assert np.all(sims <= 1.0 + 1e-5) and sims.mean() > 0.5

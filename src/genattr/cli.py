@@ -294,5 +294,31 @@ def world_train_base(
     )
 
 
+@world_app.command("quality")
+@_friendly_errors
+def world_quality(
+    pipeline: Annotated[Path, typer.Option(help="A world pipeline (e.g. RUN/pipeline).")],
+    out: Annotated[Path | None, typer.Option(help="Write the figures here (JSON).")] = None,
+    n: Annotated[int, typer.Option(help="Samples (captions of pre-training images).")] = 64,
+    gallery: Annotated[int, typer.Option(help="Gallery of other pre-training images.")] = 1000,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 3.0,
+    data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
+) -> None:
+    """Measure the base model's samples: category agreement of nearest neighbours vs chance."""
+    import json
+
+    from genattr.customize.pipeline import load_base_pipeline
+    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+    from genattr.world.quality import sample_quality
+
+    pipe = load_base_pipeline(pipeline, "cpu", "float32")
+    q = sample_quality(pipe, load_data(data or DEFAULT_DATA_DIR), n, gallery, steps, guidance)
+    text = json.dumps({"pipeline": str(pipeline), **q.as_dict()}, indent=1)
+    if out is not None:
+        out.write_text(text)
+    console.print(text)
+
+
 if __name__ == "__main__":
     app()

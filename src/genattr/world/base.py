@@ -117,7 +117,8 @@ def build_models(cfg: BaseConfig, tokenizer: Any) -> tuple[Any, Any]:
 
 
 def make_scheduler() -> Any:
-    """DDIM over the linear DDPM schedule (pixel space), clipping samples to [-1, 1]."""
+    """DDIM over the linear DDPM schedule (pixel space). No x0 clipping: StableDiffusionPipeline
+    turns `clip_sample` off anyway (with a deprecation warning)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -125,7 +126,7 @@ def make_scheduler() -> Any:
         beta_start=1e-4,
         beta_end=0.02,
         beta_schedule="linear",
-        clip_sample=True,
+        clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
     )

@@ -294,7 +294,12 @@ def build_data(
     out = Path(out)
     files = sorted(p for p in root.rglob("*.png") if p.is_file())
     listing = hashlib.sha256("\n".join(str(p.relative_to(root)) for p in files).encode())
-    key = {"size": size, "seed": seed, "parser": PARSER_VERSION, "listing_sha256": listing.hexdigest()[:16]}
+    key = {
+        "size": size,
+        "seed": seed,
+        "parser": PARSER_VERSION,
+        "listing_sha256": listing.hexdigest()[:16],
+    }
     meta_path = out / META_NAME.format(size=size)
     if meta_path.is_file() and (out / IMAGES_NAME.format(size=size)).is_file():
         old = json.loads(meta_path.read_text())

@@ -56,7 +56,9 @@ def make_tokenizer(vocab: dict[str, int], merges: list[str], max_length: int = 3
             (Path(d) / "vocab.json").write_text(json.dumps(vocab))
             (Path(d) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
             return CLIPTokenizer(
-                str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), model_max_length=max_length
+                str(Path(d) / "vocab.json"),
+                str(Path(d) / "merges.txt"),
+                model_max_length=max_length,
             )
     pairs = [tuple(m.split(" ")) for m in merges]
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=max_length)
