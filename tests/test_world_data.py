@@ -155,3 +155,54 @@ def test_real_images_agree_with_their_category_above_chance(shipped: ClipartData
     hit, chance = agreement_and_chance(top[:60], top[60:][idx])
     assert hit > chance + 0.2
     assert np.all(sims <= 1.0 + 1e-5) and sims.mean() > 0.5
+
+
+def _fake_package(root: Path) -> Path:
+    """A package tree with real file names, distinct drawings, one copy and one link."""
+    from PIL import Image, ImageDraw
+
+    png = root / "usr/share/openclipart/png"
+    names = [
+        "animals/birds/parrot_gerald_g._01.png",
+        "animals/mammals/cartoon_cat_gerald_g._01.png",
+        "food/fruit/apple_jon_phillips_01.png",
+        "food/fruit/pear_jon_phillips_02.png",
+        "shapes/stars/star_15pt04step.png",
+    ]
+    for k, name in enumerate(names):
+        im = Image.new("RGBA", (60, 40), (0, 0, 0, 0))
+        ImageDraw.Draw(im).ellipse((5 + 5 * k, 5, 40, 35), fill=(40 * k, 200 - 30 * k, 90, 255))
+        (png / name).parent.mkdir(parents=True, exist_ok=True)
+        im.save(png / name)
+    (png / "unsorted").mkdir()
+    (png / "unsorted/parrot_copy.png").write_bytes((png / names[0]).read_bytes())
+    (png / "shapes/apple_link_01.png").symlink_to(png / names[2])
+    return root
+
+
+def test_build_data_cli_dedups_and_is_cached(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from genattr.cli import app
+
+    src = _fake_package(tmp_path / "pkg")
+    out = tmp_path / "data"
+    args = ["world", "build-data", "--source", str(src), "--out", str(out)]
+    res = CliRunner().invoke(app, [*args, "--cache", str(tmp_path / "cache")])
+    assert res.exit_code == 0, res.output
+    data = load_data(out)
+    assert len(data.records) == 5 and data.info["duplicate_files"] == 2
+    by_source = {r["source"]: r for r in data.records}
+    parrot = by_source["animals/birds/parrot_gerald_g._01.png"]
+    assert parrot["artist"] == "gerald_g." and parrot["title"] == "parrot"
+    assert parrot["caption"] == "a clipart of a parrot, animals, birds"
+    assert by_source["shapes/stars/star_15pt04step.png"]["artist"] is None
+    # The image is the drawing on white: corners white, centre coloured.
+    img = data.images[data.records.index(parrot)]
+    assert (img[0, 0] == 255).all() and not (img[16, 10] == 255).all()
+    stamp = (out / "clipart32.npz").stat().st_mtime_ns
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0 and "up to date" in res.output
+    assert (out / "clipart32.npz").stat().st_mtime_ns == stamp
+    res = CliRunner().invoke(app, [*args, "--seed", "1"])  # a new split is a new build
+    assert res.exit_code == 0 and (out / "clipart32.npz").stat().st_mtime_ns != stamp
