@@ -287,7 +287,7 @@ class BaseTrainer:
     def load_state(self, path: Path) -> None:
         import torch
 
-        st = torch.load(path / STATE_NAME, map_location="cpu", weights_only=False)
+        st = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
         self.unet.load_state_dict(st["unet"])
         self.text_encoder.load_state_dict(st["text_encoder"])
         self.ema = st["ema"]
