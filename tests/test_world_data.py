@@ -112,7 +112,7 @@ def test_holdout_is_large_enough_and_never_pretrained(shipped: ClipartData) -> N
     assert counts["pretrain"] > 3000
 
 
-def test_tokenizer_ids() -> None:
+def test_tokenizer_ids(tmp_path: Path) -> None:
     from genattr.world.tokenizer import build_tokenizer, word_vocab
 
     caps = ["a clipart of a parrot, animals, birds", "a clipart of a rot, birds"]
@@ -128,8 +128,14 @@ def test_tokenizer_ids() -> None:
     assert tok.pad_token_id == vocab["<|endoftext|>"] and tok.model_max_length == 16
     padded = tok("a", padding="max_length", max_length=16).input_ids
     assert len(padded) == 16
-    # Saved and reloaded by transformers itself: the same ids.
-    assert len(merges) > 0
+    # Saved and reloaded by transformers itself (as a training run does): the same ids.
+    from transformers import CLIPTokenizer
+
+    tok.save_pretrained(str(tmp_path / "tok"))
+    again = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+    for text in (*caps, "carrot", "A picture in the style of <new1> art"):
+        assert again(text).input_ids == tok(text).input_ids
+    assert len(merges) == len(vocab) - 2 * 68 - 2  # one merge per multi-letter word ending
 
 
 def test_agreement_and_chance() -> None:
