@@ -458,5 +458,94 @@ def head_export(
     console.print(f"{pair.kind} mapper written to {out}")
 
 
+world_app = typer.Typer(
+    help="The miniature clip-art world: its data and its base text-to-image model.",
+    no_args_is_help=True,
+)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("build-data")
+@_friendly_errors
+def world_build_data(
+    source: Annotated[
+        Path, typer.Option(help="Extracted openclipart-png (`dpkg-deb -x openclipart-png_*.deb`).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: the shipped data folder).")
+    ] = None,
+    size: Annotated[int, typer.Option(help="Image size (px).")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of the exemplar hold-out.")] = 0,
+    cache: Annotated[
+        Path | None, typer.Option(help="Folder to keep renderings in between builds.")
+    ] = None,
+) -> None:
+    """Render, caption, deduplicate and split Debian's openclipart-png for the world."""
+    from genattr.world.clipart import DEFAULT_DATA_DIR, build_data, load_data
+
+    path = build_data(source, out or DEFAULT_DATA_DIR, size, seed, cache, log=_log)
+    data = load_data(path, size)
+    console.print(f"{len(data.records)} images in {path}: {data.info['counts']}")
+
+
+@world_app.command("train-base")
+@_friendly_errors
+def world_train_base(
+    out: Annotated[Path, typer.Option(help="Run folder (resumed from its last checkpoint).")],
+    steps: Annotated[int, typer.Option(help="Total steps (counting resumed ones).")] = 20000,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="Stop (with a checkpoint) after this many minutes.")
+    ] = None,
+    checkpoint_minutes: Annotated[float, typer.Option(help="Checkpoint interval.")] = 5.0,
+    data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+) -> None:
+    """Train (or resume) the world's base text-to-image model on CPU; writes OUT/pipeline."""
+    from genattr.world.base import train_base
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    report = train_base(
+        out,
+        data,
+        steps,
+        checkpoint_seconds=checkpoint_minutes * 60,
+        max_seconds=None if max_minutes is None else max_minutes * 60,
+        log=_log,
+    )
+    console.print(
+        f"step {report.step} ({report.steps_per_second:.3f} steps/s this run); "
+        f"last checkpoint {report.checkpoints[-1]}; pipeline in {out / 'pipeline'}"
+    )
+
+
+@world_app.command("quality")
+@_friendly_errors
+def world_quality(
+    pipeline: Annotated[Path, typer.Option(help="A world pipeline (e.g. RUN/pipeline).")],
+    out: Annotated[Path | None, typer.Option(help="Write the figures here (JSON).")] = None,
+    n: Annotated[int, typer.Option(help="Samples (captions of pre-training images).")] = 64,
+    gallery: Annotated[int, typer.Option(help="Gallery of other pre-training images.")] = 1000,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 3.0,
+    data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
+) -> None:
+    """Measure the base model's samples: category agreement of nearest neighbours vs chance."""
+    import json
+
+    from genattr.customize.pipeline import load_base_pipeline
+    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+    from genattr.world.quality import sample_quality
+
+    pipe = load_base_pipeline(pipeline, "cpu", "float32")
+    q = sample_quality(pipe, load_data(data or DEFAULT_DATA_DIR), n, gallery, steps, guidance)
+    text = json.dumps({"pipeline": str(pipeline), **q.as_dict()}, indent=1)
+    if out is not None:
+        out.write_text(text)
+    console.print(text)
+
+
 if __name__ == "__main__":
     app()

@@ -38,6 +38,36 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def import_genattr_components(base: str | os.PathLike) -> list[str]:
+    """Import the genattr modules a local pipeline's `model_index.json` names (e.g. the world
+    model's `genattr.world.vae`): diffusers loads components only from modules already
+    imported, and these are ours, so importing them runs no foreign code."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    index = Path(base) / "model_index.json"
+    if not index.is_file():
+        return []
+    try:
+        entries = json.loads(index.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    names = sorted(
+        {
+            v[0]
+            for v in entries.values()
+            if isinstance(v, list) and v and isinstance(v[0], str) and v[0].startswith("genattr.")
+        }
+    )
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise GenattrError(f"{index}: cannot import component module {name} ({e})") from None
+    return names
+
+
 def load_base_pipeline(
     base: str | os.PathLike, device: str = "auto", dtype: str = "auto"
 ) -> StableDiffusionPipeline:
@@ -46,6 +76,7 @@ def load_base_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    import_genattr_components(base)
     try:  # diffusers renamed torch_dtype to dtype (0.36); the old name still works there
         from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
 

@@ -1,0 +1,52 @@
+"""Seconds per training step of the world's base model, attention at the lowest resolution only
+(the default) against attention at the two lowest (16x16 too), in one run on the same batches.
+
+    .venv/bin/python benchmarks/world_step.py [--steps 4] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+
+from genattr.world.base import BaseConfig, BaseTrainer
+from genattr.world.clipart import load_data
+
+
+def seconds_per_step(levels: int, steps: int, images, captions) -> tuple[float, float]:
+    cfg = BaseConfig(attention_levels=levels)
+    with tempfile.TemporaryDirectory() as d:
+        tr = BaseTrainer(d, images, captions, cfg)
+        params = sum(p.numel() for p in tr.unet.parameters()) / 1e6
+        tr.train_step()  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            tr.train_step()
+        return (time.perf_counter() - t0) / steps, params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    data = load_data()
+    idx = data.indices("pretrain")
+    images, captions = data.images[idx], data.captions(idx)
+    base, p1 = seconds_per_step(1, args.steps, images, captions)
+    more, p2 = seconds_per_step(2, args.steps, images, captions)
+    print(
+        f"attention at 8x8 only:        {base:.2f} s/step ({1 / base:.3f} steps/s), UNet {p1:.1f}M"
+    )
+    print(
+        f"attention at 8x8 and 16x16:   {more:.2f} s/step ({1 / more:.3f} steps/s), UNet {p2:.1f}M"
+    )
+    print(f"ratio: {more / base:.2f}x  (batch {BaseConfig().batch_size}, {args.threads} thread(s))")
+
+
+if __name__ == "__main__":
+    main()

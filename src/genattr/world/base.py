@@ -1,0 +1,510 @@
+"""The miniature world's base text-to-image model, trained here from scratch on CPU.
+
+A pixel-space diffusers `UNet2DConditionModel` with cross-attention, conditioned on a small
+`CLIPTextModel` (built from a config) through the world's word-level CLIP tokenizer. It is
+wrapped as a `StableDiffusionPipeline` whose VAE is the identity (`IdentityVAE`, scale factor
+1, scaling factor 1, `genattr.world.vae`), so everything that works on Stable Diffusion,
+`genattr.customize` included, works on it unchanged.
+
+Training is resumable: a checkpoint (weights, EMA, optimizer, step, every random state) is
+written every `checkpoint_seconds` (and every `checkpoint_every` steps if set) into
+`checkpoints/step-NNNNNNN/`, atomically; a run restarts from the newest complete one, so a
+killed run loses at most one interval, and the resumed run is the same, step for step, as one
+that was never stopped. Each checkpoint gets a sample grid (`grid.png`) from the EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from genattr.atomic import atomic_path
+from genattr.errors import GenattrError
+
+if TYPE_CHECKING:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+BASE_FORMAT_VERSION = 1
+STATE_NAME = "state.pt"
+CONFIG_NAME = "world_base.json"
+
+
+@dataclass
+class BaseConfig:
+    """Model and training settings of the world's base model (defaults: the committed run)."""
+
+    size: int = 32
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 32
+    attention_levels: int = 1
+    text_dim: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_length: int = 24
+    batch_size: int = 32
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1  # empty prompt, so classifier-free guidance works
+    hflip: bool = True
+    seed: int = 0
+    grid_size: int = 16
+    grid_steps: int = 20
+    grid_guidance: float = 3.0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> BaseConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise GenattrError(f"unknown base-model option(s) {unknown}")
+        v = dict(values)
+        if "block_out_channels" in v:
+            v["block_out_channels"] = tuple(v["block_out_channels"])
+        return cls(**v)
+
+
+def build_models(cfg: BaseConfig, tokenizer: Any) -> tuple[Any, Any]:
+    """A fresh (seeded) UNet and text encoder for this config and tokenizer."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed)
+    # Attention (self and cross) only at the lowest `attention_levels` resolutions: on a CPU,
+    # attention over 16x16 or 32x32 positions costs more than all the convolutions.
+    n = len(cfg.block_out_channels)
+    k = max(1, min(cfg.attention_levels, n))
+    down = ("DownBlock2D",) * (n - k) + ("CrossAttnDownBlock2D",) * k
+    up = ("CrossAttnUpBlock2D",) * k + ("UpBlock2D",) * (n - k)
+    unet = UNet2DConditionModel(
+        sample_size=cfg.size,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=cfg.layers_per_block,
+        block_out_channels=cfg.block_out_channels,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=cfg.text_dim,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=min(32, cfg.block_out_channels[0] // 2),
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_dim,
+            intermediate_size=cfg.text_dim * 2,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    return unet, text_encoder
+
+
+def make_scheduler() -> Any:
+    """DDIM over the linear DDPM schedule (pixel space). No x0 clipping: StableDiffusionPipeline
+    turns `clip_sample` off anyway (with a deprecation warning)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def make_pipeline(unet: Any, text_encoder: Any, tokenizer: Any) -> StableDiffusionPipeline:
+    """The world model as a Stable Diffusion pipeline (identity VAE, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    from genattr.world.vae import IdentityVAE
+
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=IdentityVAE(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_world_pipeline(path: str | os.PathLike) -> StableDiffusionPipeline:
+    """A saved world pipeline (what `genattr.customize` also loads, via `from_pretrained`)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(path), safety_checker=None, requires_safety_checker=False
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# -- training ------------------------------------------------------------------------------
+@dataclass
+class TrainReport:
+    step: int
+    resumed_from: int | None
+    seconds: float
+    steps_per_second: float
+    losses: list[float] = field(default_factory=list)
+    checkpoints: list[Path] = field(default_factory=list)
+
+
+def list_checkpoints(out: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    d = Path(out) / "checkpoints"
+    if not d.is_dir():
+        return []
+    return sorted(p for p in d.glob("step-*") if (p / STATE_NAME).is_file() and p.is_dir())
+
+
+def _lr_at(cfg: BaseConfig, step: int) -> float:
+    # Constant after warm-up, so a run can be extended by any number of steps and resumed.
+    return cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+class BaseTrainer:
+    """One training run in `out`: builds or resumes the state, trains, checkpoints."""
+
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        images: np.ndarray,
+        captions: Sequence[str],
+        config: BaseConfig | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        import torch
+        import transformers
+
+        from genattr.world.tokenizer import build_tokenizer
+
+        transformers.logging.set_verbosity_error()
+        self.out = Path(out)
+        self.images = images
+        self.captions = list(captions)
+        if len(self.images) != len(self.captions) or not len(self.captions):
+            raise GenattrError("need one caption per image, and at least one image")
+        saved = self.out / CONFIG_NAME
+        if saved.is_file():
+            old = BaseConfig.from_dict(json.loads(saved.read_text())["config"])
+            if config is not None and asdict(config) != asdict(old):
+                raise GenattrError(f"{self.out} was started with another config: {asdict(old)}")
+            config = old
+        self.cfg = config or BaseConfig()
+        tok_dir = self.out / "tokenizer"
+        if tokenizer is None:
+            if tok_dir.is_dir():
+                from transformers import CLIPTokenizer
+
+                tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
+            else:
+                tokenizer = build_tokenizer(self.captions, self.cfg.max_length)
+        self.tokenizer = tokenizer
+        self.unet, self.text_encoder = build_models(self.cfg, tokenizer)
+        self.ema = {k: v.detach().clone() for k, v in self._named_params()}
+        self.opt = torch.optim.AdamW(
+            [p for _, p in self._named_params()],
+            lr=self.cfg.learning_rate,
+            weight_decay=self.cfg.weight_decay,
+        )
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.step = 0
+        self.losses: list[float] = []
+        self.noise = make_scheduler()
+        # Token ids of every caption and of the empty prompt, once.
+        self.ids = self._tokenize(self.captions)
+        self.empty_ids = self._tokenize([""])[0]
+        if not saved.is_file():
+            self.out.mkdir(parents=True, exist_ok=True)
+            tokenizer.save_pretrained(str(tok_dir))
+            with atomic_path(saved) as tmp:
+                tmp.write_text(
+                    json.dumps(
+                        {
+                            "kind": "genattr.world.base",
+                            "format_version": BASE_FORMAT_VERSION,
+                            "config": asdict(self.cfg),
+                            "images": len(self.captions),
+                        },
+                        indent=1,
+                    )
+                )
+
+    def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(
+            list(texts),
+            padding="max_length",
+            max_length=self.cfg.max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+
+    def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(f"unet.{k}", v) for k, v in self.unet.named_parameters()] + [
+            (f"text_encoder.{k}", v) for k, v in self.text_encoder.named_parameters()
+        ]
+
+    # -- state ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format_version": BASE_FORMAT_VERSION,
+            "step": self.step,
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema": self.ema,
+            "optimizer": self.opt.state_dict(),
+            "numpy_rng": self.rng.bit_generator.state,
+            "torch_gen": self.gen.get_state(),
+            "losses": self.losses,
+        }
+
+    def load_state(self, path: Path) -> None:
+        import torch
+
+        st = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
+        self.unet.load_state_dict(st["unet"])
+        self.text_encoder.load_state_dict(st["text_encoder"])
+        self.ema = st["ema"]
+        self.opt.load_state_dict(st["optimizer"])
+        self.rng.bit_generator.state = st["numpy_rng"]
+        self.gen.set_state(st["torch_gen"])
+        self.step = int(st["step"])
+        self.losses = list(st["losses"])
+
+    def resume(self) -> int | None:
+        """Load the newest complete checkpoint; its step, or None for a fresh run."""
+        ckpts = list_checkpoints(self.out)
+        if not ckpts:
+            return None
+        self.load_state(ckpts[-1])
+        return self.step
+
+    def checkpoint(self, keep: int = 2, grid: bool = True) -> Path:
+        """Write the state (atomically: a temporary folder renamed into place) and a grid."""
+        import torch
+
+        final = self.out / "checkpoints" / f"step-{self.step:07d}"
+        tmp = self.out / "checkpoints" / f".tmp-step-{self.step:07d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        torch.save(self.state(), tmp / STATE_NAME)
+        if grid:
+            self.sample_grid().save(tmp / "grid.png")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in list_checkpoints(self.out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    # -- training ------------------------------------------------------------------------
+    def train_step(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        cfg = self.cfg
+        idx = self.rng.integers(0, len(self.images), cfg.batch_size)
+        x = self.images[idx].astype(np.float32) / 127.5 - 1.0
+        if cfg.hflip:
+            flip = self.rng.random(cfg.batch_size) < 0.5
+            x[flip] = x[flip, :, ::-1]
+        drop = self.rng.random(cfg.batch_size) < cfg.caption_dropout
+        ids = self.ids[idx].clone()
+        ids[torch.from_numpy(drop)] = self.empty_ids
+        x0 = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
+        noise = torch.randn(x0.shape, generator=self.gen)
+        t = torch.randint(0, 1000, (cfg.batch_size,), generator=self.gen)
+        noisy = self.noise.add_noise(x0, noise, t)
+        for g in self.opt.param_groups:
+            g["lr"] = _lr_at(cfg, self.step)
+        self.unet.train()
+        self.text_encoder.train()
+        cond = self.text_encoder(ids)[0]
+        pred = self.unet(noisy, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in self._named_params()], 1.0)
+        self.opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            for k, p in self._named_params():
+                self.ema[k].mul_(d).add_(p.detach(), alpha=1 - d)
+        self.step += 1
+        value = float(loss.detach())
+        self.losses.append(value)
+        return value
+
+    def train(
+        self,
+        steps: int,
+        checkpoint_seconds: float = 300.0,
+        checkpoint_every: int | None = None,
+        max_seconds: float | None = None,
+        grid: bool = True,
+        log: Callable[[str], None] | None = None,
+    ) -> TrainReport:
+        """Train until `steps` (total, counting resumed ones) or `max_seconds`; checkpoint on
+        the interval and at the end."""
+        resumed = self.resume()
+        if log and resumed is not None:
+            log(f"resumed from step {resumed}")
+        start_step = self.step
+        t0 = last = time.perf_counter()
+        written: list[Path] = []
+        while self.step < steps:
+            loss = self.train_step()
+            now = time.perf_counter()
+            due = (checkpoint_every and self.step % checkpoint_every == 0) or (
+                now - last >= checkpoint_seconds
+            )
+            if max_seconds is not None and now - t0 >= max_seconds:
+                break
+            if due and self.step < steps:
+                written.append(self.checkpoint(grid=grid))
+                last = time.perf_counter()
+                if log:
+                    rate = (self.step - start_step) / (last - t0)
+                    log(f"step {self.step} loss {loss:.4f} ({rate:.2f} steps/s) -> {written[-1]}")
+        seconds = time.perf_counter() - t0
+        if not written or written[-1].name != f"step-{self.step:07d}":
+            written.append(self.checkpoint(grid=grid))
+        rate = (self.step - start_step) / seconds if seconds > 0 else 0.0
+        return TrainReport(self.step, resumed, seconds, rate, self.losses, written)
+
+    # -- the model -----------------------------------------------------------------------
+    def pipeline(self, ema: bool = True) -> StableDiffusionPipeline:
+        """The current model (EMA weights by default) as a pipeline; copies, so training goes
+        on unaffected."""
+        import copy
+
+        unet, te = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
+        if ema:
+            unet.load_state_dict(
+                {k[5:]: v for k, v in self.ema.items() if k.startswith("unet.")}, strict=False
+            )
+            te.load_state_dict(
+                {k[13:]: v for k, v in self.ema.items() if k.startswith("text_encoder.")},
+                strict=False,
+            )
+        unet.eval()
+        te.eval()
+        return make_pipeline(unet, te, self.tokenizer)
+
+    def sample_grid(self, prompts: Sequence[str] | None = None) -> Any:
+        """A grid of EMA samples for fixed captions (the same ones at every checkpoint)."""
+        n = self.cfg.grid_size
+        if prompts is None:
+            pick = np.random.default_rng(1234).permutation(len(self.captions))[:n]
+            prompts = [self.captions[i] for i in pick]
+        images = sample(self.pipeline(), prompts, self.cfg.grid_steps, self.cfg.grid_guidance)
+        return image_grid(images, cols=8)
+
+    def save_pipeline(self, path: str | os.PathLike) -> Path:
+        """The EMA model as a `from_pretrained`-loadable pipeline folder."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.pipeline().save_pretrained(str(tmp), safe_serialization=True)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return path
+
+
+def sample(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    steps: int = 25,
+    guidance: float = 3.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """uint8 (N, H, W, 3) samples, one per prompt, each with its own seeded generator."""
+    import torch
+
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+    with torch.inference_mode():
+        out = pipe(
+            list(prompts),
+            generator=gens,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            output_type="np",
+        ).images
+    return (np.clip(out, 0, 1) * 255).round().astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> Any:
+    """A PIL grid of uint8 images (upscaled `scale` times, nearest, to keep pixels honest)."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = -(-n // cols)
+    grid = np.full((rows * (h + 2), cols * (w + 2), 3), 128, np.uint8)
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = im
+    pil = Image.fromarray(grid)
+    return pil.resize((pil.width * scale, pil.height * scale), Image.Resampling.NEAREST)
+
+
+def train_base(
+    out: str | os.PathLike,
+    data_dir: str | os.PathLike | None = None,
+    steps: int = 20000,
+    config: BaseConfig | None = None,
+    checkpoint_seconds: float = 300.0,
+    max_seconds: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> TrainReport:
+    """Train (or resume) the world's base model on the pretrain split; then write the EMA
+    pipeline to `out/pipeline`."""
+    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+
+    data = load_data(data_dir or DEFAULT_DATA_DIR, size=(config or BaseConfig()).size)
+    idx = data.indices("pretrain")
+    trainer = BaseTrainer(out, data.images[idx], data.captions(idx), config)
+    report = trainer.train(steps, checkpoint_seconds, max_seconds=max_seconds, log=log)
+    trainer.save_pipeline(Path(out) / "pipeline")
+    return report
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    """`python -m genattr.world.base OUT NPZ STEPS EVERY`: a run on a small npz (tests)."""
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    out, npz, steps, every = args[0], args[1], int(args[2]), int(args[3])
+    cfg = BaseConfig.from_dict(json.loads(args[4])) if len(args) > 4 else None
+    with np.load(npz) as z:
+        images, captions = z["images"], [str(c) for c in z["captions"]]
+    trainer = BaseTrainer(out, images, captions, cfg)
+    trainer.train(steps, checkpoint_seconds=1e9, checkpoint_every=every, grid=False)
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,367 @@
+"""The miniature world's images: Debian's `openclipart-png` (public domain) rendered small.
+
+Built once from the package (`genattr world build-data`) and shipped in the repository
+(`genattr/world/data/`), so machines without Debian run the same world. Every image is
+composited on white, padded to a square and resized; captions come from the folders and the
+file name; the artist is parsed from the file name. Identical files (the package has links and
+copies) and identical renderings are kept once. The exemplars of the AbC benchmark (single
+images for objects, all images of an artist for styles) are held out of pre-training here, at
+build time, with a fixed seed: the `split` column records it.
+
+File names in the package look like `light_bulb_karl_bartel_01.png`: title, artist, number,
+with the stem cut at 24 characters (`canguro_architetto_franc_01.png`). The artist is the last
+two words of the stem; a cut name is mapped to the longest artist name it is a prefix of.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genattr.atomic import atomic_path
+from genattr.errors import GenattrError
+
+DATA_FORMAT_VERSION = 1
+PACKAGE_ROOT = Path("usr/share/openclipart/png")
+DEFAULT_DATA_DIR = Path(__file__).parent / "data"
+IMAGES_NAME = "clipart{size}.npz"
+META_NAME = "clipart{size}.json"
+PARSER_VERSION = 2  # bump when names, captions or the hold-out change
+STEM_CUT = 24  # the package's file stems are cut at this many characters
+_NUMBERED = re.compile(r"^(?P<stem>.+)_(?P<num>\d{2})$")
+SPLITS = ("pretrain", "object-exemplar", "style-exemplar", "unused")
+
+
+@dataclass(frozen=True)
+class NameParts:
+    """What one file's path says: title words, category folders, number, artist tail."""
+
+    title: str  # without the tail: the title if the tail is an artist
+    full_title: str  # with the tail: the title if it is not
+    categories: tuple[str, ...]
+    tail: str | None  # the last two words of a numbered stem: a (possibly cut) artist name
+    cut: bool  # the stem has the package's maximum length, so the tail may be cut
+
+
+def split_name(relpath: str) -> NameParts:
+    """Title, categories and artist tail of a package path such as
+    `animals/birds/parrot_gerald_g._01.png` (folders below `png/`)."""
+    parts = Path(relpath).parts
+    categories = tuple(p.lower().replace("_", " ") for p in parts[:-1])
+    stem = Path(parts[-1]).stem
+    m = _NUMBERED.match(stem)
+    tail = None
+    cut = False
+    title_stem = full_stem = stem
+    if m:
+        words = m["stem"].split("_")
+        cut = len(m["stem"]) >= STEM_CUT
+        if len(words) >= 3 and all(re.match(r"[a-z]", w) for w in words[-2:-1]):
+            tail = "_".join(words[-2:])
+            title_stem = "_".join(words[:-2])
+        else:
+            title_stem = m["stem"]
+        full_stem = m["stem"]
+    return NameParts(_title(title_stem), _title(full_stem), categories, tail, cut)
+
+
+def _title(stem: str) -> str:
+    words = re.split(r"[_\-\s]+", stem.lower())
+    words = [re.sub(r"[^a-z]", "", w) for w in words]
+    words = [w for w in words if len(w) > 1 or w == "a"]
+    while words and words[0] in ("a", "an", "the"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def resolve_artists(names: Iterable[NameParts]) -> list[str | None]:
+    """Artist of each name. A tail seen in two or more files is an artist; a cut tail is the
+    longest such artist it is a prefix of (same first word). Tails seen once are taken for
+    part of the title ('a_simple_pig_01')."""
+    names = list(names)
+    counts = Counter(n.tail for n in names if n.tail)
+    known = {n.tail for n in names if n.tail and counts[n.tail] >= 2}
+    known = {t for t in known if not t.endswith("_")}
+    by_first: dict[str, list[str]] = defaultdict(list)
+    for t in known:
+        by_first[t.split("_")[0]].append(t)
+    out: list[str | None] = []
+    for n in names:
+        if not n.tail:
+            out.append(None)
+            continue
+        first = n.tail.split("_")[0]
+        if n.cut:
+            longer = [t for t in by_first.get(first, []) if t.startswith(n.tail)]
+            if longer:
+                out.append(max(longer, key=lambda t: (len(t), counts[t])))
+                continue
+        out.append(n.tail if n.tail in known else None)
+    return out
+
+
+def article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
+def caption(title: str, categories: tuple[str, ...]) -> str:
+    """'a clipart of a parrot, animals, birds': the title, then the folders, general first."""
+    subject = title or (categories[-1] if categories else "thing")
+    cats = [c for c in categories if c and c != "unsorted"]
+    text = f"a clipart of {article(subject)} {subject}"
+    return ", ".join([text, *cats])
+
+
+def render(data: bytes, size: int) -> np.ndarray:
+    """A PNG as uint8 (size, size, 3): alpha composited on white, padded to a square on white,
+    resized with an antialiasing filter (thin clip-art lines survive as grey)."""
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():  # a few package PNGs are huge (168 Mpx) but genuine
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(data))
+    with im:
+        im.load()
+        rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    rgb = Image.alpha_composite(white, rgba).convert("RGB")
+    w, h = rgb.size
+    s = max(w, h)
+    canvas = Image.new("RGB", (s, s), (255, 255, 255))
+    canvas.paste(rgb, ((s - w) // 2, (s - h) // 2))
+    return np.asarray(canvas.resize((size, size), Image.Resampling.LANCZOS), dtype=np.uint8)
+
+
+@dataclass
+class ClipartData:
+    """The shipped world data: images (N, S, S, 3) uint8 and one record per image."""
+
+    images: np.ndarray
+    records: list[dict[str, Any]]
+    info: dict[str, Any]
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.array([i for i, r in enumerate(self.records) if r["split"] == split], int)
+
+    def captions(self, idx: Iterable[int] | None = None) -> list[str]:
+        idx = range(len(self.records)) if idx is None else idx
+        return [self.records[i]["caption"] for i in idx]
+
+    def models(self) -> dict[str, list[int]]:
+        """Held-out model id -> indices of its exemplars (one for objects, all for a style)."""
+        out: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(self.records):
+            if r["model_id"]:
+                out[r["model_id"]].append(i)
+        return dict(out)
+
+
+def choose_holdout(
+    records: list[dict[str, Any]],
+    seed: int = 0,
+    n_objects: int = 64,
+    n_styles: int = 24,
+    min_category: int = 20,
+    max_category: int = 150,
+    style_sizes: tuple[int, int] = (5, 40),
+) -> None:
+    """Fill `split` and `model_id` in place. Styles first (every image of the artist, wherever it
+    sits), then single object images spread over the curated categories; the rest of the curated
+    categories (folders with `min_category`+ images, at most `max_category` of each so that
+    thousands of generated stars and icons do not swamp the rest) is pre-training, other images
+    unused. A style needs `style_sizes` images in two or more folders: a two-word tail seen in
+    one folder only is more often part of a title ('map_elements') than an artist."""
+    rng = np.random.default_rng(seed)
+    by_artist: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        if r["artist"]:
+            by_artist[r["artist"]].append(i)
+    eligible = sorted(
+        a
+        for a, ix in by_artist.items()
+        if style_sizes[0] <= len(ix) <= style_sizes[1]
+        and len({records[i]["folder"] for i in ix}) >= 2
+    )
+    chosen = [eligible[i] for i in sorted(rng.permutation(len(eligible))[:n_styles])]
+    for r in records:
+        r["split"], r["model_id"] = "unused", None
+    for k, a in enumerate(chosen):
+        for i in by_artist[a]:
+            records[i]["split"], records[i]["model_id"] = "style-exemplar", f"style-{k:03d}"
+    leaf_count = Counter(r["folder"] for r in records if r["split"] == "unused")
+    curated = {f for f, c in leaf_count.items() if c >= min_category}
+    pools: dict[str, list[int]] = {
+        f: [i for i, r in enumerate(records) if r["folder"] == f and r["split"] == "unused"]
+        for f in sorted(curated)
+    }
+    for f in pools:
+        pools[f] = [pools[f][j] for j in rng.permutation(len(pools[f]))]
+    k = 0
+    while k < n_objects and any(pools.values()):
+        for f in sorted(pools):
+            if k >= n_objects or len(pools[f]) <= min_category // 2:
+                continue
+            i = pools[f].pop()
+            records[i]["split"], records[i]["model_id"] = "object-exemplar", f"object-{k:03d}"
+            k += 1
+        if all(len(p) <= min_category // 2 for p in pools.values()):
+            break
+    for ix in pools.values():
+        for i in ix[:max_category]:
+            records[i]["split"] = "pretrain"
+
+
+def find_package_root(source: str | os.PathLike) -> Path:
+    """The `png/` folder of an extracted package (`dpkg-deb -x openclipart-png*.deb DIR`)."""
+    src = Path(source)
+    for cand in (src / PACKAGE_ROOT, src / "png", src):
+        if cand.is_dir() and any(cand.rglob("*.png")):
+            return cand
+    raise GenattrError(
+        f"{src}: no openclipart PNGs found; run `apt-get download openclipart-png && "
+        "dpkg-deb -x openclipart-png_*.deb DIR` and pass DIR"
+    )
+
+
+def render_package(
+    root: Path, size: int, log: Callable[[str], None] | None = None
+) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
+    """Every distinct image of the package rendered at `size`, with its name-derived record."""
+    files = sorted(p for p in root.rglob("*.png") if p.is_file())
+    images: list[np.ndarray] = []
+    records: list[dict[str, Any]] = []
+    seen_files: set[str] = set()
+    seen_pixels: set[bytes] = set()
+    stats: dict[str, Any] = {"files": len(files), "duplicate_files": 0, "duplicate_renderings": 0}
+    skipped: list[dict[str, str]] = []
+    for n, p in enumerate(files):
+        rel = str(p.relative_to(root))
+        data = p.read_bytes()
+        digest = hashlib.sha1(data).hexdigest()
+        if digest in seen_files:
+            stats["duplicate_files"] += 1
+            continue
+        seen_files.add(digest)
+        try:
+            arr = render(data, size)
+        except Exception as e:  # unreadable files are recorded, not silently dropped
+            skipped.append({"source": rel, "error": f"{type(e).__name__}: {e}"})
+            continue
+        if arr.tobytes() in seen_pixels:
+            stats["duplicate_renderings"] += 1
+            continue
+        seen_pixels.add(arr.tobytes())
+        parts = split_name(rel)
+        images.append(arr)
+        records.append(
+            {
+                "source": rel,
+                "sha1": digest,
+                "categories": list(parts.categories),
+                "folder": "/".join(parts.categories),
+            }
+        )
+        if log and (n + 1) % 1000 == 0:
+            log(f"  {n + 1}/{len(files)} files")
+    stats["skipped"] = skipped
+    return np.stack(images), records, stats
+
+
+def build_data(
+    source: str | os.PathLike,
+    out: str | os.PathLike = DEFAULT_DATA_DIR,
+    size: int = 32,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Path:
+    """Render, caption, deduplicate and split the package into `out` (npz + json). Cached: the
+    renderings are kept in `cache_dir` (if given) keyed by the package listing and size, so a
+    new split does not re-render; `out` is left alone if it was built the same way."""
+    root = find_package_root(source)
+    out = Path(out)
+    files = sorted(p for p in root.rglob("*.png") if p.is_file())
+    listing = hashlib.sha256("\n".join(str(p.relative_to(root)) for p in files).encode())
+    key = {
+        "size": size,
+        "seed": seed,
+        "parser": PARSER_VERSION,
+        "listing_sha256": listing.hexdigest()[:16],
+    }
+    meta_path = out / META_NAME.format(size=size)
+    if meta_path.is_file() and (out / IMAGES_NAME.format(size=size)).is_file():
+        old = json.loads(meta_path.read_text())
+        if old.get("build") == key and old.get("format_version") == DATA_FORMAT_VERSION:
+            if log:
+                log(f"{meta_path}: up to date")
+            return out
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / f"render-{size}-{key['listing_sha256']}"
+    if cached is not None and (cached / "render.json").is_file():
+        with np.load(cached / "images.npy.npz") as z:
+            images = z["images"]
+        records, stats = json.loads((cached / "render.json").read_text())
+    else:
+        images, records, stats = render_package(root, size, log)
+        if cached is not None:
+            cached.mkdir(parents=True, exist_ok=True)
+            with atomic_path(cached / "images.npy.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, images=images)
+            with atomic_path(cached / "render.json") as tmp:
+                tmp.write_text(json.dumps([records, stats]))
+    parts = [split_name(r["source"]) for r in records]
+    for r, p, a in zip(records, parts, resolve_artists(parts), strict=True):
+        r["artist"] = a
+        r["title"] = p.title if a else p.full_title
+        r["caption"] = caption(r["title"], p.categories)
+    choose_holdout(records, seed=seed)
+    info = {
+        "kind": "genattr.world.clipart",
+        "format_version": DATA_FORMAT_VERSION,
+        "source": "Debian package openclipart-png (1:0.18+dfsg), public domain",
+        "licence": "public domain (Creative Commons Public Domain Dedication, see README.md)",
+        "build": key,
+        **stats,
+        "counts": dict(Counter(r["split"] for r in records)),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / IMAGES_NAME.format(size=size)) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, images=images)
+        os.chmod(tmp, 0o644)
+    with atomic_path(meta_path) as tmp:
+        tmp.write_text(json.dumps({**info, "records": records}, separators=(",", ":")))
+        os.chmod(tmp, 0o644)
+    if log:
+        log(f"{len(records)} images written to {out} ({info['counts']})")
+    return out
+
+
+def load_data(directory: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32) -> ClipartData:
+    """The shipped (or rebuilt) world data."""
+    d = Path(directory)
+    meta_path, img_path = d / META_NAME.format(size=size), d / IMAGES_NAME.format(size=size)
+    if not meta_path.is_file() or not img_path.is_file():
+        raise GenattrError(f"{d}: no world data at {size} px; run `genattr world build-data`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != DATA_FORMAT_VERSION:
+        raise GenattrError(f"{meta_path}: format_version {meta.get('format_version')} unknown")
+    with np.load(img_path) as z:
+        images = z["images"]
+    records = meta.pop("records")
+    if len(records) != len(images):
+        raise GenattrError(f"{d}: {len(images)} images but {len(records)} records")
+    return ClipartData(images, records, meta)
