@@ -152,17 +152,6 @@ def make_pipeline(unet: Any, text_encoder: Any, tokenizer: Any) -> StableDiffusi
     return pipe
 
 
-def load_world_pipeline(path: str | os.PathLike) -> StableDiffusionPipeline:
-    """A saved world pipeline (what `genattr.customize` also loads, via `from_pretrained`)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(path), safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 # -- training ------------------------------------------------------------------------------
 @dataclass
 class TrainReport:
