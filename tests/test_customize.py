@@ -27,12 +27,8 @@ RES = 32  # tiny pipeline: 32 px images, 16 px latents
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two shared cores: one thread each is faster than two threads fighting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")
