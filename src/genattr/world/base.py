@@ -51,8 +51,10 @@ class BaseConfig:
     text_layers: int = 2
     text_heads: int = 4
     max_length: int = 24
+    min_word_count: int = 3  # rarer caption words are spelt; keeps the embedding table small
+    channels_last: bool = True  # ~1.4x faster convolutions on CPU (oneDNN), same numbers
     batch_size: int = 32
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     warmup_steps: int = 200
     weight_decay: float = 0.0
     ema_decay: float = 0.999
@@ -212,9 +214,13 @@ class BaseTrainer:
 
                 tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
             else:
-                tokenizer = build_tokenizer(self.captions, self.cfg.max_length)
+                tokenizer = build_tokenizer(
+                    self.captions, self.cfg.max_length, self.cfg.min_word_count
+                )
         self.tokenizer = tokenizer
         self.unet, self.text_encoder = build_models(self.cfg, tokenizer)
+        if self.cfg.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         self.ema = {k: v.detach().clone() for k, v in self._named_params()}
         self.opt = torch.optim.AdamW(
             [p for _, p in self._named_params()],

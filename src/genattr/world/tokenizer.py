@@ -64,7 +64,8 @@ def make_tokenizer(vocab: dict[str, int], merges: list[str], max_length: int = 3
     return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=max_length)
 
 
-def build_tokenizer(captions: Iterable[str], max_length: int = 32) -> Any:
-    """The world's tokenizer for these captions."""
-    vocab, merges = word_vocab(captions)
+def build_tokenizer(captions: Iterable[str], max_length: int = 32, min_count: int = 1) -> Any:
+    """The world's tokenizer for the words used at least `min_count` times in `captions` (rarer
+    words are spelt from known endings and letters)."""
+    vocab, merges = word_vocab(captions, min_count)
     return make_tokenizer(vocab, merges, max_length)
