@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
 
 from genattr.calibrate import Calibrator, load_calibrator
 from genattr.errors import GenattrError
@@ -45,24 +46,21 @@ class Attribution:
 
 
 def load_query_image(path: str | os.PathLike):
-    """Open a generated image as RGB (alpha composited on white), or fail naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """Open a generated image as RGB (alpha composited on white), or fail naming the file.
 
+    The same decoding and decompression-bomb guard as extraction (`load_rgb`)."""
+    from genattr.data.images import ImageDecodeError, load_rgb
+
+    if not os.path.exists(path):
+        raise GenattrError(f"{path}: no such file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            if im.mode in ("RGBA", "LA", "P"):
-                rgba = im.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(white, rgba).convert("RGB")
-            return im.convert("RGB")
-    except FileNotFoundError:
-        raise GenattrError(f"{path}: no such file") from None
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+        return load_rgb(path)
+    except ImageDecodeError as e:
         raise GenattrError(f"{path}: cannot read as an image ({e})") from None
 
 
-def _backbone_for(index: AttributionIndex, weights: str | None, device: str):
+def backbone_for_index(index: AttributionIndex, weights: str | None, device: str):
+    """The backbone the gallery was embedded with (as the index records), checked by weights id."""
     from genattr.features import get_backbone
 
     recorded = index.meta.get("backbone")
@@ -80,13 +78,21 @@ def _backbone_for(index: AttributionIndex, weights: str | None, device: str):
     return backbone
 
 
-def embed_queries(images: Sequence[str | os.PathLike], backbone, head, batch_size: int = 16):
-    """Backbone features of the images through the synth head, normalised: (Q, D) numpy."""
+def embed_queries(
+    images: Sequence[str | os.PathLike | Image.Image], backbone, head, batch_size: int = 16
+):
+    """Backbone features of the images through the synth head, normalised: (Q, D) numpy.
+
+    Paths are opened here; RGB images already decoded (the web service's uploads) go as they
+    are."""
     synth = head.synth.eval() if head is not None else None
     out = []
     for start in range(0, len(images), batch_size):
         batch = np.stack(
-            [backbone.preprocess(load_query_image(p)) for p in images[start : start + batch_size]]
+            [
+                backbone.preprocess(im if isinstance(im, Image.Image) else load_query_image(im))
+                for im in images[start : start + batch_size]
+            ]
         )
         with torch.no_grad():
             out.append(embed(backbone.embed(torch.from_numpy(batch)), synth).numpy())
@@ -128,32 +134,46 @@ def attribute(
         index = AttributionIndex.load(index)
     if calibrator is not None and not isinstance(calibrator, Calibrator):
         calibrator = load_calibrator(calibrator)
-    backbone = backbone or _backbone_for(index, weights, device)
+    backbone = backbone or backbone_for_index(index, weights, device)
     queries = embed_queries(list(images), backbone, index.head())
-    gallery_ids, gallery_paths = index.metadata()
-    answers = []
-    for path, q in zip(images, queries, strict=True):
-        sims, ids, p, exact = _influence(index, q, calibrator, top_k)
-        results = [
-            AttributedImage(
-                rank=r + 1,
-                id=gallery_ids[i],
-                path=gallery_paths[i],
-                similarity=float(sims[r]),
-                influence=None if p is None else float(p[r]),
-            )
-            for r, i in enumerate(ids[:top_k])
-        ]
-        notes = []
-        remaining = None
-        if p is None:
-            notes.append("no calibrator: similarities only, no influence")
-        else:
-            remaining = float(max(0.0, 1.0 - p[:top_k].sum()))
-            if not exact:
-                notes.append("influence normalised over approximate (IVF) candidates: estimated")
-        answers.append(Attribution(str(path), results, remaining, exact and p is not None, notes))
-    return answers
+    gallery = index.metadata()
+    return [
+        attribution_of(str(path), q, index, calibrator, top_k, gallery)
+        for path, q in zip(images, queries, strict=True)
+    ]
+
+
+def attribution_of(
+    query: str,
+    vector: np.ndarray,
+    index: AttributionIndex,
+    calibrator: Calibrator | None,
+    top_k: int,
+    gallery: tuple[list[str], list[str]],
+) -> Attribution:
+    """One embedded query's answer; `gallery` is `index.metadata()`, read once by the caller
+    (the web service keeps it for its lifetime)."""
+    gallery_ids, gallery_paths = gallery
+    sims, ids, p, exact = _influence(index, vector, calibrator, top_k)
+    results = [
+        AttributedImage(
+            rank=r + 1,
+            id=gallery_ids[i],
+            path=gallery_paths[i],
+            similarity=float(sims[r]),
+            influence=None if p is None else float(p[r]),
+        )
+        for r, i in enumerate(ids[:top_k])
+    ]
+    notes = []
+    remaining = None
+    if p is None:
+        notes.append("no calibrator: similarities only, no influence")
+    else:
+        remaining = float(max(0.0, 1.0 - p[:top_k].sum()))
+        if not exact:
+            notes.append("influence normalised over approximate (IVF) candidates: estimated")
+    return Attribution(query, results, remaining, exact and p is not None, notes)
 
 
 def attributions_table(answers: Sequence[Attribution]):

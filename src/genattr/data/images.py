@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -31,6 +32,9 @@ IMAGE_EXTENSIONS = (
 )
 _ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 _WHITE = (255, 255, 255)
+# Pillow's pixel limit and the warning filters are process-wide: threads (the web service's)
+# decoding at once must not undo each other's settings.
+_PILLOW_GLOBALS = threading.Lock()
 
 
 class ImageDecodeError(Exception):
@@ -68,11 +72,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+def load_rgb(
+    source: str | os.PathLike | bytes,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    *,
+    min_side: int = 1,
+    max_side: int | None = None,
+) -> Image.Image:
     """Open a path or encoded bytes and return a fully decoded RGB PIL image.
 
     Raises ImageDecodeError("empty file" | "not an image: ..." | "decompression bomb: ..." |
-    "truncated or corrupt: ..." | ...) for anything that cannot be decoded.
+    "too small: ..." | "too large: ..." | "truncated or corrupt: ..." | ...) for anything that
+    cannot be decoded. Size limits are checked on the header, before any pixel is decoded.
     """
     try:
         if isinstance(source, bytes):
@@ -84,13 +95,17 @@ def load_rgb(source: str | os.PathLike | bytes, max_pixels: int | None = DEFAULT
         raise ImageDecodeError(f"cannot read: {e.strerror or e}") from None
     if not data:
         raise ImageDecodeError("empty file")
-    with warnings.catch_warnings():
+    with _PILLOW_GLOBALS, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         old_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = max_pixels
         try:
             image = Image.open(io.BytesIO(data))
             w, h = image.size
+            if min(w, h) < min_side:
+                raise ImageDecodeError(f"too small: {w}x{h} pixels (at least {min_side} a side)")
+            if max_side is not None and max(w, h) > max_side:
+                raise ImageDecodeError(f"too large: {w}x{h} pixels (at most {max_side} a side)")
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageDecodeError(
                     f"decompression bomb: {w}x{h} = {w * h} pixels > limit {max_pixels}"

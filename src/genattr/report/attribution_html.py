@@ -27,7 +27,7 @@ def _data_uri(path: str, side: int) -> str | None:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def _side(influence: float | None) -> int:
+def thumbnail_side(influence: float | None) -> int:
     if influence is None:
         return THUMB // 2
     return max(24, min(THUMB, int(1 + (THUMB - 1) * math.sqrt(influence / REFERENCE_SHARE))))
@@ -54,7 +54,7 @@ def render_attributions(answers: Sequence) -> str:
         )
         parts.append("<div><div class='grid'>")
         for r in a.results:
-            side = _side(r.influence)
+            side = thumbnail_side(r.influence)
             uri = _data_uri(r.path, side)
             share = "" if r.influence is None else f"{100 * r.influence:.2f} % · "
             size = f"max-width:{side}px;max-height:{side}px"

@@ -1,0 +1,379 @@
+"""The web service: upload a generated image, get the training images it leans on.
+
+Everything heavy (index, head, calibrator, backbone, gallery metadata) is loaded once when the
+app starts (its lifespan). Uploads are checked in the request (size) and in the worker thread
+(decoding, with the same `load_rgb` guard as extraction: decompression bombs and side limits
+are refused on the header, before pixels are decoded); every refusal is a 4xx with a JSON
+`{"detail": ...}` body and the service carries on. Requests that arrive together are embedded
+and searched as one batch in a worker thread (`MicroBatcher`), so the event loop never waits
+on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+from urllib.parse import quote
+
+from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from genattr.serve.batcher import MicroBatcher, QueueFull
+from genattr.serve.gallery import Gallery
+
+if TYPE_CHECKING:
+    from genattr.attribution import Attribution
+
+MULTIPART_SLACK = 64 * 1024  # form framing and the top_k field around the image itself
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What an upload may be. Sizes are checked on the image header, before decoding."""
+
+    max_upload_bytes: int = 20 * 2**20
+    min_side: int = 16
+    max_side: int = 16384
+    max_pixels: int | None = None  # None: Pillow's decompression-bomb limit (~89.5 M pixels)
+    default_top_k: int = 20
+    max_top_k: int = 100
+
+
+class TrainingImage(BaseModel):
+    rank: int = Field(description="1 for the most similar training image")
+    id: str = Field(description="gallery id; its thumbnail is GET /images/{id}")
+    path: str = Field(description="where the index says the training image came from")
+    caption: str | None = Field(description="the image's caption, where the gallery has one")
+    similarity: float = Field(description="cosine similarity in the (head-mapped) feature space")
+    influence: float | None = Field(
+        description="percent of the generated image's influence (over the whole gallery); "
+        "null without a calibrator"
+    )
+    thumbnail: str = Field(description="URL of the thumbnail")
+    display_side: int = Field(
+        description="suggested display size in px: side ~ sqrt(influence), as the HTML report"
+    )
+
+
+class AttributeResponse(BaseModel):
+    query: str = Field(description="the uploaded file's name")
+    width: int
+    height: int
+    top_k: int
+    results: list[TrainingImage]
+    remaining: float | None = Field(
+        description="percent of influence outside the top K; null without a calibrator"
+    )
+    estimated: bool = Field(
+        description="true when the index is approximate (IVF): candidates, and so the "
+        "normalisation of influence, are estimates"
+    )
+    calibrated: bool
+    notes: list[str]
+
+
+class Health(BaseModel):
+    status: str
+    images: int
+    backbone: str
+    index_kind: str
+    calibrated: bool
+    batches: int
+    requests: int
+
+
+@dataclass
+class Upload:
+    data: bytes
+    name: str
+    top_k: int
+
+
+@dataclass
+class Answer:
+    width: int
+    height: int
+    attribution: Attribution | None = None  # filled in once the batch is embedded
+
+
+class UploadRefused(Exception):
+    """An upload that is not a usable image; the message says why (HTTP 422)."""
+
+
+class Service:
+    """What the app loads once: index, calibrator, backbone and head, gallery, batcher."""
+
+    def __init__(
+        self,
+        index_path: str | os.PathLike,
+        calibrator_path: str | os.PathLike | None,
+        limits: Limits,
+        weights: str | None = None,
+        device: str = "cpu",
+        max_batch: int = 16,
+        max_wait: float = 0.005,
+    ) -> None:
+        from genattr.attribution import backbone_for_index
+        from genattr.calibrate import load_calibrator
+        from genattr.search.index import AttributionIndex
+
+        self.limits = limits
+        self.index = AttributionIndex.load(index_path)
+        self.calibrator = None if calibrator_path is None else load_calibrator(calibrator_path)
+        self.backbone = backbone_for_index(self.index, weights, device)
+        self.backbone.model.eval()
+        self.head = self.index.head()
+        self.metadata = self.index.metadata()
+        self.gallery = Gallery(*self.metadata)
+        self.max_top_k = min(limits.max_top_k, self.index.count)
+        self.batcher: MicroBatcher[Upload, Answer] = MicroBatcher(
+            self.attribute_batch, max_batch, max_wait
+        )
+
+    def attribute_batch(self, uploads: Sequence[Upload]) -> list[Answer | Exception]:
+        """Decode, embed and search a batch (runs in the worker thread)."""
+        from genattr.attribution import attribution_of, embed_queries
+        from genattr.data.images import ImageDecodeError, load_rgb
+
+        lim = self.limits
+        out: list[Answer | Exception] = []
+        images, slots = [], []
+        for k, up in enumerate(uploads):
+            try:
+                image = load_rgb(
+                    up.data, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side
+                )
+            except ImageDecodeError as e:
+                out.append(UploadRefused(f"{up.name}: not a usable image: {e}"))
+                continue
+            out.append(Answer(*image.size))
+            images.append(image)
+            slots.append(k)
+        if images:
+            vectors = embed_queries(images, self.backbone, self.head)
+            for k, vector in zip(slots, vectors, strict=True):
+                up = uploads[k]
+                out[k].attribution = attribution_of(
+                    up.name, vector, self.index, self.calibrator, up.top_k, self.metadata
+                )
+        return out
+
+    def response(self, answer: Answer, top_k: int) -> AttributeResponse:
+        from genattr.report.attribution_html import thumbnail_side
+
+        a = answer.attribution
+        results = [
+            TrainingImage(
+                rank=r.rank,
+                id=r.id,
+                path=r.path,
+                caption=self.gallery.caption(self.gallery.row(r.id)),
+                similarity=r.similarity,
+                influence=_percent(r.influence),
+                thumbnail="/images/" + quote(r.id, safe=""),
+                display_side=thumbnail_side(r.influence),
+            )
+            for r in a.results
+        ]
+        return AttributeResponse(
+            query=a.query,
+            width=answer.width,
+            height=answer.height,
+            top_k=top_k,
+            results=results,
+            remaining=_percent(a.remaining_influence),
+            estimated=not self.index.spec.exact,
+            calibrated=self.calibrator is not None,
+            notes=a.notes,
+        )
+
+
+def _percent(share: float | None) -> float | None:
+    return None if share is None else 100.0 * share
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, whether they announce their length
+    (refused before reading) or stream it (refused when the count passes the limit), so an
+    oversized upload is never spooled to disk whole."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            await _too_large(self.max_bytes)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, _too_large_text(self.max_bytes))
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large_text(max_bytes: int) -> str:
+    return f"upload too large: the limit is {max_bytes:,} bytes"
+
+
+def _too_large(max_bytes: int) -> JSONResponse:
+    return JSONResponse({"detail": _too_large_text(max_bytes)}, status_code=413)
+
+
+def _package_text(name: str) -> str:
+    return resources.files("genattr.serve").joinpath(name).read_text(encoding="utf-8")
+
+
+def create_app(
+    index_path: str | os.PathLike,
+    calibrator_path: str | os.PathLike | None = None,
+    *,
+    limits: Limits | None = None,
+    weights: str | None = None,
+    device: str = "cpu",
+    max_batch: int = 16,
+    max_wait: float = 0.005,
+) -> FastAPI:
+    """The service over one index. Nothing is loaded until the app starts (lifespan): the
+    `genattr serve` command, uvicorn or a TestClient used as a context manager start it."""
+    limits = limits or Limits()
+    page = _package_text("page.html")
+    script = _package_text("page.js")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service = Service(
+            index_path, calibrator_path, limits, weights, device, max_batch, max_wait
+        )
+        app.state.service = service
+        await service.batcher.start()
+        try:
+            yield
+        finally:
+            await service.batcher.stop()
+
+    app = FastAPI(
+        title="genattr",
+        summary="Which training images made this generated image, and how much?",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes + MULTIPART_SLACK)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)
+
+    def service(request: Request) -> Service:
+        return request.app.state.service
+
+    @app.post(
+        "/attribute",
+        response_model=AttributeResponse,
+        responses={
+            413: {"description": "upload over the size limit"},
+            422: {"description": "not a usable image, or top_k out of range"},
+            503: {"description": "too many requests waiting"},
+        },
+    )
+    async def attribute(
+        request: Request,
+        image: Annotated[UploadFile, File(description="the generated image")],
+        top_k: Annotated[int | None, Form(description="training images to list")] = None,
+        top_k_query: Annotated[
+            int | None, Query(alias="top_k", description="or as a query parameter")
+        ] = None,
+    ) -> AttributeResponse:
+        """The generated image's top-K training images with similarity and influence."""
+        svc = service(request)
+        k = top_k if top_k is not None else top_k_query
+        k = min(limits.default_top_k, svc.max_top_k) if k is None else k
+        if not 1 <= k <= svc.max_top_k:
+            raise HTTPException(422, f"top_k must be between 1 and {svc.max_top_k}, got {k}")
+        data = await image.read(limits.max_upload_bytes + 1)
+        if len(data) > limits.max_upload_bytes:
+            raise HTTPException(413, _too_large_text(limits.max_upload_bytes))
+        try:
+            answer = await svc.batcher.submit(Upload(data, image.filename or "upload", k))
+        except UploadRefused as e:
+            raise HTTPException(422, str(e)) from None
+        except QueueFull as e:
+            raise HTTPException(503, f"busy: {e}; retry shortly") from None
+        return svc.response(answer, k)
+
+    @app.get("/images/{image_id:path}", responses={404: {"description": "unknown id"}})
+    def image(request: Request, image_id: str) -> Response:
+        """A gallery image's thumbnail, found by its id in the index (never by a path)."""
+        gallery = service(request).gallery
+        row = gallery.row(image_id)
+        if row is None:
+            raise HTTPException(404, "no gallery image with this id")
+        thumb = gallery.thumbnail(row)
+        if thumb is None:
+            raise HTTPException(404, "this gallery image has no readable file")
+        return Response(
+            thumb.data, media_type=thumb.media_type, headers={"Cache-Control": "max-age=3600"}
+        )
+
+    @app.get("/healthz")
+    def healthz(request: Request) -> Health:
+        """Liveness and what is loaded."""
+        svc = service(request)
+        return Health(
+            status="ok",
+            images=svc.index.count,
+            backbone=svc.backbone.name,
+            index_kind=svc.index.spec.kind,
+            calibrated=svc.calibrator is not None,
+            batches=svc.batcher.batches,
+            requests=svc.batcher.items,
+        )
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home(request: Request) -> HTMLResponse:
+        svc = service(request)
+        settings = {
+            "defaultTopK": min(limits.default_top_k, svc.max_top_k),
+            "maxTopK": svc.max_top_k,
+            "maxUploadBytes": limits.max_upload_bytes,
+        }
+        return HTMLResponse(page.replace("{{SETTINGS}}", json.dumps(settings)))
+
+    @app.get("/page.js", include_in_schema=False)
+    def page_js() -> Response:
+        return Response(script, media_type="text/javascript")
+
+    return app
+
+
+def serve(
+    index_path: str | os.PathLike | None = None,
+    calibrator_path: str | os.PathLike | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    **kwargs,
+) -> None:
+    """`genattr serve`: run the app with uvicorn (the world's index when none is given)."""
+    import uvicorn
+
+    if index_path is None:
+        from genattr.serve.world_index import default_world_index
+
+        index_path = default_world_index()
+    uvicorn.run(create_app(Path(index_path), calibrator_path, **kwargs), host=host, port=port)

