@@ -422,6 +422,39 @@ def attribute(
         console.print(f"{len(answers)} attribution(s) written to {out}")
 
 
+@app.command()
+@_friendly_errors
+def serve(
+    index: Annotated[
+        Path | None,
+        typer.Option(help="Index directory (default: the miniature world's, built once)."),
+    ] = None,
+    calibrator: Annotated[
+        Path | None, typer.Option(help="calibrator.json or the authors' calibrator .pth.")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (MB).")] = 20.0,
+    top_k: Annotated[int, typer.Option(help="Training images listed by default.")] = 20,
+    max_top_k: Annotated[int, typer.Option(help="Largest top_k a request may ask.")] = 100,
+    threads: Annotated[int | None, typer.Option(help="Torch threads for the model.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Backbone weights, if not found.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Serve attribution on the web: a page at / and a JSON API (docs at /docs)."""
+    from genattr.serve.app import Limits
+    from genattr.serve.app import serve as run
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    limits = Limits(
+        max_upload_bytes=int(max_upload_mb * 2**20), default_top_k=top_k, max_top_k=max_top_k
+    )
+    run(index, calibrator, host, port, limits, weights, device)
+
+
 head_app = typer.Typer(
     help="Move heads between genattr and the authors' .pth format.", no_args_is_help=True
 )

@@ -17,7 +17,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 from urllib.parse import quote
 
@@ -26,6 +25,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from genattr.data.images import DEFAULT_MAX_PIXELS
 from genattr.serve.batcher import MicroBatcher, QueueFull
 from genattr.serve.gallery import Gallery
 
@@ -42,7 +42,7 @@ class Limits:
     max_upload_bytes: int = 20 * 2**20
     min_side: int = 16
     max_side: int = 16384
-    max_pixels: int | None = None  # None: Pillow's decompression-bomb limit (~89.5 M pixels)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # more is a decompression bomb (Pillow's ~89.5 M)
     default_top_k: int = 20
     max_top_k: int = 100
 
@@ -242,7 +242,7 @@ def _package_text(name: str) -> str:
 
 
 def create_app(
-    index_path: str | os.PathLike,
+    index_path: str | os.PathLike | None = None,
     calibrator_path: str | os.PathLike | None = None,
     *,
     limits: Limits | None = None,
@@ -250,24 +250,28 @@ def create_app(
     device: str = "cpu",
     max_batch: int = 16,
     max_wait: float = 0.005,
+    service: Service | None = None,
 ) -> FastAPI:
-    """The service over one index. Nothing is loaded until the app starts (lifespan): the
-    `genattr serve` command, uvicorn or a TestClient used as a context manager start it."""
-    limits = limits or Limits()
+    """The service over one index, loaded when the app starts (its lifespan: uvicorn, or a
+    TestClient used as a context manager), or an already loaded `service` (`genattr serve`
+    loads first, so a bad index is one line of error rather than a server traceback)."""
+    if service is None and index_path is None:
+        raise ValueError("create_app needs an index path or a loaded Service")
+    limits = service.limits if service is not None else limits or Limits()
     page = _package_text("page.html")
     script = _package_text("page.js")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        service = Service(
+        svc = service or Service(
             index_path, calibrator_path, limits, weights, device, max_batch, max_wait
         )
-        app.state.service = service
-        await service.batcher.start()
+        app.state.service = svc
+        await svc.batcher.start()
         try:
             yield
         finally:
-            await service.batcher.stop()
+            await svc.batcher.stop()
 
     app = FastAPI(
         title="genattr",
@@ -280,7 +284,7 @@ def create_app(
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, 500)
 
-    def service(request: Request) -> Service:
+    def loaded(request: Request) -> Service:
         return request.app.state.service
 
     @app.post(
@@ -301,7 +305,7 @@ def create_app(
         ] = None,
     ) -> AttributeResponse:
         """The generated image's top-K training images with similarity and influence."""
-        svc = service(request)
+        svc = loaded(request)
         k = top_k if top_k is not None else top_k_query
         k = min(limits.default_top_k, svc.max_top_k) if k is None else k
         if not 1 <= k <= svc.max_top_k:
@@ -320,7 +324,7 @@ def create_app(
     @app.get("/images/{image_id:path}", responses={404: {"description": "unknown id"}})
     def image(request: Request, image_id: str) -> Response:
         """A gallery image's thumbnail, found by its id in the index (never by a path)."""
-        gallery = service(request).gallery
+        gallery = loaded(request).gallery
         row = gallery.row(image_id)
         if row is None:
             raise HTTPException(404, "no gallery image with this id")
@@ -334,7 +338,7 @@ def create_app(
     @app.get("/healthz")
     def healthz(request: Request) -> Health:
         """Liveness and what is loaded."""
-        svc = service(request)
+        svc = loaded(request)
         return Health(
             status="ok",
             images=svc.index.count,
@@ -347,7 +351,7 @@ def create_app(
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home(request: Request) -> HTMLResponse:
-        svc = service(request)
+        svc = loaded(request)
         settings = {
             "defaultTopK": min(limits.default_top_k, svc.max_top_k),
             "maxTopK": svc.max_top_k,
@@ -367,13 +371,17 @@ def serve(
     calibrator_path: str | os.PathLike | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    **kwargs,
+    limits: Limits | None = None,
+    weights: str | None = None,
+    device: str = "cpu",
 ) -> None:
-    """`genattr serve`: run the app with uvicorn (the world's index when none is given)."""
+    """`genattr serve`: load, then run the app with uvicorn (the world's index when none is
+    given)."""
     import uvicorn
 
     if index_path is None:
         from genattr.serve.world_index import default_world_index
 
         index_path = default_world_index()
-    uvicorn.run(create_app(Path(index_path), calibrator_path, **kwargs), host=host, port=port)
+    svc = Service(index_path, calibrator_path, limits or Limits(), weights, device)
+    uvicorn.run(create_app(service=svc), host=host, port=port)

@@ -150,8 +150,14 @@ def default_world_index(
     backbone = default_backbone() if backbone is None else backbone
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
     key = json.dumps(
-        [INDEX_FORMAT_VERSION, backbone.name, backbone.weights_id, _head_digest(head)]
-        + [data.info.get("build"), data.info.get("counts")],
+        [
+            INDEX_FORMAT_VERSION,
+            backbone.name,
+            backbone.weights_id,
+            _head_digest(head),
+            data.info.get("build"),
+            data.info.get("counts"),
+        ],
         sort_keys=True,
     )
     root = Path(cache_dir) if cache_dir is not None else world_cache_dir()
