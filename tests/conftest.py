@@ -107,3 +107,27 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SERVE_GALLERY = 40  # world images in the web service's test index
+
+
+@pytest.fixture(scope="module")
+def world_data():
+    """The shipped clip-art world (images and records)."""
+    from genattr.world.clipart import load_data
+
+    return load_data()
+
+
+@pytest.fixture(scope="module")
+def tiny_index(tmp_path_factory, world_data, one_torch_thread):
+    """The first world gallery images, pixel backbone, and a calibrator with a cutoff."""
+    from genattr.calibrate import Calibrator, save_calibrator
+    from genattr.serve.world_index import build_world_index, gallery_rows
+
+    root = tmp_path_factory.mktemp("serve")
+    rows = gallery_rows(world_data)[:SERVE_GALLERY]
+    build_world_index(root / "index", "pixel", rows=rows, data=world_data)
+    save_calibrator(Calibrator(inv_tau=60.0, bias=-50.0), root / "calibrator.json")
+    return root / "index", root / "calibrator.json", rows

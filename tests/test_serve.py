@@ -16,33 +16,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
 
-from genattr.calibrate import Calibrator, save_calibrator
 from genattr.cli import app as cli_app
 from genattr.serve.app import Limits, create_app
 from genattr.serve.batcher import MicroBatcher
 from genattr.serve.gallery import Gallery, world_path
-from genattr.serve.world_index import build_world_index, default_world_index, gallery_rows
-from genattr.world.clipart import load_data
+from genattr.serve.world_index import default_world_index
+from tests.conftest import SERVE_GALLERY as N_GALLERY
 from tests.test_attribute import drawing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-N_GALLERY = 40
 MAX_UPLOAD = 200_000
-
-
-@pytest.fixture(scope="module")
-def world():
-    return load_data()
-
-
-@pytest.fixture(scope="module")
-def tiny_index(tmp_path_factory, world, one_torch_thread):
-    """The first world gallery images, pixel backbone, and a calibrator with a cutoff."""
-    root = tmp_path_factory.mktemp("serve")
-    rows = gallery_rows(world)[:N_GALLERY]
-    build_world_index(root / "index", "pixel", rows=rows, data=world)
-    save_calibrator(Calibrator(inv_tau=60.0, bias=-50.0), root / "calibrator.json")
-    return root / "index", root / "calibrator.json", rows
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +42,10 @@ def png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def world_png(world, row: int, side: int = 32) -> bytes:
-    return png(Image.fromarray(world.images[row]).resize((side, side), Image.Resampling.NEAREST))
+def world_png(world_data, row: int, side: int = 32) -> bytes:
+    return png(
+        Image.fromarray(world_data.images[row]).resize((side, side), Image.Resampling.NEAREST)
+    )
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -80,17 +65,17 @@ def post(client, data: bytes, name: str = "q.png", **params):
     return client.post("/attribute", files={"image": (name, data, "image/png")}, data=params)
 
 
-def test_ranked_results_with_influence_summing_to_100(client, world, tiny_index):
+def test_ranked_results_with_influence_summing_to_100(client, world_data, tiny_index):
     _, _, rows = tiny_index
     row = int(rows[7])
-    r = post(client, world_png(world, row, 64), top_k=5)
+    r = post(client, world_png(world_data, row, 64), top_k=5)
     assert r.status_code == 200, r.text
     body = r.json()
     assert (body["width"], body["height"], body["top_k"]) == (64, 64, 5)
     results = body["results"]
     assert [x["rank"] for x in results] == [1, 2, 3, 4, 5]
-    assert results[0]["id"] == world.records[row]["source"]
-    assert results[0]["caption"] == world.records[row]["caption"]
+    assert results[0]["id"] == world_data.records[row]["source"]
+    assert results[0]["caption"] == world_data.records[row]["caption"]
     assert results[0]["path"] == world_path(row)
     sims = [x["similarity"] for x in results]
     assert sims == sorted(sims, reverse=True) and sims[0] > 0.99
@@ -102,23 +87,23 @@ def test_ranked_results_with_influence_summing_to_100(client, world, tiny_index)
     assert sides == sorted(sides, reverse=True)
 
 
-def test_top_k_as_query_parameter_and_default(client, world, tiny_index):
+def test_top_k_as_query_parameter_and_default(client, world_data, tiny_index):
     _, _, rows = tiny_index
     r = client.post(
-        "/attribute?top_k=3", files={"image": ("q.png", world_png(world, int(rows[0])))}
+        "/attribute?top_k=3", files={"image": ("q.png", world_png(world_data, int(rows[0])))}
     )
     assert r.status_code == 200 and len(r.json()["results"]) == 3
-    r = post(client, world_png(world, int(rows[0])))
+    r = post(client, world_png(world_data, int(rows[0])))
     assert r.status_code == 200 and len(r.json()["results"]) == 20
 
 
-def test_thumbnails_by_id_only(client, world, tiny_index):
+def test_thumbnails_by_id_only(client, world_data, tiny_index):
     _, _, rows = tiny_index
-    body = post(client, world_png(world, int(rows[3])), top_k=2).json()
+    body = post(client, world_png(world_data, int(rows[3])), top_k=2).json()
     r = client.get(body["results"][0]["thumbnail"])
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     thumb = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"))
-    np.testing.assert_array_equal(thumb, world.images[int(rows[3])])
+    np.testing.assert_array_equal(thumb, world_data.images[int(rows[3])])
     for bad in (
         "/images/..%2F..%2Fetc%2Fpasswd",
         "/images/../../etc/passwd",
@@ -180,7 +165,7 @@ def test_bad_uploads_refused_and_service_stays_up(client, kind):
     assert client.get("/healthz").status_code == 200
 
 
-def test_truncated_and_oversized_uploads(client, world, tiny_index):
+def test_truncated_and_oversized_uploads(client, world_data, tiny_index):
     rng = np.random.default_rng(0)
     noise = png(Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)))
     r = post(client, noise[: len(noise) // 2])
@@ -196,12 +181,12 @@ def test_truncated_and_oversized_uploads(client, world, tiny_index):
     )
     assert r.status_code == 413 and "limit" in r.json()["detail"]
     assert client.get("/healthz").status_code == 200
-    assert post(client, world_png(world, int(tiny_index[2][0])), top_k=1).status_code == 200
+    assert post(client, world_png(world_data, int(tiny_index[2][0])), top_k=1).status_code == 200
 
 
 @pytest.mark.parametrize("top_k", ["0", "-3", str(N_GALLERY + 1), "1000000000000", "abc", "2.5"])
-def test_top_k_out_of_range(client, world, tiny_index, top_k):
-    r = post(client, world_png(world, int(tiny_index[2][0])), top_k=top_k)
+def test_top_k_out_of_range(client, world_data, tiny_index, top_k):
+    r = post(client, world_png(world_data, int(tiny_index[2][0])), top_k=top_k)
     assert r.status_code == 422 and r.json()["detail"]
     assert client.get("/healthz").status_code == 200
 
