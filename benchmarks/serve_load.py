@@ -1,0 +1,190 @@
+"""Load on the web service: a bounded number of concurrent clients on loopback for a fixed time.
+
+Starts `genattr serve` (a subprocess, torch at --threads) over the miniature world's gallery
+index (built once into the cache, as `genattr serve` with no arguments does), then runs
+--clients concurrent clients for --seconds, each posting real world images (held-out
+`unused` clip art, 32 px PNG, as the world's generator makes them) to POST /attribute one after
+another. Reports requests/s, p50/p99 latency, errors (must be 0) and the mean batch size the
+micro-batcher formed. Reference, in the same run: the same images attributed by a plain
+in-process `genattr.attribute()` loop (one image per call, index and backbone already
+loaded, same thread count), so the service's throughput is a ratio to it.
+
+    nice -n 15 .venv/bin/python benchmarks/serve_load.py [--clients 8] [--seconds 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from genattr.attribution import attribute, backbone_for_index
+from genattr.calibrate import Calibrator, save_calibrator
+from genattr.search.index import AttributionIndex
+from genattr.serve.world_index import default_world_index
+from genattr.world.clipart import load_data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit("server did not become healthy")
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
+        return json.load(r)
+
+
+async def load(url: str, images: list[bytes], clients: int, seconds: float, top_k: int):
+    """`clients` loops posting images until the deadline; bounded in time and count."""
+    import httpx
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    deadline = time.monotonic() + seconds
+
+    async def client(c: int, http: httpx.AsyncClient) -> None:
+        i = c
+        while time.monotonic() < deadline:
+            data = images[i % len(images)]
+            i += clients
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(
+                    "/attribute",
+                    files={"image": ("q.png", data, "image/png")},
+                    data={"top_k": str(top_k)},
+                )
+                ok = r.status_code == 200 and len(r.json()["results"]) == top_k
+                if not ok:
+                    errors.append(f"{r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as e:
+                errors.append(repr(e))
+                continue
+            latencies.append(time.perf_counter() - t0)
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(c, http) for c in range(clients)))
+        wall = time.perf_counter() - t0
+    return np.array(latencies), errors, wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, server and reference")
+    ap.add_argument("--backbone", default=None, help="default: as `genattr serve`")
+    ap.add_argument("--images", type=int, default=64, help="distinct query images")
+    ap.add_argument("--top-k", type=int, default=20)
+    ap.add_argument("--reference-seconds", type=float, default=20.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    index_path = default_world_index(args.backbone)
+    data = load_data()
+    rows = data.indices("unused")[: args.images]
+    tmp = Path(tempfile.mkdtemp())
+    files = []
+    for r in rows:
+        files.append(tmp / f"{r}.png")
+        Image.fromarray(data.images[r]).save(files[-1])
+    images = [f.read_bytes() for f in files]
+    # The world has no fitted calibrator yet; a fixed one exercises the influence path.
+    calibrator = Calibrator(inv_tau=60.0, bias=-50.0)
+    save_calibrator(calibrator, tmp / "calibrator.json")
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "genattr.cli", "serve", "--index", str(index_path)]
+    cmd += ["--calibrator", str(tmp / "calibrator.json"), "--port", str(port)]
+    cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    log = open(tmp / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(url, proc)
+        h0 = health(url)
+        lat, errors, wall = asyncio.run(load(url, images, args.clients, args.seconds, args.top_k))
+        h1 = health(url)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+    # the plain reference: attribute() one image per call, everything already loaded
+    index = AttributionIndex.load(index_path)
+    backbone = backbone_for_index(index, None, "cpu")
+    attribute([files[0]], index, calibrator, args.top_k, backbone=backbone)  # warm
+    ref: list[float] = []
+    t_end = time.monotonic() + args.reference_seconds
+    while time.monotonic() < t_end:
+        f = files[len(ref) % len(files)]
+        t0 = time.perf_counter()
+        attribute([f], index, calibrator, args.top_k, backbone=backbone)
+        ref.append(time.perf_counter() - t0)
+    ref_arr = np.array(ref)
+
+    batches = h1["batches"] - h0["batches"]
+    served = h1["requests"] - h0["requests"]
+    rps = len(lat) / wall
+    ref_rps = 1 / ref_arr.mean()
+    report = {
+        "gallery": {"images": h1["images"], "backbone": h1["backbone"], "kind": h1["index_kind"]},
+        "clients": args.clients,
+        "seconds": round(wall, 1),
+        "threads": args.threads,
+        "top_k": args.top_k,
+        "service": {
+            "requests": len(lat),
+            "requests_per_s": round(rps, 2),
+            "p50_ms": round(1000 * float(np.percentile(lat, 50)), 1),
+            "p99_ms": round(1000 * float(np.percentile(lat, 99)), 1),
+            "errors": len(errors),
+            "mean_batch": round(served / max(1, batches), 2),
+        },
+        "reference_attribute_loop": {
+            "calls": len(ref_arr),
+            "requests_per_s": round(ref_rps, 2),
+            "p50_ms": round(1000 * float(np.percentile(ref_arr, 50)), 1),
+            "p99_ms": round(1000 * float(np.percentile(ref_arr, 99)), 1),
+        },
+        "service_vs_reference_throughput": round(rps / ref_rps, 2),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(report, indent=1))
+    if errors:
+        print("errors:", *errors[:5], sep="\n  ")
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
