@@ -97,13 +97,6 @@ class Upload:
     top_k: int
 
 
-@dataclass
-class Answer:
-    width: int
-    height: int
-    attribution: Attribution | None = None  # filled in once the batch is embedded
-
-
 class UploadRefused(Exception):
     """An upload that is not a usable image; the message says why (HTTP 422)."""
 
@@ -134,42 +127,41 @@ class Service:
         self.metadata = self.index.metadata()
         self.gallery = Gallery(*self.metadata)
         self.max_top_k = min(limits.max_top_k, self.index.count)
-        self.batcher: MicroBatcher[Upload, Answer] = MicroBatcher(
+        self.batcher: MicroBatcher[Upload, AttributeResponse] = MicroBatcher(
             self.attribute_batch, max_batch, max_wait
         )
 
-    def attribute_batch(self, uploads: Sequence[Upload]) -> list[Answer | Exception]:
-        """Decode, embed and search a batch (runs in the worker thread)."""
+    def attribute_batch(self, uploads: Sequence[Upload]) -> list[AttributeResponse | Exception]:
+        """Decode, embed, search and describe a batch: all of it in the worker thread."""
         from genattr.attribution import attribution_of, embed_queries
         from genattr.data.images import ImageDecodeError, load_rgb
 
         lim = self.limits
-        out: list[Answer | Exception] = []
-        images, slots = [], []
+        out: list[AttributeResponse | Exception] = []
+        decoded = {}
         for k, up in enumerate(uploads):
             try:
-                image = load_rgb(
+                decoded[k] = load_rgb(
                     up.data, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side
                 )
             except ImageDecodeError as e:
                 out.append(UploadRefused(f"{up.name}: not a usable image: {e}"))
                 continue
-            out.append(Answer(*image.size))
-            images.append(image)
-            slots.append(k)
-        if images:
-            vectors = embed_queries(images, self.backbone, self.head)
-            for k, vector in zip(slots, vectors, strict=True):
+            out.append(None)  # replaced by the answer once the batch is embedded
+        if decoded:
+            vectors = embed_queries(list(decoded.values()), self.backbone, self.head)
+            for (k, image), vector in zip(decoded.items(), vectors, strict=True):
                 up = uploads[k]
-                out[k].attribution = attribution_of(
+                answer = attribution_of(
                     up.name, vector, self.index, self.calibrator, up.top_k, self.metadata
                 )
+                out[k] = self.response(answer, image.size, up.top_k)
         return out
 
-    def response(self, answer: Answer, top_k: int) -> AttributeResponse:
+    def response(self, a: Attribution, size: tuple[int, int], top_k: int) -> AttributeResponse:
+        """The JSON answer: influence in percent, captions and thumbnail URLs added."""
         from genattr.report.attribution_html import thumbnail_side
 
-        a = answer.attribution
         results = [
             TrainingImage(
                 rank=r.rank,
@@ -185,8 +177,8 @@ class Service:
         ]
         return AttributeResponse(
             query=a.query,
-            width=answer.width,
-            height=answer.height,
+            width=size[0],
+            height=size[1],
             top_k=top_k,
             results=results,
             remaining=_percent(a.remaining_influence),
@@ -314,12 +306,11 @@ def create_app(
         if len(data) > limits.max_upload_bytes:
             raise HTTPException(413, _too_large_text(limits.max_upload_bytes))
         try:
-            answer = await svc.batcher.submit(Upload(data, image.filename or "upload", k))
+            return await svc.batcher.submit(Upload(data, image.filename or "upload", k))
         except UploadRefused as e:
             raise HTTPException(422, str(e)) from None
         except QueueFull as e:
             raise HTTPException(503, f"busy: {e}; retry shortly") from None
-        return svc.response(answer, k)
 
     @app.get("/images/{image_id:path}", responses={404: {"description": "unknown id"}})
     def image(request: Request, image_id: str) -> Response:
