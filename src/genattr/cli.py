@@ -452,6 +452,12 @@ def serve(
     limits = Limits(
         max_upload_bytes=int(max_upload_mb * 2**20), default_top_k=top_k, max_top_k=max_top_k
     )
+    if index is None:
+        from genattr.serve.world_index import world_cache_dir
+
+        _log(
+            f"no --index: serving the miniature world's gallery (indexed once, in {world_cache_dir()})"
+        )
     run(index, calibrator, host, port, limits, weights, device)
 
 
