@@ -456,7 +456,8 @@ def serve(
         from genattr.serve.world_index import world_cache_dir
 
         _log(
-            f"no --index: serving the miniature world's gallery (indexed once, in {world_cache_dir()})"
+            "no --index: serving the miniature world's gallery "
+            f"(indexed once, in {world_cache_dir()})"
         )
     run(index, calibrator, host, port, limits, weights, device)
 

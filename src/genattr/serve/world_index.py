@@ -140,9 +140,9 @@ def default_world_index(
     progress: bool = True,
 ) -> Path:
     """The world gallery's index in the cache, built on first use (4,480 images: minutes with
-    EfficientNet-Lite0 on one core, seconds with pixels). The build happens in a temporary folder renamed into
-    place when complete, so an interrupted build leaves nothing that looks finished and is
-    simply redone."""
+    EfficientNet-Lite0 on one core, seconds with pixels). The build happens in a temporary
+    folder renamed into place when complete, so an interrupted build leaves nothing that looks
+    finished and is simply redone."""
     from genattr.features import get_backbone
     from genattr.world.clipart import load_data
 
