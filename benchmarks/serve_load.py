@@ -4,10 +4,13 @@ Starts `genattr serve` (a subprocess, torch at --threads) over the miniature wor
 index (built once into the cache, as `genattr serve` with no arguments does), then runs
 --clients concurrent clients for --seconds, each posting real world images (held-out
 `unused` clip art, 32 px PNG, as the world's generator makes them) to POST /attribute one after
-another. Reports requests/s, p50/p99 latency, errors (must be 0) and the mean batch size the
-micro-batcher formed. Reference, in the same run: the same images attributed by a plain
-in-process `genattr.attribute()` loop (one image per call, index and backbone already
-loaded, same thread count), so the service's throughput is a ratio to it.
+another. Reports requests/s, p50/p99 latency, errors (must be 0), the mean batch size the
+micro-batcher formed and the server's CPU time per request. Reference, in the same run: the
+same images attributed by a plain in-process `genattr.attribute()` loop (one image per call,
+index and backbone already loaded, same thread count). Load and reference alternate in
+--rounds rounds, so a change in the machine's other load hits both; the throughput ratio is
+the median over rounds, and CPU time per request (less sensitive to other jobs) is compared
+too.
 
     nice -n 15 .venv/bin/python benchmarks/serve_load.py [--clients 8] [--seconds 30]
 """
@@ -27,6 +30,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 from PIL import Image
 
@@ -97,15 +101,37 @@ async def load(url: str, images: list[bytes], clients: int, seconds: float, top_
     return np.array(latencies), errors, wall
 
 
+def server_cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def reference_round(files, index, calibrator, top_k, backbone, seconds):
+    """Plain `attribute()` one image per call: latencies and CPU seconds of this process."""
+    lat: list[float] = []
+    cpu0 = time.process_time()
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        t0 = time.perf_counter()
+        attribute([files[len(lat) % len(files)]], index, calibrator, top_k, backbone=backbone)
+        lat.append(time.perf_counter() - t0)
+    return lat, time.process_time() - cpu0
+
+
+def ms(x: np.ndarray, q: float) -> float:
+    return round(1000 * float(np.percentile(x, q)), 1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--seconds", type=float, default=30.0, help="of load, over all rounds")
+    ap.add_argument("--reference-seconds", type=float, default=20.0, help="over all rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="load and reference alternate")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, server and reference")
     ap.add_argument("--backbone", default=None, help="default: as `genattr serve`")
     ap.add_argument("--images", type=int, default=64, help="distinct query images")
     ap.add_argument("--top-k", type=int, default=20)
-    ap.add_argument("--reference-seconds", type=float, default=20.0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -121,6 +147,9 @@ def main() -> None:
     # The world has no fitted calibrator yet; a fixed one exercises the influence path.
     calibrator = Calibrator(inv_tau=60.0, bias=-50.0)
     save_calibrator(calibrator, tmp / "calibrator.json")
+    index = AttributionIndex.load(index_path)
+    backbone = backbone_for_index(index, None, "cpu")
+    attribute([files[0]], index, calibrator, args.top_k, backbone=backbone)  # warm
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -130,54 +159,64 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     log = open(tmp / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    lat, ref, errors, ratios = [], [], [], []
+    wall = ref_wall = cpu = ref_cpu = 0.0
     try:
         wait_healthy(url, proc)
+        asyncio.run(load(url, images[:4], 1, 1.0, args.top_k))  # warm
         h0 = health(url)
-        lat, errors, wall = asyncio.run(load(url, images, args.clients, args.seconds, args.top_k))
+        for _ in range(args.rounds):
+            c0 = server_cpu(proc.pid)
+            r_lat, r_err, r_wall = asyncio.run(
+                load(url, images, args.clients, args.seconds / args.rounds, args.top_k)
+            )
+            cpu += server_cpu(proc.pid) - c0
+            f_lat, f_cpu = reference_round(
+                files, index, calibrator, args.top_k, backbone, args.reference_seconds / args.rounds
+            )
+            lat += list(r_lat)
+            errors += r_err
+            wall += r_wall
+            ref += f_lat
+            ref_wall += sum(f_lat)
+            ref_cpu += f_cpu
+            ratios.append((len(r_lat) / r_wall) / (len(f_lat) / sum(f_lat)))
         h1 = health(url)
     finally:
         proc.terminate()
         proc.wait(30)
         log.close()
 
-    # the plain reference: attribute() one image per call, everything already loaded
-    index = AttributionIndex.load(index_path)
-    backbone = backbone_for_index(index, None, "cpu")
-    attribute([files[0]], index, calibrator, args.top_k, backbone=backbone)  # warm
-    ref: list[float] = []
-    t_end = time.monotonic() + args.reference_seconds
-    while time.monotonic() < t_end:
-        f = files[len(ref) % len(files)]
-        t0 = time.perf_counter()
-        attribute([f], index, calibrator, args.top_k, backbone=backbone)
-        ref.append(time.perf_counter() - t0)
-    ref_arr = np.array(ref)
-
+    lat_a, ref_a = np.array(lat), np.array(ref)
     batches = h1["batches"] - h0["batches"]
     served = h1["requests"] - h0["requests"]
-    rps = len(lat) / wall
-    ref_rps = 1 / ref_arr.mean()
     report = {
         "gallery": {"images": h1["images"], "backbone": h1["backbone"], "kind": h1["index_kind"]},
         "clients": args.clients,
-        "seconds": round(wall, 1),
+        "rounds": args.rounds,
         "threads": args.threads,
         "top_k": args.top_k,
         "service": {
-            "requests": len(lat),
-            "requests_per_s": round(rps, 2),
-            "p50_ms": round(1000 * float(np.percentile(lat, 50)), 1),
-            "p99_ms": round(1000 * float(np.percentile(lat, 99)), 1),
+            "seconds": round(wall, 1),
+            "requests": len(lat_a),
+            "requests_per_s": round(len(lat_a) / wall, 2),
+            "p50_ms": ms(lat_a, 50),
+            "p99_ms": ms(lat_a, 99),
             "errors": len(errors),
             "mean_batch": round(served / max(1, batches), 2),
+            "server_cpu_ms_per_request": round(1000 * cpu / max(1, len(lat_a)), 1),
         },
         "reference_attribute_loop": {
-            "calls": len(ref_arr),
-            "requests_per_s": round(ref_rps, 2),
-            "p50_ms": round(1000 * float(np.percentile(ref_arr, 50)), 1),
-            "p99_ms": round(1000 * float(np.percentile(ref_arr, 99)), 1),
+            "seconds": round(ref_wall, 1),
+            "calls": len(ref_a),
+            "calls_per_s": round(len(ref_a) / ref_wall, 2),
+            "p50_ms": ms(ref_a, 50),
+            "p99_ms": ms(ref_a, 99),
+            "cpu_ms_per_call": round(1000 * ref_cpu / len(ref_a), 1),
         },
-        "service_vs_reference_throughput": round(rps / ref_rps, 2),
+        "throughput_ratio_per_round": [round(r, 2) for r in ratios],
+        "throughput_ratio_median": round(float(np.median(ratios)), 2),
+        "cpu_per_request_ratio": round((cpu / len(lat_a)) / (ref_cpu / len(ref_a)), 2),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(report, indent=1))
