@@ -99,12 +99,17 @@ def embed_queries(
     return np.concatenate(out)
 
 
-def _influence(index: AttributionIndex, query: np.ndarray, cal: Calibrator | None, top_k: int):
-    """Fetch candidates until the calibrator's cutoff is passed; return sims, ids, p, exact."""
-    k = min(index.count, max(top_k, 64))
+def _influence(
+    index: AttributionIndex,
+    query: np.ndarray,
+    cal: Calibrator | None,
+    found: tuple[np.ndarray, np.ndarray],
+):
+    """Fetch candidates until the calibrator's cutoff is passed; return sims, ids, p, exact.
+    `found`: the query's (sims, ids) from the first search, made for a batch of queries."""
+    sims, ids = found
+    k = len(ids)
     while True:
-        sims, ids = index.search(query[None], k)
-        sims, ids = sims[0], ids[0]
         keep = ids >= 0
         sims, ids = sims[keep], ids[keep]
         if cal is None:
@@ -113,6 +118,7 @@ def _influence(index: AttributionIndex, query: np.ndarray, cal: Calibrator | Non
         if sims[-1] < cutoff or k >= index.count:
             break
         k = min(index.count, k * 4 if np.isfinite(cutoff) else index.count)
+        sims, ids = (row[0] for row in index.search(query[None], k))
     p = cal.probabilities(sims)
     return sims, ids, p, index.spec.exact
 
@@ -136,44 +142,49 @@ def attribute(
         calibrator = load_calibrator(calibrator)
     backbone = backbone or backbone_for_index(index, weights, device)
     queries = embed_queries(list(images), backbone, index.head())
-    gallery = index.metadata()
-    return [
-        attribution_of(str(path), q, index, calibrator, top_k, gallery)
-        for path, q in zip(images, queries, strict=True)
-    ]
+    return attribute_vectors(
+        [str(p) for p in images], queries, index, calibrator, [top_k] * len(queries)
+    )
 
 
-def attribution_of(
-    query: str,
-    vector: np.ndarray,
+def attribute_vectors(
+    names: Sequence[str],
+    vectors: np.ndarray,
     index: AttributionIndex,
     calibrator: Calibrator | None,
-    top_k: int,
-    gallery: tuple[list[str], list[str]],
-) -> Attribution:
-    """One embedded query's answer; `gallery` is `index.metadata()`, read once by the caller
-    (the web service keeps it for its lifetime)."""
-    gallery_ids, gallery_paths = gallery
-    sims, ids, p, exact = _influence(index, vector, calibrator, top_k)
-    results = [
-        AttributedImage(
-            rank=r + 1,
-            id=gallery_ids[i],
-            path=gallery_paths[i],
-            similarity=float(sims[r]),
-            influence=None if p is None else float(p[r]),
-        )
-        for r, i in enumerate(ids[:top_k])
-    ]
-    notes = []
-    remaining = None
-    if p is None:
-        notes.append("no calibrator: similarities only, no influence")
-    else:
-        remaining = float(max(0.0, 1.0 - p[:top_k].sum()))
-        if not exact:
-            notes.append("influence normalised over approximate (IVF) candidates: estimated")
-    return Attribution(query, results, remaining, exact and p is not None, notes)
+    top_ks: Sequence[int],
+    gallery: tuple[list[str], list[str]] | None = None,
+) -> list[Attribution]:
+    """Answers for embedded queries (`embed_queries`), each with its own top K. One search
+    fetches every query's first candidates (a pass over the gallery serves the whole batch);
+    `gallery` is `index.metadata()`, which a long-lived caller (the web service) reads once."""
+    gallery_ids, gallery_paths = index.metadata() if gallery is None else gallery
+    first_sims, first_ids = index.search(vectors, min(index.count, max(*top_ks, 64)))
+    answers = []
+    for name, q, top_k, found in zip(
+        names, vectors, top_ks, zip(first_sims, first_ids, strict=True), strict=True
+    ):
+        sims, ids, p, exact = _influence(index, q, calibrator, found)
+        results = [
+            AttributedImage(
+                rank=r + 1,
+                id=gallery_ids[i],
+                path=gallery_paths[i],
+                similarity=float(sims[r]),
+                influence=None if p is None else float(p[r]),
+            )
+            for r, i in enumerate(ids[:top_k])
+        ]
+        notes = []
+        remaining = None
+        if p is None:
+            notes.append("no calibrator: similarities only, no influence")
+        else:
+            remaining = float(max(0.0, 1.0 - p[:top_k].sum()))
+            if not exact:
+                notes.append("influence normalised over approximate (IVF) candidates: estimated")
+        answers.append(Attribution(name, results, remaining, exact and p is not None, notes))
+    return answers
 
 
 def attributions_table(answers: Sequence[Attribution]):

@@ -113,12 +113,18 @@ class Service:
         device: str = "cpu",
         max_batch: int = 16,
         max_wait: float = 0.005,
+        model_batch: int | None = None,
     ) -> None:
         from genattr.attribution import backbone_for_index
         from genattr.calibrate import load_calibrator
         from genattr.search.index import AttributionIndex
 
         self.limits = limits
+        # Images per forward pass. On CPU one: EfficientNet-Lite0 at one thread spent ~1.7x the
+        # CPU per image on passes of 8 images as on single images here (activations outgrow
+        # the cache; BENCHMARKS.md, Serving); GPUs want large batches. A request batch still
+        # shares one decode hop and one search pass over the gallery.
+        self.model_batch = model_batch or (max_batch if device.startswith("cuda") else 1)
         self.index = AttributionIndex.load(index_path)
         self.calibrator = None if calibrator_path is None else load_calibrator(calibrator_path)
         self.backbone = backbone_for_index(self.index, weights, device)
@@ -133,7 +139,7 @@ class Service:
 
     def attribute_batch(self, uploads: Sequence[Upload]) -> list[AttributeResponse | Exception]:
         """Decode, embed, search and describe a batch: all of it in the worker thread."""
-        from genattr.attribution import attribution_of, embed_queries
+        from genattr.attribution import attribute_vectors, embed_queries
         from genattr.data.images import ImageDecodeError, load_rgb
 
         lim = self.limits
@@ -149,13 +155,20 @@ class Service:
                 continue
             out.append(None)  # replaced by the answer once the batch is embedded
         if decoded:
-            vectors = embed_queries(list(decoded.values()), self.backbone, self.head)
-            for (k, image), vector in zip(decoded.items(), vectors, strict=True):
-                up = uploads[k]
-                answer = attribution_of(
-                    up.name, vector, self.index, self.calibrator, up.top_k, self.metadata
-                )
-                out[k] = self.response(answer, image.size, up.top_k)
+            vectors = embed_queries(
+                list(decoded.values()), self.backbone, self.head, self.model_batch
+            )
+            ups = [uploads[k] for k in decoded]
+            answers = attribute_vectors(
+                [up.name for up in ups],
+                vectors,
+                self.index,
+                self.calibrator,
+                [up.top_k for up in ups],
+                self.metadata,
+            )
+            for (k, image), answer in zip(decoded.items(), answers, strict=True):
+                out[k] = self.response(answer, image.size, uploads[k].top_k)
         return out
 
     def response(self, a: Attribution, size: tuple[int, int], top_k: int) -> AttributeResponse:
