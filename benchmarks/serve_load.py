@@ -5,12 +5,12 @@ index (built once into the cache, as `genattr serve` with no arguments does), th
 --clients concurrent clients for --seconds, each posting real world images (held-out
 `unused` clip art, 32 px PNG, as the world's generator makes them) to POST /attribute one after
 another. Reports requests/s, p50/p99 latency, errors (must be 0), the mean batch size the
-micro-batcher formed and the server's CPU time per request. Reference, in the same run: the
-same images attributed by a plain in-process `genattr.attribute()` loop (one image per call,
-index and backbone already loaded, same thread count). Load and reference alternate in
---rounds rounds, so a change in the machine's other load hits both; the throughput ratio is
-the median over rounds, and CPU time per request (less sensitive to other jobs) is compared
-too.
+micro-batcher formed, and the CPU time per request of the server and of the clients (which
+share the machine's cores with it). Reference, in the same run: the same images attributed by
+a plain in-process `genattr.attribute()` loop (one image per call, index and backbone already
+loaded, same thread count). Load and reference alternate in --rounds rounds, so a change in
+the machine's other load hits both; the throughput ratio is the median over rounds, and CPU
+time per request (less sensitive to other jobs) is compared too.
 
     nice -n 15 .venv/bin/python benchmarks/serve_load.py [--clients 8] [--seconds 30]
 """
@@ -160,17 +160,18 @@ def main() -> None:
     log = open(tmp / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     lat, ref, errors, ratios = [], [], [], []
-    wall = ref_wall = cpu = ref_cpu = 0.0
+    wall = ref_wall = cpu = ref_cpu = client_cpu = 0.0
     try:
         wait_healthy(url, proc)
         asyncio.run(load(url, images[:4], 1, 1.0, args.top_k))  # warm
         h0 = health(url)
         for _ in range(args.rounds):
-            c0 = server_cpu(proc.pid)
+            c0, k0 = server_cpu(proc.pid), time.process_time()
             r_lat, r_err, r_wall = asyncio.run(
                 load(url, images, args.clients, args.seconds / args.rounds, args.top_k)
             )
             cpu += server_cpu(proc.pid) - c0
+            client_cpu += time.process_time() - k0
             f_lat, f_cpu = reference_round(
                 files, index, calibrator, args.top_k, backbone, args.reference_seconds / args.rounds
             )
@@ -205,6 +206,7 @@ def main() -> None:
             "errors": len(errors),
             "mean_batch": round(served / max(1, batches), 2),
             "server_cpu_ms_per_request": round(1000 * cpu / max(1, len(lat_a)), 1),
+            "client_cpu_ms_per_request": round(1000 * client_cpu / max(1, len(lat_a)), 1),
         },
         "reference_attribute_loop": {
             "seconds": round(ref_wall, 1),
