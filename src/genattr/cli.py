@@ -376,7 +376,10 @@ app.add_typer(index_app, name="index")
 @index_app.command("build")
 @_friendly_errors
 def index_build(
-    store: Annotated[Path, typer.Option(help="Embedding store of the training images.")],
+    store: Annotated[
+        list[Path],
+        typer.Option(help="Embedding store of the training images (repeat for several)."),
+    ],
     out: Annotated[Path, typer.Option(help="Index directory.")],
     head: Annotated[Path | None, typer.Option(help="Head directory from train-head.")] = None,
     kind: Annotated[str, typer.Option(help="auto, flat, ivf or ivfpq.")] = "auto",
@@ -385,7 +388,9 @@ def index_build(
     """Index a store (FAISS chosen from size and memory budget; similarities re-ranked exactly)."""
     from genattr.search.index import build_index_from_store
 
-    index = build_index_from_store(store, out, head, kind, memory_budget)
+    index = build_index_from_store(
+        store if len(store) > 1 else store[0], out, head, kind, memory_budget
+    )
     console.print(
         f"{index.spec.kind} index ({index.spec.factory}) over {index.count:,} images: {out}/"
     )
