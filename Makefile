@@ -16,7 +16,7 @@ $(BIN)/genattr: pyproject.toml
 setup: $(BIN)/genattr
 
 demo: setup
-	$(BIN)/genattr demo --out demo-output
+	$(BIN)/genattr demo --out demo-out
 
 test: setup
 	$(BIN)/ruff check src tests benchmarks scripts
@@ -27,4 +27,4 @@ bench: setup
 	$(BIN)/python benchmarks/eval_speed.py
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) demo-out

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from genattr.errors import GenattrError
 
@@ -82,20 +83,28 @@ def evaluate(
 @app.command()
 @_friendly_errors
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("demo-output"),
-    seed: Annotated[int, typer.Option(help="Seed of the built-in world.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("demo-out"),
+    features: Annotated[
+        list[str] | None,
+        typer.Option(help="Backbones to compare (repeat; default: pixel, EfficientNet, Gram)."),
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="Most epochs of head training.")] = 30,
 ) -> None:
-    """Run the evaluation end to end on the built-in synthetic world."""
-    from genattr.evaluate import results_table
-    from genattr.world.demo import run_demo
+    """Attribution end to end on the built-in miniature world; writes OUT/report.html."""
+    from genattr.world.demo import DEMO_BACKBONES, run_demo
 
     console.print(
-        "[bold]genattr demo[/]: a synthetic feature-space AbC benchmark (20,000 distractors, "
-        "30 object and 10 style models), evaluated with the authors' protocol."
+        "[bold]genattr demo[/]: the miniature clip-art world: extract features, train heads, "
+        "calibrate, evaluate on held-out customized models, attribute, report."
     )
-    for name, result in run_demo(out, seed=seed).items():
-        console.print(results_table(result, title=f"AbC evaluation, {name}"))
-    console.print(f"files written to {out}/")
+    result = run_demo(out, features or DEMO_BACKBONES, epochs=epochs, log=_log)
+    table = Table(title="Test models: mean mAP over prompt types")
+    for col in ("feature space", "raw", "with head"):
+        table.add_column(col, justify="left" if col == "feature space" else "right")
+    for name, o in result.outcomes.items():
+        table.add_row(name, f"{o.mean_map('raw'):.3f}", f"{o.mean_map('head'):.3f}")
+    console.print(table)
+    console.print(f"report: [bold]{result.report}[/] ({result.seconds['total']:.0f} s)")
 
 
 def _log(msg: str) -> None:
@@ -376,7 +385,10 @@ app.add_typer(index_app, name="index")
 @index_app.command("build")
 @_friendly_errors
 def index_build(
-    store: Annotated[Path, typer.Option(help="Embedding store of the training images.")],
+    store: Annotated[
+        list[Path],
+        typer.Option(help="Embedding store of the training images (repeat for several)."),
+    ],
     out: Annotated[Path, typer.Option(help="Index directory.")],
     head: Annotated[Path | None, typer.Option(help="Head directory from train-head.")] = None,
     kind: Annotated[str, typer.Option(help="auto, flat, ivf or ivfpq.")] = "auto",
@@ -385,7 +397,9 @@ def index_build(
     """Index a store (FAISS chosen from size and memory budget; similarities re-ranked exactly)."""
     from genattr.search.index import build_index_from_store
 
-    index = build_index_from_store(store, out, head, kind, memory_budget)
+    index = build_index_from_store(
+        store if len(store) > 1 else store[0], out, head, kind, memory_budget
+    )
     console.print(
         f"{index.spec.kind} index ({index.spec.factory}) over {index.count:,} images: {out}/"
     )
@@ -526,6 +540,43 @@ def world_build_data(
     path = build_data(source, out or DEFAULT_DATA_DIR, size, seed, cache, log=_log)
     data = load_data(path, size)
     console.print(f"{len(data.records)} images in {path}: {data.info['counts']}")
+
+
+@world_app.command("build")
+@_friendly_errors
+def world_build(
+    source: Annotated[
+        Path, typer.Option(help="Extracted openclipart-png (`dpkg-deb -x openclipart-png_*.deb`).")
+    ],
+    work: Annotated[Path, typer.Option(help="Work folder: caches, checkpoints, benchmark.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: the shipped data folder).")
+    ] = None,
+    base_steps: Annotated[int, typer.Option(help="Base-model training steps.")] = 20000,
+    base_minutes: Annotated[
+        float | None, typer.Option(help="Stop base training after this many minutes (resumable).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="Benchmark engine: local or ray.")] = "local",
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+) -> None:
+    """Rebuild the whole world (data, base model, benchmark); every stage resumes."""
+    from genattr.world.build import build_world
+    from genattr.world.clipart import DEFAULT_DATA_DIR
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    done = build_world(
+        source,
+        work,
+        out or DEFAULT_DATA_DIR,
+        base_steps,
+        base_minutes,
+        engine=engine,
+        log=_log,
+    )
+    console.print("world complete" if done else "stopped early: run the same command to go on")
 
 
 @world_app.command("train-base")

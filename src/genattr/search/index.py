@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -251,17 +252,25 @@ class AttributionIndex:
 
 
 def build_index_from_store(
-    store: str | os.PathLike,
+    store: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
     head: str | os.PathLike | None = None,
     kind: str = "auto",
     memory_budget: str | int = "4GB",
 ) -> AttributionIndex:
-    """`genattr index build`: index a store's vectors, recording its backbone and the head."""
+    """`genattr index build`: index one store's vectors, or several stores' of one backbone as
+    one gallery (in the order given), recording the backbone and the head."""
     from genattr.heads.train import load_heads
-    from genattr.store import EmbeddingStore
+    from genattr.store import EmbeddingStore, ShardedVectors, check_same_backbone
 
-    s = EmbeddingStore.open(store)
+    paths = [store] if isinstance(store, (str, os.PathLike)) else list(store)
+    if not paths:
+        raise GenattrError("no store to index")
+    stores = [EmbeddingStore.open(p) for p in paths]
+    check_same_backbone(*stores)
+    s = stores[0]
+    if len({x.dtype for x in stores}) > 1:
+        raise GenattrError("the stores hold vectors of different dtypes; convert one first")
     mappers, head_doc = load_heads(head) if head is not None else (None, None)
     if head_doc and head_doc.get("weights_id") not in (None, s.backbone.weights_id):
         raise GenattrError(
@@ -270,7 +279,9 @@ def build_index_from_store(
         )
     head_dir = None if head is None else (Path(head) if Path(head).is_dir() else Path(head).parent)
     provenance = {
-        "store": str(Path(store).resolve()),
+        "store": [str(Path(p).resolve()) for p in paths]
+        if len(paths) > 1
+        else str(Path(paths[0]).resolve()),
         "backbone": {
             "name": s.backbone.name,
             "weights_id": s.backbone.weights_id,
@@ -278,14 +289,19 @@ def build_index_from_store(
             "preprocess_config": s.backbone.preprocess_config,
         },
     }
+    vectors = (
+        s.vectors
+        if len(stores) == 1
+        else ShardedVectors([sh for x in stores for sh in x.vectors.shards], s.dim, s.dtype)
+    )
     return build_index(
-        s.vectors,
+        vectors,
         out,
         kind=kind,
         memory_budget=memory_budget,
         head=mappers,
         head_dir=head_dir,
-        ids=s.ids,
-        paths=s.paths,
+        ids=[i for x in stores for i in x.ids],
+        paths=[p for x in stores for p in x.paths],
         provenance=provenance,
     )

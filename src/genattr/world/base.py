@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 BASE_FORMAT_VERSION = 1
 STATE_NAME = "state.pt"
 CONFIG_NAME = "world_base.json"
+TRAINING_NAME = "training.json"  # beside a saved pipeline: config, step, loss curve
 
 
 @dataclass
@@ -420,12 +421,28 @@ class BaseTrainer:
         images = sample(self.pipeline(), prompts, self.cfg.grid_steps, self.cfg.grid_guidance)
         return image_grid(images, cols=8)
 
-    def save_pipeline(self, path: str | os.PathLike) -> Path:
-        """The EMA model as a `from_pretrained`-loadable pipeline folder."""
+    def save_pipeline(self, path: str | os.PathLike, half: bool = False) -> Path:
+        """The EMA model as a `from_pretrained`-loadable pipeline folder (`half`: fp16 weights,
+        half the size, for shipping; loading in fp32 upcasts them) with `training.json`."""
+        import torch
+
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.pipeline().save_pretrained(str(tmp), safe_serialization=True)
+        pipe = self.pipeline()
+        if half:
+            pipe = pipe.to(torch.float16)
+        pipe.save_pretrained(str(tmp), safe_serialization=True)
+        every = max(1, len(self.losses) // 200)
+        curve = [
+            [i + every, float(np.mean(self.losses[i : i + every]))]
+            for i in range(0, len(self.losses) - every + 1, every)
+        ]
+        (tmp / TRAINING_NAME).write_text(
+            json.dumps(
+                {"config": asdict(self.cfg), "step": self.step, "loss_curve": curve}, indent=1
+            )
+        )
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
         return path
@@ -486,6 +503,43 @@ def train_base(
     report = trainer.train(steps, checkpoint_seconds, max_seconds=max_seconds, log=log)
     trainer.save_pipeline(Path(out) / "pipeline")
     return report
+
+
+def export_base(
+    run: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> Path:
+    """A run's newest checkpoint (EMA weights, fp16) as the world's shipped base model."""
+    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+
+    saved = Path(run) / CONFIG_NAME
+    if not saved.is_file():
+        raise GenattrError(f"{run}: not a base-model run (no {CONFIG_NAME})")
+    cfg = BaseConfig.from_dict(json.loads(saved.read_text())["config"])
+    data = load_data(data_dir or DEFAULT_DATA_DIR, size=cfg.size)
+    idx = data.indices("pretrain")
+    trainer = BaseTrainer(run, data.images[idx], data.captions(idx), cfg)
+    if trainer.resume() is None:
+        raise GenattrError(f"{run}: no checkpoint to export")
+    return trainer.save_pipeline(out or base_model_dir(cfg.size), half=True)
+
+
+def base_model_dir(size: int = 32) -> Path:
+    """Where the shipped base model lives (inside the package)."""
+    from genattr.world.clipart import DEFAULT_DATA_DIR
+
+    return DEFAULT_DATA_DIR / f"base{size}"
+
+
+def load_world_base(path: str | os.PathLike | None = None) -> StableDiffusionPipeline:
+    """The shipped (or a given) world base model, in float32 on the CPU."""
+    from genattr.customize.pipeline import load_base_pipeline
+
+    path = Path(path) if path is not None else base_model_dir()
+    if not (path / "model_index.json").is_file():
+        raise GenattrError(f"{path}: no world base model; run `genattr world build`")
+    return load_base_pipeline(path, device="cpu", dtype="float32")
 
 
 def _main(argv: Sequence[str] | None = None) -> None:

@@ -1,31 +1,254 @@
-"""`genattr demo`: the whole evaluation path on a built-in world, end to end, on a laptop CPU.
+"""`genattr demo`: the whole method on the miniature world, on a laptop CPU, in minutes.
 
-Until the miniature image world exists, the world is the synthetic feature-space benchmark
-(`genattr.world.synthetic`). The demo writes it in the authors' `.pth` formats, evaluates it
-through the same file-level function as `genattr evaluate`, once on raw features and once with
-the oracle synth head, and leaves every file behind for inspection.
+The world ships with the package: clip-art training images, a base text-to-image model trained
+here, and its AbC benchmark (customized models' samples whose exemplars are known). The demo
+unpacks it into PNG files and runs, stage by stage, the same public functions a user runs on
+their own data: extract features for several backbones, train a head per backbone on the
+train models, calibrate it on the val models, evaluate raw features and head on the test
+models, attribute a few test queries, sample the base model, and write `report.html`.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from genattr.data.official import save_gallery_pth, save_mapper_pth, save_testcase_pth
-from genattr.evaluate import EvaluationResult, evaluate_files
-from genattr.world.synthetic import make_synthetic_benchmark
+import numpy as np
+
+from genattr.data.benchmark import write_manifest
+from genattr.evaluate import EvaluationResult
+
+# Raw pixels (no learning), ImageNet content features, and a style descriptor.
+DEMO_BACKBONES = ("pixel", "efficientnet-lite0-96", "efficientnet-lite0-gram")
+CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
+TABLE_KS = (5, 10, 100)
+PARTS = ("pretrain", "exemplars", "synth")
 
 
-def run_demo(out: str | os.PathLike, seed: int = 0) -> dict[str, EvaluationResult]:
-    out = Path(out)
-    bench = make_synthetic_benchmark(seed=seed)
-    paths = {name: out / f"{name}.pth" for name in ("gallery", "test", "mapper")}
-    save_gallery_pth(bench.gallery, paths["gallery"])
-    save_testcase_pth(bench.testcase, paths["test"])
-    save_mapper_pth(bench.oracle_mappers, paths["mapper"])
-    return {
-        "raw features": evaluate_files(paths["gallery"], paths["test"], out / "results_raw.json"),
-        "with oracle head": evaluate_files(
-            paths["gallery"], paths["test"], out / "results_head.json", mapper=paths["mapper"]
-        ),
+@dataclass
+class BackboneOutcome:
+    """Everything the report shows for one feature space."""
+
+    name: str
+    raw: EvaluationResult
+    head: EvaluationResult
+    history: list[dict]
+    best_epoch: int
+    calibration: dict
+    reliability_plot: Path | None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def mean_map(self, which: str) -> float:
+        res = self.raw if which == "raw" else self.head
+        return float(np.mean([v["mAP"] for v in res.summary().values()]))
+
+
+@dataclass
+class DemoResult:
+    out: Path
+    report: Path
+    outcomes: dict[str, BackboneOutcome]
+    best: str
+    seconds: dict[str, float]
+
+
+def _log_default(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg)
+
+
+def run_demo(
+    out: str | os.PathLike = "demo-out",
+    backbones: Sequence[str] = DEMO_BACKBONES,
+    head: str = "linear",
+    epochs: int = 30,
+    n_queries: int = 4,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> DemoResult:
+    """Run every stage into `out` (reusing finished stores) and write `out/report.html`."""
+    from genattr.features.extract import extract
+    from genattr.heads.train import TrainConfig, train_heads_from_stores
+    from genattr.world.benchmark import load_benchmark
+    from genattr.world.clipart import load_data
+
+    log = log or _log_default
+    out = Path(out).resolve()
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    data, bench = load_data(), load_benchmark()
+    manifest, dirs = bench.write_images(data, out / "world")
+    manifest_path = out / "world" / "manifest.json"
+    write_manifest(manifest, manifest_path)
+    test = manifest.split("test")
+    seconds["unpack"] = time.perf_counter() - t0
+    log(
+        f"world: {len(data.indices('pretrain'))} training images, {len(manifest.models)} "
+        f"customized models ({len(test.models)} for testing), {len(bench.images)} samples"
+    )
+
+    outcomes: dict[str, BackboneOutcome] = {}
+    for name in backbones:
+        t: dict[str, float] = {}
+        stores = {p: out / "stores" / name / p for p in PARTS}
+        t0 = time.perf_counter()
+        for part in PARTS:
+            log(f"[{name}] extracting {part}")
+            extract(name, dirs[part], stores[part], workers=0, progress=progress)
+        t["extract"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log(f"[{name}] training a {head} head on the train models")
+        head_dir = out / "heads" / name
+        trained = train_heads_from_stores(
+            manifest_path,
+            stores["exemplars"],
+            stores["synth"],
+            head_dir,
+            TrainConfig(head=head, epochs=epochs),
+            distractors=stores["pretrain"],
+            progress=progress,
+        )
+        t["train head"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log(f"[{name}] calibrating on the val models")
+        cal_path = out / "calibrators" / f"{name}.json"
+        cal_path.parent.mkdir(parents=True, exist_ok=True)
+        from genattr.calibrate import calibrate_from_stores
+
+        cal = calibrate_from_stores(
+            manifest_path,
+            stores["exemplars"],
+            stores["synth"],
+            stores["pretrain"],
+            cal_path,
+            head=head_dir,
+        )
+        t["calibrate"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log(f"[{name}] evaluating on the test models")
+        raw, mapped = _evaluate(name, stores, test, head_dir, out / "results")
+        t["evaluate"] = time.perf_counter() - t0
+        plot = cal_path.with_suffix(".reliability.png")
+        outcomes[name] = BackboneOutcome(
+            name,
+            raw,
+            mapped,
+            trained.history,
+            trained.best_epoch,
+            cal.fit_report,
+            plot if plot.is_file() else None,
+            t,
+        )
+        log(
+            f"[{name}] test mAP raw {outcomes[name].mean_map('raw'):.3f}, "
+            f"with head {outcomes[name].mean_map('head'):.3f}"
+        )
+        seconds.update({f"{name}: {k}": v for k, v in t.items()})
+
+    best = max(outcomes, key=lambda n: outcomes[n].mean_map("head"))
+    t0 = time.perf_counter()
+    log(f"attributing {n_queries} test queries with {best} + head")
+    answers, queries = _attribute_examples(out, best, test, n_queries)
+    seconds["attribute"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log("sampling the base model")
+    base_grid = _base_model_grid(data, out / "figures" / "base_samples.png")
+    seconds["base samples"] = time.perf_counter() - t0
+
+    from genattr.report.demo_report import write_demo_report
+
+    seconds["total"] = time.perf_counter() - t_start
+    report = write_demo_report(
+        out / "report.html",
+        data=data,
+        bench=bench,
+        manifest=manifest,
+        outcomes=outcomes,
+        best=best,
+        answers=answers,
+        queries=queries,
+        base_grid=base_grid,
+        seconds=seconds,
+    )
+    summary = {
+        name: {"raw": o.raw.summary(), "head": o.head.summary(), "seconds": o.seconds}
+        for name, o in outcomes.items()
     }
+    (out / "summary.json").write_text(json.dumps({"best": best, "backbones": summary}, indent=1))
+    return DemoResult(out, report, outcomes, best, seconds)
+
+
+def _evaluate(
+    name: str, stores: dict[str, Path], test, head_dir: Path, results_dir: Path
+) -> tuple[EvaluationResult, EvaluationResult]:
+    """The test models against the pre-training gallery (the authors' protocol: exemplars
+    plus distractors), raw and through the head, with recall at every K of the curves."""
+    from genattr.evaluate import evaluate_protocol, write_results
+    from genattr.heads.train import load_heads
+    from genattr.store import EmbeddingStore
+    from genattr.store.join import testcase_from_stores
+
+    gallery = EmbeddingStore.open(stores["pretrain"]).vectors
+    tc, _ = testcase_from_stores(
+        test, EmbeddingStore.open(stores["exemplars"]), EmbeddingStore.open(stores["synth"])
+    )
+    raw = evaluate_protocol(gallery, tc, CURVE_KS)
+    mapped = evaluate_protocol(gallery, tc, CURVE_KS, mappers=load_heads(head_dir)[0])
+    results_dir.mkdir(parents=True, exist_ok=True)
+    for res, which in ((raw, "raw"), (mapped, "head")):
+        write_results(res, results_dir / f"{name}.{which}.json", backbone=name, split="test")
+    return raw, mapped
+
+
+def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[Any], list[Any]]:
+    """Index the whole training set (pre-training images and exemplars) with the best head and
+    attribute the first sample of a few test models, half objects and half styles."""
+    from genattr.attribution import attribute
+    from genattr.search.index import build_index_from_store
+
+    stores = out / "stores" / backbone
+    index = out / "index"
+    build_index_from_store(
+        [stores / "pretrain", stores / "exemplars"], index, head=out / "heads" / backbone
+    )
+    objects = [m for m in test.models if m.mode == "object"]
+    styles = [m for m in test.models if m.mode == "style"]
+    chosen = objects[: n - n // 2] + styles[: n // 2]
+    chosen += [m for m in test.models if m not in chosen][: n - len(chosen)]
+    picks = [(m, next(iter(m.synth.values()))[0]) for m in chosen]
+    answers = attribute(
+        [p for _, p in picks],
+        index,
+        out / "calibrators" / f"{backbone}.json",
+        top_k=10,
+    )
+    return answers, [m for m, _ in picks]
+
+
+def _base_model_grid(data, path: Path, n: int = 16) -> Path:
+    """Samples of the shipped base model for captions of its own training images, each row of
+    samples under the row of the real images those captions describe."""
+    from genattr.world.base import image_grid, load_world_base, sample
+
+    pipe = load_world_base()
+    idx = data.indices("pretrain")
+    pick = idx[np.random.default_rng(7).permutation(len(idx))[:n]]
+    images = sample(pipe, data.captions(pick), steps=20, guidance=3.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    real = data.images[pick]
+    image_grid(np.concatenate([real[:8], images[:8], real[8:], images[8:]]), cols=8, scale=3).save(
+        path
+    )
+    return path

@@ -1,0 +1,245 @@
+"""The miniature world's AbC benchmark: one Custom Diffusion model per held-out exemplar set.
+
+Made with `genattr.customize` (a plan and `make_benchmark`), exactly as a GPU user makes an
+AbC benchmark on Stable Diffusion, then packed into the repository: every synthesized image in
+one compressed `world_bench{size}.npz` and the models in `world_bench{size}.json` (mode,
+category, split, exemplar indices into the world data, prompts, and where each prompt type's
+images sit in the array). `WorldBenchmark.write_images` unpacks it into PNG files and a
+genattr manifest, so the demo reads it through the same code as any benchmark on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genattr.atomic import atomic_path, write_text_atomic
+from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, read_manifest
+from genattr.errors import GenattrError
+from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data
+
+BENCH_FORMAT_VERSION = 1
+BENCH_IMAGES = "world_bench{size}.npz"
+BENCH_META = "world_bench{size}.json"
+
+# The authors' two prompt types per mode, in the world's words (prompt_sets/world-*.json).
+WORLD_PROMPT_SETS = {
+    "object": ["world-object-attributes", "world-object-scenes"],
+    "style": ["world-style-object", "world-style-scene"],
+}
+# More test models than the authors' 80/10/10: the world has 87 models, not thousands.
+WORLD_SPLIT = {"train": 0.6, "val": 0.2, "test": 0.2}
+# Custom Diffusion on a 4M-parameter pixel model: a higher learning rate than Stable
+# Diffusion's 1e-5 (the tiny model was trained at 1e-3), no rescale augmentation (at 32 px it
+# only blurs) and no prior-preservation images.
+WORLD_TRAIN = {
+    "resolution": 32,
+    "initializer_token": "clipart",
+    "learning_rate": 5e-4,
+    "max_train_steps": 150,
+    "augment": False,
+}
+WORLD_SAMPLE = {"steps": 20, "guidance_scale": 3.0, "images_per_prompt": 4}
+
+
+def object_category(folder: str) -> str:
+    """The object word of an exemplar's folder ('food/fruit' -> 'fruit')."""
+    return folder.rsplit("/", 1)[-1]
+
+
+def write_plan(
+    data: ClipartData,
+    base: str | os.PathLike,
+    work: str | os.PathLike,
+    train: dict[str, Any] | None = None,
+    sample: dict[str, Any] | None = None,
+    models: list[str] | None = None,
+) -> Path:
+    """Exemplar PNGs (named by their index in the world data) and `plan.json` in `work`."""
+    from PIL import Image
+
+    work = Path(work)
+    held = data.models()
+    chosen = sorted(held) if models is None else models
+    unknown = sorted(set(chosen) - set(held))
+    if unknown:
+        raise GenattrError(f"no held-out exemplar set named {unknown}")
+    entries = []
+    for mid in chosen:
+        folder = work / "exemplars" / mid
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in held[mid]:
+            path = folder / f"{i:05d}.png"
+            if not path.is_file():
+                with atomic_path(path) as tmp:
+                    Image.fromarray(data.images[i]).save(tmp, format="PNG")
+        first = data.records[held[mid][0]]
+        mode = "style" if first["split"] == "style-exemplar" else "object"
+        entry: dict[str, Any] = {"id": mid, "mode": mode, "exemplars": f"exemplars/{mid}/"}
+        if mode == "object":
+            entry["category"] = object_category(first["folder"])
+        entries.append(entry)
+    plan = {
+        "format_version": 1,
+        "name": f"world{data.images.shape[1]}",
+        "base": str(Path(base).resolve()),
+        "device": "cpu",
+        "dtype": "float32",
+        "train": {**WORLD_TRAIN, **(train or {})},
+        "sample": {**WORLD_SAMPLE, **(sample or {})},
+        "split": WORLD_SPLIT,
+        "prompt_sets": WORLD_PROMPT_SETS,
+        "models": entries,
+    }
+    path = work / "plan.json"
+    write_text_atomic(path, json.dumps(plan, indent=1) + "\n")
+    return path
+
+
+def build_benchmark(
+    base: str | os.PathLike,
+    work: str | os.PathLike,
+    data: ClipartData | None = None,
+    engine: str = "local",
+    models: list[str] | None = None,
+    train: dict[str, Any] | None = None,
+    sample: dict[str, Any] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BenchmarkManifest:
+    """Customize and sample every held-out set (resumable: finished models are skipped)."""
+    from genattr.customize.driver import make_benchmark
+
+    data = data or load_data()
+    plan = write_plan(data, base, work, train, sample, models)
+    manifest, _ = make_benchmark(plan, Path(work) / "bench", engine=engine, log=log)
+    return manifest
+
+
+@dataclass
+class WorldBenchmark:
+    """The packed benchmark: synthesized images (N, S, S, 3) uint8 and one record per model."""
+
+    images: np.ndarray
+    models: list[dict[str, Any]]
+    info: dict[str, Any]
+
+    def write_images(
+        self, data: ClipartData, out: str | os.PathLike
+    ) -> tuple[BenchmarkManifest, dict[str, Path]]:
+        """PNG files for the gallery, the exemplars and the synthesized images, and a genattr
+        manifest with absolute paths; returns it and the three folders."""
+        from PIL import Image
+
+        out = Path(out).resolve()
+        dirs = {k: out / k for k in ("pretrain", "exemplars", "synth")}
+
+        def save(arr: np.ndarray, path: Path) -> str:
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    Image.fromarray(arr).save(tmp, format="PNG")
+            return str(path)
+
+        for i in data.indices("pretrain"):
+            save(data.images[i], dirs["pretrain"] / f"{i:05d}.png")
+        models = []
+        for m in self.models:
+            exemplars = [
+                save(data.images[i], dirs["exemplars"] / m["id"] / f"{i:05d}.png")
+                for i in m["exemplars"]
+            ]
+            synth = {
+                ptype: [
+                    save(self.images[start + k], dirs["synth"] / ptype / m["id"] / f"{k:03d}.png")
+                    for k in range(count)
+                ]
+                for ptype, (start, count) in m["synth"].items()
+            }
+            models.append(
+                CustomizedModel(
+                    m["id"],
+                    exemplars,
+                    synth,
+                    m.get("category"),
+                    m["mode"],
+                    m["split"],
+                    extra={"prompts": m["prompts"]},
+                )
+            )
+        return BenchmarkManifest(self.info.get("name", "world"), models), dirs
+
+
+def pack_benchmark(
+    work: str | os.PathLike, out: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32
+) -> Path:
+    """Pack `work/bench` (made by `build_benchmark`) into `out`'s npz + json."""
+    from PIL import Image
+
+    work = Path(work)
+    manifest = read_manifest(work / "bench" / "manifest.json")
+    plan = json.loads((work / "bench" / "plan.json").read_text())
+    images: list[np.ndarray] = []
+    models = []
+    for m in manifest.models:
+        synth = {}
+        for ptype, paths in m.synth.items():
+            synth[ptype] = [len(images), len(paths)]
+            for p in paths:
+                with Image.open(work / p) as im:
+                    images.append(np.asarray(im.convert("RGB")))
+        models.append(
+            {
+                "id": m.id,
+                "mode": m.mode,
+                "category": m.category,
+                "split": m.split,
+                "exemplars": [int(Path(p).stem) for p in m.exemplars],
+                "prompts": m.extra["prompts"],
+                "train_prompt": m.extra["train_prompt"],
+                "synth": synth,
+            }
+        )
+    if not images or images[0].shape != (size, size, 3):
+        raise GenattrError(f"{work}: expected {size}x{size} synthesized images")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / BENCH_IMAGES.format(size=size)) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, images=np.stack(images))
+    meta = {
+        "kind": "genattr.world.benchmark",
+        "format_version": BENCH_FORMAT_VERSION,
+        "name": manifest.name,
+        "train": plan.get("train"),
+        "sample": plan.get("sample"),
+        "split": plan.get("split"),
+        "prompt_sets": plan.get("prompt_sets"),
+        "models": models,
+    }
+    write_text_atomic(out / BENCH_META.format(size=size), json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def load_benchmark(
+    directory: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32
+) -> WorldBenchmark:
+    """The shipped (or rebuilt) world benchmark."""
+    d = Path(directory)
+    meta_path, img_path = d / BENCH_META.format(size=size), d / BENCH_IMAGES.format(size=size)
+    if not meta_path.is_file() or not img_path.is_file():
+        raise GenattrError(f"{d}: no world benchmark; run `genattr world build`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != BENCH_FORMAT_VERSION:
+        raise GenattrError(f"{meta_path}: format_version {meta.get('format_version')} unknown")
+    with np.load(img_path) as z:
+        images = z["images"]
+    models = meta.pop("models")
+    total = sum(c for m in models for _, c in m["synth"].values())
+    if total != len(images):
+        raise GenattrError(f"{d}: {len(images)} images but the models name {total}")
+    return WorldBenchmark(images, models, meta)
