@@ -71,7 +71,7 @@ def test_world_benchmark_is_built_packed_and_resumed(tmp_path) -> None:
     assert sorted(by_id["object-000"].synth) == ["gpt", "media"]
     for m in manifest.models:
         for paths in m.synth.values():
-            assert len(paths) == 10 * 2  # ten prompts, two images each
+            assert len(paths) == 5 * 2  # five prompts, two images each
 
     states = sorted((work / "bench" / "state").glob("*.json"))
     before = {p: p.stat().st_mtime_ns for p in states}
@@ -80,7 +80,7 @@ def test_world_benchmark_is_built_packed_and_resumed(tmp_path) -> None:
 
     pack_benchmark(work, tmp_path / "packed", size=16)
     packed = load_benchmark(tmp_path / "packed", size=16)
-    assert packed.images.shape == (3 * 2 * 20, 16, 16, 3)
+    assert packed.images.shape == (3 * 2 * 10, 16, 16, 3)
     recs = {m["id"]: m for m in packed.models}
     assert recs["style-000"]["exemplars"] == [8, 9] and recs["object-000"]["exemplars"] == [6]
     prompt = recs["object-001"]["prompts"]["media"][0]
@@ -112,10 +112,10 @@ def test_world_benchmark_refuses_a_broken_pack(tmp_path) -> None:
         load_benchmark(tmp_path)
 
 
-def test_world_prompt_sets_render_ten_prompts_with_the_token() -> None:
+def test_world_prompt_sets_render_five_prompts_with_the_token() -> None:
     for mode, names in WORLD_PROMPT_SETS.items():
         for name in names:
             ps = load_prompt_set(name)
             assert ps.mode == mode
             prompts = ps.render("fruit" if mode == "object" else None)
-            assert len(prompts) == 10 and all("<new1>" in p for p in prompts)
+            assert len(prompts) == 5 and all("<new1>" in p for p in prompts)
