@@ -203,15 +203,6 @@ def test_real_process_exit_code(bench_files):
     assert not (d / "r.json").exists()
 
 
-def test_demo_head_helps(tmp_path):
-    res = run("demo", "--out", tmp_path)
-    assert res.exit_code == 0, res.output
-    raw = json.loads((tmp_path / "results_raw.json").read_text())["results"]
-    head = json.loads((tmp_path / "results_head.json").read_text())["results"]
-    for ptype in raw:
-        assert head[ptype]["mAP"] > raw[ptype]["mAP"] + 0.1
-
-
 def test_evaluate_on_stores_equals_pth(bench_files):
     from genattr.store import EmbeddingStore
 

@@ -208,6 +208,13 @@ def write_demo_report(
         f"<p>Top-10 training images by {html.escape(best)} + head, sized by calibrated "
         "influence; true exemplars outlined in green. Left of each row, the model's exemplars.</p>"
     )
+
+    def describe(r: Any) -> str:
+        """The training image's caption (its file is named by its index in the world data)."""
+        stem = Path(r.path).stem
+        text = data.records[int(stem)]["caption"] if stem.isdigit() else r.id
+        return html.escape(text)
+
     for a, m in zip(answers, queries, strict=True):
         truth = "".join(img_tag(p, 64, "exemplar") for p in m.exemplars[:6])
         what = m.mode + (f", {html.escape(m.category)}" if m.category else "")
@@ -216,7 +223,7 @@ def write_demo_report(
             f"<div class='grid'>{truth}</div>"
             "<figcaption>true exemplars</figcaption></figure></div>"
         )
-        parts.append(attribution_section(a, set(m.exemplars)))
+        parts.append(attribution_section(a, set(m.exemplars), caption=describe))
     sample_models = [m for m in manifest.models if m.split == "test"][:6]
     parts += [
         "</section><section class='block'><h2>The world's models</h2>",

@@ -534,8 +534,14 @@ def base_model_dir(size: int = 32) -> Path:
 
 def load_world_base(path: str | os.PathLike | None = None) -> StableDiffusionPipeline:
     """The shipped (or a given) world base model, in float32 on the CPU."""
+    import diffusers
+    import transformers
+
     from genattr.customize.pipeline import load_base_pipeline
 
+    diffusers.utils.logging.set_verbosity_error()  # the identity VAE is not an AutoencoderKL
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()  # long captions are cut to max_length, as trained
     path = Path(path) if path is not None else base_model_dir()
     if not (path / "model_index.json").is_file():
         raise GenattrError(f"{path}: no world base model; run `genattr world build`")

@@ -101,12 +101,12 @@ def run_demo(
         stores = {p: out / "stores" / name / p for p in PARTS}
         t0 = time.perf_counter()
         for part in PARTS:
-            log(f"[{name}] extracting {part}")
+            log(f"{name}: extracting {part}")
             extract(name, dirs[part], stores[part], workers=0, progress=progress)
         t["extract"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        log(f"[{name}] training a {head} head on the train models")
+        log(f"{name}: training a {head} head on the train models")
         head_dir = out / "heads" / name
         trained = train_heads_from_stores(
             manifest_path,
@@ -120,7 +120,7 @@ def run_demo(
         t["train head"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        log(f"[{name}] calibrating on the val models")
+        log(f"{name}: calibrating on the val models")
         cal_path = out / "calibrators" / f"{name}.json"
         cal_path.parent.mkdir(parents=True, exist_ok=True)
         from genattr.calibrate import calibrate_from_stores
@@ -136,7 +136,7 @@ def run_demo(
         t["calibrate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        log(f"[{name}] evaluating on the test models")
+        log(f"{name}: evaluating on the test models")
         raw, mapped = _evaluate(name, stores, test, head_dir, out / "results")
         t["evaluate"] = time.perf_counter() - t0
         plot = cal_path.with_suffix(".reliability.png")
@@ -151,7 +151,7 @@ def run_demo(
             t,
         )
         log(
-            f"[{name}] test mAP raw {outcomes[name].mean_map('raw'):.3f}, "
+            f"{name}: test mAP raw {outcomes[name].mean_map('raw'):.3f}, "
             f"with head {outcomes[name].mean_map('head'):.3f}"
         )
         seconds.update({f"{name}: {k}": v for k, v in t.items()})
@@ -237,7 +237,7 @@ def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[An
     return answers, [m for m, _ in picks]
 
 
-def _base_model_grid(data, path: Path, n: int = 16) -> Path:
+def _base_model_grid(data, path: Path, n: int = 8) -> Path:
     """Samples of the shipped base model for captions of its own training images, each row of
     samples under the row of the real images those captions describe."""
     from genattr.world.base import image_grid, load_world_base, sample
@@ -245,10 +245,7 @@ def _base_model_grid(data, path: Path, n: int = 16) -> Path:
     pipe = load_world_base()
     idx = data.indices("pretrain")
     pick = idx[np.random.default_rng(7).permutation(len(idx))[:n]]
-    images = sample(pipe, data.captions(pick), steps=20, guidance=3.0)
+    images = sample(pipe, data.captions(pick), steps=15, guidance=3.0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    real = data.images[pick]
-    image_grid(np.concatenate([real[:8], images[:8], real[8:], images[8:]]), cols=8, scale=3).save(
-        path
-    )
+    image_grid(np.concatenate([data.images[pick], images]), cols=n, scale=3).save(path)
     return path
