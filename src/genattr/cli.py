@@ -467,12 +467,18 @@ def serve(
         max_upload_bytes=int(max_upload_mb * 2**20), default_top_k=top_k, max_top_k=max_top_k
     )
     if index is None:
-        from genattr.serve.world_index import world_cache_dir
+        from genattr.serve.world_index import demo_index, world_cache_dir
 
-        _log(
-            "no --index: serving the miniature world's gallery "
-            f"(indexed once, in {world_cache_dir()})"
-        )
+        found = demo_index()
+        if found is not None:
+            index, calibrator = found[0], calibrator or found[1]
+            _log(f"no --index: serving the demo's index {index} (calibrator {calibrator})")
+        else:
+            _log(
+                "no --index: serving the miniature world's gallery "
+                f"(indexed once, in {world_cache_dir()}; run `genattr demo` first for a "
+                "trained head and calibrated influence)"
+            )
     run(index, calibrator, host, port, limits, weights, device)
 
 
