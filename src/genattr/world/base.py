@@ -120,8 +120,9 @@ def build_models(cfg: BaseConfig, tokenizer: Any) -> tuple[Any, Any]:
 
 
 def make_scheduler() -> Any:
-    """DDIM over the linear DDPM schedule (pixel space). No x0 clipping: StableDiffusionPipeline
-    turns `clip_sample` off anyway (with a deprecation warning)."""
+    """DDIM over the linear DDPM schedule (pixel space). Predicted images are clipped to the
+    pixel range, as pixel-space DDPM samplers do; StableDiffusionPipeline forces `clip_sample`
+    off, so the clipping is `thresholding` with a ceiling of 1 (the same clamp to [-1, 1])."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -130,6 +131,8 @@ def make_scheduler() -> Any:
         beta_end=0.02,
         beta_schedule="linear",
         clip_sample=False,
+        thresholding=True,
+        sample_max_value=1.0,
         set_alpha_to_one=False,
         steps_offset=1,
     )
