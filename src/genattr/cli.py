@@ -265,6 +265,16 @@ def extract(
         str | None, typer.Option(help="mild or strong: also embed augmented views.")
     ] = None,
     views: Annotated[int, typer.Option(help="Views per image with --augment (view 0 as is).")] = 1,
+    engine: Annotated[
+        str, typer.Option(help="local, or ray: Ray Data batch inference (same store).")
+    ] = "local",
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Ray: model actors (default one per GPU, or per CPU but one)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")
+    ] = None,
 ) -> None:
     """Embed a collection of images into an embedding store; re-run to resume."""
     from genattr.features.extract import extract as run_extract
@@ -286,6 +296,9 @@ def extract(
         progress=progress,
         augment=augment,
         views=views,
+        engine=engine,
+        concurrency=concurrency,
+        ray_address=ray_address,
     )
     resumed = f", resumed after {r.resumed_from}" if r.resumed_from else ""
     console.print(
