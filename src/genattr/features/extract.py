@@ -469,6 +469,10 @@ def extract(
         raise GenattrError("--device cuda was asked for, but torch sees no CUDA device")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise GenattrError(f"--device must be cpu or cuda, got {device!r}")
+    if engine == "ray":
+        from genattr.features.extract_ray import import_ray
+
+        import_ray()  # before any store is created
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     out = Path(out)
 
