@@ -392,13 +392,16 @@ def index_build(
     store: Annotated[Path, typer.Option(help="Embedding store of the training images.")],
     out: Annotated[Path, typer.Option(help="Index directory.")],
     head: Annotated[Path | None, typer.Option(help="Head directory from train-head.")] = None,
-    kind: Annotated[str, typer.Option(help="auto, flat, ivf or ivfpq.")] = "auto",
+    kind: Annotated[
+        str, typer.Option(help="auto, flat, ivf, ivfpq, ivf-ondisk or ivfpq-ondisk.")
+    ] = "auto",
     memory_budget: Annotated[str, typer.Option(help="RAM the index may use, e.g. 4GB.")] = "4GB",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Index a store (FAISS chosen from size and memory budget; similarities re-ranked exactly)."""
     from genattr.search.index import build_index_from_store
 
-    index = build_index_from_store(store, out, head, kind, memory_budget)
+    index = build_index_from_store(store, out, head, kind, memory_budget, progress)
     console.print(
         f"{index.spec.kind} index ({index.spec.factory}) over {index.count:,} images: {out}/"
     )
