@@ -10,7 +10,7 @@ Each build runs in a child process whose memory the parent samples every 20 ms f
 reclaims those under pressure). Then, in this process, one query at a time (as `genattr
 attribute` issues them), top-10: latency and recall@10 against the exact top-10.
 
-    .venv/bin/python benchmarks/index_ondisk.py [--n 300000] [--dim 512] [--budget 256MB]
+    .venv/bin/python benchmarks/index_ondisk.py [--n 400000] [--dim 512] [--budget 256MB]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _ready_line(proc: subprocess.Popen) -> str | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=300_000)
+    ap.add_argument("--n", type=int, default=400_000)
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--budget", default="256MB", help="memory budget of the on-disk builds")

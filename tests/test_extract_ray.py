@@ -69,6 +69,8 @@ def test_ray_engine_writes_the_local_store(local_ray, images, tmp_path):
     # different batch compositions: float tolerance, not bits (matmul blocking)
     _assert_same_store(tmp_path / "local", tmp_path / "ray", atol=1e-5)
     assert local_ray.is_initialized()  # a Ray the caller started is left running
+    with pytest.raises(GenattrError, match="would hold all 2 CPUs"):  # Ray would stall
+        extract("pixel", images, tmp_path / "stall", engine="ray", concurrency=2)
 
 
 def test_ray_engine_resumes_a_crashed_local_run(local_ray, images, tmp_path):

@@ -109,13 +109,20 @@ def embed_with_ray(
     gpu = job.device.startswith("cuda")
     try:
         threads = job.threads or 1
+        resources = ray.cluster_resources()
+        cpus = int(resources.get("CPU", 0))
         if concurrency is None:
-            resources = ray.cluster_resources()
-            # Ray Data deadlocks if the actors hold every CPU: the read tasks need one.
-            free = resources.get("GPU", 0) if gpu else resources.get("CPU", 2) - 1
+            # Ray Data stalls for good if the actors hold every CPU: reading needs one.
+            free = resources.get("GPU", 0) if gpu else cpus - 1
             concurrency = max(1, int(free) // (1 if gpu else threads))
         if concurrency < 1:
             raise GenattrError("--concurrency must be at least 1")
+        if not gpu and concurrency * threads >= cpus:
+            raise GenattrError(
+                f"{concurrency} actor(s) x {threads} thread(s) would hold all {cpus} CPUs of the "
+                "Ray cluster and leave none to read and decode images; lower --concurrency "
+                "or --threads"
+            )
         _run(ray, job, writer, advance, concurrency, threads, gpu)
     finally:
         if started:
