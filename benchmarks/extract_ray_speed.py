@@ -43,7 +43,9 @@ def main() -> None:
     import ray
 
     backbone = make_backbone(args.arch)
-    print(f"backbone {backbone.name}, {args.n} images x {args.rounds} rounds, {os.cpu_count()} CPUs")
+    print(
+        f"backbone {backbone.name}, {args.n} images x {args.rounds} rounds, {os.cpu_count()} cpus"
+    )
     t0 = time.perf_counter()
     ray.init(object_store_memory=1 << 30, include_dashboard=False, logging_level="WARNING")
     print(f"ray.init (local): {time.perf_counter() - t0:.1f} s")
@@ -54,8 +56,10 @@ def main() -> None:
         for engine in ("local", "ray"):
             t0 = time.perf_counter()
             run(backbone, one, tmp / f"one-{engine}", args.batch_size, engine=engine)
-            print(f"fixed cost of one {engine} extract() call (1 image): "
-                  f"{time.perf_counter() - t0:.1f} s")
+            print(
+                f"fixed cost of one {engine} extract() call (1 image): "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
         rates: dict[str, list[float]] = {"local": [], "ray": []}
         for r in range(args.rounds):
             stores = {}
