@@ -175,14 +175,16 @@ def build_index(
     ids: list[str] | None = None,
     paths: list[str] | None = None,
     provenance: dict | None = None,
-    train_size: int = 100_000,
+    train_size: int | None = None,
     seed: int = 0,
     shard_rows: int | None = None,
     progress: bool = False,
 ) -> AttributionIndex:
     """Map (head), normalise and index the gallery in one streaming pass; see the module doc.
 
-    shard_rows: on-disk kinds, rows per build shard (default from the memory budget)."""
+    train_size: rows the quantizer trains on, by default 100,000 or 40 per list if more (faiss
+    wants about 39 per centroid). shard_rows: on-disk kinds, rows per build shard (default
+    from the memory budget)."""
     import faiss
 
     from genattr.progress import progress_bar
@@ -202,6 +204,7 @@ def build_index(
     if spec.kind != "flat":
         index = faiss.index_factory(out_dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
+        train_size = train_size or max(100_000, 40 * spec.nlist)
         sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
         index.train(_mapped_rows(vectors, sample, head))
     if spec.on_disk:
