@@ -304,6 +304,9 @@ class AttributionIndex:
         if on_disk:  # the lists are the file beside index.faiss, wherever it was built
             lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
             lists.filename, lists.read_only = str(path / IVFDATA), True
+            # faiss starts 32 threads per search to prefetch lists: ~1 ms a query here, for
+            # lists the page cache already holds (cold multi-GB lists may want them back)
+            lists.prefetch_nthread = 0
             lists.do_mmap()
         if index.ntotal != meta["count"]:
             raise GenattrError(
