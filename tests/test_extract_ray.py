@@ -71,6 +71,8 @@ def test_ray_engine_writes_the_local_store(local_ray, images, tmp_path):
     assert local_ray.is_initialized()  # a Ray the caller started is left running
     with pytest.raises(GenattrError, match="would hold all 2 CPUs"):  # Ray would stall
         extract("pixel", images, tmp_path / "stall", engine="ray", concurrency=2)
+    with pytest.raises(GenattrError, match="has 0 GPU"):  # an actor would wait forever
+        extract("pixel", images, tmp_path / "gpu", engine="ray", device="cuda")
 
 
 def test_ray_engine_resumes_a_crashed_local_run(local_ray, images, tmp_path):

@@ -117,6 +117,11 @@ def embed_with_ray(
             concurrency = max(1, int(free) // (1 if gpu else threads))
         if concurrency < 1:
             raise GenattrError("--concurrency must be at least 1")
+        if gpu and concurrency > resources.get("GPU", 0):
+            raise GenattrError(
+                f"{concurrency} actor(s) with a GPU each, but the Ray cluster has "
+                f"{int(resources.get('GPU', 0))} GPU(s); lower --concurrency or use --device cpu"
+            )
         if not gpu and concurrency * threads >= cpus:
             raise GenattrError(
                 f"{concurrency} actor(s) x {threads} thread(s) would hold all {cpus} CPUs of the "
@@ -171,9 +176,7 @@ def _run(ray, job, writer, advance, concurrency: int, threads: int, gpu: bool) -
             items, ok = out["item"], out["ok"].astype(bool)
             if len(items) == 0:
                 continue
-            if items[0] != expected or not np.array_equal(
-                items, np.arange(expected, expected + len(items))
-            ):
+            if not np.array_equal(items, np.arange(expected, expected + len(items))):
                 raise GenattrError(
                     f"Ray returned items {items[0]}.. where item {expected} was due; the store "
                     "keeps what was committed, run again to resume"
