@@ -154,12 +154,11 @@ class _OnDiskAdder:
         from faiss.contrib.ondisk import merge_ondisk
 
         self._flush()
-        ivfdata.unlink(missing_ok=True)
         merge_ondisk(self.trained, self.files, str(ivfdata))
         return self.trained
 
 
-def default_shard_rows(memory_budget: int, code_size: int) -> int:
+def _default_shard_rows(memory_budget: int, code_size: int) -> int:
     """Rows per on-disk build shard: its codes and ids take at most half the budget."""
     return max(BLOCK_ROWS, memory_budget // (2 * (code_size + 8)))
 
@@ -195,6 +194,7 @@ def build_index(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
+    (out / IVFDATA).unlink(missing_ok=True)  # an earlier on-disk build's lists
     build_dir = out / ".build"
     shutil.rmtree(build_dir, ignore_errors=True)
     budget = parse_size(memory_budget)
@@ -210,7 +210,7 @@ def build_index(
     if spec.on_disk:
         build_dir.mkdir()
         code_size = faiss.extract_index_ivf(index).code_size
-        adder = _OnDiskAdder(index, build_dir, shard_rows or default_shard_rows(budget, code_size))
+        adder = _OnDiskAdder(index, build_dir, shard_rows or _default_shard_rows(budget, code_size))
     header = {"descr": "<f4", "fortran_order": False, "shape": (n, out_dim)}
     # written with plain file writes, not a memory map: the build's memory stays one block
     with atomic_path(out / "vectors.npy") as tmp, open(tmp, "wb") as f:
