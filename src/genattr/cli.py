@@ -274,6 +274,16 @@ def extract(
         str | None, typer.Option(help="mild or strong: also embed augmented views.")
     ] = None,
     views: Annotated[int, typer.Option(help="Views per image with --augment (view 0 as is).")] = 1,
+    engine: Annotated[
+        str, typer.Option(help="local, or ray: Ray Data batch inference (same store).")
+    ] = "local",
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Ray: model actors (default one per GPU, or per CPU but one)."),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")
+    ] = None,
 ) -> None:
     """Embed a collection of images into an embedding store; re-run to resume."""
     from genattr.features.extract import extract as run_extract
@@ -295,6 +305,9 @@ def extract(
         progress=progress,
         augment=augment,
         views=views,
+        engine=engine,
+        concurrency=concurrency,
+        ray_address=ray_address,
     )
     resumed = f", resumed after {r.resumed_from}" if r.resumed_from else ""
     console.print(
@@ -391,14 +404,17 @@ def index_build(
     ],
     out: Annotated[Path, typer.Option(help="Index directory.")],
     head: Annotated[Path | None, typer.Option(help="Head directory from train-head.")] = None,
-    kind: Annotated[str, typer.Option(help="auto, flat, ivf or ivfpq.")] = "auto",
+    kind: Annotated[
+        str, typer.Option(help="auto, flat, ivf, ivfpq, ivf-ondisk or ivfpq-ondisk.")
+    ] = "auto",
     memory_budget: Annotated[str, typer.Option(help="RAM the index may use, e.g. 4GB.")] = "4GB",
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Index a store (FAISS chosen from size and memory budget; similarities re-ranked exactly)."""
     from genattr.search.index import build_index_from_store
 
     index = build_index_from_store(
-        store if len(store) > 1 else store[0], out, head, kind, memory_budget
+        store if len(store) > 1 else store[0], out, head, kind, memory_budget, progress
     )
     console.print(
         f"{index.spec.kind} index ({index.spec.factory}) over {index.count:,} images: {out}/"

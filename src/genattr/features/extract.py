@@ -3,12 +3,15 @@
 Decoding runs in worker processes (a torch DataLoader) while the main process runs the model,
 so on a CPU the cores go to the forward pass and decoding hides behind it. Images that cannot
 be decoded are recorded in STORE/failed.parquet (source_index, id, path, reason) and skipped.
+With engine="ray" the same items are decoded by Ray tasks and embedded by Ray actors holding
+the model (genattr.features.extract_ray); either way this process writes the store, through
+the same `ShardWriter`, so both engines write the same shards.
 
 Resuming: store.json's extra["extraction"]["cursor"] is the number of source items fully
-accounted for (embedded in a committed shard, or failed). Batches never straddle a shard, and
-shards close after exactly `shard_size` vectors, so a run killed at any moment and started
-again recomputes the same batches and ends with the same store (ids and vectors) as one that
-was never interrupted.
+accounted for (embedded in a committed shard, or failed). Shards close after exactly
+`shard_size` vectors, and the local engine's batches never straddle a shard, so a run killed
+at any moment and started again recomputes the same batches and ends with the same store (ids
+and vectors) as one that was never interrupted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,12 @@ from typing import Any
 import numpy as np
 
 from genattr.errors import GenattrError
+from genattr.progress import progress_bar
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_SHARD_SIZE = 10_000
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
+ENGINES = ("local", "ray")
 FAILED_FILE = "failed.parquet"
 
 
@@ -55,21 +60,21 @@ class ExtractResult:
         return done / self.seconds if self.seconds > 0 else float("nan")
 
 
-class _DecodeDataset:
-    """Item k -> (source_index, float32 array | None, failure reason | None); runs in workers."""
+class ItemDecoder:
+    """Source item i -> (i, float32 array | None, failure reason | None).
 
-    def __init__(self, source, start: int, preprocess, max_pixels: int | None, shape, augment=None):
-        self.source, self.start, self.preprocess = source, start, preprocess
+    Picklable (a columnar source and frozen dataclasses), so it runs in DataLoader workers and
+    in Ray tasks alike.
+    """
+
+    def __init__(self, source, preprocess, max_pixels: int | None, shape, augment=None):
+        self.source, self.preprocess = source, preprocess
         self.max_pixels, self.shape, self.augment = max_pixels, tuple(shape), augment
         self.views = source.columns.get("view")
 
-    def __len__(self) -> int:
-        return len(self.source) - self.start
-
-    def __getitem__(self, k: int):
+    def __call__(self, i: int) -> tuple[int, np.ndarray | None, str | None]:
         from genattr.data.images import ImageDecodeError, load_rgb
 
-        i = self.start + k
         if i in self.source.prefailed:
             return i, None, self.source.prefailed[i]
         try:
@@ -89,6 +94,19 @@ class _DecodeDataset:
         if not np.isfinite(arr).all():
             return i, None, "preprocess gave NaN or Inf values"
         return i, arr, None
+
+
+class _DecodeDataset:
+    """Items start.. of a source as a torch map-style dataset (runs in DataLoader workers)."""
+
+    def __init__(self, decoder: ItemDecoder, start: int):
+        self.decoder, self.start = decoder, start
+
+    def __len__(self) -> int:
+        return len(self.decoder.source) - self.start
+
+    def __getitem__(self, k: int):
+        return self.decoder(self.start + k)
 
 
 def _collate(items):
@@ -174,29 +192,24 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-def _progress_bar(enabled: bool, total: int, done: int):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+def embed_arrays(
+    backbone, pixels: np.ndarray, device: str, dtype: str, channels_last: bool
+) -> np.ndarray:
+    """One forward pass: preprocessed (B, ...) float32 -> (B, dim) float32, shape checked."""
+    import torch
 
-    progress = Progress(
-        TextColumn("[bold]extract"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        disable=not enabled,
-        transient=False,
-    )
-    task = progress.add_task("extract", total=total, completed=done, rate="   -")
-    return progress, task
+    x = torch.from_numpy(np.ascontiguousarray(pixels))
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(device, non_blocking=True)
+    with torch.inference_mode(), _autocast(device.split(":")[0], dtype):
+        y = backbone.embed(x)
+    y = y.float().cpu().numpy()
+    if y.shape != (len(pixels), backbone.dim):
+        raise GenattrError(
+            f"backbone {backbone.name} returned {y.shape}, expected ({len(pixels)}, {backbone.dim})"
+        )
+    return y
 
 
 class _FailureLog:
@@ -238,6 +251,73 @@ class _FailureLog:
         return len(rows)
 
 
+class ShardWriter:
+    """Turns results in source order into committed shards of exactly `shard_size` vectors.
+
+    Each commit writes failed.parquet, then the shard and the new cursor in one store.json
+    update. Failures must be reported before the vectors that follow them (`fail` before
+    `add` for the same batch is enough): a commit records every failure below its cursor.
+    """
+
+    def __init__(self, store, source, settings: dict[str, Any]):
+        self.store, self.source, self.settings = store, source, settings
+        self.state = store.extra["extraction"]
+        self.start = int(self.state["cursor"])
+        self.total = len(source)
+        self.failures = _FailureLog(store.path / FAILED_FILE, self.start)
+        self.failed_before = len(self.failures.rows)
+        self.extracted = 0
+        self._vecs: list[np.ndarray] = []
+        self._rows: list[int] = []
+
+    @property
+    def room(self) -> int:
+        """Vectors the open shard still takes."""
+        return self.settings["shard_size"] - len(self._rows)
+
+    def fail(self, i: int, reason: str) -> None:
+        self.failures.add(i, self.source, reason)
+
+    def add(self, rows: Sequence[int], vectors: np.ndarray) -> None:
+        """Vectors of source items `rows` (increasing); commits each shard as it fills."""
+        k = 0
+        while k < len(rows):
+            take = min(self.room, len(rows) - k)
+            self._vecs.append(vectors[k : k + take])
+            self._rows.extend(int(r) for r in rows[k : k + take])
+            k += take
+            if self.room == 0:
+                self._commit(self._rows[-1] + 1)
+
+    def finish(self) -> None:
+        self._commit(self.total)
+
+    @property
+    def failed_total(self) -> int:
+        return len([r for r in self.failures.rows if r[0] < self.total])
+
+    def _commit(self, cursor: int) -> None:
+        source = self.source
+        n_fail = self.failures.write(cursor)
+        new_state = {**self.state, **self.settings, "cursor": cursor, "failed": n_fail}
+        new_state["complete"] = cursor >= self.total
+        if self._rows:
+            rows = self._rows
+            cols = {k: [v[i] for i in rows] for k, v in source.columns.items()}
+            cols["source_index"] = list(rows)
+            self.store.append(
+                np.concatenate(self._vecs),
+                [source.ids[i] for i in rows],
+                [source.paths[i] for i in rows],
+                cols,
+                extra={"extraction": new_state},
+            )
+            self.extracted += len(rows)
+        else:
+            self.store.update_extra({"extraction": new_state})
+        self._vecs, self._rows = [], []
+
+
 def _open_store(out: Path, backbone, source, settings: dict[str, Any], store_dtype: str):
     from genattr.store import BackboneInfo, EmbeddingStore
 
@@ -273,6 +353,66 @@ def _open_store(out: Path, backbone, source, settings: dict[str, Any], store_dty
     return store
 
 
+@dataclass
+class EmbedJob:
+    """What an engine needs to embed items start..total-1 and hand them to a ShardWriter."""
+
+    backbone: Any  # Backbone
+    decoder: ItemDecoder
+    start: int
+    batch_size: int
+    device: str
+    dtype: str
+    channels_last: bool
+    workers: int | None  # decode processes (local) or decode tasks in flight (ray); None: auto
+    threads: int | None  # torch threads per model (process or actor)
+
+
+def _embed_local(job: EmbedJob, writer: ShardWriter, advance: Callable[[int], None]) -> None:
+    """Decode in DataLoader workers, embed here; batches never straddle a shard."""
+    import torch
+
+    workers = default_workers() if job.workers is None else job.workers
+    threads = job.threads
+    if threads is None and job.device == "cpu":
+        threads = max(1, (os.cpu_count() or 1) - workers)
+    model = job.backbone.model.eval().to(job.device)
+    loader = torch.utils.data.DataLoader(
+        _DecodeDataset(job.decoder, job.start),
+        batch_size=job.batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers else None,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    batch: list[np.ndarray] = []
+    rows: list[int] = []
+
+    def run_batch() -> None:
+        vectors = embed_arrays(
+            job.backbone, np.stack(batch), job.device, job.dtype, job.channels_last
+        )
+        writer.add(rows, vectors)
+        batch.clear()
+        rows.clear()
+
+    with _torch_threads(threads), _memory_format(model, job.channels_last):
+        for chunk in loader:
+            for i, arr, reason in chunk:
+                if arr is None:
+                    writer.fail(i, reason)
+                    continue
+                batch.append(arr)
+                rows.append(i)
+                if len(batch) >= min(job.batch_size, writer.room):
+                    run_batch()
+            advance(len(chunk))
+        if batch:
+            run_batch()
+
+
 def extract(
     features: Any,
     images: str | os.PathLike,
@@ -293,6 +433,9 @@ def extract(
     augment: str | None = None,
     views: int = 1,
     augment_seed: int = 0,
+    engine: str = "local",
+    concurrency: int | None = None,
+    ray_address: str | None = None,
 ) -> ExtractResult:
     """Embed every image of `images` with backbone `features` into the store at `out`.
 
@@ -305,23 +448,31 @@ def extract(
     augment (mild|strong) with views=K embeds each image K times, view 0 as it is (a `view`
     metadata column tells them apart; see genattr.features.augment). Re-running with the same
     arguments resumes an interrupted run; on a complete store it does nothing.
+    engine="ray" runs the same extraction as Ray Data batch inference: `concurrency` model
+    actors (default: one per GPU, or one on CPU), on the cluster at `ray_address` or on a
+    local Ray started here (see genattr.features.extract_ray); the store is the same.
     """
     import torch
 
     from genattr.data.images import DEFAULT_MAX_PIXELS
-    from genattr.data.sources import open_source
+    from genattr.data.sources import open_source, with_views
 
+    if engine not in ENGINES:
+        raise GenattrError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     if dtype not in COMPUTE_DTYPES:
         raise GenattrError(f"--dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {dtype!r}")
     if store_dtype not in ("fp32", "fp16", "float32", "float16"):
         raise GenattrError(f"store dtype must be fp32 or fp16, got {store_dtype!r}")
     if batch_size < 1 or shard_size < 1:
         raise GenattrError("--batch-size and --shard-size must be positive")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if engine == "local" and device.startswith("cuda") and not torch.cuda.is_available():
         raise GenattrError("--device cuda was asked for, but torch sees no CUDA device")
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise GenattrError(f"--device must be cpu or cuda, got {device!r}")
-    workers = default_workers() if workers is None else int(workers)
+    if engine == "ray":
+        from genattr.features.extract_ray import import_ray
+
+        import_ray()  # before any store is created
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     out = Path(out)
 
@@ -334,7 +485,6 @@ def extract(
         if augment not in AUGMENTATIONS:
             raise GenattrError(f"--augment must be one of {', '.join(AUGMENTATIONS)}")
         augmenter = Augmenter(augment, augment_seed)
-    from genattr.data.sources import with_views
 
     source = with_views(open_source(images, root=root, exclude=out), views)
     backbone = _resolve_backbone(features, weights, device)
@@ -350,101 +500,44 @@ def extract(
     store = _open_store(out, backbone, source, settings, store_dtype)
     t0 = time.perf_counter()
     with store.writing():
-        state = store.extra["extraction"]
-        start = int(state["cursor"])
-        failures = _FailureLog(out / FAILED_FILE, start)
-        n_failed_before = len(failures.rows)
-        n = len(source)
+        writer = ShardWriter(store, source, settings)
+        n, start = writer.total, writer.start
         if start >= n:
-            if not state.get("complete"):
-                store.update_extra({"extraction": {**state, "complete": True}})
-            return ExtractResult(store, n, start, 0, 0, n_failed_before, 0.0)
-
-        model = backbone.model.eval().to(device)
-        use_cl = _has_conv(model) if channels_last is None else channels_last
-        if threads is None and device == "cpu":
-            threads = max(1, (os.cpu_count() or 1) - workers)
-        shape = _reference_shape(backbone.preprocess)
-        dataset = _DecodeDataset(source, start, backbone.preprocess, max_pixels, shape, augmenter)
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            collate_fn=_collate,
-            worker_init_fn=_worker_init if workers else None,
-            prefetch_factor=4 if workers else None,
-            persistent_workers=False,
+            if not writer.state.get("complete"):
+                store.update_extra({"extraction": {**writer.state, "complete": True}})
+            return ExtractResult(store, n, start, 0, 0, writer.failed_before, 0.0)
+        job = EmbedJob(
+            backbone=backbone,
+            decoder=ItemDecoder(
+                source,
+                backbone.preprocess,
+                max_pixels,
+                _reference_shape(backbone.preprocess),
+                augmenter,
+            ),
+            start=start,
+            batch_size=int(batch_size),
+            device=device,
+            dtype=dtype,
+            channels_last=_has_conv(backbone.model) if channels_last is None else channels_last,
+            workers=workers,
+            threads=threads,
         )
-
-        shard_vecs: list[np.ndarray] = []
-        shard_rows: list[int] = []
-        batch: list[np.ndarray] = []
-        batch_rows: list[int] = []
-        extracted = 0
-
-        def run_batch() -> None:
-            x = torch.from_numpy(np.stack(batch))
-            if use_cl and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
-            x = x.to(device, non_blocking=True)
-            with torch.inference_mode(), _autocast(device.split(":")[0], dtype):
-                y = backbone.embed(x)
-            y = y.float().cpu().numpy()
-            if y.shape != (len(batch), backbone.dim):
-                raise GenattrError(
-                    f"backbone {backbone.name} returned {y.shape}, expected "
-                    f"({len(batch)}, {backbone.dim})"
-                )
-            shard_vecs.append(y)
-            shard_rows.extend(batch_rows)
-            batch.clear()
-            batch_rows.clear()
-
-        def commit(cursor: int) -> None:
-            nonlocal extracted
-            n_fail = failures.write(cursor)
-            new_state = {**state, **settings, "cursor": cursor, "failed": n_fail}
-            new_state["complete"] = cursor >= n
-            if shard_rows:
-                cols = {k: [v[i] for i in shard_rows] for k, v in source.columns.items()}
-                cols["source_index"] = list(shard_rows)
-                store.append(
-                    np.concatenate(shard_vecs),
-                    [source.ids[i] for i in shard_rows],
-                    [source.paths[i] for i in shard_rows],
-                    cols,
-                    extra={"extraction": new_state},
-                )
-                extracted += len(shard_rows)
+        with progress_bar("extract", n, done=start, enabled=progress) as advance:
+            if engine == "local":
+                _embed_local(job, writer, advance)
             else:
-                store.update_extra({"extraction": new_state})
-            shard_vecs.clear()
-            shard_rows.clear()
+                from genattr.features.extract_ray import embed_with_ray
 
-        bar, task = _progress_bar(progress, n, start)
-        t_run, done_run = time.perf_counter(), 0
-        with _torch_threads(threads), _memory_format(model, use_cl), bar:
-            for chunk in loader:
-                for i, arr, reason in chunk:
-                    if arr is None:
-                        failures.add(i, source, reason)
-                        continue
-                    batch.append(arr)
-                    batch_rows.append(i)
-                    room = shard_size - len(shard_rows)
-                    if len(batch) >= min(batch_size, room):
-                        run_batch()
-                        if len(shard_rows) >= shard_size:
-                            commit(i + 1)
-                done_run += len(chunk)
-                rate = done_run / max(1e-9, time.perf_counter() - t_run)
-                bar.update(task, advance=len(chunk), rate=f"{rate:7.1f}")
-            if batch:
-                run_batch()
-            commit(n)
-    seconds = time.perf_counter() - t0
-    failed_total = len([r for r in failures.rows if r[0] < n])
+                embed_with_ray(job, writer, advance, concurrency=concurrency, address=ray_address)
+        writer.finish()
+    failed_total = writer.failed_total
     return ExtractResult(
-        store, n, start, extracted, failed_total - n_failed_before, failed_total, seconds
+        store,
+        n,
+        start,
+        writer.extracted,
+        failed_total - writer.failed_before,
+        failed_total,
+        time.perf_counter() - t0,
     )

@@ -7,12 +7,21 @@ An index directory holds everything needed to answer a query the way the gallery
                       a flat index (loaded in RAM), memory-mapped by IVF kinds to re-rank their
                       candidates exactly, so every reported similarity is exact
     index.faiss       the FAISS IVF / IVF-PQ index over the same vectors (IVF kinds only)
+    index.ivfdata     on-disk kinds: the inverted lists (faiss OnDiskInvertedLists), which
+                      index.faiss refers to by name; memory-mapped at query time
     metadata.parquet  id and path of every gallery row, in row order
     head/             a copy of the head (head.safetensors + head.json), if one was used
 The choice follows autofaiss: a flat (exact) index while the vectors fit the memory budget and
-the gallery is up to about a million images, IVF-PQ beyond, memory-mapped at query time. The
-flat search is one torch matrix product (faster here than faiss' IndexFlatIP for single
-queries: see BENCHMARKS.md).
+the gallery is up to about a million images, IVF-PQ beyond while its codes fit the budget,
+and past that IVF-PQ with its inverted lists on disk. The flat search is one torch matrix
+product (faster here than faiss' IndexFlatIP for single queries: see BENCHMARKS.md).
+
+Every build streams the gallery once, block by block: the IVF quantizer is trained first on a
+random sample of rows, then blocks are mapped, written to vectors.npy and added. On-disk kinds
+add into a fresh copy of the trained index per `shard_rows` rows, write it to .build/, and
+merge the shards' inverted lists into index.ivfdata (faiss.contrib.ondisk.merge_ondisk), so
+the build holds one shard of codes in memory, never the whole index. index.json is removed
+first and written last: a directory without it is an unfinished build and does not load.
 """
 
 from __future__ import annotations
@@ -34,8 +43,10 @@ from genattr.errors import GenattrError
 from genattr.vectors import FeatureMatrix, embed, read_block
 
 INDEX_FORMAT_VERSION = 1
-KINDS = ("auto", "flat", "ivf", "ivfpq")
+KINDS = ("auto", "flat", "ivf", "ivfpq", "ivf-ondisk", "ivfpq-ondisk")
 FLAT_MAX = 1_000_000
+BLOCK_ROWS = 65536
+IVFDATA = "index.ivfdata"
 
 
 def parse_size(text: str | int) -> int:
@@ -63,14 +74,22 @@ class IndexSpec:
     def exact(self) -> bool:
         return self.kind == "flat"
 
+    @property
+    def on_disk(self) -> bool:
+        return self.kind.endswith("-ondisk")
+
 
 def choose_index(n: int, dim: int, memory_budget: int, kind: str = "auto") -> IndexSpec:
     """Pick the index type and its parameters from the gallery size and the RAM budget."""
     if kind not in KINDS:
         raise GenattrError(f"unknown index kind {kind!r}; choose from {KINDS}")
-    flat_bytes = n * dim * 4
+    # PQ with 8-bit codes: m sub-quantizers, m | dim
+    m_options = [m for m in (dim // 8, dim // 16, dim // 32) if m >= 1 and dim % m == 0] or [1]
     if kind == "auto":
-        kind = "flat" if n <= FLAT_MAX and flat_bytes <= memory_budget else "ivfpq"
+        if n <= FLAT_MAX and n * dim * 4 <= memory_budget:
+            kind = "flat"
+        else:  # in memory while the smallest PQ codes fit, else the lists go to disk
+            kind = "ivfpq" if n * m_options[-1] <= memory_budget else "ivfpq-ondisk"
     if kind == "flat":
         return IndexSpec("flat", "Flat")
     # ~sqrt(n) lists (1,024 at 1M): k-means on a laptop stays in minutes; faiss wants about
@@ -79,16 +98,17 @@ def choose_index(n: int, dim: int, memory_budget: int, kind: str = "auto") -> In
     nlist = int(2 ** round(math.log2(max(16.0, math.sqrt(n)))))
     nlist = max(1, min(nlist, n // 39 or 1))
     nprobe = min(nlist, max(8, nlist // 64))
-    if kind == "ivf":
-        return IndexSpec("ivf", f"IVF{nlist},Flat", nlist, nprobe, rerank=1)
-    # PQ with 8-bit codes: m sub-quantizers, m | dim, the largest whose codes fit the budget
-    m_options = [m for m in (dim // 8, dim // 16, dim // 32) if m >= 1 and dim % m == 0] or [1]
+    if kind in ("ivf", "ivf-ondisk"):
+        return IndexSpec(kind, f"IVF{nlist},Flat", nlist, nprobe, rerank=1)
+    # in memory the largest m whose codes fit the budget; on disk the largest
     m = next((m for m in m_options if n * m <= memory_budget), m_options[-1])
+    if kind == "ivfpq-ondisk":
+        m = m_options[0]
     # "np": no polysemous training, which costs minutes and serves only Hamming filtering
-    return IndexSpec("ivfpq", f"IVF{nlist},PQ{m}np", nlist, nprobe, rerank=10)
+    return IndexSpec(kind, f"IVF{nlist},PQ{m}np", nlist, nprobe, rerank=10)
 
 
-def _mapped_blocks(vectors: FeatureMatrix, head: MapperPair | None, block: int = 65536):
+def _mapped_blocks(vectors: FeatureMatrix, head: MapperPair | None, block: int = BLOCK_ROWS):
     real = head.real.eval() if head is not None else None
     with torch.no_grad():
         for start in range(0, len(vectors), block):
@@ -96,6 +116,52 @@ def _mapped_blocks(vectors: FeatureMatrix, head: MapperPair | None, block: int =
                 start,
                 embed(read_block(vectors, start, start + block, torch.device("cpu")), real).numpy(),
             )
+
+
+def _mapped_rows(vectors: FeatureMatrix, rows: np.ndarray, head: MapperPair | None) -> np.ndarray:
+    """Head-mapped, normalised rows by index (the training sample), read in sorted order."""
+    x = vectors[rows]
+    x = x.float() if torch.is_tensor(x) else torch.from_numpy(np.asarray(x, dtype=np.float32))
+    with torch.no_grad():
+        return embed(x, head.real.eval() if head is not None else None).numpy()
+
+
+class _OnDiskAdder:
+    """Adds blocks into a fresh copy of the trained index per `shard_rows` rows, each written
+    to .build/; `merge` joins their inverted lists into index.ivfdata."""
+
+    def __init__(self, trained, build_dir: Path, shard_rows: int):
+        import faiss
+
+        self.trained, self.dir, self.shard_rows = trained, build_dir, shard_rows
+        self.files: list[str] = []
+        self.shard = None
+        self.faiss = faiss
+
+    def add(self, start: int, block: np.ndarray) -> None:
+        if self.shard is None:
+            self.shard = self.faiss.clone_index(self.trained)
+        self.shard.add_with_ids(block, np.arange(start, start + len(block), dtype=np.int64))
+        if self.shard.ntotal >= self.shard_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.shard is not None and self.shard.ntotal:
+            self.files.append(str(self.dir / f"shard_{len(self.files)}.index"))
+            self.faiss.write_index(self.shard, self.files[-1])
+        self.shard = None
+
+    def merge(self, ivfdata: Path):
+        from faiss.contrib.ondisk import merge_ondisk
+
+        self._flush()
+        merge_ondisk(self.trained, self.files, str(ivfdata))
+        return self.trained
+
+
+def _default_shard_rows(memory_budget: int, code_size: int) -> int:
+    """Rows per on-disk build shard: its codes and ids take at most half the budget."""
+    return max(BLOCK_ROWS, memory_budget // (2 * (code_size + 8)))
 
 
 def build_index(
@@ -109,12 +175,19 @@ def build_index(
     ids: list[str] | None = None,
     paths: list[str] | None = None,
     provenance: dict | None = None,
-    train_size: int = 100_000,
+    train_size: int | None = None,
     seed: int = 0,
+    shard_rows: int | None = None,
+    progress: bool = False,
 ) -> AttributionIndex:
-    """Map (head), normalise and index the gallery; write the index directory atomically-ish:
-    index.json is written last, so a directory without it is an unfinished build."""
+    """Map (head), normalise and index the gallery in one streaming pass; see the module doc.
+
+    train_size: rows the quantizer trains on, by default 100,000 or 40 per list if more (faiss
+    wants about 39 per centroid). shard_rows: on-disk kinds, rows per build shard (default
+    from the memory budget)."""
     import faiss
+
+    from genattr.progress import progress_bar
 
     n, dim = len(vectors), vectors.shape[1]
     if n == 0:
@@ -122,24 +195,41 @@ def build_index(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "index.json").unlink(missing_ok=True)
+    (out / IVFDATA).unlink(missing_ok=True)  # an earlier on-disk build's lists
+    build_dir = out / ".build"
+    shutil.rmtree(build_dir, ignore_errors=True)
+    budget = parse_size(memory_budget)
     out_dim = dim if head is None else _head_out_dim(head)
-    spec = choose_index(n, out_dim, parse_size(memory_budget), kind)
-    exact = np.lib.format.open_memmap(
-        out / "vectors.npy", mode="w+", dtype=np.float32, shape=(n, out_dim)
-    )
-    for start, block in _mapped_blocks(vectors, head):
-        exact[start : start + len(block)] = block
-    exact.flush()
+    spec = choose_index(n, out_dim, budget, kind)
+    index = adder = None
     if spec.kind != "flat":
         index = faiss.index_factory(out_dim, spec.factory, faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(seed)
+        train_size = train_size or max(100_000, 40 * spec.nlist)
         sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
-        index.train(np.ascontiguousarray(exact[sample]))
-        for start in range(0, n, 65536):
-            index.add(np.ascontiguousarray(exact[start : start + 65536]))
+        index.train(_mapped_rows(vectors, sample, head))
+    if spec.on_disk:
+        build_dir.mkdir()
+        code_size = faiss.extract_index_ivf(index).code_size
+        adder = _OnDiskAdder(index, build_dir, shard_rows or _default_shard_rows(budget, code_size))
+    header = {"descr": "<f4", "fortran_order": False, "shape": (n, out_dim)}
+    # written with plain file writes, not a memory map: the build's memory stays one block
+    with atomic_path(out / "vectors.npy") as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        with progress_bar("index", n, unit="rows", enabled=progress) as advance:
+            for start, block in _mapped_blocks(vectors, head):
+                f.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+                if adder is not None:
+                    adder.add(start, block)
+                elif index is not None:
+                    index.add(block)
+                advance(len(block))
+    if adder is not None:
+        index = adder.merge(out / IVFDATA)
+    if index is not None:
         with atomic_path(out / "index.faiss") as tmp:
             faiss.write_index(index, str(tmp))
-    del exact
+    shutil.rmtree(build_dir, ignore_errors=True)
     if head_dir is not None:
         shutil.copytree(head_dir, out / "head", dirs_exist_ok=True)
     _write_metadata(out / "metadata.parquet", n, ids, paths)
@@ -193,6 +283,10 @@ class AttributionIndex:
         try:
             meta = json.loads((path / "index.json").read_text())
         except (OSError, ValueError):
+            if (path / "vectors.npy").exists() or (path / ".build").exists():
+                raise GenattrError(
+                    f"{path}: an unfinished index build (no index.json); build it again"
+                ) from None
             raise GenattrError(f"{path}: not a genattr index (no readable index.json)") from None
         if (
             meta.get("kind") != "genattr.index"
@@ -203,7 +297,23 @@ class AttributionIndex:
             return cls(path, meta, None, np.load(path / "vectors.npy"))
         import faiss
 
-        index = faiss.read_index(str(path / "index.faiss"), faiss.IO_FLAG_MMAP)
+        on_disk = IndexSpec(**meta["index"]).on_disk
+        if on_disk and not (path / IVFDATA).is_file():
+            raise GenattrError(f"{path}: {IVFDATA} is missing; build the index again")
+        flags = faiss.IO_FLAG_SKIP_IVF_DATA if on_disk else faiss.IO_FLAG_MMAP
+        index = faiss.read_index(str(path / "index.faiss"), flags)
+        if on_disk:  # the lists are the file beside index.faiss, wherever it was built
+            lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+            lists.filename, lists.read_only = str(path / IVFDATA), True
+            # faiss starts 32 threads per search to prefetch lists: ~1 ms a query here, for
+            # lists the page cache already holds (cold multi-GB lists may want them back)
+            lists.prefetch_nthread = 0
+            lists.do_mmap()
+        if index.ntotal != meta["count"]:
+            raise GenattrError(
+                f"{path}: index.faiss holds {index.ntotal} vectors, index.json says "
+                f"{meta['count']}; build the index again"
+            )
         return cls(path, meta, index, np.load(path / "vectors.npy", mmap_mode="r"))
 
     @property
@@ -257,6 +367,7 @@ def build_index_from_store(
     head: str | os.PathLike | None = None,
     kind: str = "auto",
     memory_budget: str | int = "4GB",
+    progress: bool = False,
 ) -> AttributionIndex:
     """`genattr index build`: index one store's vectors, or several stores' of one backbone as
     one gallery (in the order given), recording the backbone and the head."""
@@ -304,4 +415,5 @@ def build_index_from_store(
         ids=[i for x in stores for i in x.ids],
         paths=[p for x in stores for p in x.paths],
         provenance=provenance,
+        progress=progress,
     )
