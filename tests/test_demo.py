@@ -39,9 +39,10 @@ def test_demo_writes_results_above_chance(demo_out) -> None:
     models = [m for m in load_benchmark().models if m["split"] == "test"]
     raw = json.loads((demo_out / "results" / "pixel.raw.json").read_text())["results"]
     head = json.loads((demo_out / "results" / "pixel.head.json").read_text())["results"]
-    assert set(raw) == set(head) == {p for m in models for p in m["synth"]}
+    assert set(raw) == set(head) == {f"{m['mode']}: {p}" for m in models for p in m["synth"]}
     for ptype, r in raw.items():
-        n_ex = [len(m["exemplars"]) for m in models if ptype in m["synth"]]
+        mode, p = ptype.split(": ")
+        n_ex = [len(m["exemplars"]) for m in models if m["mode"] == mode and p in m["synth"]]
         chance = sum(e / (e + n_gallery) for e in n_ex) / len(n_ex)
         assert r["mAP"] > 5 * chance, (ptype, r["mAP"], chance)
         assert 0 <= head[ptype]["mAP"] <= 1

@@ -51,9 +51,9 @@ def _pyplot():
     return plt
 
 
-def _table(outcomes: dict, ptypes: Sequence[str], modes: dict[str, str], chance: dict) -> str:
+def _table(outcomes: dict, ptypes: Sequence[str], chance: dict) -> str:
     head = (
-        "".join(f"<th colspan='4'>{html.escape(p)} ({modes[p]})</th>" for p in ptypes)
+        "".join(f"<th colspan='4'>{html.escape(p)}</th>" for p in ptypes)
         + "<th colspan='1'>mean</th>"
     )
     sub = "".join("<th>mAP</th><th>R@5</th><th>R@10</th><th>R@100</th>" for _ in ptypes)
@@ -168,7 +168,6 @@ def write_demo_report(
     """Write the page; every picture is embedded, so the file can be mailed or archived."""
     first = next(iter(outcomes.values()))
     ptypes = list(first.raw.per_type)
-    modes = {p: m.mode for m in manifest.models for p in m.synth}
     n_gallery = len(data.indices("pretrain"))
     splits = {s: len(manifest.split(s).models) for s in ("train", "val", "test")}
     chance = _chance(first, n_gallery)
@@ -187,7 +186,7 @@ def write_demo_report(
         "on the test models; the gallery is the pre-training set, as in the AbC protocol "
         f"(Wang et al., ICCV 2023). Run time: {seconds.get('total', 0):.0f} s.</p>",
         "<section class='block'><h2>Results on held-out test models</h2>",
-        _table(outcomes, ptypes, modes, chance),
+        _table(outcomes, ptypes, chance),
         "</section><section class='block'><h2>Recall against K</h2>",
         "<p>Dashed: raw features; solid: with the trained head.</p>",
         _recall_curves(outcomes, ptypes),

@@ -194,22 +194,33 @@ def _evaluate(
     name: str, stores: dict[str, Path], test, head_dir: Path, results_dir: Path
 ) -> tuple[EvaluationResult, EvaluationResult]:
     """The test models against the pre-training gallery (the authors' protocol: exemplars
-    plus distractors), raw and through the head, with recall at every K of the curves."""
+    plus distractors), raw and through the head, with recall at every K of the curves. Object
+    and style models are evaluated apart, as the authors' object and style test cases are;
+    prompt types are reported as "object: media", "style: gpt", ..."""
+    from genattr.data.benchmark import BenchmarkManifest
     from genattr.evaluate import evaluate_protocol, write_results
     from genattr.heads.train import load_heads
     from genattr.store import EmbeddingStore
     from genattr.store.join import testcase_from_stores
 
     gallery = EmbeddingStore.open(stores["pretrain"]).vectors
-    tc, _ = testcase_from_stores(
-        test, EmbeddingStore.open(stores["exemplars"]), EmbeddingStore.open(stores["synth"])
-    )
-    raw = evaluate_protocol(gallery, tc, CURVE_KS)
-    mapped = evaluate_protocol(gallery, tc, CURVE_KS, mappers=load_heads(head_dir)[0])
+    real, synth = EmbeddingStore.open(stores["exemplars"]), EmbeddingStore.open(stores["synth"])
+    mappers = load_heads(head_dir)[0]
+    out: dict[str, EvaluationResult] = {}
+    for which, heads in (("raw", None), ("head", mappers)):
+        per_type = {}
+        for mode in ("object", "style"):
+            models = [m for m in test.models if m.mode == mode]
+            if not models:
+                continue
+            tc, _ = testcase_from_stores(BenchmarkManifest(test.name, models), real, synth)
+            res = evaluate_protocol(gallery, tc, CURVE_KS, mappers=heads)
+            per_type.update({f"{mode}: {p}": r for p, r in res.per_type.items()})
+        out[which] = EvaluationResult(CURVE_KS, per_type)
     results_dir.mkdir(parents=True, exist_ok=True)
-    for res, which in ((raw, "raw"), (mapped, "head")):
+    for which, res in out.items():
         write_results(res, results_dir / f"{name}.{which}.json", backbone=name, split="test")
-    return raw, mapped
+    return out["raw"], out["head"]
 
 
 def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[Any], list[Any]]:
