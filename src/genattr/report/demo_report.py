@@ -100,8 +100,12 @@ def _chance(outcome: Any, gallery_size: int) -> dict:
 
 def _recall_curves(outcomes: dict, ptypes: Sequence[str]) -> str:
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(ptypes), figsize=(3.6 * len(ptypes), 3.4), squeeze=False)
-    for ax, p in zip(axes[0], ptypes, strict=True):
+    cols = min(2, len(ptypes))
+    rows = -(-len(ptypes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(ptypes) :]:
+        ax.set_visible(False)
+    for ax, p in zip(axes.flat, ptypes, strict=False):
         for c, (name, o) in enumerate(outcomes.items()):
             ks = o.raw.ks
             for res, ls in ((o.raw, "--"), (o.head, "-")):
@@ -110,8 +114,9 @@ def _recall_curves(outcomes: dict, ptypes: Sequence[str]) -> str:
                 ax.plot(ks, r, ls, color=f"C{c}", lw=1.4, label=label)
         ax.set(xscale="log", ylim=(0, 1.02), xlabel="K", title=p)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("Recall@K (test models)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("Recall@K (test models)")
+    axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     return f"<img src='{_fig_uri(fig)}' alt='recall against K'>"
 
