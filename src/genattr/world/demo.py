@@ -73,6 +73,7 @@ def run_demo(
     log: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run every stage into `out` (reusing finished stores) and write `out/report.html`."""
+    from genattr.calibrate import calibrate_from_stores
     from genattr.features.extract import extract
     from genattr.heads.train import TrainConfig, train_heads_from_stores
     from genattr.world.benchmark import load_benchmark
@@ -123,8 +124,6 @@ def run_demo(
         log(f"{name}: calibrating on the val models")
         cal_path = out / "calibrators" / f"{name}.json"
         cal_path.parent.mkdir(parents=True, exist_ok=True)
-        from genattr.calibrate import calibrate_from_stores
-
         cal = calibrate_from_stores(
             manifest_path,
             stores["exemplars"],
