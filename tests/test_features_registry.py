@@ -29,7 +29,14 @@ FILE_BACKBONES = {
 
 def test_registry_lists_every_family() -> None:
     assert list_backbones() == sorted(
-        [*HF_BACKBONES, *FILE_BACKBONES, "efficientnet-lite0", "pixel"]
+        [
+            *HF_BACKBONES,
+            *FILE_BACKBONES,
+            "efficientnet-lite0",
+            "efficientnet-lite0-96",
+            "efficientnet-lite0-gram",
+            "pixel",
+        ]
     )
     dims = {name: backbone_spec(name).dim for name in list_backbones()}
     assert dims == {
@@ -40,6 +47,8 @@ def test_registry_lists_every_family() -> None:
         "sscd-disc-mixup": 512,
         "dinov2-vitb14": 768,
         "efficientnet-lite0": 1280,
+        "efficientnet-lite0-96": 1280,
+        "efficientnet-lite0-gram": 24 * 25 // 2 + 40 * 41 // 2,
         "pixel": 3072,
     }
 

@@ -71,8 +71,8 @@ def build_world_index(
     from PIL import Image
 
     from genattr.features import get_backbone
-    from genattr.features.extract import _progress_bar
     from genattr.heads.train import load_heads
+    from genattr.progress import progress_bar
     from genattr.search.index import build_index
     from genattr.serve.gallery import world_path
     from genattr.world.clipart import load_data
@@ -92,15 +92,15 @@ def build_world_index(
         head_dir = Path(head) if Path(head).is_dir() else Path(head).parent
     backbone.model.eval()
     feats = np.empty((len(rows), backbone.dim), dtype=np.float32)
-    bar, task = _progress_bar(progress, len(rows), 0)
-    t0 = time.perf_counter()
-    with bar, torch.inference_mode():
+    with (
+        progress_bar("world index", len(rows), enabled=progress) as advance,
+        torch.inference_mode(),
+    ):
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
             x = np.stack([backbone.preprocess(Image.fromarray(data.images[i])) for i in chunk])
             feats[start : start + len(chunk)] = backbone.embed(torch.from_numpy(x)).numpy()
-            rate = (start + len(chunk)) / max(1e-9, time.perf_counter() - t0)
-            bar.update(task, advance=len(chunk), rate=f"{rate:7.1f}")
+            advance(len(chunk))
     size = data.images.shape[1]
     return build_index(
         feats,
