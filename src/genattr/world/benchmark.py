@@ -22,7 +22,7 @@ import numpy as np
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, read_manifest
 from genattr.errors import GenattrError
-from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data
+from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data, read_packed
 
 BENCH_FORMAT_VERSION = 1
 BENCH_IMAGES = "world_bench{size}.npz"
@@ -233,14 +233,12 @@ def load_benchmark(
 ) -> WorldBenchmark:
     """The shipped (or rebuilt) world benchmark."""
     d = Path(directory)
-    meta_path, img_path = d / BENCH_META.format(size=size), d / BENCH_IMAGES.format(size=size)
-    if not meta_path.is_file() or not img_path.is_file():
-        raise GenattrError(f"{d}: no world benchmark; run `genattr world build`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != BENCH_FORMAT_VERSION:
-        raise GenattrError(f"{meta_path}: format_version {meta.get('format_version')} unknown")
-    with np.load(img_path) as z:
-        images = z["images"]
+    meta, images = read_packed(
+        d / BENCH_META.format(size=size),
+        d / BENCH_IMAGES.format(size=size),
+        BENCH_FORMAT_VERSION,
+        f"{d}: no world benchmark; run `genattr world build`",
+    )
     models = meta.pop("models")
     total = sum(c for m in models for _, c in m["synth"].values())
     if total != len(images):

@@ -350,17 +350,29 @@ def build_data(
     return out
 
 
+def read_packed(
+    meta_path: Path, img_path: Path, version: int, missing: str
+) -> tuple[dict[str, Any], np.ndarray]:
+    """A shipped pair of files (json metadata + npz `images`), checked; `missing` is the error
+    when either is absent."""
+    if not meta_path.is_file() or not img_path.is_file():
+        raise GenattrError(missing)
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format_version") != version:
+        raise GenattrError(f"{meta_path}: format_version {meta.get('format_version')} unknown")
+    with np.load(img_path) as z:
+        return meta, z["images"]
+
+
 def load_data(directory: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32) -> ClipartData:
     """The shipped (or rebuilt) world data."""
     d = Path(directory)
-    meta_path, img_path = d / META_NAME.format(size=size), d / IMAGES_NAME.format(size=size)
-    if not meta_path.is_file() or not img_path.is_file():
-        raise GenattrError(f"{d}: no world data at {size} px; run `genattr world build-data`")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format_version") != DATA_FORMAT_VERSION:
-        raise GenattrError(f"{meta_path}: format_version {meta.get('format_version')} unknown")
-    with np.load(img_path) as z:
-        images = z["images"]
+    meta, images = read_packed(
+        d / META_NAME.format(size=size),
+        d / IMAGES_NAME.format(size=size),
+        DATA_FORMAT_VERSION,
+        f"{d}: no world data at {size} px; run `genattr world build-data`",
+    )
     records = meta.pop("records")
     if len(records) != len(images):
         raise GenattrError(f"{d}: {len(images)} images but {len(records)} records")
