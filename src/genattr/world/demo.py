@@ -205,14 +205,15 @@ def _evaluate(
     gallery = EmbeddingStore.open(stores["pretrain"]).vectors
     real, synth = EmbeddingStore.open(stores["exemplars"]), EmbeddingStore.open(stores["synth"])
     mappers = load_heads(head_dir)[0]
+    cases = {
+        mode: testcase_from_stores(BenchmarkManifest(test.name, models), real, synth)[0]
+        for mode in ("object", "style")
+        if (models := [m for m in test.models if m.mode == mode])
+    }
     out: dict[str, EvaluationResult] = {}
     for which, heads in (("raw", None), ("head", mappers)):
         per_type = {}
-        for mode in ("object", "style"):
-            models = [m for m in test.models if m.mode == mode]
-            if not models:
-                continue
-            tc, _ = testcase_from_stores(BenchmarkManifest(test.name, models), real, synth)
+        for mode, tc in cases.items():
             res = evaluate_protocol(gallery, tc, CURVE_KS, mappers=heads)
             per_type.update({f"{mode}: {p}": r for p, r in res.per_type.items()})
         out[which] = EvaluationResult(CURVE_KS, per_type)
