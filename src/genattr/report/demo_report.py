@@ -139,7 +139,7 @@ def _training_curves(outcomes: dict) -> str:
     return f"<img src='{_fig_uri(fig)}' alt='head training curves'>"
 
 
-def _model_samples(manifest: Any, models: Sequence[Any], per_type: int = 4) -> str:
+def _model_samples(models: Sequence[Any], per_type: int = 4) -> str:
     parts = ["<div class='models'>"]
     for m in models:
         cells = [img_tag(p, 64, "exemplar") for p in m.exemplars[:4]]
@@ -235,7 +235,7 @@ def write_demo_report(
         "the same captions.</p>",
         f"<img src='{_file_uri(base_grid)}' alt='base model samples'>",
         "<p>Customized models (test split): exemplars, then samples.</p>",
-        _model_samples(manifest, sample_models),
+        _model_samples(sample_models),
         "</section><section class='block'><h2>Time per stage</h2><table>",
         *(
             f"<tr><td class='l'>{html.escape(k)}</td><td>{v:.1f} s</td></tr>"

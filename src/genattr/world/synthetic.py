@@ -1,6 +1,7 @@
 """A synthetic AbC benchmark in feature space, with a planted real -> synth distortion.
 
-Stands in for the miniature image world until it exists: a clustered gallery (a mixture of
+A world with a known answer for the tests of heads, calibration and evaluation (the demo runs
+on the clip-art world): a clustered gallery (a mixture of
 Gaussians, like real embeddings, not i.i.d. noise), object models with one exemplar and style
 models with several, and queries that are a fixed linear distortion of a noisy exemplar.
 The distortion is known, so the ideal synth mapper (its inverse) is known too: evaluation
