@@ -127,6 +127,53 @@ def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, tiny_data) -> N
         BaseTrainer(killed, np.zeros((1, 16, 16, 3), np.uint8), ["x"], BaseConfig(size=16))
 
 
+def test_resumed_run_changes_training_options_and_keeps_their_history(tmp_path, tiny_data) -> None:
+    out = tmp_path / "run"
+    _trainer(out, tiny_data).train(2, checkpoint_seconds=1e9, grid=False)
+    with np.load(tiny_data) as z:
+        images, captions = z["images"], [str(c) for c in z["captions"]]
+    changes = {"snr_gamma": 2.0, "learning_rate": 5e-4}
+    tr = BaseTrainer(out, images, captions, changes=changes)
+    tr.train(4, checkpoint_seconds=1e9, grid=False)
+    assert (tr.cfg.snr_gamma, tr.cfg.learning_rate) == (2.0, 5e-4)
+    record = json.loads((out / "world_base.json").read_text())
+    assert record["history"] == [
+        {"step": 2, "changed": {"snr_gamma": [5.0, 2.0], "learning_rate": [1e-3, 5e-4]}}
+    ]
+    assert record["config"]["snr_gamma"] == 2.0
+    saved = json.loads((tr.save_pipeline(tmp_path / "pipe") / "training.json").read_text())
+    assert saved["history"] == record["history"] and saved["step"] == 4
+    # Resuming again with the run's own config changes nothing more.
+    BaseTrainer(out, images, captions).train(5, checkpoint_seconds=1e9, grid=False)
+    assert len(json.loads((out / "world_base.json").read_text())["history"]) == 1
+    # The model's shape cannot change; unknown options are named.
+    with pytest.raises(Exception, match="another config"):
+        BaseTrainer(out, images, captions, changes={"text_dim": 32})
+    with pytest.raises(Exception, match="unknown base-model option"):
+        BaseTrainer(out, images, captions, changes={"snr": 5})
+    # A run recorded before snr_gamma existed trained with the plain loss, and resumes so.
+    del record["config"]["snr_gamma"]
+    (out / "world_base.json").write_text(json.dumps(record))
+    assert BaseTrainer(out, images, captions).cfg.snr_gamma is None
+
+
+def test_min_snr_weights_follow_the_noise_level() -> None:
+    from genattr.world.base import loss_weights, make_scheduler
+
+    sched = make_scheduler()
+    t = torch.arange(0, 1000, 37)
+    w = loss_weights(sched, t, 5.0)
+    ab = sched.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    noisy = snr <= 5.0
+    # High-noise steps keep full weight; low-noise ones weigh gamma / SNR, less the cleaner.
+    assert noisy.any() and (~noisy).any()
+    assert torch.allclose(w[noisy], torch.ones(int(noisy.sum())))
+    assert torch.allclose(w[~noisy], (5.0 / snr[~noisy]).float())
+    assert torch.all(w[~noisy][1:] >= w[~noisy][:-1]) and w[0] < 0.01
+    assert torch.equal(loss_weights(sched, t, None), torch.ones(len(t)))
+
+
 def test_checkpoint_grid_and_identity_vae(tmp_path, tiny_data) -> None:
     from genattr.world.vae import IdentityVAE
 

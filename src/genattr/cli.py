@@ -612,10 +612,29 @@ def world_train_base(
     checkpoint_minutes: Annotated[float, typer.Option(help="Checkpoint interval.")] = 5.0,
     data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            help="KEY=VALUE (JSON value): a training option to change from the resumed step "
+            "on, e.g. snr_gamma=5; kept in the run's history.",
+        ),
+    ] = None,
 ) -> None:
     """Train (or resume) the world's base text-to-image model on CPU; writes OUT/pipeline."""
+    import json
+
     from genattr.world.base import train_base
 
+    changes = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise GenattrError(f"--set {item!r}: expected KEY=VALUE")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value
     if threads:
         import torch
 
@@ -627,6 +646,7 @@ def world_train_base(
         checkpoint_seconds=checkpoint_minutes * 60,
         max_seconds=None if max_minutes is None else max_minutes * 60,
         log=_log,
+        changes=changes,
     )
     console.print(
         f"step {report.step} ({report.steps_per_second:.3f} steps/s this run); "

@@ -11,6 +11,9 @@ written every `checkpoint_seconds` (and every `checkpoint_every` steps if set) i
 `checkpoints/step-NNNNNNN/`, atomically; a run restarts from the newest complete one, so a
 killed run loses at most one interval, and the resumed run is the same, step for step, as one
 that was never stopped. Each checkpoint gets a sample grid (`grid.png`) from the EMA weights.
+A resumed run may change its training options (`TRAINING_OPTIONS`: learning rate, loss
+weighting, ...), never the model's shape; each change is kept with its step in the run's
+`history`, so a model's record says how it was made.
 """
 
 from __future__ import annotations
@@ -36,7 +39,25 @@ if TYPE_CHECKING:
 BASE_FORMAT_VERSION = 1
 STATE_NAME = "state.pt"
 CONFIG_NAME = "world_base.json"
-TRAINING_NAME = "training.json"  # beside a saved pipeline: config, step, loss curve
+TRAINING_NAME = "training.json"  # beside a saved pipeline: config, step, history, loss curve
+# Options a resumed run may change (recorded in its history); the rest shape the model.
+TRAINING_OPTIONS = frozenset(
+    {
+        "batch_size",
+        "learning_rate",
+        "warmup_steps",
+        "weight_decay",
+        "ema_decay",
+        "caption_dropout",
+        "hflip",
+        "snr_gamma",
+        "grid_size",
+        "grid_steps",
+        "grid_guidance",
+    }
+)
+# Values that reproduce runs saved before an option existed.
+_ABSENT_MEANS = {"snr_gamma": None}
 
 
 @dataclass
@@ -65,6 +86,10 @@ class BaseConfig:
     grid_size: int = 16
     grid_steps: int = 20
     grid_guidance: float = 3.0
+    # Min-SNR-gamma loss weighting (Hang et al., ICCV 2023): noise-prediction errors at
+    # low-noise steps weigh min(SNR, gamma) / SNR, so training spends itself on the
+    # high-noise steps that shape the global layout. None: the plain DDPM loss.
+    snr_gamma: float | None = 5.0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BaseConfig:
@@ -177,6 +202,26 @@ def list_checkpoints(out: str | os.PathLike) -> list[Path]:
     return sorted(p for p in d.glob("step-*") if (p / STATE_NAME).is_file() and p.is_dir())
 
 
+def _with(cfg: BaseConfig, changes: dict[str, Any] | None) -> BaseConfig:
+    return BaseConfig.from_dict({**asdict(cfg), **changes}) if changes else cfg
+
+
+def _changes(old: BaseConfig, new: BaseConfig) -> dict[str, Any]:
+    a, b = asdict(old), asdict(new)
+    return {k: b[k] for k in a if a[k] != b[k]}
+
+
+def loss_weights(scheduler: Any, t: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
+    """Per-image weights of the noise-prediction loss: min(SNR, gamma) / SNR, or ones."""
+    import torch
+
+    if snr_gamma is None:
+        return torch.ones(len(t))
+    alpha_bar = scheduler.alphas_cumprod[t].to(torch.float32)
+    snr = alpha_bar / (1 - alpha_bar)
+    return torch.clamp(snr, max=snr_gamma) / snr
+
+
 def _lr_at(cfg: BaseConfig, step: int) -> float:
     # Constant after warm-up, so a run can be extended by any number of steps and resumed.
     return cfg.learning_rate * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
@@ -192,7 +237,10 @@ class BaseTrainer:
         captions: Sequence[str],
         config: BaseConfig | None = None,
         tokenizer: Any = None,
+        changes: dict[str, Any] | None = None,
     ) -> None:
+        """`changes`: options to set on top of `config` (or of the run's own config when
+        resuming; only `TRAINING_OPTIONS` may change then, from the resumed step on)."""
         import torch
         import transformers
 
@@ -205,12 +253,17 @@ class BaseTrainer:
         if len(self.images) != len(self.captions) or not len(self.captions):
             raise GenattrError("need one caption per image, and at least one image")
         saved = self.out / CONFIG_NAME
-        if saved.is_file():
-            old = BaseConfig.from_dict(json.loads(saved.read_text())["config"])
-            if config is not None and asdict(config) != asdict(old):
+        self.history: list[dict[str, Any]] = []
+        record = json.loads(saved.read_text()) if saved.is_file() else None
+        if record is not None:
+            old = BaseConfig.from_dict({**_ABSENT_MEANS, **record["config"]})
+            self.history = list(record.get("history", []))
+            changed = _changes(old, _with(config or old, changes))
+            if set(changed) - TRAINING_OPTIONS:
                 raise GenattrError(f"{self.out} was started with another config: {asdict(old)}")
+            self._pending = changed
             config = old
-        self.cfg = config or BaseConfig()
+        self.cfg = _with(config or BaseConfig(), changes if record is None else None)
         tok_dir = self.out / "tokenizer"
         if tokenizer is None:
             if tok_dir.is_dir():
@@ -239,21 +292,38 @@ class BaseTrainer:
         # Token ids of every caption and of the empty prompt, once.
         self.ids = self._tokenize(self.captions)
         self.empty_ids = self._tokenize([""])[0]
-        if not saved.is_file():
+        if record is None:
             self.out.mkdir(parents=True, exist_ok=True)
             tokenizer.save_pretrained(str(tok_dir))
-            with atomic_path(saved) as tmp:
-                tmp.write_text(
-                    json.dumps(
-                        {
-                            "kind": "genattr.world.base",
-                            "format_version": BASE_FORMAT_VERSION,
-                            "config": asdict(self.cfg),
-                            "images": len(self.captions),
-                        },
-                        indent=1,
-                    )
+            self._pending = {}
+            self._write_record()
+
+    def _write_record(self) -> None:
+        with atomic_path(self.out / CONFIG_NAME) as tmp:
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "kind": "genattr.world.base",
+                        "format_version": BASE_FORMAT_VERSION,
+                        "config": asdict(self.cfg),
+                        "images": len(self.captions),
+                        "history": self.history,
+                    },
+                    indent=1,
                 )
+            )
+
+    def _apply_pending(self) -> None:
+        """Training options changed by this resume take effect from the current step on."""
+        if not self._pending:
+            return
+        before = asdict(self.cfg)
+        self.cfg = BaseConfig.from_dict({**before, **self._pending})
+        self.history.append(
+            {"step": self.step, "changed": {k: [before[k], v] for k, v in self._pending.items()}}
+        )
+        self._pending = {}
+        self._write_record()
 
     def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(
@@ -299,10 +369,10 @@ class BaseTrainer:
     def resume(self) -> int | None:
         """Load the newest complete checkpoint; its step, or None for a fresh run."""
         ckpts = list_checkpoints(self.out)
-        if not ckpts:
-            return None
-        self.load_state(ckpts[-1])
-        return self.step
+        if ckpts:
+            self.load_state(ckpts[-1])
+        self._apply_pending()
+        return self.step if ckpts else None
 
     def checkpoint(self, keep: int = 2, grid: bool = True) -> Path:
         """Write the state (atomically: a temporary folder renamed into place) and a grid."""
@@ -345,7 +415,8 @@ class BaseTrainer:
         self.text_encoder.train()
         cond = self.text_encoder(ids)[0]
         pred = self.unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        per_image = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        loss = (loss_weights(self.noise, t, cfg.snr_gamma) * per_image).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for _, p in self._named_params()], 1.0)
@@ -443,7 +514,13 @@ class BaseTrainer:
         ]
         (tmp / TRAINING_NAME).write_text(
             json.dumps(
-                {"config": asdict(self.cfg), "step": self.step, "loss_curve": curve}, indent=1
+                {
+                    "config": asdict(self.cfg),
+                    "step": self.step,
+                    "history": self.history,
+                    "loss_curve": curve,
+                },
+                indent=1,
             )
         )
         shutil.rmtree(path, ignore_errors=True)
@@ -495,14 +572,15 @@ def train_base(
     checkpoint_seconds: float = 300.0,
     max_seconds: float | None = None,
     log: Callable[[str], None] | None = None,
+    changes: dict[str, Any] | None = None,
 ) -> TrainReport:
     """Train (or resume) the world's base model on the pretrain split; then write the EMA
-    pipeline to `out/pipeline`."""
+    pipeline to `out/pipeline`. `changes`: training options to change from here on."""
     from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
 
     data = load_data(data_dir or DEFAULT_DATA_DIR, size=(config or BaseConfig()).size)
     idx = data.indices("pretrain")
-    trainer = BaseTrainer(out, data.images[idx], data.captions(idx), config)
+    trainer = BaseTrainer(out, data.images[idx], data.captions(idx), config, changes=changes)
     report = trainer.train(steps, checkpoint_seconds, max_seconds=max_seconds, log=log)
     trainer.save_pipeline(Path(out) / "pipeline")
     return report
@@ -519,7 +597,7 @@ def export_base(
     saved = Path(run) / CONFIG_NAME
     if not saved.is_file():
         raise GenattrError(f"{run}: not a base-model run (no {CONFIG_NAME})")
-    cfg = BaseConfig.from_dict(json.loads(saved.read_text())["config"])
+    cfg = BaseConfig.from_dict({**_ABSENT_MEANS, **json.loads(saved.read_text())["config"]})
     data = load_data(data_dir or DEFAULT_DATA_DIR, size=cfg.size)
     idx = data.indices("pretrain")
     trainer = BaseTrainer(run, data.images[idx], data.captions(idx), cfg)
