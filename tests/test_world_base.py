@@ -132,17 +132,28 @@ def test_resumed_run_changes_training_options_and_keeps_their_history(tmp_path, 
     _trainer(out, tiny_data).train(2, checkpoint_seconds=1e9, grid=False)
     with np.load(tiny_data) as z:
         images, captions = z["images"], [str(c) for c in z["captions"]]
-    changes = {"snr_gamma": 2.0, "learning_rate": 5e-4}
+    changes = {"snr_gamma": 2.0, "learning_rate": 5e-4, "prediction_type": "epsilon"}
     tr = BaseTrainer(out, images, captions, changes=changes)
     tr.train(4, checkpoint_seconds=1e9, grid=False)
     assert (tr.cfg.snr_gamma, tr.cfg.learning_rate) == (2.0, 5e-4)
     record = json.loads((out / "world_base.json").read_text())
     assert record["history"] == [
-        {"step": 2, "changed": {"snr_gamma": [5.0, 2.0], "learning_rate": [1e-3, 5e-4]}}
+        {
+            "step": 2,
+            "changed": {
+                "snr_gamma": [5.0, 2.0],
+                "learning_rate": [1e-3, 5e-4],
+                "prediction_type": ["v_prediction", "epsilon"],
+            },
+        }
     ]
     assert record["config"]["snr_gamma"] == 2.0
-    saved = json.loads((tr.save_pipeline(tmp_path / "pipe") / "training.json").read_text())
+    pipe = tr.save_pipeline(tmp_path / "pipe")
+    saved = json.loads((pipe / "training.json").read_text())
     assert saved["history"] == record["history"] and saved["step"] == 4
+    # The saved scheduler samples with what the model now predicts.
+    sched = json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "epsilon" and tr.noise.config.prediction_type == "epsilon"
     # Resuming again with the run's own config changes nothing more.
     BaseTrainer(out, images, captions).train(5, checkpoint_seconds=1e9, grid=False)
     assert len(json.loads((out / "world_base.json").read_text())["history"]) == 1
@@ -151,10 +162,13 @@ def test_resumed_run_changes_training_options_and_keeps_their_history(tmp_path, 
         BaseTrainer(out, images, captions, changes={"text_dim": 32})
     with pytest.raises(Exception, match="unknown base-model option"):
         BaseTrainer(out, images, captions, changes={"snr": 5})
-    # A run recorded before snr_gamma existed trained with the plain loss, and resumes so.
-    del record["config"]["snr_gamma"]
+    # A run recorded before these options existed trained with the plain epsilon loss.
+    del record["config"]["snr_gamma"], record["config"]["prediction_type"]
     (out / "world_base.json").write_text(json.dumps(record))
-    assert BaseTrainer(out, images, captions).cfg.snr_gamma is None
+    old = BaseTrainer(out, images, captions).cfg
+    assert old.snr_gamma is None and old.prediction_type == "epsilon"
+    with pytest.raises(Exception, match="prediction_type must be"):
+        BaseTrainer(out, images, captions, changes={"prediction_type": "sample"})
 
 
 def test_min_snr_weights_follow_the_noise_level() -> None:
@@ -172,6 +186,23 @@ def test_min_snr_weights_follow_the_noise_level() -> None:
     assert torch.allclose(w[~noisy], (5.0 / snr[~noisy]).float())
     assert torch.all(w[~noisy][1:] >= w[~noisy][:-1]) and w[0] < 0.01
     assert torch.equal(loss_weights(sched, t, None), torch.ones(len(t)))
+    # For v-prediction the weight is on the same image error: min(SNR, gamma) / (SNR + 1).
+    wv = loss_weights(make_scheduler("v_prediction"), t, 5.0)
+    assert torch.allclose(wv, (torch.clamp(snr, max=5.0) / (snr + 1)).float())
+
+
+def test_v_prediction_target_recovers_the_image() -> None:
+    from genattr.world.base import make_scheduler
+
+    sched = make_scheduler("v_prediction")
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
+    t = torch.tensor([10, 300, 700, 999])
+    xt, v = sched.add_noise(x0, noise, t), sched.get_velocity(x0, noise, t)
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(ab.sqrt() * xt - (1 - ab).sqrt() * v, x0, atol=1e-5)
+    # At pure noise the v target is minus the image, so the model learns images, not noise.
+    assert torch.allclose(v[3], -x0[3], atol=0.05)
 
 
 def test_checkpoint_grid_and_identity_vae(tmp_path, tiny_data) -> None:

@@ -51,13 +51,15 @@ TRAINING_OPTIONS = frozenset(
         "caption_dropout",
         "hflip",
         "snr_gamma",
+        "prediction_type",
         "grid_size",
         "grid_steps",
         "grid_guidance",
     }
 )
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Values that reproduce runs saved before an option existed.
-_ABSENT_MEANS = {"snr_gamma": None}
+_ABSENT_MEANS = {"snr_gamma": None, "prediction_type": "epsilon"}
 
 
 @dataclass
@@ -90,6 +92,11 @@ class BaseConfig:
     # low-noise steps weigh min(SNR, gamma) / SNR, so training spends itself on the
     # high-noise steps that shape the global layout. None: the plain DDPM loss.
     snr_gamma: float | None = 5.0
+    # What the UNet predicts. "v_prediction" (Salimans & Ho 2022) makes the high-noise steps
+    # predict the image itself rather than noise that must be divided by a tiny sqrt(alpha_bar),
+    # so an undertrained model still starts its samples from a plausible layout. A run may
+    # switch from epsilon to v on resume (Stable Diffusion 2's v-model was fine-tuned so).
+    prediction_type: str = "v_prediction"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BaseConfig:
@@ -100,6 +107,8 @@ class BaseConfig:
         v = dict(values)
         if "block_out_channels" in v:
             v["block_out_channels"] = tuple(v["block_out_channels"])
+        if v.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
+            raise GenattrError(f"prediction_type must be one of {PREDICTION_TYPES}")
         return cls(**v)
 
 
@@ -144,7 +153,7 @@ def build_models(cfg: BaseConfig, tokenizer: Any) -> tuple[Any, Any]:
     return unet, text_encoder
 
 
-def make_scheduler() -> Any:
+def make_scheduler(prediction_type: str = "epsilon") -> Any:
     """DDIM over the linear DDPM schedule (pixel space). Predicted images are clipped to the
     pixel range, as pixel-space DDPM samplers do; StableDiffusionPipeline forces `clip_sample`
     off, so the clipping is `thresholding` with a ceiling of 1 (the same clamp to [-1, 1])."""
@@ -155,6 +164,7 @@ def make_scheduler() -> Any:
         beta_start=1e-4,
         beta_end=0.02,
         beta_schedule="linear",
+        prediction_type=prediction_type,
         clip_sample=False,
         thresholding=True,
         sample_max_value=1.0,
@@ -163,7 +173,9 @@ def make_scheduler() -> Any:
     )
 
 
-def make_pipeline(unet: Any, text_encoder: Any, tokenizer: Any) -> StableDiffusionPipeline:
+def make_pipeline(
+    unet: Any, text_encoder: Any, tokenizer: Any, prediction_type: str = "epsilon"
+) -> StableDiffusionPipeline:
     """The world model as a Stable Diffusion pipeline (identity VAE, no safety checker)."""
     from diffusers import StableDiffusionPipeline
 
@@ -174,7 +186,7 @@ def make_pipeline(unet: Any, text_encoder: Any, tokenizer: Any) -> StableDiffusi
         vae=IdentityVAE(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        scheduler=make_scheduler(),
+        scheduler=make_scheduler(prediction_type),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -212,14 +224,16 @@ def _changes(old: BaseConfig, new: BaseConfig) -> dict[str, Any]:
 
 
 def loss_weights(scheduler: Any, t: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
-    """Per-image weights of the noise-prediction loss: min(SNR, gamma) / SNR, or ones."""
+    """Per-image loss weights: min(SNR, gamma) / SNR for noise prediction, min(SNR, gamma) /
+    (SNR + 1) for v (the same weight on the implied image error), or ones."""
     import torch
 
     if snr_gamma is None:
         return torch.ones(len(t))
     alpha_bar = scheduler.alphas_cumprod[t].to(torch.float32)
     snr = alpha_bar / (1 - alpha_bar)
-    return torch.clamp(snr, max=snr_gamma) / snr
+    v = scheduler.config.prediction_type == "v_prediction"
+    return torch.clamp(snr, max=snr_gamma) / (snr + 1 if v else snr)
 
 
 def _lr_at(cfg: BaseConfig, step: int) -> float:
@@ -288,7 +302,7 @@ class BaseTrainer:
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.step = 0
         self.losses: list[float] = []
-        self.noise = make_scheduler()
+        self.noise = make_scheduler(self.cfg.prediction_type)
         # Token ids of every caption and of the empty prompt, once.
         self.ids = self._tokenize(self.captions)
         self.empty_ids = self._tokenize([""])[0]
@@ -319,6 +333,7 @@ class BaseTrainer:
             return
         before = asdict(self.cfg)
         self.cfg = BaseConfig.from_dict({**before, **self._pending})
+        self.noise = make_scheduler(self.cfg.prediction_type)
         self.history.append(
             {"step": self.step, "changed": {k: [before[k], v] for k, v in self._pending.items()}}
         )
@@ -415,7 +430,10 @@ class BaseTrainer:
         self.text_encoder.train()
         cond = self.text_encoder(ids)[0]
         pred = self.unet(noisy, t, cond).sample
-        per_image = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        target = (
+            noise if cfg.prediction_type == "epsilon" else self.noise.get_velocity(x0, noise, t)
+        )
+        per_image = F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3))
         loss = (loss_weights(self.noise, t, cfg.snr_gamma) * per_image).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -484,7 +502,7 @@ class BaseTrainer:
             )
         unet.eval()
         te.eval()
-        return make_pipeline(unet, te, self.tokenizer)
+        return make_pipeline(unet, te, self.tokenizer, self.cfg.prediction_type)
 
     def sample_grid(self, prompts: Sequence[str] | None = None) -> Any:
         """A grid of EMA samples for fixed captions (the same ones at every checkpoint)."""
