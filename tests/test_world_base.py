@@ -191,18 +191,25 @@ def test_min_snr_weights_follow_the_noise_level() -> None:
     assert torch.allclose(wv, (torch.clamp(snr, max=5.0) / (snr + 1)).float())
 
 
-def test_v_prediction_target_recovers_the_image() -> None:
+def test_image_implied_by_a_perfect_prediction_is_the_image() -> None:
     from genattr.world.base import make_scheduler
+    from genattr.world.quality import predicted_image
 
-    sched = make_scheduler("v_prediction")
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
     t = torch.tensor([10, 300, 700, 999])
-    xt, v = sched.add_noise(x0, noise, t), sched.get_velocity(x0, noise, t)
-    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
-    assert torch.allclose(ab.sqrt() * xt - (1 - ab).sqrt() * v, x0, atol=1e-5)
+    eps, v = make_scheduler("epsilon"), make_scheduler("v_prediction")
+    xt = v.add_noise(x0, noise, t)
+    target_v = v.get_velocity(x0, noise, t)
+    assert torch.allclose(predicted_image(v, xt, target_v, t), x0, atol=1e-4)
+    assert torch.allclose(predicted_image(eps, xt, noise, t), x0, atol=1e-2)  # / sqrt(4e-5)
     # At pure noise the v target is minus the image, so the model learns images, not noise.
-    assert torch.allclose(v[3], -x0[3], atol=0.05)
+    assert torch.allclose(target_v[3], -x0[3], atol=0.05)
+    # A wrong noise prediction is amplified at high noise for epsilon, not for v.
+    off = 0.01 * torch.ones_like(noise)
+    err_eps = (predicted_image(eps, xt, noise + off, t) - x0).abs().amax(dim=(1, 2, 3))
+    err_v = (predicted_image(v, xt, target_v + off, t) - x0).abs().amax(dim=(1, 2, 3))
+    assert err_eps[3] > 1.0 and err_v[3] < 0.011
 
 
 def test_checkpoint_grid_and_identity_vae(tmp_path, tiny_data) -> None:
@@ -248,3 +255,13 @@ def test_world_pipeline_is_customized_and_sampled(tmp_path, tiny_data) -> None:
     pipe = load_base_pipeline(base, "cpu", "float32")
     plain = sample(pipe, ["a clipart of a box"] * 2, steps=3, guidance=2.0)
     assert plain.shape == custom.shape and not np.array_equal(plain, custom)
+    # The one-step denoising check runs on the saved pipeline; its baseline is the mean image.
+    from genattr.world.quality import denoising_error
+
+    with np.load(tiny_data) as z:
+        images, captions = z["images"], [str(c) for c in z["captions"]]
+    err = denoising_error(pipe, images, captions, images.mean(0), timesteps=(100, 900))
+    x = images.astype(np.float32) / 127.5 - 1
+    assert set(err) == {"100", "900"}
+    assert err["900"]["mean_image"] == pytest.approx(float(((x.mean(0) - x) ** 2).mean()), rel=1e-5)
+    assert all(0 < e["model"] < 4 for e in err.values())

@@ -10,7 +10,11 @@ nearest neighbour in a gallery of other pre-training images. Reported:
   what a model that ignores its text, with the same output distribution, would score;
 - `real_agreement`: the same for the real images the captions came from: the ceiling;
 - `sample_nn_cosine` / `real_nn_cosine`: mean cosine similarity to the nearest gallery image,
-  how close samples come to looking like clip-art in this feature space at all.
+  how close samples come to looking like clip-art in this feature space at all;
+- `denoise`: per noise level t, the mean squared error of the image the model predicts from a
+  noised real image in one step (its captions given), against that of predicting the mean
+  pre-training image. A model above the mean at high t has not learnt global layout, and its
+  samples follow their starting noise.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class SampleQuality:
     real_nn_cosine: float
     steps: int
     guidance: float
+    denoise: dict[str, dict[str, float]]
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,6 +89,53 @@ def agreement_and_chance(wanted: np.ndarray, got: np.ndarray) -> tuple[float, fl
     return hit, float(pw @ pg)
 
 
+def predicted_image(scheduler: Any, noisy: Any, prediction: Any, t: Any) -> Any:
+    """The clean image implied by a UNet output at steps `t`, for epsilon or v prediction."""
+    ab = scheduler.alphas_cumprod[t].to(noisy.dtype).view(-1, 1, 1, 1)
+    if scheduler.config.prediction_type == "v_prediction":
+        return ab.sqrt() * noisy - (1 - ab).sqrt() * prediction
+    if scheduler.config.prediction_type != "epsilon":
+        raise GenattrError(f"unsupported prediction_type {scheduler.config.prediction_type!r}")
+    return (noisy - (1 - ab).sqrt() * prediction) / ab.sqrt()
+
+
+def denoising_error(
+    pipe: StableDiffusionPipeline,
+    images: np.ndarray,
+    captions: list[str],
+    mean_image: np.ndarray,
+    timesteps: tuple[int, ...] = (300, 500, 700, 900),
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """One-step image prediction error (pixels in [-1, 1], clipped) per noise level, and the
+    error of predicting `mean_image` instead."""
+    import torch
+
+    x0 = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
+    mean = torch.from_numpy(mean_image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
+    ids = pipe.tokenizer(
+        captions,
+        padding="max_length",
+        max_length=pipe.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+    out = {}
+    with torch.inference_mode():
+        cond = pipe.text_encoder(ids)[0]
+        for step in timesteps:
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + step))
+            t = torch.full((len(x0),), step)
+            noisy = pipe.scheduler.add_noise(x0, noise, t)
+            pred = pipe.unet(noisy, t, cond).sample
+            x0_hat = predicted_image(pipe.scheduler, noisy, pred, t).clamp(-1, 1)
+            out[str(step)] = {
+                "model": float(((x0_hat - x0) ** 2).mean()),
+                "mean_image": float(((mean - x0) ** 2).mean()),
+            }
+    return out
+
+
 def sample_quality(
     pipe: StableDiffusionPipeline,
     data: ClipartData,
@@ -122,4 +174,7 @@ def sample_quality(
         real_nn_cosine=float(r_sim.mean()),
         steps=steps,
         guidance=guidance,
+        denoise=denoising_error(
+            pipe, data.images[probe], data.captions(probe), data.images[pre].mean(0), seed=seed
+        ),
     )
