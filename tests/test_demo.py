@@ -54,6 +54,8 @@ def test_demo_writes_results_above_chance(demo_out) -> None:
 def test_demo_report_holds_every_section(demo_out) -> None:
     from PIL import Image
 
+    from genattr.world.base import base_model_dir
+
     page = (demo_out / "report.html").read_text()
     for title in (
         "Results on held-out test models",
@@ -64,6 +66,8 @@ def test_demo_report_holds_every_section(demo_out) -> None:
         "The world's models",
     ):
         assert f"<h2>{title}</h2>" in page
+    steps = json.loads((base_model_dir() / "training.json").read_text())["step"]
+    assert f"trained here from scratch for {steps:,} steps" in page
     uris = re.findall(r"src='data:image/(png|jpeg);base64,([^']+)'", page)
     assert len(uris) > 40
     import io

@@ -151,6 +151,13 @@ def test_resumed_run_changes_training_options_and_keeps_their_history(tmp_path, 
     pipe = tr.save_pipeline(tmp_path / "pipe")
     saved = json.loads((pipe / "training.json").read_text())
     assert saved["history"] == record["history"] and saved["step"] == 4
+    from genattr.world.base import describe_training
+
+    assert describe_training(saved) == (
+        "trained here from scratch for 4 steps of batch 4, v_prediction prediction, "
+        "min-SNR-5 loss; from step 2: learning_rate 0.0005, snr_gamma 2.0, "
+        "prediction_type epsilon"
+    )
     # The saved scheduler samples with what the model now predicts.
     sched = json.loads((pipe / "scheduler" / "scheduler_config.json").read_text())
     assert sched["prediction_type"] == "epsilon" and tr.noise.config.prediction_type == "epsilon"

@@ -168,6 +168,7 @@ def write_demo_report(
     answers: Sequence[Any],
     queries: Sequence[Any],
     base_grid: Path,
+    base_training: str,
     seconds: dict[str, float],
 ) -> Path:
     """Write the page; every picture is embedded, so the file can be mailed or archived."""
@@ -231,8 +232,8 @@ def write_demo_report(
     sample_models = [m for m in manifest.models if m.split == "test"][:6]
     parts += [
         "</section><section class='block'><h2>The world's models</h2>",
-        "<p>Base model: rows of real training images, each followed by a row of samples for "
-        "the same captions.</p>",
+        f"<p>Base model ({html.escape(base_training)}): rows of real training images, each "
+        "followed by a row of samples for the same captions.</p>",
         f"<img src='{_file_uri(base_grid)}' alt='base model samples'>",
         "<p>Customized models (test split): exemplars, then samples.</p>",
         _model_samples(sample_models),

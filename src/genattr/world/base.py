@@ -624,6 +624,24 @@ def export_base(
     return trainer.save_pipeline(out or base_model_dir(cfg.size), half=True)
 
 
+def describe_training(record: dict[str, Any]) -> str:
+    """One sentence on how a saved pipeline was trained, from its `training.json`."""
+    history = record.get("history", [])
+    start = {**_ABSENT_MEANS, **record["config"]}
+    for h in reversed(history):  # the values before each option's first change
+        start.update({k: v[0] for k, v in h["changed"].items()})
+    weighting = f"min-SNR-{start['snr_gamma']:g}" if start["snr_gamma"] else "plain"
+    text = (
+        f"trained here from scratch for {record['step']:,} steps of batch {start['batch_size']}, "
+        f"{start['prediction_type']} prediction, {weighting} loss"
+    )
+    for h in history:
+        text += f"; from step {h['step']:,}: " + ", ".join(
+            f"{k} {v[1]}" for k, v in h["changed"].items()
+        )
+    return text
+
+
 def base_model_dir(size: int = 32) -> Path:
     """Where the shipped base model lives (inside the package)."""
     from genattr.world.clipart import DEFAULT_DATA_DIR

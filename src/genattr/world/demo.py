@@ -167,6 +167,7 @@ def run_demo(
     seconds["base samples"] = time.perf_counter() - t0
 
     from genattr.report.demo_report import write_demo_report
+    from genattr.world.base import TRAINING_NAME, base_model_dir, describe_training
 
     seconds["total"] = time.perf_counter() - t_start
     report = write_demo_report(
@@ -179,6 +180,7 @@ def run_demo(
         answers=answers,
         queries=queries,
         base_grid=base_grid,
+        base_training=describe_training(json.loads((base_model_dir() / TRAINING_NAME).read_text())),
         seconds=seconds,
     )
     summary = {
