@@ -1,8 +1,11 @@
 """Seconds per training step of the world's base model, attention at the lowest resolution only
-(the default) against attention at the two lowest (16x16 too), in one run on the same batches.
+(the default) against attention at the two lowest (16x16 too), in one run on the same batches;
+with `--bf16`, also the default under bf16 autocast (not used: slower on CPUs tried here).
 
-    .venv/bin/python benchmarks/world_step.py [--steps 4] [--threads 1]
+    .venv/bin/python benchmarks/world_step.py [--steps 4] [--threads 1] [--bf16]
 """
+
+import contextlib
 
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ from genattr.world.base import BaseConfig, BaseTrainer
 from genattr.world.clipart import load_data
 
 
-def seconds_per_step(levels: int, steps: int, images, captions) -> tuple[float, float]:
+def seconds_per_step(
+    levels: int, steps: int, images, captions, bf16: bool = False
+) -> tuple[float, float]:
     cfg = BaseConfig(attention_levels=levels)
-    with tempfile.TemporaryDirectory() as d:
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory() as d, ctx:
         tr = BaseTrainer(d, images, captions, cfg)
         params = sum(p.numel() for p in tr.unet.parameters()) / 1e6
         tr.train_step()  # warm-up
@@ -32,6 +38,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--bf16", action="store_true", help="also time bf16 autocast")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_data()
@@ -46,6 +53,9 @@ def main() -> None:
         f"attention at 8x8 and 16x16:   {more:.2f} s/step ({1 / more:.3f} steps/s), UNet {p2:.1f}M"
     )
     print(f"ratio: {more / base:.2f}x  (batch {BaseConfig().batch_size}, {args.threads} thread(s))")
+    if args.bf16:
+        half, _ = seconds_per_step(1, args.steps, images, captions, bf16=True)
+        print(f"8x8 only, bf16 autocast:      {half:.2f} s/step, {half / base:.2f}x fp32's time")
 
 
 if __name__ == "__main__":
