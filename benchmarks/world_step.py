@@ -5,11 +5,10 @@ with `--bf16`, also the default under bf16 autocast (not used: slower on CPUs tr
     .venv/bin/python benchmarks/world_step.py [--steps 4] [--threads 1] [--bf16]
 """
 
-import contextlib
-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 
