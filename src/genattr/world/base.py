@@ -88,9 +88,10 @@ class BaseConfig:
     grid_size: int = 16
     grid_steps: int = 20
     grid_guidance: float = 3.0
-    # Min-SNR-gamma loss weighting (Hang et al., ICCV 2023): noise-prediction errors at
-    # low-noise steps weigh min(SNR, gamma) / SNR, so training spends itself on the
-    # high-noise steps that shape the global layout. None: the plain DDPM loss.
+    # Min-SNR-gamma loss weighting (Hang et al., ICCV 2023): the image error a step's
+    # prediction implies weighs min(SNR, gamma), so the easy low-noise steps no longer dominate
+    # and training spends itself on the high-noise steps that shape the global layout.
+    # None: the plain loss.
     snr_gamma: float | None = 5.0
     # What the UNet predicts. "v_prediction" (Salimans & Ho 2022) makes the high-noise steps
     # predict the image itself rather than noise that must be divided by a tiny sqrt(alpha_bar),
