@@ -238,3 +238,10 @@ def test_evaluate_on_stores_equals_pth(bench_files):
         d / "c.json",
     )
     assert res.exit_code == 2 and "another-backbone" in res.output
+
+
+def test_demo_refuses_an_unknown_head_before_any_work(tmp_path):
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "d"), "--head", "conv"])
+    assert res.exit_code == 2
+    assert "unknown head 'conv'" in res.output and "channel" in res.output
+    assert not (tmp_path / "d").exists()

@@ -89,6 +89,7 @@ def demo(
         typer.Option(help="Backbones to compare (repeat; default: pixel, EfficientNet, Gram)."),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs of head training.")] = 30,
+    head: Annotated[str, typer.Option(help="Head to train: channel, linear or mlp.")] = "channel",
 ) -> None:
     """Attribution end to end on the built-in miniature world; writes OUT/report.html."""
     from genattr.world.demo import DEMO_BACKBONES, run_demo
@@ -97,7 +98,7 @@ def demo(
         "[bold]genattr demo[/]: the miniature clip-art world: extract features, train heads, "
         "calibrate, evaluate on held-out customized models, attribute, report."
     )
-    result = run_demo(out, features or DEMO_BACKBONES, epochs=epochs, log=_log)
+    result = run_demo(out, features or DEMO_BACKBONES, head=head, epochs=epochs, log=_log)
     table = Table(title="Test models: mean mAP over prompt types")
     for col in ("feature space", "raw", "with head"):
         table.add_column(col, justify="left" if col == "feature space" else "right")

@@ -72,7 +72,7 @@ def _table(outcomes: dict, ptypes: Sequence[str], chance: dict) -> str:
         return out + f"<td>{np.mean([summary[p]['mAP'] for p in ptypes]):.3f}</td>"
 
     for name, o in outcomes.items():
-        for which, res in (("none (raw)", o.raw), ("trained linear", o.head)):
+        for which, res in (("none (raw)", o.raw), (f"trained {o.head_kind}", o.head)):
             cls = " class='head'" if res is o.head else ""
             rows.append(
                 f"<tr{cls}><td class='l'>{html.escape(name)}</td><td class='l'>{which}</td>"
@@ -197,8 +197,9 @@ def write_demo_report(
         "<p>Dashed: raw features; solid: with the trained head.</p>",
         _recall_curves(outcomes, ptypes),
         "</section><section class='block'><h2>Head training</h2>",
-        "<p>Linear heads trained with a multi-positive contrastive loss on the train models; "
-        "the epoch with the best val mAP (dot) is kept.</p>",
+        f"<p>Heads ({html.escape(', '.join(sorted({o.head_kind for o in outcomes.values()})))})"
+        " trained with a multi-positive contrastive loss on the train models; the epoch with "
+        "the best val mAP (dot) is kept.</p>",
         _training_curves(outcomes),
         "</section><section class='block'><h2>Calibrated influence</h2>",
         f"<p>{html.escape(best)} + head. On held-out val models the calibrator puts "
