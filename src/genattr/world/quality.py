@@ -113,16 +113,10 @@ def denoising_error(
 
     x0 = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
     mean = torch.from_numpy(mean_image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
-    ids = pipe.tokenizer(
-        captions,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
     out = {}
     with torch.inference_mode():
-        cond = pipe.text_encoder(ids)[0]
+        # Conditioned exactly as sampling conditions it (the pipeline's own prompt encoding).
+        cond, _ = pipe.encode_prompt(list(captions), pipe.device, 1, False)
         for step in timesteps:
             noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + step))
             t = torch.full((len(x0),), step)
