@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from genattr.errors import GenattrError
+from genattr.world.base import GUIDANCE
 
 app = typer.Typer(
     help="Data attribution for text-to-image models: which training images made this image?",
@@ -663,7 +664,7 @@ def world_quality(
     n: Annotated[int, typer.Option(help="Samples (captions of pre-training images).")] = 64,
     gallery: Annotated[int, typer.Option(help="Gallery of other pre-training images.")] = 1000,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance.")] = 3.0,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance.")] = GUIDANCE,
     data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
 ) -> None:
     """Measure the base model's samples: category agreement of nearest neighbours vs chance."""

@@ -58,6 +58,10 @@ TRAINING_OPTIONS = frozenset(
     }
 )
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Classifier-free guidance for every sample of the world: grids, quality checks, the benchmark.
+# Measured (benchmarks/world_guidance.py): at 6, Custom Diffusion's default, the base model's
+# samples fall to chance category agreement and customized samples are far less attributable.
+GUIDANCE = 3.0
 # Values that reproduce runs saved before an option existed.
 _ABSENT_MEANS = {"snr_gamma": None, "prediction_type": "epsilon"}
 
@@ -87,7 +91,7 @@ class BaseConfig:
     seed: int = 0
     grid_size: int = 16
     grid_steps: int = 20
-    grid_guidance: float = 3.0
+    grid_guidance: float = GUIDANCE
     # Min-SNR-gamma loss weighting (Hang et al., ICCV 2023): the image error a step's
     # prediction implies weighs min(SNR, gamma), so the easy low-noise steps no longer dominate
     # and training spends itself on the high-noise steps that shape the global layout.
@@ -551,7 +555,7 @@ def sample(
     pipe: StableDiffusionPipeline,
     prompts: Sequence[str],
     steps: int = 25,
-    guidance: float = 3.0,
+    guidance: float = GUIDANCE,
     seed: int = 0,
 ) -> np.ndarray:
     """uint8 (N, H, W, 3) samples, one per prompt, each with its own seeded generator."""

@@ -268,7 +268,7 @@ def _base_model_grid(data, path: Path, n: int = 8) -> Path:
     pipe = load_world_base()
     idx = data.indices("pretrain")
     pick = idx[np.random.default_rng(7).permutation(len(idx))[:n]]
-    images = sample(pipe, data.captions(pick), steps=15, guidance=3.0)
+    images = sample(pipe, data.captions(pick), steps=15)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(np.concatenate([data.images[pick], images]), cols=n, scale=3).save(path)
     return path

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from genattr.errors import GenattrError
+from genattr.world.base import GUIDANCE
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -136,7 +137,7 @@ def sample_quality(
     n: int = 64,
     gallery: int = 1000,
     steps: int = 20,
-    guidance: float = 3.0,
+    guidance: float = GUIDANCE,
     seed: int = 0,
 ) -> SampleQuality:
     """Sample `n` captions of pre-training images and score the samples (see module doc)."""
