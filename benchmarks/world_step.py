@@ -1,7 +1,8 @@
 """Seconds per training step of the world's base model, attention at the lowest resolution only
 (the default) against attention at the two lowest (16x16 too), in one run on the same batches;
 with `--bf16`, also the default under bf16 autocast, and with `--compile`, the default with the
-UNet under `torch.compile` (neither is used: both were slower on the CPUs tried here).
+UNet under `torch.compile` (neither is used: bf16 was slower and torch.compile no faster on the
+CPUs tried here).
 
     .venv/bin/python benchmarks/world_step.py [--steps 4] [--threads 1] [--bf16] [--compile]
 """
