@@ -5,7 +5,7 @@ For each guidance scale, two measurements on the same models and seeds:
 - customized models: every `--every`-th held-out exemplar set's Custom Diffusion model (from a
   built benchmark) samples its ten benchmark prompts twice (10 DDIM steps, as the benchmark);
   each sample ranks the gallery (pre-training images + all exemplars) by cosine similarity in
-  genattr's `pixel` space and in EfficientNet-Lite0 space (quality.embed), and the average
+  genattr's `pixel` backbone and in EfficientNet-Lite0 space (quality.embed), and the average
   precision of the model's own exemplars is averaged per model, then over object and style
   models: how attributable the samples are;
 - the base model (`--quality-n` > 0): `genattr world quality`'s category agreement.
@@ -23,18 +23,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
+from genattr.features import get_backbone
 from genattr.world.base import sample
 from genattr.world.clipart import load_data
 from genattr.world.quality import embed, sample_quality
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
-    """genattr's `pixel` backbone on 32 px images: flattened RGB in [0, 1], L2-normalised."""
-    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    """L2-normalised features of uint8 (N, H, W, 3) images from genattr's `pixel` backbone."""
+    backbone = get_backbone("pixel")
+    x = np.stack([backbone.preprocess(Image.fromarray(im)) for im in images])
+    with torch.inference_mode():
+        feats = backbone.embed(torch.from_numpy(x)).numpy()
+    return feats / np.linalg.norm(feats, axis=1, keepdims=True)
 
 
 def average_precision(scores: np.ndarray, gallery_rows: np.ndarray, positives: np.ndarray) -> float:
