@@ -45,6 +45,7 @@ def tiny_world() -> ClipartData:
                 "split": layout[i],
                 "model_id": model[i],
                 "folder": folders[i],
+                "group": folders[i],
                 "caption": f"a clipart of a box, {folders[i]}",
             }
         )

@@ -10,8 +10,11 @@ import numpy as np
 import pytest
 
 from genattr.world.clipart import (
+    CURATED_GROUPS,
     ClipartData,
     caption,
+    choose_holdout,
+    group_of,
     load_data,
     render,
     resolve_artists,
@@ -65,6 +68,31 @@ def test_caption() -> None:
     assert caption("", ("unsorted",)) == "a clipart of an unsorted"
 
 
+def test_group_of_takes_the_longest_curated_prefix() -> None:
+    groups = ("animals", "animals/birds", "food/fruit")
+    assert group_of("animals/mammals/big cats", groups) == "animals"
+    assert group_of("animals/birds/penguin", groups) == "animals/birds"
+    assert group_of("food/fruitcake", groups) is None  # a prefix of the name, not a folder
+    assert group_of("food", groups) is None
+
+
+def test_choose_holdout_spreads_objects_and_caps_groups() -> None:
+    folders = ["a"] * 40 + ["b/x"] * 15 + ["b/y"] * 10 + ["c"] * 30
+    artists = [None] * 95
+    artists[0:3], artists[41:43] = ["ann"] * 3, ["ann"] * 2  # 5 images in two folders
+    records = [{"folder": f, "artist": a} for f, a in zip(folders, artists, strict=True)]
+    choose_holdout(records, n_objects=9, n_styles=1, groups=("a", "b"), max_group=20, min_left=5)
+    split = Counter((r["group"], r["split"]) for r in records)
+    assert split[("a", "style-exemplar")] == 3 and split[("b", "style-exemplar")] == 2
+    # Taken in turn from each group: 5 from "a", 4 from "b" (not from the ungrouped "c").
+    assert split[("a", "object-exemplar")] == 5 and split[("b", "object-exemplar")] == 4
+    assert split[("a", "pretrain")] == 20 and split[("b", "pretrain")] == 25 - 2 - 4
+    assert split[(None, "unused")] == 30
+    ids = [r["model_id"] for r in records if r["split"] == "object-exemplar"]
+    assert sorted(ids) == [f"object-{k:03d}" for k in range(9)]
+    assert {r["model_id"] for r in records if r["split"] == "style-exemplar"} == {"style-000"}
+
+
 def test_render_real_png_on_white() -> None:
     data = (FIXTURES / "pill-button-yellow_benji_01.png").read_bytes()
     arr = render(data, 32)
@@ -95,7 +123,8 @@ def test_holdout_is_large_enough_and_never_pretrained(shipped: ClipartData) -> N
     objects = {k: v for k, v in models.items() if k.startswith("object-")}
     styles = {k: v for k, v in models.items() if k.startswith("style-")}
     assert len(objects) >= 60 and all(len(v) == 1 for v in objects.values())
-    assert len({shipped.records[v[0]]["folder"] for v in objects.values()}) >= 30
+    # Objects spread over every curated group, and only those groups are pre-trained.
+    assert {shipped.records[v[0]]["group"] for v in objects.values()} == set(CURATED_GROUPS)
     assert len(styles) >= 20 and all(len(v) >= 5 for v in styles.values())
     pre = set(shipped.indices("pretrain").tolist())
     held = {i for v in models.values() for i in v}
@@ -108,8 +137,9 @@ def test_holdout_is_large_enough_and_never_pretrained(shipped: ClipartData) -> N
     # Nor is any pixel-identical copy of an exemplar (dedup is by rendering too).
     pre_bytes = {shipped.images[i].tobytes() for i in pre}
     assert not any(shipped.images[i].tobytes() in pre_bytes for i in held)
+    assert {shipped.records[i]["group"] for i in pre} == set(CURATED_GROUPS)
     counts = Counter(r["split"] for r in shipped.records)
-    assert counts["pretrain"] > 3000
+    assert counts["pretrain"] > 1000
 
 
 def test_tokenizer_ids(tmp_path: Path) -> None:
@@ -151,12 +181,12 @@ def test_agreement_and_chance() -> None:
 @pytest.mark.slow
 def test_real_images_agree_with_their_category_above_chance(shipped: ClipartData) -> None:
     """The quality measure's ceiling is real: EfficientNet neighbours of real clip-art share
-    its top-level category far more often than chance."""
+    its curated group far more often than chance."""
     from genattr.world.quality import _nn, agreement_and_chance, embed
 
     pre = np.random.default_rng(0).permutation(shipped.indices("pretrain"))[:360]
     feats = embed(shipped.images[pre])
-    top = np.array([shipped.records[i]["categories"][0] for i in pre])
+    top = np.array([shipped.records[i]["group"] for i in pre])
     idx, sims = _nn(feats[:60], feats[60:])
     hit, chance = agreement_and_chance(top[:60], top[60:][idx])
     assert hit > chance + 0.2
