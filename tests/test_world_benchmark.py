@@ -5,6 +5,7 @@ and resumed without redoing finished models."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -120,3 +121,27 @@ def test_world_prompt_sets_render_five_prompts_with_the_token() -> None:
             assert ps.mode == mode
             prompts = ps.render("fruit" if mode == "object" else None)
             assert len(prompts) == 5 and all("<new1>" in p for p in prompts)
+
+
+def test_world_prompts_use_the_base_models_words() -> None:
+    """Every subject word of the shipped world's prompts (object categories, slot words) is one
+    token of the shipped base model's tokenizer: a word the base model saw in its captions,
+    not one it must spell. (The fixed phrase "in the style of" is the authors' wording.)"""
+    from transformers import CLIPTokenizer
+
+    from genattr.world.base import base_model_dir
+    from genattr.world.clipart import load_data
+
+    vocab = CLIPTokenizer.from_pretrained(str(base_model_dir() / "tokenizer")).get_vocab()
+    data = load_data()
+    words = {
+        object_category(data.records[ix[0]]["group"])
+        for k, ix in data.models().items()
+        if k.startswith("object-")
+    }
+    for names in WORLD_PROMPT_SETS.values():
+        for name in names:
+            for values in load_prompt_set(name).slots.values():
+                words |= {w for v in values for w in re.findall(r"[a-z]+", v)}
+    assert len(words) > 20
+    assert sorted(w for w in words if w + "</w>" not in vocab) == []
