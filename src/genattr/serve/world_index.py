@@ -140,7 +140,7 @@ def default_world_index(
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Path:
-    """The world gallery's index in the cache, built on first use (4,480 images: minutes with
+    """The world gallery's index in the cache, built on first use (1,505 images: minutes with
     EfficientNet-Lite0 on one core, seconds with pixels). The build happens in a temporary
     folder renamed into place when complete, so an interrupted build leaves nothing that looks
     finished and is simply redone."""
