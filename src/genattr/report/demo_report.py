@@ -233,8 +233,8 @@ def write_demo_report(
     sample_models = [m for m in manifest.models if m.split == "test"][:6]
     parts += [
         "</section><section class='block'><h2>The world's models</h2>",
-        f"<p>Base model ({html.escape(base_training)}): rows of real training images, each "
-        "followed by a row of samples for the same captions.</p>",
+        f"<p>Base model ({html.escape(base_training)}): a real training image of each curated "
+        "group (top row), then two rows of samples for the same captions.</p>",
         f"<img src='{_file_uri(base_grid)}' alt='base model samples'>",
         "<p>Customized models (test split): exemplars, then samples.</p>",
         _model_samples(sample_models),

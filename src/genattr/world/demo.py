@@ -260,15 +260,20 @@ def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[An
     return answers, [m for m, _ in picks]
 
 
-def _base_model_grid(data, path: Path, n: int = 8) -> Path:
-    """Samples of the shipped base model for captions of its own training images, each row of
-    samples under the row of the real images those captions describe."""
+def _base_model_grid(data, path: Path, rows: int = 2) -> Path:
+    """Samples of the shipped base model for captions of its own training images: one random
+    image of each curated group in the top row, `rows` rows of samples for the same captions
+    (different seeds) below."""
     from genattr.world.base import image_grid, load_world_base, sample
 
     pipe = load_world_base()
     idx = data.indices("pretrain")
-    pick = idx[np.random.default_rng(7).permutation(len(idx))[:n]]
-    images = sample(pipe, data.captions(pick), steps=15)
+    rng = np.random.default_rng(7)
+    groups = sorted({data.records[i]["group"] for i in idx})
+    pick = [rng.choice([i for i in idx if data.records[i]["group"] == g]) for g in groups]
+    captions = data.captions(pick)
+    images = [data.images[pick]]
+    images += [sample(pipe, captions, steps=15, seed=r * len(pick)) for r in range(rows)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(np.concatenate([data.images[pick], images]), cols=n, scale=3).save(path)
+    image_grid(np.concatenate(images), cols=len(pick), scale=3).save(path)
     return path
