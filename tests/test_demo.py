@@ -47,14 +47,14 @@ def test_demo_writes_results_above_chance(demo_out) -> None:
             mode, p = ptype.split(": ")
             n_ex = [len(m["exemplars"]) for m in models if m["mode"] == mode and p in m["synth"]]
             chance = sum(e / (e + n_gallery) for e in n_ex) / len(n_ex)
-            # Measured on the shipped world, raw: objects 71-270x chance, styles 1.7-3.5x
+            # Measured on the shipped world, raw: objects 50-230x chance, styles 2.7-5.6x
             # (BENCHMARKS.md).
-            factor = 40 if mode == "object" else 1.5
+            factor = 40 if mode == "object" else 2
             assert r["mAP"] > factor * chance, (name, ptype, r["mAP"], chance)
             assert 0 <= head[ptype]["mAP"] <= 1
         assert summary["backbones"][name]["raw"] == raw
     assert summary["best"] == "pixel"
-    # The channel-wise head on Gram features beats raw on every prompt type (measured 1.1-1.7x).
+    # The channel-wise head on Gram features beats raw on every prompt type (measured 1.3-1.6x).
     gram = summary["backbones"]["efficientnet-lite0-gram"]
     for ptype, r in gram["raw"].items():
         assert gram["head"][ptype]["mAP"] > r["mAP"], (ptype, gram["head"][ptype], r)
