@@ -41,7 +41,7 @@ STEM_CUT = 24  # the package's file stems are cut at this many characters
 _NUMBERED = re.compile(r"^(?P<stem>.+)_(?P<num>\d{2})$")
 SPLITS = ("pretrain", "object-exemplar", "style-exemplar", "unused")
 # The pre-training subset and the object exemplars' categories: folders (with their
-# sub-folders) of many images of one visually distinct kind. On all 80 folders with 20+ images
+# sub-folders) of many images of one visually distinct kind. On all 71 folders with 20+ images
 # (half of them computer icons and signs) 4 h 25 min of CPU training gave samples that follow
 # their caption's colours but not its object.
 CURATED_GROUPS = (
