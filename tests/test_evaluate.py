@@ -99,3 +99,51 @@ def test_tiny_case_by_hand():
         np.testing.assert_allclose(r.ap, [(1 / 2 + 2 / 6) / 2, 1.0])
         np.testing.assert_allclose(r.recall, [[0, 0.5, 0.5], [1, 1, 1]])
         assert result.summary()["media"]["mAP"] == pytest.approx(((1 / 2 + 2 / 6) / 2 + 1) / 2)
+
+
+def _brute_force(gallery, tc, ks, *, strict: bool, mean_query: bool):
+    """Per query: sort distractors (the gallery, plus with `strict` every other model's
+    exemplars) and the own exemplars by cosine; AP and recall from the exemplars' places."""
+    norm = torch.nn.functional.normalize
+    g, ex = norm(gallery.float(), dim=1), norm(tc.exemplar_feats.float(), dim=1)
+    queries = {p: norm(tc.synth_feats[p].float(), dim=1) for p in tc.prompt_types}
+    if mean_query:
+        mean = norm(torch.cat(list(queries.values())).mean(0, keepdim=True), dim=1)
+        queries = {p: mean.expand_as(q) for p, q in queries.items()}
+    out = {}
+    for p, qs in queries.items():
+        aps, recalls = [], []
+        for model, q in zip(tc.synth_ids[p], qs, strict=True):
+            s, e = tc.exemplar_chunks[model]
+            others = torch.cat([ex[:s], ex[e:]]) if strict else ex[:0]
+            scores = torch.cat([g, others, ex[s:e]]) @ q
+            hits = (torch.argsort(-scores) >= len(scores) - (e - s)).numpy()
+            pos = np.flatnonzero(hits) + 1
+            aps.append(np.mean(np.arange(1, len(pos) + 1) / pos))
+            recalls.append([hits[:k].sum() / (e - s) for k in ks])
+        out[p] = (np.array(aps), np.array(recalls))
+    return out
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("mean_query", [False, True])
+def test_controls_match_brute_force(strict, mean_query):
+    gallery, tc = make_fixture(sizes=SIZES, noise=1.0, seed=5)
+    ks = (1, 5, 10)
+    result = evaluate_protocol(
+        gallery,
+        tc,
+        ks,
+        block_elements=3000,
+        exemplars_as_distractors=strict,
+        query_independent=mean_query,
+    )
+    expected = _brute_force(gallery, tc, ks, strict=strict, mean_query=mean_query)
+    for p, (ap, recall) in expected.items():
+        np.testing.assert_allclose(result.per_type[p].ap, ap, atol=1e-9)
+        np.testing.assert_allclose(result.per_type[p].recall, recall, atol=1e-9)
+    plain = evaluate_protocol(gallery, tc, ks)
+    mean_ap = np.mean([r.ap.mean() for r in result.per_type.values()])
+    plain_ap = np.mean([r.ap.mean() for r in plain.per_type.values()])
+    if strict or mean_query:  # each control makes the fixture's easy queries harder
+        assert mean_ap < plain_ap

@@ -164,6 +164,30 @@ def metrics_from_counts(
     return ap, recall
 
 
+def _exemplars_above(
+    queries: torch.Tensor,
+    exemplars: torch.Tensor,
+    index: torch.Tensor,
+    thresholds: torch.Tensor,
+    block: int = 1024,
+) -> torch.Tensor:
+    """(Q, E) counts of other models' exemplars scoring above each threshold: the stricter
+    gallery's extra distractors. The query's own exemplars are taken out of the scored set
+    (they count once, by their place among the exemplars)."""
+    out = torch.zeros(thresholds.shape, dtype=torch.int64, device=queries.device)
+    n = len(exemplars)
+    for q0 in range(0, len(queries), block):
+        q1 = min(len(queries), q0 + block)
+        scores = torch.cat(  # a last column for the padding entries of `index` to hit
+            [queries[q0:q1] @ exemplars.T, torch.zeros(q1 - q0, 1, device=queries.device)], 1
+        )
+        scores.scatter_(1, torch.where(index[q0:q1] >= 0, index[q0:q1], n), -torch.inf)
+        ranked = scores[:, :n].sort(dim=1).values.contiguous()
+        t = thresholds[q0:q1].contiguous()
+        out[q0:q1] = n - torch.searchsorted(ranked, t, right=True)
+    return out
+
+
 def _check_dims(
     gallery: FeatureMatrix,
     testcase: TestCaseFeatures,
@@ -201,10 +225,20 @@ def evaluate_protocol(
     method: str = "auto",
     progress: bool = False,
     names: tuple[str, str, str] = ("gallery", "test case", "mapper"),
+    exemplars_as_distractors: bool = False,
+    query_independent: bool = False,
 ) -> EvaluationResult:
     """Evaluate one benchmark against a gallery (N, D): fp16/fp32, tensor or memory-mapped array.
 
     `names` (gallery, test case, mapper) are used in error messages, e.g. their file names.
+
+    Two controls, for numbers that must mean attribution:
+    - `exemplars_as_distractors`: the stricter gallery. Every exemplar of every model in the
+      test case is also a distractor for every query (its own model's count once, as
+      exemplars), so being held out from pre-training is not enough to rank first.
+    - `query_independent`: every query is replaced by the mean of all (mapped, normalised)
+      queries, so each gallery image gets one score, its mean similarity to all queries, and
+      the ranking ignores which image was asked about. A method must beat this by far.
     """
     ks = _check_ks(ks)
     _check_dims(gallery, testcase, mappers, names)
@@ -220,6 +254,9 @@ def evaluate_protocol(
         queries = torch.cat(
             [embed(testcase.synth_feats[p].to(device, torch.float32), synth) for p in ptypes]
         )
+        if query_independent:
+            mean = torch.nn.functional.normalize(queries.mean(0, keepdim=True), dim=1)
+            queries = mean.expand_as(queries).contiguous()
     model_ids = np.concatenate([np.asarray(testcase.synth_ids[p], dtype=np.int64) for p in ptypes])
     index = torch.from_numpy(_padded_index(testcase.exemplar_chunks, model_ids)).to(device)
     ex_scores = torch.einsum("qd,qed->qe", queries, exemplars[index.clamp(min=0)])
@@ -237,6 +274,8 @@ def evaluate_protocol(
         progress=progress,
         gallery_name=names[0],
     )
+    if exemplars_as_distractors:
+        counts += _exemplars_above(queries, exemplars, index, thresholds)
     ap, recall = metrics_from_counts(counts.cpu().numpy(), n_ex, ks)
     per_type, start = {}, 0
     for p in ptypes:
