@@ -339,6 +339,7 @@ def _write_plan(root: Path, tiny: Path) -> Path:
                 "category": "box",
                 "exemplars": "ex/box.png",
                 "split": "val",
+                "sample": {"images_per_prompt": 2},  # this model's own sampling option
             },
             {"id": "artist0", "mode": "style", "exemplars": "ex/artist", "split": "test"},
         ],
@@ -452,6 +453,7 @@ def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_pat
     assert disc.extra["prompts"]["gpt"] == ["A <new1> ball at dawn", "Two <new1> balls on a table"]
     val = read_abc_json(bench / "json" / "val_mini.json")
     assert [m.id for m in val.models] == ["box0"] and val.models[0].category == "box"
+    assert len(val.models[0].synth["media"]) == 2 * len(disc.synth["media"])
 
     # A third run finds everything complete and changes nothing.
     third = subprocess.run(

@@ -95,7 +95,8 @@ def build_model(
     """Customize one model, sample its prompt sets, record it as complete (last)."""
     from genattr.customize.sample import generate_images
 
-    key = spec.key(plan.base, plan.sample)
+    sample = spec.sample or plan.sample
+    key = spec.key(plan.base, sample)
     if is_complete(bench, spec, key):
         log(f"model {spec.id}: complete, skipped")
         return ModelResult(spec.id, skipped=True)
@@ -132,7 +133,7 @@ def build_model(
     for ptype, prompts in spec.prompts.items():
         out = bench / "synth" / ptype / spec.id / "samples"
         record = {"model_id": spec.id, "prompt_type": ptype, "base": plan.base}
-        paths, _ = generate_images(customizer.pipe, prompts, out, plan.sample, record=record)
+        paths, _ = generate_images(customizer.pipe, prompts, out, sample, record=record)
         synth[ptype] = [_rel(bench, p) for p in paths]
     sample_seconds = time.perf_counter() - t0
     customizer.reset()
@@ -204,7 +205,7 @@ def _local(bench: Path, plan: Plan, device: str, dtype: str, log) -> list[ModelR
 
     results, customizer = [], None
     for spec in plan.models:
-        if is_complete(bench, spec, spec.key(plan.base, plan.sample)):
+        if is_complete(bench, spec, spec.key(plan.base, spec.sample or plan.sample)):
             results.append(ModelResult(spec.id, skipped=True))
             log(f"model {spec.id}: complete, skipped")
             continue
@@ -256,7 +257,7 @@ def _ray(
     pending = {}
     results: dict[str, ModelResult] = {}
     for spec in plan.models:
-        if is_complete(bench, spec, spec.key(plan.base, plan.sample)):
+        if is_complete(bench, spec, spec.key(plan.base, spec.sample or plan.sample)):
             results[spec.id] = ModelResult(spec.id, skipped=True)
             log(f"model {spec.id}: complete, skipped")
             continue

@@ -15,7 +15,9 @@ captions: captions.yaml                   # {category: [sentences with <new1>]}
 models:
   - {id: n01518878_0008, mode: object, category: bird, exemplars: [bird.jpg]}
   - {id: sisley, mode: style, exemplars: artists/sisley/, split: test}
+  - {id: n01530575_0012, category: bird, exemplars: [b.jpg], sample: {images_per_prompt: 2}}
 ```
+A model's own `train` or `sample` mapping overrides the plan's options for that model only.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ModelSpec:
     prompts: dict[str, list[str]]
     reg_images: list[Path] = field(default_factory=list)
     reg_captions: list[str] = field(default_factory=list)
+    sample: SampleConfig | None = None  # this model's sampling options, None: the plan's
 
     def key(self, base: str, sample: SampleConfig) -> str:
         """Changes whenever anything that shapes this model's outputs changes."""
@@ -123,7 +126,8 @@ def read_plan(path: str | os.PathLike) -> Plan:
     if not Path(base).is_absolute() and (root / base).exists():
         base = str(root / base)
     train_defaults = data.get("train") or {}
-    sample = sample_config_from_dict(data.get("sample"))
+    sample_defaults = data.get("sample") or {}
+    sample = sample_config_from_dict(sample_defaults)
     fractions = data.get("split") or DEFAULT_SPLIT
     if not isinstance(fractions, dict) or set(fractions) - set(SPLITS):
         raise GenattrError(f"{path}: 'split' maps {SPLITS} to fractions")
@@ -171,6 +175,12 @@ def read_plan(path: str | os.PathLike) -> Plan:
             for p in exemplars:
                 check_image(p)  # a bad file stops the plan now, not hours into the run
             train = config_from_dict({**train_defaults, **(m.get("train") or {})})
+            own_sample = m.get("sample")
+            if own_sample is not None and not isinstance(own_sample, dict):
+                raise GenattrError("'sample' must be a mapping of sampling options")
+            model_sample = (
+                sample_config_from_dict({**sample_defaults, **own_sample}) if own_sample else None
+            )
             reg = m.get("reg_images")
             reg_images = list_images(_resolve(root, reg, "reg_images")) if reg else []
             reg_captions = _reg_captions(root, m.get("reg_captions"), len(reg_images))
@@ -183,7 +193,16 @@ def read_plan(path: str | os.PathLike) -> Plan:
             raise GenattrError(f"{where}: {e}") from None
         models.append(
             ModelSpec(
-                mid, mode, category, exemplars, split, train, prompts, reg_images, reg_captions
+                mid,
+                mode,
+                category,
+                exemplars,
+                split,
+                train,
+                prompts,
+                reg_images,
+                reg_captions,
+                model_sample,
             )
         )
     return Plan(
