@@ -14,6 +14,7 @@ from genattr.world.clipart import (
     ClipartData,
     caption,
     choose_holdout,
+    extend_holdout,
     group_of,
     load_data,
     render,
@@ -93,6 +94,41 @@ def test_choose_holdout_spreads_objects_and_caps_groups() -> None:
     assert {r["model_id"] for r in records if r["split"] == "style-exemplar"} == {"style-000"}
 
 
+def test_extend_holdout_takes_only_unused_images() -> None:
+    folders = ["a"] * 40 + ["b"] * 12 + ["c/x"] * 6 + ["c/y"] * 6 + ["unsorted"] * 5
+    artists: list[str | None] = [None] * 69
+    artists[0:3], artists[41:43] = ["ann"] * 3, ["ann"] * 2
+    artists[52:54], artists[58:59] = ["bob"] * 2, ["bob"]  # 3 unused images in two folders
+    records = [{"folder": f, "artist": a} for f, a in zip(folders, artists, strict=True)]
+    choose_holdout(records, n_objects=4, n_styles=1, groups=("a", "b"), max_group=20, min_left=2)
+    before = [(r["split"], r["model_id"]) for r in records]
+    extend_holdout(records, n_objects=10, n_unobserved=3, groups=("a", "b"))
+    # What was held out or pre-trained stays so: a base model trained on it stays valid.
+    for (split, mid), r in zip(before, records, strict=True):
+        if split != "unused":
+            assert (r["split"], r["model_id"]) == (split, mid)
+    by_split = Counter((r["group"], r["split"]) for r in records)
+    # 6 more objects from group "a"'s surplus ("b" has none left), numbered on from object-004.
+    assert by_split[("a", "object-exemplar")] == 2 + 6 and by_split[("b", "object-exemplar")] == 2
+    ids = sorted(r["model_id"] for r in records if r["split"] == "object-exemplar")
+    assert ids == [f"object-{k:03d}" for k in range(10)]
+    # The new artist is a second style; unobserved sets come one per folder outside the groups
+    # ("c/x", "c/y"; never "unsorted") in turn.
+    assert {r["model_id"] for r, a in zip(records, artists, strict=True) if a == "bob"} == {
+        "style-001"
+    }
+    unobserved = [r for r in records if r["split"] == "unobserved-exemplar"]
+    assert sorted(r["model_id"] for r in unobserved) == [
+        "unobserved-000",
+        "unobserved-001",
+        "unobserved-002",
+    ]
+    assert Counter(r["folder"] for r in unobserved) in (
+        Counter({"c/x": 2, "c/y": 1}),
+        Counter({"c/x": 1, "c/y": 2}),
+    )
+
+
 def test_render_real_png_on_white() -> None:
     data = (FIXTURES / "pill-button-yellow_benji_01.png").read_bytes()
     arr = render(data, 32)
@@ -125,7 +161,12 @@ def test_holdout_is_large_enough_and_never_pretrained(shipped: ClipartData) -> N
     assert len(objects) >= 60 and all(len(v) == 1 for v in objects.values())
     # Objects spread over every curated group, and only those groups are pre-trained.
     assert {shipped.records[v[0]]["group"] for v in objects.values()} == set(CURATED_GROUPS)
-    assert len(styles) >= 20 and all(len(v) >= 5 for v in styles.values())
+    unobserved = {k: v for k, v in models.items() if k.startswith("unobserved-")}
+    assert len(objects) >= 300 and len(unobserved) >= 100
+    assert all(len(v) == 1 for v in unobserved.values())
+    # Unobserved exemplars come from kinds pre-training never saw.
+    assert all(shipped.records[v[0]]["group"] is None for v in unobserved.values())
+    assert len(styles) >= 30 and all(len(v) >= 3 for v in styles.values())
     pre = set(shipped.indices("pretrain").tolist())
     held = {i for v in models.values() for i in v}
     assert not pre & held
@@ -140,6 +181,20 @@ def test_holdout_is_large_enough_and_never_pretrained(shipped: ClipartData) -> N
     assert {shipped.records[i]["group"] for i in pre} == set(CURATED_GROUPS)
     counts = Counter(r["split"] for r in shipped.records)
     assert counts["pretrain"] > 1000
+
+
+def test_extended_holdout_leaves_pretraining_as_the_base_model_saw_it(
+    shipped: ClipartData,
+) -> None:
+    """The shipped base model was trained on `choose_holdout`'s pre-training split; the
+    extended hold-out must not have moved one image into or out of it."""
+    import copy
+
+    records = copy.deepcopy(shipped.records)
+    choose_holdout(records)
+    assert [i for i, r in enumerate(records) if r["split"] == "pretrain"] == list(
+        shipped.indices("pretrain")
+    )
 
 
 def test_tokenizer_ids(tmp_path: Path) -> None:

@@ -23,8 +23,9 @@ import numpy as np
 
 from genattr.errors import GenattrError
 from genattr.search.index import INDEX_FORMAT_VERSION, AttributionIndex
+from genattr.world.clipart import EXEMPLAR_SPLITS
 
-GALLERY_SPLITS = ("pretrain", "object-exemplar", "style-exemplar")
+GALLERY_SPLITS = ("pretrain", *EXEMPLAR_SPLITS)
 STALE_BUILD_SECONDS = 3600  # unfinished builds older than this are someone's crash: removed
 
 

@@ -36,10 +36,12 @@ PACKAGE_ROOT = Path("usr/share/openclipart/png")
 DEFAULT_DATA_DIR = Path(__file__).parent / "data"
 IMAGES_NAME = "clipart{size}.npz"
 META_NAME = "clipart{size}.json"
-PARSER_VERSION = 3  # bump when names, captions or the hold-out change
+PARSER_VERSION = 4  # bump when names, captions or the hold-out change
 STEM_CUT = 24  # the package's file stems are cut at this many characters
 _NUMBERED = re.compile(r"^(?P<stem>.+)_(?P<num>\d{2})$")
-SPLITS = ("pretrain", "object-exemplar", "style-exemplar", "unused")
+SPLITS = ("pretrain", "object-exemplar", "unobserved-exemplar", "style-exemplar", "unused")
+# The held-out splits: every image of one of them belongs to one customized model.
+EXEMPLAR_SPLITS = ("object-exemplar", "unobserved-exemplar", "style-exemplar")
 # The pre-training subset and the object exemplars' categories: folders (with their
 # sub-folders) of many images of one visually distinct kind. On all 71 folders with 20+ images
 # (half of them computer icons and signs) 4 h 25 min of CPU training gave samples that follow
@@ -246,6 +248,72 @@ def choose_holdout(
             records[i]["split"] = "pretrain"
 
 
+def extend_holdout(
+    records: list[dict[str, Any]],
+    seed: int = 0,
+    n_objects: int = 320,
+    n_unobserved: int = 100,
+    groups: Iterable[str] = CURATED_GROUPS,
+    style_sizes: tuple[int, int] = (3, 40),
+) -> None:
+    """More held-out sets from images pre-training never used, in place; pre-training and the
+    sets `choose_holdout` made stay as they are, so a base model trained on them stays valid.
+
+    - styles: every artist whose images are all unused, `style_sizes` of them in two or more
+      folders (`style-NNN`, numbered on);
+    - observed objects: single images from the curated groups' surplus (the images beyond
+      `max_group`), in turn from each group, up to `n_objects` object sets in all
+      (`object-NNN`, numbered on): new images of kinds the base model was trained on;
+    - unobserved objects: single images from folders outside the curated groups, one folder at
+      a time in a seeded order (`unobserved-exemplar`, `unobserved-NNN`): kinds the base model
+      never saw, the paper's unobserved ImageNet classes.
+    """
+    rng = np.random.default_rng([seed, 1])
+    groups = tuple(groups)
+    n_objects_taken = len({r["model_id"] for r in records if r["split"] == "object-exemplar"})
+    n_styles = len({r["model_id"] for r in records if r["split"] == "style-exemplar"})
+    by_artist: dict[str, list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        if r["artist"]:
+            by_artist[r["artist"]].append(i)
+    for a in sorted(by_artist):
+        ix = by_artist[a]
+        if (
+            style_sizes[0] <= len(ix) <= style_sizes[1]
+            and all(records[i]["split"] == "unused" for i in ix)
+            and len({records[i]["folder"] for i in ix}) >= 2
+        ):
+            for i in ix:
+                records[i]["split"], records[i]["model_id"] = (
+                    "style-exemplar",
+                    f"style-{n_styles:03d}",
+                )
+            n_styles += 1
+
+    def shuffled_pools(key: str, eligible: Callable[[dict[str, Any]], bool]) -> list[list[int]]:
+        pools: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(records):
+            if r["split"] == "unused" and eligible(r):
+                pools[r[key]].append(i)
+        return [[pools[k][j] for j in rng.permutation(len(pools[k]))] for k in sorted(pools)]
+
+    def take_in_turn(pools: list[list[int]], n: int, split: str, prefix: str, k: int) -> None:
+        while k < n and any(pools):
+            for pool in pools:
+                if k < n and pool:
+                    i = pool.pop()
+                    records[i]["split"], records[i]["model_id"] = split, f"{prefix}-{k:03d}"
+                    k += 1
+
+    observed = shuffled_pools("group", lambda r: r["group"] in groups)
+    take_in_turn(observed, n_objects, "object-exemplar", "object", n_objects_taken)
+    unobserved = shuffled_pools(
+        "folder", lambda r: r["group"] is None and r["folder"] != "unsorted"
+    )
+    unobserved = [unobserved[j] for j in rng.permutation(len(unobserved))]
+    take_in_turn(unobserved, n_unobserved, "unobserved-exemplar", "unobserved", 0)
+
+
 def find_package_root(source: str | os.PathLike) -> Path:
     """The `png/` folder of an extracted package (`dpkg-deb -x openclipart-png*.deb DIR`)."""
     src = Path(source)
@@ -351,6 +419,7 @@ def build_data(
         r["title"] = p.title if a else p.full_title
         r["caption"] = caption(r["title"], p.categories)
     choose_holdout(records, seed=seed)
+    extend_holdout(records, seed=seed)
     info = {
         "kind": "genattr.world.clipart",
         "format_version": DATA_FORMAT_VERSION,
