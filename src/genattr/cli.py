@@ -603,6 +603,31 @@ def world_build(
     console.print("world complete" if done else "stopped early: run the same command to go on")
 
 
+@world_app.command("build-benchmark")
+@_friendly_errors
+def world_build_benchmark(
+    work: Annotated[Path, typer.Option(help="Work folder (the benchmark resumes there).")],
+    out: Annotated[
+        Path | None, typer.Option(help="World data folder (default: the shipped one).")
+    ] = None,
+    base: Annotated[
+        Path | None, typer.Option(help="Base pipeline (default: the one shipped in --out).")
+    ] = None,
+    engine: Annotated[str, typer.Option(help="Benchmark engine: local or ray.")] = "local",
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+) -> None:
+    """Customize and sample every held-out set on the base model, resumably, and pack it."""
+    from genattr.world.build import build_world_benchmark
+    from genattr.world.clipart import DEFAULT_DATA_DIR
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    path = build_world_benchmark(work, out or DEFAULT_DATA_DIR, base, engine=engine, log=_log)
+    console.print(f"benchmark packed into {path}")
+
+
 @world_app.command("train-base")
 @_friendly_errors
 def world_train_base(

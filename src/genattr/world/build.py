@@ -16,7 +16,7 @@ from pathlib import Path
 
 from genattr.world.base import BaseConfig, base_model_dir, export_base, train_base
 from genattr.world.benchmark import build_benchmark, pack_benchmark
-from genattr.world.clipart import DEFAULT_DATA_DIR, build_data, load_data
+from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, build_data, load_data
 
 
 def weights_digest(folder: str | os.PathLike) -> str:
@@ -61,10 +61,25 @@ def build_world(
     base = export_base(work / "base", out / base_model_dir(size).name, out)
 
     log("stage 3/4: benchmark (one Custom Diffusion model per exemplar set)")
-    bench_work = work / f"benchmark-{weights_digest(base)}"
-    build_benchmark(base, bench_work, data, engine=engine, log=log)
-
-    log("stage 4/4: packing")
-    pack_benchmark(bench_work, out, size)
+    build_world_benchmark(work, out, base, data, engine, log)
     log(f"world written to {out}")
     return True
+
+
+def build_world_benchmark(
+    work: str | os.PathLike,
+    out: str | os.PathLike = DEFAULT_DATA_DIR,
+    base: str | os.PathLike | None = None,
+    data: ClipartData | None = None,
+    engine: str = "local",
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Customize and sample every held-out set of `data` on `base` (default: the base model
+    shipped in `out`), resumably in `work/benchmark-<base digest>`, then pack it into `out`."""
+    out = Path(out)
+    data = data or load_data(out)
+    base = Path(base) if base is not None else out / base_model_dir(data.images.shape[1]).name
+    bench_work = Path(work) / f"benchmark-{weights_digest(base)}"
+    build_benchmark(base, bench_work, data, engine=engine, log=log)
+    log("packing")
+    return pack_benchmark(bench_work, out, data.images.shape[1])
