@@ -162,7 +162,7 @@ def test_holdout_is_large_enough_and_never_pretrained(shipped: ClipartData) -> N
     # Objects spread over every curated group, and only those groups are pre-trained.
     assert {shipped.records[v[0]]["group"] for v in objects.values()} == set(CURATED_GROUPS)
     unobserved = {k: v for k, v in models.items() if k.startswith("unobserved-")}
-    assert len(objects) >= 300 and len(unobserved) >= 100
+    assert len(objects) >= 300 and len(unobserved) >= 60
     assert all(len(v) == 1 for v in unobserved.values())
     # Unobserved exemplars come from kinds pre-training never saw.
     assert all(shipped.records[v[0]]["group"] is None for v in unobserved.values())

@@ -36,7 +36,7 @@ PACKAGE_ROOT = Path("usr/share/openclipart/png")
 DEFAULT_DATA_DIR = Path(__file__).parent / "data"
 IMAGES_NAME = "clipart{size}.npz"
 META_NAME = "clipart{size}.json"
-PARSER_VERSION = 4  # bump when names, captions or the hold-out change
+PARSER_VERSION = 5  # bump when names, captions or the hold-out change
 STEM_CUT = 24  # the package's file stems are cut at this many characters
 _NUMBERED = re.compile(r"^(?P<stem>.+)_(?P<num>\d{2})$")
 SPLITS = ("pretrain", "object-exemplar", "unobserved-exemplar", "style-exemplar", "unused")
@@ -251,8 +251,8 @@ def choose_holdout(
 def extend_holdout(
     records: list[dict[str, Any]],
     seed: int = 0,
-    n_objects: int = 320,
-    n_unobserved: int = 100,
+    n_objects: int = 304,
+    n_unobserved: int = 64,
     groups: Iterable[str] = CURATED_GROUPS,
     style_sizes: tuple[int, int] = (3, 40),
 ) -> None:
