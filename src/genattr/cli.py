@@ -628,6 +628,42 @@ def world_build_benchmark(
     console.print(f"benchmark packed into {path}")
 
 
+@world_app.command("train-encoder")
+@_friendly_errors
+def world_train_encoder(
+    run: Annotated[Path, typer.Option(help="Run folder (resumed from its last checkpoint).")],
+    out: Annotated[
+        Path | None, typer.Option(help="Weights file to write when done (default: RUN/...).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Total training steps.")] = 1500,
+    batch_size: Annotated[int, typer.Option(help="Images per step (two views each).")] = 256,
+    widths: Annotated[str, typer.Option(help="Channels per stage, comma-separated.")] = "32,64,128",
+    grid: Annotated[int, typer.Option(help="Feature layout: grid x grid pooled cells.")] = 4,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many steps of this call (resumable).")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
+) -> None:
+    """Train the world's own feature space (`world-cnn`) on its pre-training images (SimCLR)."""
+    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+    from genattr.world.encoder import EncoderConfig, train_encoder
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        stages = [int(w) for w in widths.split(",")]
+    except ValueError:
+        raise GenattrError(f"--widths {widths!r}: expected integers such as 32,64,128") from None
+    if steps < 1 or batch_size < 2 or grid < 1 or not stages or min(stages) < 1:
+        raise GenattrError("--steps, --grid and --widths must be positive, --batch-size >= 2")
+    cfg = EncoderConfig(widths=stages, grid=grid, steps=steps, batch_size=batch_size)
+    path = train_encoder(load_data(data or DEFAULT_DATA_DIR), run, cfg, out, max_steps)
+    console.print(f"encoder weights in {path}" if path.is_file() else f"stopped early: {path}")
+
+
 @world_app.command("train-base")
 @_friendly_errors
 def world_train_base(

@@ -1,7 +1,16 @@
 """Feature spaces: a registry of frozen backbones, each with its exact preprocessing."""
 
 # Importing a family module registers its backbones; none imports transformers at module level.
-from genattr.features import clip, dinov2, efficientnet, moco, pixel, sscd, vit  # noqa: F401
+from genattr.features import (  # noqa: F401
+    clip,
+    dinov2,
+    efficientnet,
+    moco,
+    pixel,
+    sscd,
+    vit,
+    worldcnn,
+)
 from genattr.features.preprocess import ImagePreprocess
 from genattr.features.registry import (
     Backbone,
