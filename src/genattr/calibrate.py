@@ -116,6 +116,15 @@ def softmax_nll(data: CalibrationSet, temperature: float = 1.0) -> float:
     return float(-((logp * mask).sum(1) / mask.sum(1)).mean())
 
 
+def fit_softmax_temperature(data: CalibrationSet) -> float:
+    """The plain softmax's best single temperature on `data` (a log-spaced scan, then a finer
+    one around the best): the fair uncalibrated baseline, sharper than temperature 1."""
+    grid = np.logspace(-4, 1, 61)
+    best = grid[int(np.argmin([softmax_nll(data, t) for t in grid]))]
+    fine = best * np.logspace(-0.1, 0.1, 21)
+    return float(fine[int(np.argmin([softmax_nll(data, t) for t in fine]))])
+
+
 def fit_calibrator(
     train: CalibrationSet,
     *,
@@ -251,6 +260,11 @@ def calibrate_from_stores(
         held_set = calibration_set(dist.vectors, tc.select_models(held), mappers, top_l)
         report = calibration_report(cal, held_set)
         report["softmax_t1_nll"] = softmax_nll(held_set, 1.0)
+        # What the calibrator must beat: a uniform spread (ln L) and the best plain softmax.
+        report["uniform_nll"] = math.log(top_l)
+        temperature = fit_softmax_temperature(fit_set)
+        report["softmax_fitted_temperature"] = temperature
+        report["softmax_fitted_nll"] = softmax_nll(held_set, temperature)
         plot = Path(out).with_suffix(".reliability.png")
         reliability_plot(cal.probabilities(held_set.scores), held_set.is_true, plot)
         cal.fit_report["heldout"] = report
