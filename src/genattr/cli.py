@@ -639,6 +639,10 @@ def world_train_encoder(
     batch_size: Annotated[int, typer.Option(help="Images per step (two views each).")] = 256,
     widths: Annotated[str, typer.Option(help="Channels per stage, comma-separated.")] = "32,64,128",
     grid: Annotated[int, typer.Option(help="Feature layout: grid x grid pooled cells.")] = 4,
+    min_scale: Annotated[
+        float, typer.Option(help="Smallest crop of a view, as a share of the image side.")
+    ] = 0.6,
+    brightness: Annotated[float, typer.Option(help="Brightness change of a view, +/-.")] = 0.1,
     max_steps: Annotated[
         int | None, typer.Option(help="Stop after this many steps of this call (resumable).")
     ] = None,
@@ -659,7 +663,16 @@ def world_train_encoder(
         raise GenattrError(f"--widths {widths!r}: expected integers such as 32,64,128") from None
     if steps < 1 or batch_size < 2 or grid < 1 or not stages or min(stages) < 1:
         raise GenattrError("--steps, --grid and --widths must be positive, --batch-size >= 2")
-    cfg = EncoderConfig(widths=stages, grid=grid, steps=steps, batch_size=batch_size)
+    if not 0 < min_scale <= 1 or not 0 <= brightness < 1:
+        raise GenattrError("--min-scale must be in (0, 1], --brightness in [0, 1)")
+    cfg = EncoderConfig(
+        widths=stages,
+        grid=grid,
+        steps=steps,
+        batch_size=batch_size,
+        min_scale=min_scale,
+        brightness=brightness,
+    )
     path = train_encoder(load_data(data or DEFAULT_DATA_DIR), run, cfg, out, max_steps)
     console.print(f"encoder weights in {path}" if path.is_file() else f"stopped early: {path}")
 
