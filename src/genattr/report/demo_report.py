@@ -51,35 +51,39 @@ def _pyplot():
     return plt
 
 
-def _table(outcomes: dict, ptypes: Sequence[str], chance: dict) -> str:
-    head = (
-        "".join(f"<th colspan='4'>{html.escape(p)}</th>" for p in ptypes)
-        + "<th colspan='1'>mean</th>"
-    )
-    sub = "".join("<th>mAP</th><th>R@5</th><th>R@10</th><th>R@100</th>" for _ in ptypes)
+def _table(outcomes: dict, ptypes: Sequence[str], chance: dict, metric: str = "mAP") -> str:
+    """One row per feature space, head and gallery (the AbC protocol, then its two controls),
+    one column per test case and prompt type: mAP, or Recall@K with metric "R@K"."""
+    head = "".join(f"<th>{html.escape(p)}</th>" for p in ptypes) + "<th>mean</th>"
     rows = [
-        "<table><tr><th class='l' rowspan='2'>feature space</th><th class='l' rowspan='2'>"
-        f"head</th>{head}</tr><tr>{sub}<th>mAP</th></tr>"
+        "<table><tr><th class='l'>feature space</th><th class='l'>head</th>"
+        f"<th class='l'>gallery / score</th>{head}</tr>"
     ]
 
+    def value(s: dict) -> float:
+        return s["mAP"] if metric == "mAP" else s["recall"][metric[2:]]
+
     def cells(summary: dict) -> str:
-        out = ""
-        for p in ptypes:
-            s = summary[p]
-            out += f"<td>{s['mAP']:.3f}</td>" + "".join(
-                f"<td>{s['recall'][str(k)]:.3f}</td>" for k in (5, 10, 100)
-            )
-        return out + f"<td>{np.mean([summary[p]['mAP'] for p in ptypes]):.3f}</td>"
+        vals = [value(summary[p]) for p in ptypes]
+        return "".join(f"<td>{v:.3f}</td>" for v in vals) + f"<td>{np.mean(vals):.3f}</td>"
 
     for name, o in outcomes.items():
-        for which, res in (("none (raw)", o.raw), (f"trained {o.head_kind}", o.head)):
-            cls = " class='head'" if res is o.head else ""
-            rows.append(
-                f"<tr{cls}><td class='l'>{html.escape(name)}</td><td class='l'>{which}</td>"
-                f"{cells(res.summary())}</tr>"
-            )
+        for which, res in (("raw", o.raw), ("head", o.head)):
+            label = "none (raw)" if which == "raw" else f"trained {o.head_kind}"
+            runs = [("AbC protocol", res)]
+            if metric == "mAP":
+                runs += [
+                    (k.split(", ", 1)[1], r) for k, r in o.controls.items() if k.startswith(which)
+                ]
+            for gallery, r in runs:
+                cls = " class='head'" if which == "head" and gallery == "AbC protocol" else ""
+                rows.append(
+                    f"<tr{cls}><td class='l'>{html.escape(name)}</td><td class='l'>{label}</td>"
+                    f"<td class='l'>{html.escape(gallery)}</td>{cells(r.summary())}</tr>"
+                )
     rows.append(
-        f"<tr><td class='l'>chance</td><td class='l'>random ranking</td>{cells(chance)}</tr>"
+        "<tr><td class='l'>chance</td><td class='l'></td><td class='l'>random ranking</td>"
+        f"{cells(chance)}</tr>"
     )
     rows.append("</table>")
     return "\n".join(rows)
@@ -178,7 +182,10 @@ def write_demo_report(
     splits = {s: len(manifest.split(s).models) for s in ("train", "val", "test")}
     chance = _chance(first, n_gallery)
     b = outcomes[best]
-    cal = {k: float("nan") for k in ("true_mass", "nll", "softmax_t1_nll")}
+    cal = {
+        k: float("nan")
+        for k in ("true_mass", "nll", "softmax_t1_nll", "uniform_nll", "softmax_fitted_nll")
+    }
     cal.update(b.calibration.get("heldout", {}))
     parts = [
         "<!doctype html><meta charset='utf-8'><title>genattr demo: the miniature world</title>",
@@ -192,7 +199,17 @@ def write_demo_report(
         "on the test models; the gallery is the pre-training set, as in the AbC protocol "
         f"(Wang et al., ICCV 2023). Run time: {seconds.get('total', 0):.0f} s.</p>",
         "<section class='block'><h2>Results on held-out test models</h2>",
+        "<p>mAP per test case (objects of kinds the base model was trained on, objects of "
+        "kinds it never saw, artists' styles) and prompt type. Beside each result, two "
+        "controls: the <b>stricter gallery</b> adds every other held-out exemplar as a "
+        "distractor, so being absent from pre-training is not enough to rank first; the "
+        "<b>query-independent</b> score ranks every image by its mean similarity to all "
+        "queries, ignoring which image was asked about. A method that attributes must stay "
+        "far above the second and near its own number on the first.</p>",
         _table(outcomes, ptypes, chance),
+        "<p>Recall@10 and Recall@100, AbC protocol:</p>",
+        _table(outcomes, ptypes, chance, "R@10"),
+        _table(outcomes, ptypes, chance, "R@100"),
         "</section><section class='block'><h2>Recall against K</h2>",
         "<p>Dashed: raw features; solid: with the trained head.</p>",
         _recall_curves(outcomes, ptypes),
@@ -203,9 +220,10 @@ def write_demo_report(
         _training_curves(outcomes),
         "</section><section class='block'><h2>Calibrated influence</h2>",
         f"<p>{html.escape(best)} + head. On held-out val models the calibrator puts "
-        f"{100 * cal['true_mass']:.1f} % of the influence on true exemplars; "
-        f"NLL {cal['nll']:.3f} against {cal['softmax_t1_nll']:.3f} "
-        "for a plain softmax.</p>",
+        f"{100 * cal['true_mass']:.1f} % of the influence on true exemplars; held-out NLL "
+        f"{cal['nll']:.3f} against {cal['uniform_nll']:.3f} for a uniform spread over the "
+        f"candidates (ln L) and {cal['softmax_fitted_nll']:.3f} for a plain softmax at its best "
+        "temperature.</p>",
     ]
     if b.reliability_plot is not None:
         parts.append(f"<img src='{_file_uri(b.reliability_plot)}' alt='reliability plot'>")

@@ -28,6 +28,8 @@ DEMO_BACKBONES = ("pixel", "efficientnet-lite0-96", "efficientnet-lite0-gram")
 CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
 TABLE_KS = (5, 10, 100)
 PARTS = ("pretrain", "exemplars", "synth")
+# The world's test cases (genattr.world.benchmark.TEST_CASES), in the order they are reported.
+CASES = ("object", "unobserved", "style")
 
 
 @dataclass
@@ -43,6 +45,7 @@ class BackboneOutcome:
     reliability_plot: Path | None
     seconds: dict[str, float] = field(default_factory=dict)
     head_kind: str = "linear"
+    controls: dict[str, EvaluationResult] = field(default_factory=dict)  # "raw, stricter gallery"
 
     def mean_map(self, which: str) -> float:
         res = self.raw if which == "raw" else self.head
@@ -69,7 +72,7 @@ def run_demo(
     backbones: Sequence[str] = DEMO_BACKBONES,
     head: str = "channel",
     epochs: int = 30,
-    n_queries: int = 4,
+    n_queries: int = 6,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> DemoResult:
@@ -145,7 +148,7 @@ def run_demo(
 
         t0 = time.perf_counter()
         log(f"{name}: evaluating on the test models")
-        raw, mapped = _evaluate(name, stores, test, head_dir, out / "results")
+        raw, mapped, controls = _evaluate(name, stores, test, head_dir, out / "results")
         t["evaluate"] = time.perf_counter() - t0
         plot = cal_path.with_suffix(".reliability.png")
         outcomes[name] = BackboneOutcome(
@@ -158,6 +161,7 @@ def run_demo(
             plot if plot.is_file() else None,
             t,
             head,
+            controls,
         )
         log(
             f"{name}: test mAP raw {outcomes[name].mean_map('raw'):.3f}, "
@@ -194,20 +198,42 @@ def run_demo(
         seconds=seconds,
     )
     summary = {
-        name: {"raw": o.raw.summary(), "head": o.head.summary(), "seconds": o.seconds}
+        name: {
+            "raw": o.raw.summary(),
+            "head": o.head.summary(),
+            "controls": {k: r.summary() for k, r in o.controls.items()},
+            "calibration": o.calibration.get("heldout", {}),
+            "seconds": o.seconds,
+        }
         for name, o in outcomes.items()
     }
     (out / "summary.json").write_text(json.dumps({"best": best, "backbones": summary}, indent=1))
     return DemoResult(out, report, outcomes, best, seconds)
 
 
+# The controls beside every result (genattr.evaluate): a stricter gallery where every held-out
+# exemplar is a distractor for every query, and a score that ignores the query.
+# The last pairs them: what membership in the held-out sets alone would score.
+CONTROLS = {
+    "stricter gallery": {"exemplars_as_distractors": True},
+    "query-independent": {"query_independent": True},
+    "query-independent, stricter gallery": {
+        "exemplars_as_distractors": True,
+        "query_independent": True,
+    },
+}
+
+
 def _evaluate(
     name: str, stores: dict[str, Path], test, head_dir: Path, results_dir: Path
-) -> tuple[EvaluationResult, EvaluationResult]:
+) -> tuple[EvaluationResult, EvaluationResult, dict[str, EvaluationResult]]:
     """The test models against the pre-training gallery (the authors' protocol: exemplars
-    plus distractors), raw and through the head, with recall at every K of the curves. Object
-    and style models are evaluated apart, as the authors' object and style test cases are;
-    prompt types are reported as "object: media", "style: gpt", ..."""
+    plus distractors), raw and through the head, with recall at every K of the curves, and
+    the two controls of each. Each test case (objects of observed kinds, objects of unobserved
+    kinds, styles) is evaluated apart, as the authors' test cases are; prompt types are
+    reported as "object: media", "style: gpt", ..."""
+    import torch
+
     from genattr.data.benchmark import BenchmarkManifest
     from genattr.evaluate import evaluate_protocol, write_results
     from genattr.heads.train import load_heads
@@ -218,26 +244,48 @@ def _evaluate(
     real, synth = EmbeddingStore.open(stores["exemplars"]), EmbeddingStore.open(stores["synth"])
     mappers = load_heads(head_dir)[0]
     cases = {
-        mode: testcase_from_stores(BenchmarkManifest(test.name, models), real, synth)[0]
-        for mode in ("object", "style")
-        if (models := [m for m in test.models if m.mode == mode])
+        case: testcase_from_stores(BenchmarkManifest(test.name, models), real, synth)[0]
+        for case in CASES
+        if (models := [m for m in test.models if m.extra.get("case", m.mode) == case])
     }
-    out: dict[str, EvaluationResult] = {}
-    for which, heads in (("raw", None), ("head", mappers)):
-        per_type = {}
-        for mode, tc in cases.items():
-            res = evaluate_protocol(gallery, tc, CURVE_KS, mappers=heads)
-            per_type.update({f"{mode}: {p}": r for p, r in res.per_type.items()})
-        out[which] = EvaluationResult(CURVE_KS, per_type)
+    # The stricter gallery of a test case: the pre-training images and every held-out
+    # exemplar outside the test case (its own models' exemplars are added by the protocol).
+    strict_galleries = {}
+    for case, tc in cases.items():
+        own = set(tc.exemplar_paths)
+        others = np.asarray([i for i, p in enumerate(real.paths) if p not in own], np.int64)
+        extra = np.asarray(real.vectors[others], np.float32).reshape(-1, real.dim)
+        strict_galleries[case] = torch.from_numpy(
+            np.concatenate([np.asarray(gallery, np.float32), extra])
+        )
+    out: dict[tuple[str, str | None], EvaluationResult] = {}
+    for which in ("raw", "head"):
+        for control in (None, *CONTROLS):
+            per_type = {}
+            for case, tc in cases.items():
+                strict = CONTROLS.get(control, {}).get("exemplars_as_distractors", False)
+                g = strict_galleries[case] if strict else gallery
+                res = evaluate_protocol(
+                    g,
+                    tc,
+                    CURVE_KS,
+                    mappers=mappers if which == "head" else None,
+                    **CONTROLS.get(control, {}),
+                )
+                per_type.update({f"{case}: {p}": r for p, r in res.per_type.items()})
+            out[(which, control)] = EvaluationResult(CURVE_KS, per_type)
     results_dir.mkdir(parents=True, exist_ok=True)
-    for which, res in out.items():
-        write_results(res, results_dir / f"{name}.{which}.json", backbone=name, split="test")
-    return out["raw"], out["head"]
+    for (which, control), res in out.items():
+        suffix = which if control is None else f"{which}.{control.replace(', ', '.')}"
+        suffix = suffix.replace(" ", "-")
+        write_results(res, results_dir / f"{name}.{suffix}.json", backbone=name, split="test")
+    controls = {f"{w}, {c}": r for (w, c), r in out.items() if c is not None}
+    return out[("raw", None)], out[("head", None)], controls
 
 
 def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[Any], list[Any]]:
     """Index the whole training set (pre-training images and exemplars) with the best head and
-    attribute the first sample of a few test models, half objects and half styles."""
+    attribute the first sample of a few test models, taken in turn from each test case."""
     from genattr.attribution import attribute
     from genattr.search.index import build_index_from_store
 
@@ -246,10 +294,12 @@ def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[An
     build_index_from_store(
         [stores / "pretrain", stores / "exemplars"], index, head=out / "heads" / backbone
     )
-    objects = [m for m in test.models if m.mode == "object"]
-    styles = [m for m in test.models if m.mode == "style"]
-    chosen = objects[: n - n // 2] + styles[: n // 2]
-    chosen += [m for m in test.models if m not in chosen][: n - len(chosen)]
+    by_case = [[m for m in test.models if m.extra.get("case", m.mode) == c] for c in CASES]
+    chosen: list[Any] = []
+    while len(chosen) < n and any(by_case):  # in turn from each test case
+        for models in by_case:
+            if models and len(chosen) < n:
+                chosen.append(models.pop(0))
     picks = [(m, next(iter(m.synth.values()))[0]) for m in chosen]
     answers = attribute(
         [p for _, p in picks],
