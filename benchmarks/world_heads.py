@@ -1,0 +1,93 @@
+"""Head training on the world, tuned on the val models: what each choice does.
+
+Reads a finished demo folder (`genattr demo --out DEMO`: the unpacked world, its manifest and
+one embedding store per backbone) and, per backbone and head setting, trains a head on the
+train models with early stopping on the val models (`genattr train-head`'s path), then
+reports the best val mAP and that head's test mAP per test case next to raw features.
+
+    .venv/bin/python benchmarks/world_heads.py --demo demo-out --backbones pixel world-cnn \
+        [--heads channel linear mlp] [--temperatures 0.03 0.07 0.2] [--lrs 1e-3 3e-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from genattr.data.benchmark import BenchmarkManifest, read_manifest
+from genattr.evaluate import evaluate_protocol
+from genattr.heads.train import TrainConfig, load_heads, train_heads_from_stores
+from genattr.store import EmbeddingStore
+from genattr.store.join import testcase_from_stores
+
+
+def case_maps(manifest: BenchmarkManifest, stores: Path, head: Path | None) -> dict[str, float]:
+    """Test mAP per test case (mean over its prompt types), raw or through `head`."""
+    real = EmbeddingStore.open(stores / "exemplars")
+    synth = EmbeddingStore.open(stores / "synth")
+    gallery = EmbeddingStore.open(stores / "pretrain").vectors
+    mappers = load_heads(head)[0] if head is not None else None
+    out = {}
+    test = [m for m in manifest.models if m.split == "test"]
+    for case in ("object", "unobserved", "style"):
+        models = [m for m in test if m.extra.get("case", m.mode) == case]
+        if not models:
+            continue
+        tc = testcase_from_stores(BenchmarkManifest(case, models), real, synth)[0]
+        summary = evaluate_protocol(gallery, tc, mappers=mappers).summary()
+        out[case] = float(np.mean([s["mAP"] for s in summary.values()]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--demo", type=Path, default=Path("demo-out"))
+    ap.add_argument("--backbones", nargs="+", default=["pixel", "world-cnn"])
+    ap.add_argument("--heads", nargs="+", default=["channel", "linear"])
+    ap.add_argument("--temperatures", type=float, nargs="+", default=[0.07])
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
+    ap.add_argument("--epochs", type=int, default=30)
+    args = ap.parse_args()
+    manifest_path = args.demo / "world" / "manifest.json"
+    manifest = read_manifest(manifest_path)
+    print(
+        "| backbone | head | temperature | lr | best val mAP (epoch) "
+        "| test mAP object / unobserved / style |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name in args.backbones:
+        stores = args.demo / "stores" / name
+        raw = case_maps(manifest, stores, None)
+        print(f"| {name} | raw | | | | {' / '.join(f'{v:.4f}' for v in raw.values())} |")
+        for head, temp, lr in itertools.product(args.heads, args.temperatures, args.lrs):
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as tmp:
+                result = train_heads_from_stores(
+                    manifest_path,
+                    stores / "exemplars",
+                    stores / "synth",
+                    Path(tmp) / "head",
+                    TrainConfig(head=head, temperature=temp, lr=lr, epochs=args.epochs),
+                    distractors=stores / "pretrain",
+                )
+                test = case_maps(manifest, stores, Path(tmp) / "head")
+            best = (
+                result.history[result.best_epoch]["val_mAP"]
+                if result.best_epoch >= 0
+                else float("nan")
+            )
+            print(
+                f"| {name} | {head} | {temp:g} | {lr:g} | {best:.4f} ({result.best_epoch}) | "
+                f"{' / '.join(f'{v:.4f}' for v in test.values())} | "
+                f"<!-- {time.perf_counter() - t0:.0f} s -->",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
