@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import struct
 import time
 import zlib
@@ -279,3 +280,47 @@ def test_default_world_index_is_built_once(tmp_path, monkeypatch):
 def test_cli_serve_refuses_a_bad_index_in_one_line(tmp_path):
     res = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path)])
     assert res.exit_code == 2 and "not a genattr index" in res.output
+
+
+def test_world_row_of_recorded_paths():
+    from genattr.serve.examples import world_row
+
+    assert world_row(world_path(5)) == 5
+    assert world_row("/home/u/demo-out/world/exemplars/object-001/00123.png") == 123
+    assert world_row("demo-out/world/pretrain/00007.png") == 7
+    assert world_row("/photos/00012.png") is None  # a number, but not the world's
+    assert world_row("demo-out/world/pretrain/cat.png") is None
+
+
+def test_about_and_example_queries(tmp_path, world_data):
+    """The page's header and one-click examples: what is served, and test samples of the
+    world's benchmark whose true exemplars are in the gallery, served by id."""
+    from genattr.calibrate import Calibrator, save_calibrator
+    from genattr.serve.world_index import build_world_index, gallery_rows
+    from genattr.world.benchmark import load_benchmark
+
+    test_models = [m for m in load_benchmark().models if m["split"] == "test"]
+    exemplars = sorted({e for m in test_models for e in m["exemplars"]})
+    rows = np.union1d(gallery_rows(world_data)[:40], exemplars)
+    build_world_index(tmp_path / "index", "pixel", rows=rows, data=world_data)
+    save_calibrator(Calibrator(inv_tau=60.0, bias=-50.0), tmp_path / "cal.json")
+    with TestClient(create_app(tmp_path / "index", tmp_path / "cal.json")) as c:
+        about = c.get("/about").json()
+        assert about["images"] == len(rows) and about["backbone"] == "pixel"
+        assert about["head"] is None and about["calibrator"] == {"inv_tau": 60.0, "bias": -50.0}
+        examples = about["examples"]
+        assert 1 <= len(examples) <= 6
+        # Taken in turn from the test cases the benchmark has.
+        cases = {m.get("case", m["mode"]) for m in test_models}
+        assert {re.match(r"\S+ \((\w+)", e["label"])[1] for e in examples} == cases
+        for e in examples:
+            assert e["exemplar_ids"]
+            for id_ in e["exemplar_ids"]:
+                assert c.get("/images/" + id_).status_code == 200
+        png_bytes = c.get(examples[0]["image"]).content
+        assert Image.open(io.BytesIO(png_bytes)).size == (32, 32)
+        answer = post(c, png_bytes, top_k=10)
+        assert answer.status_code == 200 and len(answer.json()["results"]) == 10
+        assert c.get(f"/examples/{len(examples)}").status_code == 404
+        page = c.get("/").text
+        assert 'id="served"' in page and 'id="examples"' in page

@@ -92,6 +92,12 @@ def test_upload_in_chromium_shows_ranked_results(server, world_data, tiny_index,
             assert widths == sorted(widths, reverse=True)  # sized by influence
             assert "Influence outside these" in page.inner_text("#remaining")
             assert page.eval_on_selector("#query img", "x => x.naturalWidth") == 128
+            # The header says what is served (GET /about).
+            page.wait_for_function(
+                "document.getElementById('served').textContent.startsWith('Serving')",
+                timeout=10_000,
+            )
+            assert "backbone pixel" in page.inner_text("#served")
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from genattr.data.images import DEFAULT_MAX_PIXELS
 from genattr.serve.batcher import MicroBatcher, QueueFull
+from genattr.serve.examples import world_examples
 from genattr.serve.gallery import Gallery
 
 if TYPE_CHECKING:
@@ -78,6 +79,28 @@ class AttributeResponse(BaseModel):
     )
     calibrated: bool
     notes: list[str]
+
+
+class ExampleQuery(BaseModel):
+    index: int
+    label: str = Field(description="the test model, its test case and the sample's prompt")
+    image: str = Field(description="URL of the sample (PNG)")
+    exemplar_ids: list[str] = Field(description="gallery ids of its true training images")
+
+
+class About(BaseModel):
+    """What the service serves, for the page's header and for clients."""
+
+    images: int = Field(description="gallery images in the index")
+    index: str = Field(description="the index folder")
+    index_kind: str
+    backbone: str
+    weights_id: str
+    head: str | None = Field(description="the head's kind, null for raw features")
+    calibrator: dict[str, float] | None = Field(description="inv_tau and bias, or null")
+    examples: list[ExampleQuery] = Field(
+        description="test samples of the world's benchmark whose exemplars are in the gallery"
+    )
 
 
 class Health(BaseModel):
@@ -132,6 +155,8 @@ class Service:
         self.head = self.index.head()
         self.metadata = self.index.metadata()
         self.gallery = Gallery(*self.metadata)
+        self.index_path = str(index_path)
+        self.examples = world_examples(self.gallery)
         self.max_top_k = min(limits.max_top_k, self.index.count)
         self.batcher: MicroBatcher[Upload, AttributeResponse] = MicroBatcher(
             self.attribute_batch, max_batch, max_wait
@@ -352,6 +377,35 @@ def create_app(
             batches=svc.batcher.batches,
             requests=svc.batcher.items,
         )
+
+    @app.get("/about")
+    def about(request: Request) -> About:
+        """The gallery, backbone, head and calibrator served, and example queries to try."""
+        svc = loaded(request)
+        cal = svc.calibrator
+        return About(
+            images=svc.index.count,
+            index=svc.index_path,
+            index_kind=svc.index.spec.kind,
+            backbone=svc.backbone.name,
+            weights_id=svc.backbone.weights_id,
+            head=None if svc.head is None else svc.head.kind,
+            calibrator=None if cal is None else {"inv_tau": cal.inv_tau, "bias": cal.bias},
+            examples=[
+                ExampleQuery(
+                    index=k, label=e.label, image=f"/examples/{k}", exemplar_ids=e.exemplar_ids
+                )
+                for k, e in enumerate(svc.examples)
+            ],
+        )
+
+    @app.get("/examples/{k}", responses={404: {"description": "no such example"}})
+    def example(request: Request, k: int) -> Response:
+        """An example query's image (PNG)."""
+        examples = loaded(request).examples
+        if not 0 <= k < len(examples):
+            raise HTTPException(404, "no example with this number")
+        return Response(examples[k].png, media_type="image/png")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home(request: Request) -> HTMLResponse:

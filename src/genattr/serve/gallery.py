@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from genattr.world.clipart import ClipartData
 
 WORLD_SCHEME = "genattr-world:"
-_WORLD_PATH = re.compile(r"^genattr-world:clipart(?P<size>\d+)/(?P<row>\d+)$")
+WORLD_PATH = re.compile(r"^genattr-world:clipart(?P<size>\d+)/(?P<row>\d+)$")
 THUMBNAIL_SIDE = 256  # disk images are shrunk to fit this square; world images are smaller
 THUMBNAIL_CACHE = 2048  # encoded thumbnails kept in memory (a few KB each)
 
@@ -69,7 +69,7 @@ class Gallery:
         return self._world[size]
 
     def _world_row(self, row: int) -> tuple[ClipartData, int] | None:
-        m = _WORLD_PATH.match(self.paths[row])
+        m = WORLD_PATH.match(self.paths[row])
         if m is None:
             return None
         data = self._world_data(int(m["size"]))

@@ -12,6 +12,10 @@ const queryBox = document.getElementById("query");
 const resultsBox = document.getElementById("results");
 const remainingBox = document.getElementById("remaining");
 const notesBox = document.getElementById("notes");
+const servedBox = document.getElementById("served");
+const examplesBox = document.getElementById("examples");
+const truthBox = document.getElementById("truth");
+let truth = new Set(); // gallery ids of the current example's true exemplars
 
 topkInput.value = settings.defaultTopK;
 topkInput.max = settings.maxTopK;
@@ -39,7 +43,7 @@ function figure(r) {
   const img = el("img", { src: r.thumbnail, alt: r.caption || r.id, width: side, height: side });
   const share = r.influence === null ? "" : `${r.influence.toFixed(2)} % · `;
   const label = `#${r.rank} · ${share}sim ${r.similarity.toFixed(3)}`;
-  return el("figure", { className: "hit" }, [
+  return el("figure", { className: truth.has(r.id) ? "hit true" : "hit" }, [
     img,
     el("figcaption", {}, [label, el("br"), r.caption || r.path || r.id]),
   ]);
@@ -56,10 +60,47 @@ function show(answer) {
   }
   const notes = answer.notes.map((n) => el("p", { className: "note", textContent: n }));
   notesBox.replaceChildren(...notes);
+  showTruth(answer);
   resultsBox.dataset.state = "done";
 }
 
-async function attribute(file) {
+function showTruth(answer) {
+  truthBox.replaceChildren();
+  if (!truth.size) return;
+  const found = answer.results.filter((r) => truth.has(r.id)).length;
+  const pics = [...truth].map((id) =>
+    el("img", { src: "/images/" + encodeURIComponent(id), alt: id, width: 64, height: 64 }));
+  truthBox.append(
+    el("p", {}, [el("b", { textContent: "True exemplars" }),
+                 ` (outlined in green above where found: ${found} of ${truth.size} in the top ${answer.results.length}):`]),
+    el("div", { className: "row" }, pics),
+  );
+}
+
+function describe(about) {
+  const head = about.head ? `${about.head} head` : "no head (raw features)";
+  const cal = about.calibrator
+    ? `calibrator inv_tau ${about.calibrator.inv_tau.toPrecision(3)}, bias ${about.calibrator.bias.toPrecision(3)}`
+    : "no calibrator (similarities only)";
+  servedBox.textContent = `Serving ${about.images} training images (${about.index_kind} index ` +
+    `${about.index}), backbone ${about.backbone}, ${head}, ${cal}.`;
+  if (!about.examples.length) return;
+  examplesBox.append(el("span", { textContent: "Or try a test sample of the built-in world:" }));
+  for (const ex of about.examples) {
+    const button = el("button", { type: "button", title: ex.label },
+                      [el("img", { src: ex.image, alt: ex.label })]);
+    button.addEventListener("click", async () => {
+      const blob = await (await fetch(ex.image)).blob();
+      truth = new Set(ex.exemplar_ids);
+      attribute(new File([blob], `${ex.label}.png`, { type: "image/png" }), true);
+    });
+    examplesBox.append(button);
+  }
+}
+
+async function attribute(file, isExample = false) {
+  if (!isExample) truth = new Set();
+  truthBox.replaceChildren();
   if (file.size > settings.maxUploadBytes) {
     setStatus(`${file.name} is larger than the ${settings.maxUploadBytes} byte limit`, true);
     return;
@@ -93,6 +134,8 @@ async function attribute(file) {
             (body.estimated ? " (estimated: approximate index)" : ""));
   show(body);
 }
+
+fetch("/about").then((r) => r.json()).then(describe).catch(() => {});
 
 fileInput.addEventListener("change", () => {
   if (fileInput.files.length) attribute(fileInput.files[0]);
