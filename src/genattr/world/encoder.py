@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genattr.atomic import write_text_atomic
 from genattr.features.worldcnn import DEFAULT_WEIGHTS, WorldCNN, save_world_cnn
 from genattr.progress import progress_bar
 from genattr.world.clipart import ClipartData
@@ -119,7 +120,7 @@ def train_encoder(
             log.warning("%s: resuming with the run's own settings, not the ones passed", run)
         cfg = saved
     cfg = cfg or EncoderConfig()
-    cfg_path.write_text(json.dumps(asdict(cfg), indent=1))
+    write_text_atomic(cfg_path, json.dumps(asdict(cfg), indent=1))
 
     torch.manual_seed(cfg.seed)
     images = data.images[data.indices("pretrain")]
@@ -160,7 +161,7 @@ def train_encoder(
     encoder = accelerator.unwrap_model(model).encoder.eval()
     out = Path(out) if out is not None else run / DEFAULT_WEIGHTS.name
     history = [json.loads(p.read_text()) for p in sorted(run.glob("checkpoints/*.json"))]
-    save_world_cnn(encoder, out, {"config": asdict(cfg), "loss": history[-1:]})
+    save_world_cnn(encoder, out, {"config": asdict(cfg), "loss": history})
     return out
 
 
@@ -172,8 +173,9 @@ def _checkpoint(accelerator, run: Path, step: int, losses: list[float]) -> None:
     final = run / "checkpoints" / f"step-{step:07d}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    (run / "checkpoints" / f"step-{step:07d}.json").write_text(
-        json.dumps({"step": step, "mean_loss": float(np.mean(losses)) if losses else None})
+    write_text_atomic(
+        run / "checkpoints" / f"step-{step:07d}.json",
+        json.dumps({"step": step, "mean_loss": float(np.mean(losses)) if losses else None}),
     )
     log.info("step %d: loss %.4f", step, float(np.mean(losses)) if losses else float("nan"))
     for old in _checkpoints(run)[:-2]:
