@@ -42,17 +42,14 @@ from genattr.world.base import load_world_base, sample
 from genattr.world.benchmark import WORLD_PROMPT_SETS, WORLD_TRAIN, object_category
 from genattr.world.clipart import load_data
 from genattr.world.quality import embed
+from world_guidance import average_precision  # benchmarks/ is on sys.path
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
+    """Centred pixels, L2-normalised (not world_guidance's [0, 1] pixels: centred, the white
+    background that every clip-art image shares does not dominate the cosine)."""
     x = images.reshape(len(images), -1).astype(np.float32) / 255.0 - 0.5
     return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-
-def average_precision(scores: np.ndarray, is_positive: np.ndarray) -> float:
-    hits = is_positive[np.argsort(-scores)]
-    ranks = np.nonzero(hits)[0] + 1
-    return float(np.mean(np.arange(1, len(ranks) + 1) / ranks))
 
 
 def prompts_for(mode: str, category: str | None) -> list[str]:
@@ -105,7 +102,6 @@ def main() -> None:
             Image.fromarray(data.images[i]).save(paths[-1])
         n_prompts = len(prompts_for(mode, category))
         prompts = prompts_for(mode, category) * args.repeats
-        positive = np.isin(rows, held[mid])
         ex_feats = embed(data.images[held[mid]])
         for lr in args.lr:
             for steps in args.steps:
@@ -123,7 +119,8 @@ def main() -> None:
                     q = {"pixel": pixel_features(images), "efficientnet": embed(images)}
                     cell = table.setdefault((lr, steps, g), {}).setdefault(mode, {})
                     for space, f in q.items():
-                        ap_ = [average_precision(s, positive) for s in f @ gallery[space].T]
+                        scores = f @ gallery[space].T
+                        ap_ = [average_precision(s, rows, np.asarray(held[mid])) for s in scores]
                         cell.setdefault(f"AP {space}", []).append(float(np.mean(ap_)))
                     sim = (q["efficientnet"] @ ex_feats.T).max(1)
                     cell.setdefault("exemplar cos", []).append(float(sim.mean()))

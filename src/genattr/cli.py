@@ -87,7 +87,9 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("demo-out"),
     features: Annotated[
         list[str] | None,
-        typer.Option(help="Backbones to compare (repeat; default: pixel, EfficientNet, Gram)."),
+        typer.Option(
+            help="Backbones to compare (repeat; default: pixel, world-cnn, EfficientNet)."
+        ),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs of head training.")] = 30,
     head: Annotated[str, typer.Option(help="Head to train: channel, linear or mlp.")] = "channel",
@@ -107,6 +109,14 @@ def demo(
         table.add_row(name, f"{o.mean_map('raw'):.3f}", f"{o.mean_map('head'):.3f}")
     console.print(table)
     console.print(f"report: [bold]{result.report}[/] ({result.seconds['total']:.0f} s)")
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads for this command, when `--threads` is given."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _log(msg: str) -> None:
@@ -477,10 +487,7 @@ def serve(
     from genattr.serve.app import Limits
     from genattr.serve.app import serve as run
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     limits = Limits(
         max_upload_bytes=int(max_upload_mb * 2**20), default_top_k=top_k, max_top_k=max_top_k
     )
@@ -587,10 +594,7 @@ def world_build(
     from genattr.world.build import build_world
     from genattr.world.clipart import DEFAULT_DATA_DIR
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     done = build_world(
         source,
         work,
@@ -620,10 +624,7 @@ def world_build_benchmark(
     from genattr.world.build import build_world_benchmark
     from genattr.world.clipart import DEFAULT_DATA_DIR
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     path = build_world_benchmark(work, out or DEFAULT_DATA_DIR, base, engine=engine, log=_log)
     console.print(f"benchmark packed into {path}")
 
@@ -653,10 +654,7 @@ def world_train_encoder(
     from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
     from genattr.world.encoder import EncoderConfig, train_encoder
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     try:
         stages = [int(w) for w in widths.split(",")]
     except ValueError:
@@ -711,10 +709,7 @@ def world_train_base(
             changes[key] = json.loads(value)
         except json.JSONDecodeError:
             changes[key] = value
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     report = train_base(
         out,
         data,
