@@ -31,7 +31,16 @@ def demo_out(tmp_path_factory) -> Path:
     return out
 
 
-def test_demo_writes_results_above_chance(demo_out) -> None:
+# Measured on the shipped world (BENCHMARKS.md, session six), raw features of both default
+# backbones: objects 190-245x chance, unobserved 170-225x, styles about 3x. Each floor sits
+# well under the smallest measured ratio, so noise never trips it while a broken stage does.
+CHANCE_FACTOR = {"object": 60, "unobserved": 50, "style": 1.5}
+# Raw mAP over the query-independent control on the stricter gallery (what looking like a
+# held-out image alone scores), measured: objects 30-59x, unobserved 12.7-70x, styles 3.3-3.7x.
+CONTROL_FACTOR = {"object": 10, "unobserved": 5, "style": 1.5}
+
+
+def test_demo_writes_results_above_chance_and_controls(demo_out) -> None:
     from genattr.world.benchmark import load_benchmark
     from genattr.world.clipart import load_data
 
@@ -44,6 +53,7 @@ def test_demo_writes_results_above_chance(demo_out) -> None:
         head = json.loads((demo_out / "results" / f"{name}.head.json").read_text())["results"]
         cases = {f"{m.get('case', m['mode'])}: {p}" for m in models for p in m["synth"]}
         assert set(raw) == set(head) == cases
+        control = summary["backbones"][name]["controls"]["raw, query-independent, stricter gallery"]
         for ptype, r in raw.items():
             case, p = ptype.split(": ")
             n_ex = [
@@ -52,17 +62,17 @@ def test_demo_writes_results_above_chance(demo_out) -> None:
                 if m.get("case", m["mode"]) == case and p in m["synth"]
             ]
             chance = sum(e / (e + n_gallery) for e in n_ex) / len(n_ex)
-            # Measured on the shipped world, raw: objects 50-230x chance, styles 2.7-5.6x
-            # (BENCHMARKS.md).
-            factor = 40 if case == "object" else 2
-            assert r["mAP"] > factor * chance, (name, ptype, r["mAP"], chance)
-            assert 0 <= head[ptype]["mAP"] <= 1
+            assert r["mAP"] > CHANCE_FACTOR[case] * chance, (name, ptype, r["mAP"], chance)
+            assert r["mAP"] > CONTROL_FACTOR[case] * control[ptype]["mAP"], (name, ptype)
         assert summary["backbones"][name]["raw"] == raw
-    assert summary["best"] == "pixel"
-    # The channel-wise head on Gram features beats raw on every prompt type (measured 1.3-1.6x).
-    gram = summary["backbones"]["efficientnet-lite0-gram"]
-    for ptype, r in gram["raw"].items():
-        assert gram["head"][ptype]["mAP"] > r["mAP"], (ptype, gram["head"][ptype], r)
+    # The best backbone's trained head beats its raw features (measured with 30 epochs on
+    # world-cnn: 1.05-1.26x on every prompt type, mean 1.13x).
+    best = summary["backbones"][summary["best"]]
+
+    def mean_map(results: dict) -> float:
+        return sum(r["mAP"] for r in results.values()) / len(results)
+
+    assert mean_map(best["head"]) > mean_map(best["raw"]), summary["best"]
 
 
 def test_demo_report_holds_every_section(demo_out) -> None:

@@ -87,9 +87,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("demo-out"),
     features: Annotated[
         list[str] | None,
-        typer.Option(
-            help="Backbones to compare (repeat; default: pixel, world-cnn, EfficientNet)."
-        ),
+        typer.Option(help="Backbones to compare (repeat; default: pixel and world-cnn)."),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs of head training.")] = 30,
     head: Annotated[str, typer.Option(help="Head to train: channel, linear or mlp.")] = "channel",
