@@ -231,7 +231,7 @@ def _evaluate(
 ) -> tuple[EvaluationResult, EvaluationResult, dict[str, EvaluationResult]]:
     """The test models against the pre-training gallery (the authors' protocol: exemplars
     plus distractors), raw and through the head, with recall at every K of the curves, and
-    the two controls of each. Each test case (objects of observed kinds, objects of unobserved
+    the three CONTROLS of each. Each test case (objects of observed kinds, objects of unobserved
     kinds, styles) is evaluated apart, as the authors' test cases are; prompt types are
     reported as "object: media", "style: gpt", ..."""
     import torch
