@@ -48,7 +48,7 @@ def images() -> dict[str, Image.Image]:
 # the same operations as `pixel` (exact-size bicubic, checked at 32 px) and
 # `efficientnet-lite0` (0.5 normalisation). No 96 px reference: the fixtures are made in a
 # torchvision venv, and torchvision does not install beside torch 2.13 here.
-NO_REFERENCE = {"efficientnet-lite0-96", "efficientnet-lite0-gram"}
+NO_REFERENCE = {"efficientnet-lite0-96", "efficientnet-lite0-gram", "world-cnn"}
 
 
 def test_every_registered_backbone_has_a_reference() -> None:
@@ -66,6 +66,12 @@ def test_world_variants_preprocess_like_their_references() -> None:
         lite0["std"],
     )
     assert cfg["resize"] == [96, 96] and cfg["resize_mode"] == pixel["resize_mode"] == "exact"
+    # world-cnn: the pixel backbone's 32 px resize, scaled to [-1, 1] as the encoder trained.
+    world = backbone_spec("world-cnn").preprocess.to_config()
+    assert {k: v for k, v in world.items() if k not in ("mean", "std")} == {
+        k: v for k, v in pixel.items() if k not in ("mean", "std")
+    }
+    assert world["mean"] == world["std"] == lite0["mean"] == [0.5, 0.5, 0.5]
 
 
 def test_fixture_images_cover_the_awkward_cases(images: dict[str, Image.Image]) -> None:

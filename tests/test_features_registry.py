@@ -36,6 +36,7 @@ def test_registry_lists_every_family() -> None:
             "efficientnet-lite0-96",
             "efficientnet-lite0-gram",
             "pixel",
+            "world-cnn",
         ]
     )
     dims = {name: backbone_spec(name).dim for name in list_backbones()}
@@ -50,6 +51,7 @@ def test_registry_lists_every_family() -> None:
         "efficientnet-lite0-96": 1280,
         "efficientnet-lite0-gram": 24 * 25 // 2 + 40 * 41 // 2,
         "pixel": 3072,
+        "world-cnn": 96 * 4 * 4,
     }
 
 

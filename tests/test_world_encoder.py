@@ -80,10 +80,12 @@ def test_backbone_from_a_weights_file(tmp_path: Path) -> None:
 def test_shipped_encoder_separates_images_better_than_chance() -> None:
     """The shipped encoder's features put an image nearer its own augmented view than other
     images of the world: what it was trained for."""
+    from genattr.features import backbone_spec
     from genattr.world.clipart import load_data
 
     data = load_data()
     bb = get_backbone("world-cnn")
+    assert bb.dim == backbone_spec("world-cnn").dim
     idx = data.indices("pretrain")[:64]
     x = torch.from_numpy(data.images[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
     views = augment(x, EncoderConfig(), torch.Generator().manual_seed(3))

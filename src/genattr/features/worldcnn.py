@@ -87,7 +87,11 @@ def load_world_cnn(path: str | Path) -> WorldCNN:
     return model
 
 
-@register_backbone("world-cnn", preprocess=PREPROCESS)
+# The shipped weights' feature size (96 channels pooled 4x4); tested against the file.
+SHIPPED_DIM = 96 * 4 * 4
+
+
+@register_backbone("world-cnn", dim=SHIPPED_DIM, preprocess=PREPROCESS)
 def world_cnn_backbone(weights: str | None = None, **_: object) -> Backbone:
     """The shipped world encoder, or `weights` (a file from `genattr world train-encoder`)."""
     path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
