@@ -21,9 +21,11 @@ import numpy as np
 
 from genattr.data.benchmark import BenchmarkManifest, read_manifest
 from genattr.evaluate import evaluate_protocol
-from genattr.heads.train import TrainConfig, load_heads, train_heads_from_stores
+from genattr.heads.checkpoint import load_heads
+from genattr.heads.train import TrainConfig
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
+from genattr.workflows.train_head import train_heads_from_stores
 
 
 def case_maps(manifest: BenchmarkManifest, stores: Path, head: Path | None) -> dict[str, float]:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from genattr.data.official import MapperPair, TestCaseFeatures
+from genattr.data.official import TestCaseFeatures
+from genattr.heads.checkpoint import MapperPair
 from genattr.heads.networks import create_head
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

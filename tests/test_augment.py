@@ -6,6 +6,7 @@ from genattr.errors import GenattrError
 from genattr.features.augment import Augmenter
 from genattr.features.extract import extract
 from genattr.store import join
+from genattr.workflows.train_head import training_pairs_from_stores
 from tests.test_attribute import drawing
 
 
@@ -42,6 +43,6 @@ def test_extract_views_and_training_pairs(tmp_path):
     tc, notes = join.testcase_from_stores(BenchmarkManifest("b", models), views, views)
     assert not notes and tc.exemplar_feats.shape == (3, 3072)
     np.testing.assert_array_equal(tc.exemplar_feats.numpy()[0], v[paths.index(paths[0]) * 3])
-    pairs = join.training_pairs_from_stores(tc, views, views, {0, 2})
+    pairs = training_pairs_from_stores(tc, views, views, {0, 2})
     assert pairs.exemplars.shape == (3, 2, 3072) and pairs.synth.shape == (3, 2, 3072)
     assert pairs.synth_model.tolist() == [0, 1] and pairs.exemplar_chunks == [(0, 1), (1, 2)]

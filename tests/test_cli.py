@@ -9,8 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from genattr.cli import app
-from genattr.data.official import save_gallery_pth, save_mapper_pth, save_testcase_pth
+from genattr.data.official import save_gallery_pth, save_testcase_pth
 from genattr.evaluate import evaluate_reference
+from genattr.heads.checkpoint import save_mapper_pth
 from genattr.world.synthetic import make_synthetic_benchmark
 
 runner = CliRunner()

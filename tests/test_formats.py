@@ -9,17 +9,16 @@ from genattr.data import (
     BenchmarkManifest,
     CustomizedModel,
     load_gallery_pth,
-    load_mapper_pth,
     load_testcase_pth,
     read_abc_json,
     read_benchmark,
     read_manifest,
-    save_mapper_pth,
     save_testcase_pth,
     write_abc_json,
     write_manifest,
 )
 from genattr.errors import GenattrError
+from genattr.heads.checkpoint import load_mapper_pth, save_mapper_pth
 from tests.conftest import random_mappers
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from genattr.evaluate import evaluate_protocol
+from genattr.heads.checkpoint import load_heads
 from genattr.heads.train import (
     PairedFeatures,
     TrainConfig,
-    load_heads,
     nt_xent_multi_positive,
     save_heads,
     train_heads,
@@ -112,7 +112,7 @@ def test_head_import_export_cli(tmp_path):
     from typer.testing import CliRunner
 
     from genattr.cli import app
-    from genattr.data.official import load_mapper_pth
+    from genattr.heads.checkpoint import load_mapper_pth
     from tests.conftest import random_mappers
 
     pair = random_mappers("mlp", 24, seed=1)

@@ -15,14 +15,14 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from genattr.atomic import atomic_path, write_text_atomic
-from genattr.data.official import MapperPair, TestCaseFeatures
+from genattr.data.official import TestCaseFeatures
 from genattr.errors import GenattrError
+from genattr.heads.checkpoint import MapperPair
 from genattr.search.exact import topk_exact
 from genattr.vectors import FeatureMatrix, embed
 
@@ -221,56 +221,3 @@ def calibration_set(
         scores[row] = merged[order]
         is_true[row] = order < n
     return CalibrationSet(scores, is_true)
-
-
-def calibrate_from_stores(
-    bench: str | os.PathLike,
-    store_real: str | os.PathLike,
-    store_synth: str | os.PathLike,
-    distractors: str | os.PathLike,
-    out: str | os.PathLike,
-    head: str | os.PathLike | None = None,
-    top_l: int = 100,
-    heldout_fraction: float = 0.3,
-    seed: int = 0,
-) -> Calibrator:
-    """`genattr calibrate`: fit on the manifest's val models, report on a held-out share of
-    them (split by model), write calibrator.json and a reliability plot beside it."""
-    from genattr.data.benchmark import read_benchmark
-    from genattr.heads.train import load_heads
-    from genattr.report.plots import reliability_plot
-    from genattr.store import EmbeddingStore, check_same_backbone
-    from genattr.store.join import testcase_from_stores
-
-    manifest = read_benchmark(bench)
-    models = [i for i, m in enumerate(manifest.models) if m.split == "val"]
-    if not models:
-        models = list(range(len(manifest.models)))  # an all-test manifest: use what there is
-    real, synth, dist = (EmbeddingStore.open(p) for p in (store_real, store_synth, distractors))
-    check_same_backbone(real, dist)
-    tc, _ = testcase_from_stores(manifest, real, synth)
-    mappers = load_heads(head)[0] if head is not None else None
-    rng = np.random.default_rng(seed)
-    rng.shuffle(models)
-    n_held = round(heldout_fraction * len(models)) if len(models) > 1 else 0
-    held, fit = set(models[:n_held]), set(models[n_held:])
-    fit_set = calibration_set(dist.vectors, tc.select_models(fit), mappers, top_l)
-    cal = fit_calibrator(fit_set)
-    if held:
-        held_set = calibration_set(dist.vectors, tc.select_models(held), mappers, top_l)
-        report = calibration_report(cal, held_set)
-        report["softmax_t1_nll"] = softmax_nll(held_set, 1.0)
-        # What the calibrator must beat: a uniform spread (ln L) and the best plain softmax.
-        report["uniform_nll"] = math.log(top_l)
-        temperature = fit_softmax_temperature(fit_set)
-        report["softmax_fitted_temperature"] = temperature
-        report["softmax_fitted_nll"] = softmax_nll(held_set, temperature)
-        plot = Path(out).with_suffix(".reliability.png")
-        reliability_plot(cal.probabilities(held_set.scores), held_set.is_true, plot)
-        cal.fit_report["heldout"] = report
-        cal.fit_report["reliability_plot"] = plot.name
-    cal.fit_report.update(
-        {"bench": str(bench), "top_l": top_l, "head": None if head is None else str(head)}
-    )
-    save_calibrator(cal, out)
-    return cal

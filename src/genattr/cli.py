@@ -69,7 +69,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Evaluate attribution on an AbC benchmark with the authors' protocol."""
-    from genattr.evaluate import DEFAULT_KS, evaluate_files, results_table
+    from genattr.evaluate import DEFAULT_KS, results_table
+    from genattr.workflows.evaluate import evaluate_files
 
     if head is not None and head not in ("linear", "channel", "mlp"):
         raise GenattrError(f"--head must be linear, channel or mlp, not {head!r}")
@@ -349,7 +350,8 @@ def train_head(
     seed: Annotated[int, typer.Option(help="Makes a run repeatable.")] = 0,
 ) -> None:
     """Train the real and synth attribution heads with NT-Xent (the authors released none)."""
-    from genattr.heads.train import TrainConfig, train_heads_from_stores
+    from genattr.heads.train import TrainConfig
+    from genattr.workflows.train_head import train_heads_from_stores
 
     if head not in ("linear", "mlp", "channel"):
         raise GenattrError(f"--head must be linear, mlp or channel, not {head!r}")
@@ -386,7 +388,7 @@ def calibrate(
     heldout_fraction: Annotated[float, typer.Option(help="Share of models held out.")] = 0.3,
 ) -> None:
     """Fit the authors' calibrator (inv_tau, bias) and report it on held-out models."""
-    from genattr.calibrate import calibrate_from_stores
+    from genattr.workflows.calibrate import calibrate_from_stores
 
     cal = calibrate_from_stores(
         bench, store_real, store_synth, distractors, out, head, top_l, heldout_fraction
@@ -421,7 +423,7 @@ def index_build(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Index a store (FAISS chosen from size and memory budget; similarities re-ranked exactly)."""
-    from genattr.search.index import build_index_from_store
+    from genattr.workflows.index import build_index_from_store
 
     index = build_index_from_store(
         store if len(store) > 1 else store[0], out, head, kind, memory_budget, progress
@@ -522,7 +524,7 @@ def head_import(
     ] = None,
 ) -> None:
     """Import the authors' mapper checkpoint as a genattr head directory."""
-    from genattr.heads.train import import_mapper_pth
+    from genattr.workflows.train_head import import_mapper_pth
 
     pair = import_mapper_pth(mapper, out, head, **({"backbone": backbone} if backbone else {}))
     console.print(f"{pair.kind} head written to {out}/")
@@ -535,7 +537,7 @@ def head_export(
     out: Annotated[Path, typer.Option(help="The authors' mapper .pth to write.")],
 ) -> None:
     """Export a genattr head in the authors' mapper format (their eval.py loads it)."""
-    from genattr.heads.train import export_mapper_pth
+    from genattr.workflows.train_head import export_mapper_pth
 
     pair = export_mapper_pth(head, out)
     console.print(f"{pair.kind} mapper written to {out}")

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from genattr.atomic import atomic_path
-from genattr.data.official import MapperPair, TestCaseFeatures
+from genattr.data.official import TestCaseFeatures
 from genattr.errors import GenattrError
+from genattr.heads.checkpoint import MapperPair
 from genattr.vectors import FeatureMatrix, Transform, embed, read_block
 
 RESULTS_FORMAT_VERSION = 1
@@ -391,50 +392,3 @@ def results_table(result: EvaluationResult, title: str = "AbC evaluation"):
         recall = [f"{100 * v:.2f}" for v in s["recall"].values()]
         table.add_row(ptype, str(s["n_queries"]), f"{100 * s['mAP']:.2f}", *recall)
     return table
-
-
-def evaluate_files(
-    gallery_feats: str | os.PathLike,
-    test_feats: str | os.PathLike,
-    out: str | os.PathLike,
-    mapper: str | os.PathLike | None = None,
-    head: str | None = None,
-    ks: Sequence[int] = DEFAULT_KS,
-    device: str = "cpu",
-    progress: bool = False,
-) -> EvaluationResult:
-    """`genattr evaluate`: features in (the authors' `.pth` files or genattr embedding store
-    directories, which must share a backbone), results.json + parquet out."""
-    from genattr.data.official import load_gallery_pth, load_mapper_pth, load_testcase_pth
-
-    stores = {}
-    if Path(gallery_feats).is_dir() or Path(test_feats).is_dir():
-        from genattr.store import EmbeddingStore, check_same_backbone
-
-        stores = {
-            p: EmbeddingStore.open(p) for p in (gallery_feats, test_feats) if Path(p).is_dir()
-        }
-        check_same_backbone(*stores.values())
-    gallery = (
-        stores[gallery_feats].vectors
-        if gallery_feats in stores
-        else load_gallery_pth(gallery_feats).feats
-    )
-    testcase = (
-        stores[test_feats].to_testcase() if test_feats in stores else load_testcase_pth(test_feats)
-    )
-    mappers = load_mapper_pth(mapper, head) if mapper is not None else None
-    names = (str(gallery_feats), str(test_feats), str(mapper))
-    result = evaluate_protocol(
-        gallery, testcase, ks, mappers, device=device, progress=progress, names=names
-    )
-    write_results(
-        result,
-        out,
-        gallery_feats=str(gallery_feats),
-        test_feats=str(test_feats),
-        mapper=None if mapper is None else str(mapper),
-        head=None if mappers is None else mappers.kind,
-        n_gallery=len(gallery),
-    )
-    return result

@@ -11,13 +11,10 @@ from genattr.data.benchmark import (
 )
 from genattr.data.official import (
     GalleryFeatures,
-    MapperPair,
     TestCaseFeatures,
     load_gallery_pth,
-    load_mapper_pth,
     load_testcase_pth,
     save_gallery_pth,
-    save_mapper_pth,
     save_testcase_pth,
 )
 
@@ -25,16 +22,13 @@ __all__ = [
     "BenchmarkManifest",
     "CustomizedModel",
     "GalleryFeatures",
-    "MapperPair",
     "TestCaseFeatures",
     "load_gallery_pth",
-    "load_mapper_pth",
     "load_testcase_pth",
     "read_abc_json",
     "read_benchmark",
     "read_manifest",
     "save_gallery_pth",
-    "save_mapper_pth",
     "save_testcase_pth",
     "write_abc_json",
     "write_manifest",

@@ -1,10 +1,10 @@
-"""The authors' torch `.pth` files: features from `extract_feat.py` and mapper checkpoints.
+"""The authors' torch `.pth` feature files (from `extract_feat.py`); their mapper checkpoints
+are heads (`genattr.heads.checkpoint`).
 
 Gallery file:   {"feats": FloatTensor[N, D], "paths": [str]}
 Test-case file: {"exemplar_paths", "exemplar_chunks": [(start, end)] per model,
                  "exemplar_tensors": [E, D], "synth_paths": {ptype: [...]},
                  "synth_ids": {ptype: [model index per query]}, "synth_tensors": {ptype: [Q, D]}}
-Mapper file:    {"real_mapper": state_dict, "synth_mapper": state_dict}
 Loading memory-maps the tensors (zip-format files), so a 1M-image gallery costs no RAM upfront.
 """
 
@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
-from genattr.heads.networks import head_from_state_dict, head_in_out, infer_head_kind
 
 
 @dataclass
@@ -112,7 +110,7 @@ def _check_finite(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} has NaN or Inf values (first in row {bad[0].item()})")
 
 
-def _load(path: str | os.PathLike, what: str) -> dict:
+def load_torch_dict(path: str | os.PathLike, what: str) -> dict:
     if not os.path.exists(path):
         raise GenattrError(f"{path}: no such file")
     try:
@@ -130,15 +128,15 @@ def _load(path: str | os.PathLike, what: str) -> dict:
     return obj
 
 
-def _require(path, obj: dict, keys: tuple[str, ...], what: str) -> None:
+def require_keys(path, obj: dict, keys: tuple[str, ...], what: str) -> None:
     missing = [k for k in keys if k not in obj]
     if missing:
         raise GenattrError(f"{path}: not a {what} file (missing {', '.join(missing)})")
 
 
 def load_gallery_pth(path: str | os.PathLike) -> GalleryFeatures:
-    obj = _load(path, "gallery feature")
-    _require(path, obj, ("feats",), "gallery feature")
+    obj = load_torch_dict(path, "gallery feature")
+    require_keys(path, obj, ("feats",), "gallery feature")
     feats = obj["feats"]
     try:
         n, _ = _matrix_shape("feats", feats)
@@ -159,8 +157,8 @@ _TESTCASE_KEYS = ("exemplar_chunks", "exemplar_tensors", "synth_ids", "synth_ten
 
 
 def load_testcase_pth(path: str | os.PathLike) -> TestCaseFeatures:
-    obj = _load(path, "test-case feature")
-    _require(path, obj, _TESTCASE_KEYS, "test-case feature")
+    obj = load_torch_dict(path, "test-case feature")
+    require_keys(path, obj, _TESTCASE_KEYS, "test-case feature")
     try:
         tc = TestCaseFeatures(
             exemplar_paths=[str(p) for p in obj.get("exemplar_paths", [])],
@@ -185,40 +183,5 @@ def save_testcase_pth(tc: TestCaseFeatures, path: str | os.PathLike) -> None:
         "synth_ids": {k: list(v) for k, v in tc.synth_ids.items()},
         "synth_tensors": {k: v.float() for k, v in tc.synth_feats.items()},
     }
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-@dataclass
-class MapperPair:
-    """The two heads of the paper: one for real (training) images, one for synthesized ones."""
-
-    real: nn.Module
-    synth: nn.Module
-    kind: str
-
-    @property
-    def in_dim(self) -> int:
-        return head_in_out(self.real)[0]
-
-
-def load_mapper_pth(path: str | os.PathLike, kind: str | None = None) -> MapperPair:
-    obj = _load(path, "mapper checkpoint")
-    _require(path, obj, ("real_mapper", "synth_mapper"), "mapper checkpoint")
-    try:
-        heads = [head_from_state_dict(obj[k], kind) for k in ("real_mapper", "synth_mapper")]
-        for name, head in zip(("real_mapper", "synth_mapper"), heads, strict=True):
-            for pname, p in head.state_dict().items():
-                if p.is_floating_point() and not torch.isfinite(p).all():
-                    raise ValueError(f"{name}.{pname} has NaN or Inf values")
-        if head_in_out(heads[0]) != head_in_out(heads[1]):
-            raise ValueError("real_mapper and synth_mapper have different shapes")
-    except (ValueError, RuntimeError) as e:
-        raise GenattrError(f"{path}: {str(e).splitlines()[0]}") from None
-    return MapperPair(heads[0], heads[1], infer_head_kind(obj["real_mapper"]))
-
-
-def save_mapper_pth(mappers: MapperPair, path: str | os.PathLike) -> None:
-    obj = {"real_mapper": mappers.real.state_dict(), "synth_mapper": mappers.synth.state_dict()}
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)

@@ -11,22 +11,18 @@ several pre-extracted augmented views, one drawn per step. Validation mAP comes 
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import track
 
-from genattr.atomic import atomic_path, write_text_atomic
-from genattr.data.official import MapperPair, TestCaseFeatures
-from genattr.errors import GenattrError
+from genattr.data.official import TestCaseFeatures
 from genattr.evaluate import evaluate_protocol
-from genattr.heads.networks import create_head, head_from_state_dict, head_in_out
-
-HEAD_FORMAT_VERSION = 1
-MAX_DISTRACTOR_POOL = 200_000
+from genattr.heads.checkpoint import MapperPair, write_head_folder
+from genattr.heads.networks import create_head
 
 
 @dataclass
@@ -142,8 +138,6 @@ def train_heads(
         result.history.append({"epoch": -1, "loss": float("nan"), "val_mAP": best_score})
     epochs = range(config.epochs)
     if progress:
-        from rich.progress import track
-
         epochs = track(epochs, description="training heads")
     for epoch in epochs:
         order = torch.randperm(len(synth_model), generator=gen)
@@ -195,124 +189,13 @@ def _copy_state(module: torch.nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def save_heads(result: TrainResult, out_dir: str | os.PathLike, **provenance) -> None:
-    """head.safetensors (real.* and synth.* tensors) + head.json (config, curve, provenance)."""
-    from safetensors.torch import save_file
-
-    out = Path(out_dir)
-    tensors = {f"real.{k}": v.contiguous() for k, v in result.mappers.real.state_dict().items()}
-    tensors.update(
-        {f"synth.{k}": v.contiguous() for k, v in result.mappers.synth.state_dict().items()}
-    )
-    in_dim, out_dim = head_in_out(result.mappers.real)
-    doc = {
-        "kind": "genattr.head",
-        "format_version": HEAD_FORMAT_VERSION,
-        "head": result.mappers.kind,
-        "in_dim": in_dim,
-        "out_dim": out_dim,
-        "config": asdict(result.config),
-        "history": result.history,
-        "best_epoch": result.best_epoch,
-        **provenance,
-    }
-    with atomic_path(out / "head.safetensors") as tmp:
-        save_file(tensors, str(tmp))
-    write_text_atomic(out / "head.json", json.dumps(doc, indent=2) + "\n")
-
-
-def load_heads(path: str | os.PathLike) -> tuple[MapperPair, dict]:
-    """A head directory (or its head.json / head.safetensors) -> the two maps and head.json."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    try:
-        doc = json.loads((folder / "head.json").read_text())
-        tensors = load_file(str(folder / "head.safetensors"))
-    except (OSError, ValueError) as e:
-        raise GenattrError(f"{folder}: not a genattr head directory ({e})") from None
-    if doc.get("kind") != "genattr.head" or doc.get("format_version") != HEAD_FORMAT_VERSION:
-        raise GenattrError(f"{folder}/head.json: not a genattr head (format_version 1)")
-    parts = {}
-    for side in ("real", "synth"):
-        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(side + ".")}
-        parts[side] = head_from_state_dict(state, doc["head"])
-    return MapperPair(parts["real"], parts["synth"], doc["head"]), doc
-
-
-def train_heads_from_stores(
-    bench: str | os.PathLike,
-    store_real: str | os.PathLike,
-    store_synth: str | os.PathLike,
-    out: str | os.PathLike,
-    config: TrainConfig,
-    distractors: str | os.PathLike | None = None,
-    progress: bool = False,
-) -> TrainResult:
-    """`genattr train-head`: train on the manifest's train models, stop early on its val models."""
-    from genattr.data.benchmark import read_benchmark
-    from genattr.store import EmbeddingStore, check_same_backbone
-    from genattr.store.join import testcase_from_stores, training_pairs_from_stores
-
-    manifest = read_benchmark(bench)
-    real, synth = EmbeddingStore.open(store_real), EmbeddingStore.open(store_synth)
-    tc, notes = testcase_from_stores(manifest, real, synth)
-    splits = {
-        s: {i for i, m in enumerate(manifest.models) if m.split == s} for s in ("train", "val")
-    }
-    if not splits["train"]:
-        raise GenattrError(f"{bench}: no models with split 'train'")
-    pool = None
-    validation = None
-    if distractors is not None:
-        dstore = EmbeddingStore.open(distractors)
-        check_same_backbone(real, dstore)
-        # negatives are drawn from a seeded sample, so a 1M-image store costs ~600 MB, not 3 GB
-        rows = np.arange(len(dstore.vectors))
-        if len(rows) > MAX_DISTRACTOR_POOL:
-            rows = np.sort(
-                np.random.default_rng(config.seed).choice(rows, MAX_DISTRACTOR_POOL, replace=False)
-            )
-        pool = torch.from_numpy(np.asarray(dstore.vectors[rows], dtype=np.float32))
-        if splits["val"]:
-            validation = (dstore.vectors, tc.select_models(splits["val"]))
-    elif splits["val"]:
-        validation = (tc.exemplar_feats[:0], tc.select_models(splits["val"]))
-    data = training_pairs_from_stores(tc, real, synth, splits["train"])
-    data.distractors = pool
-    result = train_heads(data, config, validation, progress=progress)
-    save_heads(
-        result,
-        out,
-        backbone=real.backbone.name,
-        weights_id=real.backbone.weights_id,
-        bench=str(bench),
-        notes=notes,
-    )
-    return result
-
-
-def export_mapper_pth(head_dir: str | os.PathLike, out: str | os.PathLike) -> MapperPair:
-    """A genattr head directory -> the authors' mapper `.pth` (their eval.py loads it)."""
-    from genattr.data.official import save_mapper_pth
-
-    mappers, _ = load_heads(head_dir)
-    save_mapper_pth(mappers, out)
-    return mappers
-
-
-def import_mapper_pth(
-    pth: str | os.PathLike, out_dir: str | os.PathLike, kind: str | None = None, **provenance
-) -> MapperPair:
-    """The authors' mapper `.pth` -> a genattr head directory (for `index build --head`)."""
-    from genattr.data.official import load_mapper_pth
-
-    mappers = load_mapper_pth(pth, kind)
-    save_heads(
-        TrainResult(mappers, TrainConfig(head=mappers.kind)),
+def save_heads(result: TrainResult, out_dir: str | os.PathLike, **provenance: Any) -> None:
+    """The head folder of a training run: the maps, its config, curve and provenance."""
+    write_head_folder(
+        result.mappers,
         out_dir,
-        imported_from=str(pth),
+        config=asdict(result.config),
+        history=result.history,
+        best_epoch=result.best_epoch,
         **provenance,
     )
-    return mappers

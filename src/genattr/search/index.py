@@ -30,7 +30,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +37,8 @@ import numpy as np
 import torch
 
 from genattr.atomic import atomic_path, write_text_atomic
-from genattr.data.official import MapperPair
 from genattr.errors import GenattrError
+from genattr.heads.checkpoint import MapperPair
 from genattr.vectors import FeatureMatrix, embed, read_block
 
 INDEX_FORMAT_VERSION = 1
@@ -331,7 +330,7 @@ class AttributionIndex:
         """The head the gallery was mapped with (queries go through its synth side)."""
         if self.meta.get("head") is None:
             return None
-        from genattr.heads.train import load_heads
+        from genattr.heads.checkpoint import load_heads
 
         return load_heads(self.path / "head")[0]
 
@@ -359,61 +358,3 @@ class AttributionIndex:
             top = np.argsort(-s, kind="stable")[:k]
             sims[row, : len(top)], ids[row, : len(top)] = s[top], c[top]
         return sims, ids
-
-
-def build_index_from_store(
-    store: str | os.PathLike | Sequence[str | os.PathLike],
-    out: str | os.PathLike,
-    head: str | os.PathLike | None = None,
-    kind: str = "auto",
-    memory_budget: str | int = "4GB",
-    progress: bool = False,
-) -> AttributionIndex:
-    """`genattr index build`: index one store's vectors, or several stores' of one backbone as
-    one gallery (in the order given), recording the backbone and the head."""
-    from genattr.heads.train import load_heads
-    from genattr.store import EmbeddingStore, ShardedVectors, check_same_backbone
-
-    paths = [store] if isinstance(store, (str, os.PathLike)) else list(store)
-    if not paths:
-        raise GenattrError("no store to index")
-    stores = [EmbeddingStore.open(p) for p in paths]
-    check_same_backbone(*stores)
-    s = stores[0]
-    if len({x.dtype for x in stores}) > 1:
-        raise GenattrError("the stores hold vectors of different dtypes; convert one first")
-    mappers, head_doc = load_heads(head) if head is not None else (None, None)
-    if head_doc and head_doc.get("weights_id") not in (None, s.backbone.weights_id):
-        raise GenattrError(
-            f"{head}: trained on {head_doc.get('backbone')} features "
-            f"({head_doc.get('weights_id')}), the store holds {s.backbone.describe()}"
-        )
-    head_dir = None if head is None else (Path(head) if Path(head).is_dir() else Path(head).parent)
-    provenance = {
-        "store": [str(Path(p).resolve()) for p in paths]
-        if len(paths) > 1
-        else str(Path(paths[0]).resolve()),
-        "backbone": {
-            "name": s.backbone.name,
-            "weights_id": s.backbone.weights_id,
-            "weights_path": s.extra.get("weights_path"),
-            "preprocess_config": s.backbone.preprocess_config,
-        },
-    }
-    vectors = (
-        s.vectors
-        if len(stores) == 1
-        else ShardedVectors([sh for x in stores for sh in x.vectors.shards], s.dim, s.dtype)
-    )
-    return build_index(
-        vectors,
-        out,
-        kind=kind,
-        memory_budget=memory_budget,
-        head=mappers,
-        head_dir=head_dir,
-        ids=[i for x in stores for i in x.ids],
-        paths=[p for x in stores for p in x.paths],
-        provenance=provenance,
-        progress=progress,
-    )

@@ -72,7 +72,7 @@ def build_world_index(
     from PIL import Image
 
     from genattr.features import get_backbone
-    from genattr.heads.train import load_heads
+    from genattr.heads.checkpoint import load_heads
     from genattr.progress import progress_bar
     from genattr.search.index import build_index
     from genattr.serve.gallery import world_path

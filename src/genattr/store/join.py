@@ -13,7 +13,7 @@ from genattr.errors import GenattrError
 from genattr.store.embedding_store import EmbeddingStore, check_same_backbone
 
 
-def _rows_by_path(store: EmbeddingStore) -> dict[str, list[int]]:
+def rows_by_path(store: EmbeddingStore) -> dict[str, list[int]]:
     """path -> its rows, view 0 first (stores extracted with --augment hold several views)."""
     meta = store.metadata()
     paths = meta.column("path").to_pylist()
@@ -26,44 +26,16 @@ def _rows_by_path(store: EmbeddingStore) -> dict[str, list[int]]:
 
 
 def _row_lookup(store: EmbeddingStore) -> dict[str, int]:
-    return {p: r[0] for p, r in _rows_by_path(store).items()}
+    return {p: r[0] for p, r in rows_by_path(store).items()}
 
 
-def _view_tensor(store: EmbeddingStore, rows: list[list[int]]) -> torch.Tensor:
+def view_tensor(store: EmbeddingStore, rows: list[list[int]]) -> torch.Tensor:
     """(V, N, D): view v of image n, where V is the most views any image has; an image with
     fewer (a view failed to decode) repeats its first."""
     n_views = max((len(r) for r in rows), default=1)
     index = np.array([[r[v] if v < len(r) else r[0] for r in rows] for v in range(n_views)])
     picked = store.vectors[index.reshape(-1)]
     return torch.from_numpy(np.asarray(picked, dtype=np.float32).reshape(n_views, len(rows), -1))
-
-
-def training_pairs_from_stores(
-    tc: TestCaseFeatures, store_real: EmbeddingStore, store_synth: EmbeddingStore, models: set[int]
-):
-    """The `models`' exemplars and synthesized images with every stored view, for training."""
-    from genattr.heads.train import PairedFeatures
-
-    real_rows, synth_rows = _rows_by_path(store_real), _rows_by_path(store_synth)
-    chunks, ex_rows = [], []
-    for m in sorted(models):
-        start, end = tc.exemplar_chunks[m]
-        first = len(ex_rows)
-        ex_rows += [real_rows[os.path.normpath(p)] for p in tc.exemplar_paths[start:end]]
-        chunks.append((first, len(ex_rows)))
-    renumber = {m: k for k, m in enumerate(sorted(models))}
-    q_rows, q_model = [], []
-    for p in tc.prompt_types:
-        for path, m in zip(tc.synth_paths[p], tc.synth_ids[p], strict=True):
-            if m in renumber:
-                q_rows.append(synth_rows[os.path.normpath(path)])
-                q_model.append(renumber[m])
-    return PairedFeatures(
-        _view_tensor(store_real, ex_rows),
-        chunks,
-        _view_tensor(store_synth, q_rows),
-        np.asarray(q_model, dtype=np.int64),
-    )
 
 
 def testcase_from_stores(

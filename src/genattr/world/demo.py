@@ -83,11 +83,12 @@ def run_demo(
     The head is the authors' channel-wise one by default: on the 226 training models it
     gains 1.05-1.26x over raw world-cnn features on every test prompt type; a full linear map
     overfitted the first world's 37 models (BENCHMARKS.md)."""
-    from genattr.calibrate import calibrate_from_stores
     from genattr.errors import GenattrError
     from genattr.features.extract import extract
     from genattr.heads.networks import HEADS
-    from genattr.heads.train import TrainConfig, train_heads_from_stores
+    from genattr.heads.train import TrainConfig
+    from genattr.workflows.calibrate import calibrate_from_stores
+    from genattr.workflows.train_head import train_heads_from_stores
     from genattr.world.benchmark import load_benchmark
     from genattr.world.clipart import load_data
 
@@ -238,7 +239,7 @@ def _evaluate(
 
     from genattr.data.benchmark import BenchmarkManifest
     from genattr.evaluate import evaluate_protocol, write_results
-    from genattr.heads.train import load_heads
+    from genattr.heads.checkpoint import load_heads
     from genattr.store import EmbeddingStore
     from genattr.store.join import testcase_from_stores
 
@@ -289,7 +290,7 @@ def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[An
     """Index the whole training set (pre-training images and exemplars) with the best head and
     attribute the first sample of a few test models, taken in turn from each test case."""
     from genattr.attribution import attribute
-    from genattr.search.index import build_index_from_store
+    from genattr.workflows.index import build_index_from_store
 
     stores = out / "stores" / backbone
     index = out / "index"

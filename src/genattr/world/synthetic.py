@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from genattr.data.official import GalleryFeatures, MapperPair, TestCaseFeatures
+from genattr.data.official import GalleryFeatures, TestCaseFeatures
+from genattr.heads.checkpoint import MapperPair
 from genattr.heads.networks import LinearHead
 
 

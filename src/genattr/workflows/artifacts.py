@@ -1,0 +1,50 @@
+"""Opening artifacts and checking they fit together: one place for each refusal."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from genattr.errors import GenattrError
+from genattr.heads.checkpoint import MapperPair, load_heads, load_mapper_pth
+from genattr.store import EmbeddingStore
+
+
+def check_head_fits(
+    mappers: MapperPair, doc: dict | None, store: EmbeddingStore, head: str | os.PathLike
+) -> None:
+    """Refuse a head whose input size differs from the store's vectors, or (when its folder
+    records them) that was trained on other weights than the store's."""
+    if mappers.in_dim != store.dim:
+        raise GenattrError(
+            f"{head}: the head takes {mappers.in_dim}-d features, {store.path} holds "
+            f"{store.dim}-d {store.backbone.describe()}"
+        )
+    if doc and doc.get("weights_id") not in (None, store.backbone.weights_id):
+        raise GenattrError(
+            f"{head}: trained on {doc.get('backbone')} features "
+            f"({doc.get('weights_id')}), {store.path} holds {store.backbone.describe()}"
+        )
+
+
+def open_head_for(
+    head: str | os.PathLike, store: EmbeddingStore | None = None, kind: str | None = None
+) -> tuple[MapperPair, dict | None]:
+    """A head folder or the authors' mapper `.pth`, checked against `store` when given;
+    returns the maps and head.json (None for a `.pth`, which records no provenance)."""
+    path = Path(head)
+    if path.is_dir() or path.name in ("head.json", "head.safetensors"):
+        mappers, doc = load_heads(path)
+        if kind is not None and kind != mappers.kind:
+            raise GenattrError(f"{head}: a {mappers.kind} head, not {kind}")
+    else:
+        mappers, doc = load_mapper_pth(path, kind), None
+    if store is not None:
+        check_head_fits(mappers, doc, store, head)
+    return mappers, doc
+
+
+def head_folder(head: str | os.PathLike) -> Path:
+    """The folder of a head given as its folder or one of its two files."""
+    path = Path(head)
+    return path if path.is_dir() else path.parent

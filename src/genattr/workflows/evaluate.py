@@ -1,0 +1,58 @@
+"""`genattr evaluate`: feature files or stores and a head in; results.json and parquet out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from genattr.data.official import load_gallery_pth, load_testcase_pth
+from genattr.evaluate import DEFAULT_KS, EvaluationResult, evaluate_protocol, write_results
+from genattr.store import EmbeddingStore, check_same_backbone
+from genattr.workflows.artifacts import open_head_for
+
+
+def evaluate_files(
+    gallery_feats: str | os.PathLike,
+    test_feats: str | os.PathLike,
+    out: str | os.PathLike,
+    mapper: str | os.PathLike | None = None,
+    head: str | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    device: str = "cpu",
+    progress: bool = False,
+) -> EvaluationResult:
+    """`genattr evaluate`: features in (the authors' `.pth` files or genattr embedding store
+    directories, which must share a backbone), results.json + parquet out. `mapper` is the
+    authors' mapper `.pth` or a genattr head folder (checked against a store when given)."""
+    stores = {}
+    if Path(gallery_feats).is_dir() or Path(test_feats).is_dir():
+        stores = {
+            p: EmbeddingStore.open(p) for p in (gallery_feats, test_feats) if Path(p).is_dir()
+        }
+        check_same_backbone(*stores.values())
+    gallery = (
+        stores[gallery_feats].vectors
+        if gallery_feats in stores
+        else load_gallery_pth(gallery_feats).feats
+    )
+    testcase = (
+        stores[test_feats].to_testcase() if test_feats in stores else load_testcase_pth(test_feats)
+    )
+    mappers = None
+    if mapper is not None:
+        mappers = open_head_for(mapper, next(iter(stores.values()), None), head)[0]
+    names = (str(gallery_feats), str(test_feats), str(mapper))
+    result = evaluate_protocol(
+        gallery, testcase, ks, mappers, device=device, progress=progress, names=names
+    )
+    write_results(
+        result,
+        out,
+        gallery_feats=str(gallery_feats),
+        test_feats=str(test_feats),
+        mapper=None if mapper is None else str(mapper),
+        head=None if mappers is None else mappers.kind,
+        n_gallery=len(gallery),
+    )
+    return result
