@@ -135,7 +135,8 @@ def torch_threads(n: int | None):
 @contextlib.contextmanager
 def fast_layout(model):
     """The same layout extract() uses: channels_last for models with convolutions."""
-    from genattr.features.extract import _has_conv, _memory_format
+    from genattr.features.embedder import has_conv as _has_conv
+    from genattr.features.embedder import memory_format as _memory_format
 
     with _memory_format(model, _has_conv(model)):
         yield _has_conv(model)

@@ -12,6 +12,7 @@ from genattr.cli import app
 from genattr.data.official import save_gallery_pth, save_testcase_pth
 from genattr.evaluate import evaluate_reference
 from genattr.heads.checkpoint import save_mapper_pth
+from genattr.store import convert
 from genattr.world.synthetic import make_synthetic_benchmark
 
 runner = CliRunner()
@@ -205,11 +206,10 @@ def test_real_process_exit_code(bench_files):
 
 
 def test_evaluate_on_stores_equals_pth(bench_files):
-    from genattr.store import EmbeddingStore
 
     _, d = bench_files
-    EmbeddingStore.from_gallery_pth(d / "gallery.pth", d / "gstore", "synthetic", shard_size=1000)
-    EmbeddingStore.from_testcase_pth(d / "test.pth", d / "tstore", "synthetic")
+    convert.gallery_pth_to_store(d / "gallery.pth", d / "gstore", "synthetic", shard_size=1000)
+    convert.testcase_pth_to_store(d / "test.pth", d / "tstore", "synthetic")
     for gallery, test, out in [
         ("gallery.pth", "test.pth", "a.json"),
         ("gstore", "tstore", "b.json"),
@@ -228,7 +228,7 @@ def test_evaluate_on_stores_equals_pth(bench_files):
         assert res.exit_code == 0, res.output
     a, b = (json.loads((d / f).read_text())["results"] for f in ("a.json", "b.json"))
     assert a == b
-    EmbeddingStore.from_testcase_pth(d / "test.pth", d / "other", "another-backbone")
+    convert.testcase_pth_to_store(d / "test.pth", d / "other", "another-backbone")
     res = run(
         "evaluate",
         "--gallery-feats",

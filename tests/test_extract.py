@@ -14,7 +14,7 @@ from PIL import Image
 from genattr.errors import GenattrError
 from genattr.features import get_backbone
 from genattr.features.extract import extract
-from genattr.store import EmbeddingStore
+from genattr.store import EmbeddingStore, convert
 
 
 def _rand_image(seed: int, size=(32, 32)) -> Image.Image:
@@ -143,7 +143,7 @@ def test_abc_json_test_case(tmp_path):
         "prompt_type": "object",
         "source_index": 5,
     }
-    tc = r.store.to_testcase()
+    tc = convert.store_to_testcase(r.store)
     assert tc.exemplar_chunks == [(0, 2), (2, 3)] and tc.prompt_types == ["object", "gpt"]
     assert tc.synth_ids == {"object": [0, 0, 1], "gpt": [0, 1, 1]}
     assert tc.synth_paths["gpt"] == ["4.png", "7.png", "8.png"]

@@ -20,7 +20,7 @@ from genattr.data.official import (
 )
 from genattr.errors import GenattrError
 from genattr.evaluate import evaluate_protocol
-from genattr.store import BackboneInfo, EmbeddingStore, check_same_backbone
+from genattr.store import BackboneInfo, EmbeddingStore, check_same_backbone, convert
 
 CLIP = BackboneInfo("clip-vit-b32", "sha256:abc", {"resize": 224})
 
@@ -191,20 +191,18 @@ def test_gallery_pth_round_trip(tmp_path):
     feats = torch.randn(11, 6)
     paths = [f"laion/{i:05d}.jpg" for i in range(11)]
     save_gallery_pth(GalleryFeatures(feats, paths), tmp_path / "g.pth")
-    store = EmbeddingStore.from_gallery_pth(
-        tmp_path / "g.pth", tmp_path / "gs", "clip", shard_size=4
-    )
+    store = convert.gallery_pth_to_store(tmp_path / "g.pth", tmp_path / "gs", "clip", shard_size=4)
     assert store.num_shards == 3 and store.ids == paths and store.backbone.name == "clip"
-    store.to_gallery_pth(tmp_path / "back.pth")
+    convert.store_to_gallery_pth(store, tmp_path / "back.pth")
     back = load_gallery_pth(tmp_path / "back.pth")
     torch.testing.assert_close(back.feats, feats, rtol=0, atol=0)
     assert back.paths == paths
 
-    half = EmbeddingStore.from_gallery_pth(
-        tmp_path / "g.pth", tmp_path / "h", "clip", dtype="float16"
-    )
+    half = convert.gallery_pth_to_store(tmp_path / "g.pth", tmp_path / "h", "clip", dtype="float16")
     assert half.dtype == np.float16
-    torch.testing.assert_close(half.to_gallery().feats, feats.half().float(), rtol=0, atol=0)
+    torch.testing.assert_close(
+        convert.store_to_gallery(half).feats, feats.half().float(), rtol=0, atol=0
+    )
 
 
 def _testcase(dim=5, seed=0) -> official.TestCaseFeatures:
@@ -226,7 +224,7 @@ def _testcase(dim=5, seed=0) -> official.TestCaseFeatures:
 def test_testcase_pth_round_trip(tmp_path):
     tc = _testcase()
     save_testcase_pth(tc, tmp_path / "tc.pth")
-    store = EmbeddingStore.from_testcase_pth(tmp_path / "tc.pth", tmp_path / "ts", "clip")
+    store = convert.testcase_pth_to_store(tmp_path / "tc.pth", tmp_path / "ts", "clip")
     meta = store.metadata().to_pylist()
     assert [r["role"] for r in meta].count("exemplar") == 6
     assert meta[7] == {
@@ -236,7 +234,7 @@ def test_testcase_pth_round_trip(tmp_path):
         "model_index": 1,
         "prompt_type": "object",
     }
-    store.to_testcase_pth(tmp_path / "back.pth")
+    convert.store_to_testcase_pth(store, tmp_path / "back.pth")
     back = load_testcase_pth(tmp_path / "back.pth")
     assert back.exemplar_chunks == tc.exemplar_chunks and back.exemplar_paths == tc.exemplar_paths
     assert back.prompt_types == ["object", "gpt"] and back.synth_ids == tc.synth_ids
@@ -245,7 +243,7 @@ def test_testcase_pth_round_trip(tmp_path):
     for p in tc.prompt_types:
         torch.testing.assert_close(back.synth_feats[p], tc.synth_feats[p], rtol=0, atol=0)
     with pytest.raises(GenattrError, match="not a test-case store"):
-        _store_with(tmp_path, [np.zeros((1, 5))], name="plain").to_testcase()
+        convert.store_to_testcase(_store_with(tmp_path, [np.zeros((1, 5))], name="plain"))
 
 
 def test_evaluation_streams_a_store_as_it_does_a_tensor(tmp_path):

@@ -19,7 +19,11 @@ import torch
 from PIL import Image
 
 from genattr.calibrate import Calibrator, load_calibrator
+from genattr.data.images import ImageDecodeError, load_rgb
 from genattr.errors import GenattrError
+from genattr.features.embedder import embed_images
+from genattr.features.registry import Backbone, get_backbone
+from genattr.heads.checkpoint import MapperPair
 from genattr.search.index import AttributionIndex
 from genattr.vectors import embed
 
@@ -49,8 +53,6 @@ def load_query_image(path: str | os.PathLike):
     """Open a generated image as RGB (alpha composited on white), or fail naming the file.
 
     The same decoding and decompression-bomb guard as extraction (`load_rgb`)."""
-    from genattr.data.images import ImageDecodeError, load_rgb
-
     if not os.path.exists(path):
         raise GenattrError(f"{path}: no such file")
     try:
@@ -59,10 +61,9 @@ def load_query_image(path: str | os.PathLike):
         raise GenattrError(f"{path}: cannot read as an image ({e})") from None
 
 
-def backbone_for_index(index: AttributionIndex, weights: str | None, device: str):
-    """The backbone the gallery was embedded with (as the index records), checked by weights id."""
-    from genattr.features import get_backbone
-
+def backbone_for_index(index: AttributionIndex, weights: str | None, device: str) -> Backbone:
+    """The backbone the gallery was embedded with (as the index records), checked by weights id,
+    on `device`."""
     recorded = index.meta.get("backbone")
     if not recorded:
         raise GenattrError(f"{index.path}: the index records no backbone; pass one explicitly")
@@ -79,24 +80,109 @@ def backbone_for_index(index: AttributionIndex, weights: str | None, device: str
 
 
 def embed_queries(
-    images: Sequence[str | os.PathLike | Image.Image], backbone, head, batch_size: int = 16
-):
+    images: Sequence[str | os.PathLike | Image.Image],
+    backbone: Backbone,
+    head: MapperPair | None,
+    batch_size: int = 16,
+) -> np.ndarray:
     """Backbone features of the images through the synth head, normalised: (Q, D) numpy.
 
     Paths are opened here; RGB images already decoded (the web service's uploads) go as they
-    are."""
-    synth = head.synth.eval() if head is not None else None
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = np.stack(
-            [
-                backbone.preprocess(im if isinstance(im, Image.Image) else load_query_image(im))
-                for im in images[start : start + batch_size]
-            ]
+    are. Features come back to the CPU (`embed_images`), where the head runs."""
+    decoded = [im if isinstance(im, Image.Image) else load_query_image(im) for im in images]
+    feats = torch.from_numpy(embed_images(backbone, decoded, batch_size=batch_size))
+    with torch.no_grad():
+        return embed(feats, None if head is None else head.synth.cpu().eval()).numpy()
+
+
+class Attributor:
+    """Index, calibrator, backbone and head, loaded once: images in, attributions out.
+
+    `genattr attribute`, the web service and the demo all answer through one of these; a new
+    attribution method is another object with the same `attribute` (images in, scores over
+    the gallery out)."""
+
+    def __init__(
+        self,
+        index: AttributionIndex,
+        calibrator: Calibrator | None = None,
+        backbone: Backbone | None = None,
+        *,
+        weights: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 16,
+    ) -> None:
+        self.index = index
+        self.calibrator = calibrator
+        self.backbone = backbone or backbone_for_index(index, weights, device)
+        self.backbone.model.eval()
+        self.head = index.head()
+        self.gallery = index.metadata()
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(
+        cls,
+        index: str | os.PathLike,
+        calibrator: str | os.PathLike | None = None,
+        *,
+        weights: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 16,
+    ) -> Attributor:
+        """From an index folder (`genattr index build`) and a calibrator file."""
+        return cls(
+            AttributionIndex.load(index),
+            None if calibrator is None else load_calibrator(calibrator),
+            weights=weights,
+            device=device,
+            batch_size=batch_size,
         )
-        with torch.no_grad():
-            out.append(embed(backbone.embed(torch.from_numpy(batch)), synth).numpy())
-    return np.concatenate(out)
+
+    def embed(self, images: Sequence[str | os.PathLike | Image.Image]) -> np.ndarray:
+        """Query vectors in the index's space: backbone, synth head, L2-normalised."""
+        return embed_queries(list(images), self.backbone, self.head, self.batch_size)
+
+    def attribute(
+        self,
+        images: Sequence[str | os.PathLike | Image.Image],
+        top_k: int | Sequence[int] = 20,
+        names: Sequence[str] | None = None,
+    ) -> list[Attribution]:
+        """Which training images made each image, and how much (`top_k` per image or one)."""
+        top_ks = [top_k] * len(images) if isinstance(top_k, int) else list(top_k)
+        if any(k < 1 for k in top_ks):
+            raise GenattrError(f"--top-k must be at least 1, got {min(top_ks)}")
+        if names is None:
+            names = [
+                str(im) if not isinstance(im, Image.Image) else f"image {i}"
+                for i, im in enumerate(images)
+            ]
+        return attribute_vectors(
+            names, self.embed(images), self.index, self.calibrator, top_ks, self.gallery
+        )
+
+
+def attribute(
+    images: Sequence[str | os.PathLike],
+    index: str | os.PathLike | AttributionIndex,
+    calibrator: str | os.PathLike | Calibrator | None = None,
+    top_k: int = 20,
+    *,
+    backbone: Backbone | None = None,
+    weights: str | None = None,
+    device: str = "cpu",
+) -> list[Attribution]:
+    """Which training images made each of these images, and how much (one `Attributor` call)."""
+    if top_k < 1:
+        raise GenattrError(f"--top-k must be at least 1, got {top_k}")
+    if not isinstance(index, AttributionIndex):
+        index = AttributionIndex.load(index)
+    if calibrator is not None and not isinstance(calibrator, Calibrator):
+        calibrator = load_calibrator(calibrator)
+    return Attributor(index, calibrator, backbone, weights=weights, device=device).attribute(
+        list(images), top_k
+    )
 
 
 def _influence(
@@ -121,30 +207,6 @@ def _influence(
         sims, ids = (row[0] for row in index.search(query[None], k))
     p = cal.probabilities(sims)
     return sims, ids, p, index.spec.exact
-
-
-def attribute(
-    images: Sequence[str | os.PathLike],
-    index: str | os.PathLike | AttributionIndex,
-    calibrator: str | os.PathLike | Calibrator | None = None,
-    top_k: int = 20,
-    *,
-    backbone=None,
-    weights: str | None = None,
-    device: str = "cpu",
-) -> list[Attribution]:
-    """Which training images made each of these images, and how much."""
-    if top_k < 1:
-        raise GenattrError(f"--top-k must be at least 1, got {top_k}")
-    if not isinstance(index, AttributionIndex):
-        index = AttributionIndex.load(index)
-    if calibrator is not None and not isinstance(calibrator, Calibrator):
-        calibrator = load_calibrator(calibrator)
-    backbone = backbone or backbone_for_index(index, weights, device)
-    queries = embed_queries(list(images), backbone, index.head())
-    return attribute_vectors(
-        [str(p) for p in images], queries, index, calibrator, [top_k] * len(queries)
-    )
 
 
 def attribute_vectors(

@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 
 from genattr.errors import GenattrError
-from genattr.features.extract import EmbedJob, ItemDecoder, ShardWriter, embed_arrays
+from genattr.features.decode import ItemDecoder
+from genattr.features.embedder import EmbedJob, embed_arrays
+from genattr.features.writer import ShardWriter
 
 LOCAL_OBJECT_STORE_BYTES = 1 << 30  # decoded batches in flight, not the gallery: 1 GiB is plenty
 

@@ -138,9 +138,7 @@ class Service:
         max_wait: float = 0.005,
         model_batch: int | None = None,
     ) -> None:
-        from genattr.attribution import backbone_for_index
-        from genattr.calibrate import load_calibrator
-        from genattr.search.index import AttributionIndex
+        from genattr.attribution import Attributor
 
         self.limits = limits
         # Images per forward pass. On CPU one: EfficientNet-Lite0 at one thread spent ~1.7x the
@@ -148,13 +146,12 @@ class Service:
         # the cache; BENCHMARKS.md, Serving); GPUs want large batches. A request batch still
         # shares one decode hop and one search pass over the gallery.
         self.model_batch = model_batch or (max_batch if device.startswith("cuda") else 1)
-        self.index = AttributionIndex.load(index_path)
-        self.calibrator = None if calibrator_path is None else load_calibrator(calibrator_path)
-        self.backbone = backbone_for_index(self.index, weights, device)
-        self.backbone.model.eval()
-        self.head = self.index.head()
-        self.metadata = self.index.metadata()
-        self.gallery = Gallery(*self.metadata)
+        self.attributor = Attributor.load(
+            index_path, calibrator_path, weights=weights, device=device, batch_size=self.model_batch
+        )
+        self.index, self.calibrator = self.attributor.index, self.attributor.calibrator
+        self.backbone, self.head = self.attributor.backbone, self.attributor.head
+        self.gallery = Gallery(*self.attributor.gallery)
         self.index_path = str(index_path)
         self.examples = world_examples(self.gallery)
         self.max_top_k = min(limits.max_top_k, self.index.count)
@@ -164,7 +161,6 @@ class Service:
 
     def attribute_batch(self, uploads: Sequence[Upload]) -> list[AttributeResponse | Exception]:
         """Decode, embed, search and describe a batch: all of it in the worker thread."""
-        from genattr.attribution import attribute_vectors, embed_queries
         from genattr.data.images import ImageDecodeError, load_rgb
 
         lim = self.limits
@@ -180,17 +176,9 @@ class Service:
                 continue
             out.append(None)  # replaced by the answer once the batch is embedded
         if decoded:
-            vectors = embed_queries(
-                list(decoded.values()), self.backbone, self.head, self.model_batch
-            )
             ups = [uploads[k] for k in decoded]
-            answers = attribute_vectors(
-                [up.name for up in ups],
-                vectors,
-                self.index,
-                self.calibrator,
-                [up.top_k for up in ups],
-                self.metadata,
+            answers = self.attributor.attribute(
+                list(decoded.values()), [up.top_k for up in ups], [up.name for up in ups]
             )
             for (k, image), answer in zip(decoded.items(), answers, strict=True):
                 out[k] = self.response(answer, image.size, uploads[k].top_k)

@@ -68,10 +68,10 @@ def build_world_index(
 
     backbone: a registered name or a `Backbone` (default `default_backbone()`); head: a head
     directory from `genattr train-head` on the same backbone."""
-    import torch
     from PIL import Image
 
     from genattr.features import get_backbone
+    from genattr.features.embedder import embed_images
     from genattr.heads.checkpoint import load_heads
     from genattr.progress import progress_bar
     from genattr.search.index import build_index
@@ -92,16 +92,9 @@ def build_world_index(
             )
         head_dir = Path(head) if Path(head).is_dir() else Path(head).parent
     backbone.model.eval()
-    feats = np.empty((len(rows), backbone.dim), dtype=np.float32)
-    with (
-        progress_bar("world index", len(rows), enabled=progress) as advance,
-        torch.inference_mode(),
-    ):
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            x = np.stack([backbone.preprocess(Image.fromarray(data.images[i])) for i in chunk])
-            feats[start : start + len(chunk)] = backbone.embed(torch.from_numpy(x)).numpy()
-            advance(len(chunk))
+    images = [Image.fromarray(data.images[i]) for i in rows]
+    with progress_bar("world index", len(rows), enabled=progress) as advance:
+        feats = embed_images(backbone, images, batch_size=batch_size, advance=advance)
     size = data.images.shape[1]
     return build_index(
         feats,

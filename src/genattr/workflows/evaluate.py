@@ -8,7 +8,7 @@ from pathlib import Path
 
 from genattr.data.official import load_gallery_pth, load_testcase_pth
 from genattr.evaluate import DEFAULT_KS, EvaluationResult, evaluate_protocol, write_results
-from genattr.store import EmbeddingStore, check_same_backbone
+from genattr.store import EmbeddingStore, check_same_backbone, store_to_testcase
 from genattr.workflows.artifacts import open_head_for
 
 
@@ -37,7 +37,9 @@ def evaluate_files(
         else load_gallery_pth(gallery_feats).feats
     )
     testcase = (
-        stores[test_feats].to_testcase() if test_feats in stores else load_testcase_pth(test_feats)
+        store_to_testcase(stores[test_feats])
+        if test_feats in stores
+        else load_testcase_pth(test_feats)
     )
     mappers = None
     if mapper is not None:
