@@ -6,7 +6,8 @@ train models with early stopping on the val models (`genattr train-head`'s path)
 reports the best val mAP and that head's test mAP per test case next to raw features.
 
     .venv/bin/python benchmarks/world_heads.py --demo demo-out --backbones pixel world-cnn \
-        [--heads channel linear mlp] [--temperatures 0.03 0.07 0.2] [--lrs 1e-3 3e-3]
+        [--heads channel linear mlp] [--temperatures 0.03 0.07 0.2] [--lrs 1e-3 3e-3] \
+        [--batch-size 128] [--distractors-per-batch 1024] [--patience 5]
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def main() -> None:
     ap.add_argument("--temperatures", type=float, nargs="+", default=[0.07])
     ap.add_argument("--lrs", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--distractors-per-batch", type=int, default=TrainConfig.distractors_per_batch)
+    ap.add_argument("--patience", type=int, default=TrainConfig.patience)
     args = ap.parse_args()
     manifest_path = args.demo / "world" / "manifest.json"
     manifest = read_manifest(manifest_path)
@@ -74,7 +78,15 @@ def main() -> None:
                     stores / "exemplars",
                     stores / "synth",
                     Path(tmp) / "head",
-                    TrainConfig(head=head, temperature=temp, lr=lr, epochs=args.epochs),
+                    TrainConfig(
+                        head=head,
+                        temperature=temp,
+                        lr=lr,
+                        epochs=args.epochs,
+                        batch_size=args.batch_size,
+                        distractors_per_batch=args.distractors_per_batch,
+                        patience=args.patience,
+                    ),
                     distractors=stores / "pretrain",
                 )
                 test = case_maps(manifest, stores, Path(tmp) / "head")

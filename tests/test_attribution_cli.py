@@ -2,6 +2,7 @@
 calibrate, index build, attribute (JSON and HTML)."""
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -9,6 +10,8 @@ from typer.testing import CliRunner
 
 from genattr.cli import app
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, write_manifest
+from genattr.heads.checkpoint import write_head_folder
+from tests.conftest import random_mappers
 from tests.test_attribute import drawing
 
 runner = CliRunner()
@@ -87,6 +90,7 @@ def test_extract_train_calibrate_index_attribute(tmp_path):
     )
     head_doc = json.loads((tmp_path / "head" / "head.json").read_text())
     assert head_doc["backbone"] == "pixel" and "val_mAP" in head_doc["history"][0]
+    _refuses_heads_that_do_not_fit(tmp_path, stores)
 
     res = run(
         "calibrate",
@@ -156,6 +160,43 @@ def test_extract_train_calibrate_index_attribute(tmp_path):
     assert "img_015.png" in (tmp_path / "a.html").read_text()
     table = run("attribute", queries[0], "--index", tmp_path / "index", "--top-k", "3")
     assert "img_015.png" in table.output
+
+
+def _refuses_heads_that_do_not_fit(tmp_path, stores):
+    """A head of another input size, or one trained on other weights, is refused by every
+    command that reads a head with a store, naming the head; nothing is written."""
+    wrong_dim = tmp_path / "head_16d"
+    write_head_folder(random_mappers("linear", 16, 0), wrong_dim, backbone="pixel")
+    other_weights = tmp_path / "head_other"
+    shutil.copytree(tmp_path / "head", other_weights)
+    doc = json.loads((other_weights / "head.json").read_text())
+    (other_weights / "head.json").write_text(json.dumps({**doc, "weights_id": "abc123"}))
+    for head, says in ((wrong_dim, "16-d"), (other_weights, "abc123")):
+        commands = {
+            "index": ["index", "build", "--store", tmp_path / "store_train"],
+            "calibrate": [
+                "calibrate",
+                "--bench",
+                tmp_path / "bench.json",
+                *stores,
+                "--distractors",
+                tmp_path / "store_train",
+            ],
+            "evaluate": [
+                "evaluate",
+                "--gallery-feats",
+                tmp_path / "store_train",
+                "--test-feats",
+                tmp_path / "store_train",
+            ],
+        }
+        flag = {"index": "--head", "calibrate": "--head", "evaluate": "--mapper"}
+        for name, args in commands.items():
+            out = tmp_path / f"refused_{name}"
+            res = runner.invoke(app, [str(a) for a in (*args, flag[name], head, "--out", out)])
+            assert res.exit_code == 2, (name, res.output)
+            assert str(head.name) in res.output and says in res.output, (name, res.output)
+            assert "Traceback" not in res.output and not out.exists()
 
 
 def test_attribute_cli_errors(tmp_path):

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from genattr.cli import app
 from genattr.data.official import save_gallery_pth, save_testcase_pth
 from genattr.evaluate import evaluate_reference
-from genattr.heads.checkpoint import save_mapper_pth
+from genattr.heads.checkpoint import save_mapper_pth, write_head_folder
 from genattr.store import convert
 from genattr.world.synthetic import make_synthetic_benchmark
 
@@ -239,6 +239,47 @@ def test_evaluate_on_stores_equals_pth(bench_files):
         d / "c.json",
     )
     assert res.exit_code == 2 and "another-backbone" in res.output
+
+
+def test_evaluate_takes_a_head_folder_as_the_mapper(bench_files):
+    """`--mapper` accepts genattr's head folder as well as the authors' `.pth`: same results."""
+    bench, d = bench_files
+    write_head_folder(bench.oracle_mappers, d / "head", backbone="synthetic")
+    for mapper, out in (
+        (d / "mapper.pth", "pth.json"),
+        (d / "head", "folder.json"),
+        (None, "raw.json"),
+    ):
+        with_mapper = [] if mapper is None else ["--mapper", mapper]
+        res = run(
+            "evaluate",
+            "--gallery-feats",
+            d / "gallery.pth",
+            "--test-feats",
+            d / "test.pth",
+            *with_mapper,
+            "--out",
+            d / out,
+        )
+        assert res.exit_code == 0, res.output
+    a, b, raw = (
+        json.loads((d / f).read_text())["results"] for f in ("pth.json", "folder.json", "raw.json")
+    )
+    assert a == b and a != raw  # the folder's head was applied, exactly as the .pth's
+    res = run(
+        "evaluate",
+        "--gallery-feats",
+        d / "gallery.pth",
+        "--test-feats",
+        d / "test.pth",
+        "--mapper",
+        d / "head",
+        "--head",
+        "mlp",
+        "--out",
+        d / "x.json",
+    )
+    assert res.exit_code == 2 and "not mlp" in res.output
 
 
 def test_demo_refuses_an_unknown_head_before_any_work(tmp_path):

@@ -91,7 +91,7 @@ def demo(
         typer.Option(help="Backbones to compare (repeat; default: pixel and world-cnn)."),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs of head training.")] = 30,
-    head: Annotated[str, typer.Option(help="Head to train: channel, linear or mlp.")] = "channel",
+    head: Annotated[str, typer.Option(help="Head to train: linear, channel or mlp.")] = "linear",
 ) -> None:
     """Attribution end to end on the built-in miniature world; writes OUT/report.html."""
     from genattr.world.demo import DEMO_BACKBONES, run_demo

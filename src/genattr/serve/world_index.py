@@ -72,10 +72,10 @@ def build_world_index(
 
     from genattr.features import get_backbone
     from genattr.features.embedder import embed_images
-    from genattr.heads.checkpoint import load_heads
     from genattr.progress import progress_bar
     from genattr.search.index import build_index
     from genattr.serve.gallery import world_path
+    from genattr.workflows.artifacts import head_folder, open_head_for
     from genattr.world.clipart import load_data
 
     data = load_data() if data is None else data
@@ -84,13 +84,8 @@ def build_world_index(
     rows = gallery_rows(data) if rows is None else np.asarray(rows, dtype=int)
     mappers = head_dir = None
     if head is not None:
-        mappers, head_doc = load_heads(head)
-        if head_doc.get("weights_id") not in (None, backbone.weights_id):
-            raise GenattrError(
-                f"{head}: trained on {head_doc.get('backbone')} features "
-                f"({head_doc.get('weights_id')}), not {backbone.name} ({backbone.weights_id})"
-            )
-        head_dir = Path(head) if Path(head).is_dir() else Path(head).parent
+        head_dir = head_folder(head)
+        mappers = open_head_for(head_dir, backbone)[0]
     backbone.model.eval()
     images = [Image.fromarray(data.images[i]) for i in rows]
     with progress_bar("world index", len(rows), enabled=progress) as advance:

@@ -6,31 +6,41 @@ import os
 from pathlib import Path
 
 from genattr.errors import GenattrError
+from genattr.features.registry import Backbone
 from genattr.heads.checkpoint import MapperPair, load_heads, load_mapper_pth
-from genattr.store import EmbeddingStore
+from genattr.store import BackboneInfo, EmbeddingStore
 
 
 def check_head_fits(
-    mappers: MapperPair, doc: dict | None, store: EmbeddingStore, head: str | os.PathLike
+    mappers: MapperPair,
+    doc: dict | None,
+    target: EmbeddingStore | Backbone,
+    head: str | os.PathLike,
 ) -> None:
-    """Refuse a head whose input size differs from the store's vectors, or (when its folder
-    records them) that was trained on other weights than the store's."""
-    if mappers.in_dim != store.dim:
+    """Refuse a head whose input size differs from the features of `target` (a store, or the
+    backbone about to embed), or that its head.json says was trained on other weights."""
+    if isinstance(target, EmbeddingStore):
+        info, holder = target.backbone, str(target.path)
+    else:
+        info, holder = BackboneInfo.from_backbone(target), "the backbone"
+    if mappers.in_dim != target.dim:
         raise GenattrError(
-            f"{head}: the head takes {mappers.in_dim}-d features, {store.path} holds "
-            f"{store.dim}-d {store.backbone.describe()}"
+            f"{head}: the head takes {mappers.in_dim}-d features, {holder} gives "
+            f"{target.dim}-d {info.describe()}"
         )
-    if doc and doc.get("weights_id") not in (None, store.backbone.weights_id):
+    if doc and doc.get("weights_id") not in (None, info.weights_id):
         raise GenattrError(
             f"{head}: trained on {doc.get('backbone')} features "
-            f"({doc.get('weights_id')}), {store.path} holds {store.backbone.describe()}"
+            f"({doc.get('weights_id')}), {holder} gives {info.describe()}"
         )
 
 
 def open_head_for(
-    head: str | os.PathLike, store: EmbeddingStore | None = None, kind: str | None = None
+    head: str | os.PathLike,
+    target: EmbeddingStore | Backbone | None = None,
+    kind: str | None = None,
 ) -> tuple[MapperPair, dict | None]:
-    """A head folder or the authors' mapper `.pth`, checked against `store` when given;
+    """A head folder or the authors' mapper `.pth`, checked against `target` when given;
     returns the maps and head.json (None for a `.pth`, which records no provenance)."""
     path = Path(head)
     if path.is_dir() or path.name in ("head.json", "head.safetensors"):
@@ -39,8 +49,8 @@ def open_head_for(
             raise GenattrError(f"{head}: a {mappers.kind} head, not {kind}")
     else:
         mappers, doc = load_mapper_pth(path, kind), None
-    if store is not None:
-        check_head_fits(mappers, doc, store, head)
+    if target is not None:
+        check_head_fits(mappers, doc, target, head)
     return mappers, doc
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from genattr.data.official import load_gallery_pth, load_testcase_pth
+from genattr.errors import GenattrError
 from genattr.evaluate import DEFAULT_KS, EvaluationResult, evaluate_protocol, write_results
 from genattr.store import EmbeddingStore, check_same_backbone, store_to_testcase
 from genattr.workflows.artifacts import open_head_for
@@ -31,6 +32,9 @@ def evaluate_files(
             p: EmbeddingStore.open(p) for p in (gallery_feats, test_feats) if Path(p).is_dir()
         }
         check_same_backbone(*stores.values())
+    mappers = None
+    if mapper is not None:  # checked before any features are read
+        mappers = open_head_for(mapper, next(iter(stores.values()), None), head)[0]
     gallery = (
         stores[gallery_feats].vectors
         if gallery_feats in stores
@@ -41,9 +45,11 @@ def evaluate_files(
         if test_feats in stores
         else load_testcase_pth(test_feats)
     )
-    mappers = None
-    if mapper is not None:
-        mappers = open_head_for(mapper, next(iter(stores.values()), None), head)[0]
+    if mappers is not None and mappers.in_dim != gallery.shape[1]:
+        raise GenattrError(
+            f"{mapper}: the head takes {mappers.in_dim}-d features, {gallery_feats} holds "
+            f"{gallery.shape[1]}-d ones"
+        )
     names = (str(gallery_feats), str(test_feats), str(mapper))
     result = evaluate_protocol(
         gallery, testcase, ks, mappers, device=device, progress=progress, names=names
