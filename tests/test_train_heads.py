@@ -38,6 +38,24 @@ def planted():
     return bench, {k: bench.testcase.select_models(v) for k, v in split.items()}
 
 
+def test_strict_validation_and_exemplar_negatives(planted):
+    """strict_validation scores the val models on the stricter gallery (the untrained head's
+    entry says so); every exemplar as a negative trains; an unknown mode is refused."""
+    bench, split = planted
+    gallery = bench.gallery.feats
+    data = PairedFeatures.from_testcase(split["train"], distractors=gallery[:1000])
+    for strict in (False, True):
+        config = TrainConfig(
+            head="channel", epochs=1, exemplar_negatives="all", strict_validation=strict
+        )
+        result = train_heads(data, config, validation=(gallery, split["val"]))
+        want = evaluate_protocol(gallery, split["val"], (10,), exemplars_as_distractors=strict)
+        assert result.history[0]["val_mAP"] == pytest.approx(mean_map(want), abs=1e-9)
+        assert np.isfinite(result.history[1]["loss"])
+    with pytest.raises(ValueError, match="exemplar_negatives"):
+        train_heads(data, TrainConfig(exemplar_negatives="some"))
+
+
 @pytest.mark.slow
 def test_linear_head_learns_planted_distortion(planted, tmp_path):
     bench, split = planted

@@ -34,6 +34,12 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 30
     distractors_per_batch: int = 1024
+    # "batch": negatives are the batch's other models' exemplars and the distractors; "all":
+    # every training exemplar is a candidate in every step, so a head cannot score well by
+    # telling held-out images (exemplars) from the distractors (membership, not attribution).
+    exemplar_negatives: str = "batch"
+    # validate on the stricter gallery (every exemplar a distractor for every query)
+    strict_validation: bool = False
     patience: int = 5  # epochs without validation mAP gain before stopping
     seed: int = 0
     mlp_hidden_dim: int = 512
@@ -121,11 +127,20 @@ def train_heads(
         torch.arange(len(chunks)), chunks[:, 1] - chunks[:, 0]
     )
     synth_model = torch.as_tensor(data.synth_model)
+    all_exemplars = torch.arange(len(model_of_exemplar))
+    if config.exemplar_negatives not in ("batch", "all"):
+        raise ValueError(
+            f"exemplar_negatives must be batch or all, not {config.exemplar_negatives!r}"
+        )
 
     def val_map() -> float:
         real.eval(), syn.eval()
         res = evaluate_protocol(
-            validation[0], validation[1], (10,), MapperPair(real, syn, config.head)
+            validation[0],
+            validation[1],
+            (10,),
+            MapperPair(real, syn, config.head),
+            exemplars_as_distractors=config.strict_validation,
         )
         real.train(), syn.train()
         return float(np.mean([s["mAP"] for s in res.summary().values()]))
@@ -146,8 +161,11 @@ def train_heads(
             rows = order[b0 : b0 + config.batch_size]
             if len(rows) < 2:
                 continue
-            models = synth_model[rows].unique()
-            ex_rows = torch.nonzero(torch.isin(model_of_exemplar, models)).flatten()
+            if config.exemplar_negatives == "all":
+                ex_rows = all_exemplars
+            else:
+                models = synth_model[rows].unique()
+                ex_rows = torch.nonzero(torch.isin(model_of_exemplar, models)).flatten()
             cand = real(_pick(exemplars, ex_rows, gen))
             positive = synth_model[rows][:, None] == model_of_exemplar[ex_rows][None, :]
             if distractors is not None and config.distractors_per_batch:
