@@ -21,6 +21,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/mypy
 	$(BIN)/pytest
 
 bench: setup

@@ -348,6 +348,12 @@ def train_head(
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     patience: Annotated[int, typer.Option(help="Early stop after N epochs without gain.")] = 5,
     seed: Annotated[int, typer.Option(help="Makes a run repeatable.")] = 0,
+    exemplar_negatives: Annotated[
+        str, typer.Option(help="batch: the batch's other exemplars; all: every one, each step.")
+    ] = "batch",
+    strict_validation: Annotated[
+        bool, typer.Option(help="Validate on the stricter gallery (every exemplar a distractor).")
+    ] = False,
 ) -> None:
     """Train the real and synth attribution heads with NT-Xent (the authors released none)."""
     from genattr.heads.train import TrainConfig
@@ -355,8 +361,19 @@ def train_head(
 
     if head not in ("linear", "mlp", "channel"):
         raise GenattrError(f"--head must be linear, mlp or channel, not {head!r}")
+    if exemplar_negatives not in ("batch", "all"):
+        raise GenattrError(f"--exemplar-negatives must be batch or all, not {exemplar_negatives!r}")
     config = TrainConfig(
-        head, temperature, lr, weight_decay, batch_size, epochs, patience=patience, seed=seed
+        head,
+        temperature,
+        lr,
+        weight_decay,
+        batch_size,
+        epochs,
+        patience=patience,
+        seed=seed,
+        exemplar_negatives=exemplar_negatives,
+        strict_validation=strict_validation,
     )
     result = train_heads_from_stores(
         bench, store_real, store_synth, out, config, distractors, progress=sys.stderr.isatty()
@@ -460,6 +477,7 @@ def attribute(
         for table in attributions_table(answers):
             console.print(table)
     else:
+        assert out is not None  # checked before attributing
         write_attributions(answers, format, out)
         console.print(f"{len(answers)} attribution(s) written to {out}")
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,7 +110,7 @@ def count_scores_above(
     q_block = max(1, min(q, 1024))
     g_block = max(1024, block_elements // q_block)
     scores = torch.empty((q_block, g_block), dtype=torch.float32, device=device)
-    starts = range(0, n, g_block)
+    starts: Iterable[int] = range(0, n, g_block)
     if progress:
         from rich.progress import track
 

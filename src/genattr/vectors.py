@@ -4,11 +4,17 @@ by a head and L2-normalised for cosine similarity."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
 
-FeatureMatrix = torch.Tensor | np.ndarray
+if TYPE_CHECKING:
+    from genattr.store.embedding_store import ShardedVectors
+
+# A (count, dim) matrix: a tensor, a (maybe memory-mapped) array, or a store's sharded vectors.
+# Union[...] because ShardedVectors is imported for type checking only (no import cycle).
+FeatureMatrix = Union[torch.Tensor, np.ndarray, "ShardedVectors"]
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
 

@@ -25,7 +25,9 @@ from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
 WEIGHT_CANDIDATES = (
     "pytorch_custom_diffusion_weights.bin",

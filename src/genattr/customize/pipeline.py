@@ -9,7 +9,9 @@ from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
@@ -72,7 +74,9 @@ def load_base_pipeline(
     base: str | os.PathLike, device: str = "auto", dtype: str = "auto"
 ) -> StableDiffusionPipeline:
     """A Stable Diffusion 1.x pipeline from a Hugging Face id (your cache) or a local folder."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

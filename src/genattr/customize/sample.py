@@ -21,7 +21,9 @@ from genattr.atomic import atomic_path, write_text_atomic
 from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
 GENERATION_FORMAT_VERSION = 1
 INDEX_NAME = "generation.json"

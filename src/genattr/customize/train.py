@@ -30,7 +30,9 @@ from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
     from PIL import Image
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.bin"
@@ -344,11 +346,11 @@ class Customizer:
             for step in range(cfg.max_train_steps):
                 pix, masks, prompts = [], [], []
                 for i in order.take(cfg.train_batch_size):
-                    x, mask, prefix = augment_example(
+                    example, example_mask, prefix = augment_example(
                         images[i], size, latent_size, rng, cfg.hflip, cfg.augment
                     )
-                    pix.append(x)
-                    masks.append(mask)
+                    pix.append(example)
+                    masks.append(example_mask)
                     prompts.append(prefix + prompt)
                 n_inst = len(pix)
                 if reg is not None and reg_order is not None:
@@ -519,10 +521,11 @@ class _Cycler:
     """Indices in shuffled passes, so every exemplar is seen equally often."""
 
     def __init__(self, n: int, rng: np.random.Generator) -> None:
-        self.n, self.rng, self.queue = n, rng, []
+        self.n, self.rng = n, rng
+        self.queue: list[int] = []
 
     def take(self, k: int) -> list[int]:
-        out = []
+        out: list[int] = []
         while len(out) < k:
             if not self.queue:
                 self.queue = list(self.rng.permutation(self.n))

@@ -55,6 +55,7 @@ class ImageSource:
         if self.offsets is None:
             with open(self.files[i], "rb") as f:
                 return f.read()
+        assert self.sizes is not None, "a tar source records both offsets and sizes"
         with open(self.files[i], "rb") as f:
             f.seek(self.offsets[i])
             data = f.read(self.sizes[i])
@@ -203,14 +204,18 @@ def tar_files(spec: str) -> list[str]:
 
 def tar_source(spec: str):
     """Webdataset shards: one item per key holding an image member, in tar order."""
-    ids, paths, files, offsets, sizes = [], [], [], [], []
+    ids: list[str] = []
+    paths: list[str] = []
+    files: list[str] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
     cols: dict[str, list[Any]] = {"tar": [], "member": [], "key": [], "caption": []}
     prefailed: dict[int, str] = {}
     for tar_path in tar_files(spec):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
         try:
             with tarfile.open(tar_path, "r:") as tf:
-                captions = {}
+                captions: dict[str, str] = {}
                 for info in tf:
                     if not info.isfile():
                         continue
@@ -220,7 +225,9 @@ def tar_source(spec: str):
                     key, ext = base.split(".", 1)
                     samples.setdefault(key, {})[ext.lower()] = info
                     if ext.lower() in _CAPTION_EXTS:
-                        data = tf.extractfile(info).read()
+                        member = tf.extractfile(info)
+                        assert member is not None  # a regular file (isfile above) always has data
+                        data = member.read()
                         captions[key] = data.decode("utf-8", errors="replace").strip()
         except tarfile.ReadError as e:
             raise GenattrError(

@@ -9,7 +9,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +17,9 @@ from genattr.errors import GenattrError
 from genattr.features.preprocess import ImagePreprocess
 from genattr.features.registry import Backbone
 from genattr.features.weights import hf_weight_files, resolve_hf_dir, weights_id
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @contextlib.contextmanager
@@ -42,7 +45,7 @@ def load_pretrained(
     backbone: str,
     model_types: tuple[str, ...],
     **kwargs: Any,
-) -> torch.nn.Module:
+) -> PreTrainedModel:
     """`transformers.<class_name>.from_pretrained(directory)` in float32, refusing checkpoints
     of another architecture or with missing weights (which transformers would fill with random
     values, giving plausible-looking but meaningless features)."""

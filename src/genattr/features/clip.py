@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from genattr.errors import GenattrError
 from genattr.features._hf import hf_backbone, load_pretrained
 from genattr.features.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from genattr.features.registry import Backbone, register_backbone
@@ -39,6 +40,9 @@ def _vision_config(directory: Path) -> dict:
         return {}
     full = transformers.CLIPConfig.from_pretrained(directory)
     vision = full.vision_config
+    assert isinstance(vision, transformers.CLIPVisionConfig)  # CLIPConfig builds it from a dict
+    if full.projection_dim is None:
+        raise GenattrError(f"{directory}/config.json: a CLIP checkpoint without projection_dim")
     vision.projection_dim = full.projection_dim
     return {"config": vision}
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -220,7 +221,8 @@ class GramFeatures(nn.Module):
     def __init__(self, net: EfficientNetLite0) -> None:
         super().__init__()
         self.stem = net.stem
-        self.blocks = net.blocks[: max(GRAM_BLOCKS) + 1]
+        # a slice of a Sequential is a Sequential (torch annotates it "Sequential | Module")
+        self.blocks = cast(nn.Sequential, net.blocks[: max(GRAM_BLOCKS) + 1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

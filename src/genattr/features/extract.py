@@ -74,7 +74,11 @@ class ExtractResult:
         return done / self.seconds if self.seconds > 0 else float("nan")
 
 
-class _DecodeDataset:
+# ItemDecoder's answer for one item: (index, decoded array or None, why it failed or None)
+_Decoded = tuple[int, np.ndarray | None, str | None]
+
+
+class _DecodeDataset(torch.utils.data.Dataset[_Decoded]):
     """Items start.. of a source as a torch map-style dataset (runs in DataLoader workers)."""
 
     def __init__(self, decoder: ItemDecoder, start: int):
@@ -83,11 +87,11 @@ class _DecodeDataset:
     def __len__(self) -> int:
         return len(self.decoder.source) - self.start
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> _Decoded:
         return self.decoder(self.start + k)
 
 
-def _collate(items):
+def _collate(items: list[_Decoded]) -> list[_Decoded]:
     return items
 
 
@@ -124,7 +128,7 @@ def _embed_local(job: EmbedJob, writer: ShardWriter, advance: Callable[[int], No
     if threads is None and job.device == "cpu":
         threads = max(1, (os.cpu_count() or 1) - workers)
     model = job.backbone.model.eval().to(job.device)
-    loader = torch.utils.data.DataLoader(
+    loader: torch.utils.data.DataLoader[_Decoded] = torch.utils.data.DataLoader(
         _DecodeDataset(job.decoder, job.start),
         batch_size=job.batch_size,
         shuffle=False,

@@ -104,6 +104,7 @@ def get_backbone(
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at runtime; torch's overload stubs leave it out.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     backbone.model = model
     return backbone

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from genattr.features.weights import weights_id
 SIZE = 32
 DEFAULT_WEIGHTS = Path(__file__).parent / "data" / "world-cnn32.safetensors"
 PREPROCESS = ImagePreprocess(resize=(SIZE, SIZE), interpolation="bicubic", mean=HALF, std=HALF)
-DEFAULT_ARCH = {"widths": [32, 64, 128], "grid": 4}
+DEFAULT_ARCH: dict[str, Any] = {"widths": [32, 64, 128], "grid": 4}
 
 
 class WorldCNN(nn.Module):

@@ -123,9 +123,9 @@ def open_store(out: Path, backbone, source, settings: dict[str, Any], store_dtyp
     if not EmbeddingStore.exists(out):
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
             raise GenattrError(f"{out}: exists and is not an embedding store; choose a new --out")
-        state = {"source": src, **settings, "cursor": 0, "complete": False, "failed": 0}
+        initial = {"source": src, **settings, "cursor": 0, "complete": False, "failed": 0}
         # where the weights came from, so an index over this store can load them again
-        extra = {"extraction": state, "weights_path": backbone.weights_path, **source.extra}
+        extra = {"extraction": initial, "weights_path": backbone.weights_path, **source.extra}
         return EmbeddingStore.create(out, info, backbone.dim, store_dtype, extra=extra)
     store = EmbeddingStore.open(out, backbone=info)
     state = store.extra.get("extraction")

@@ -93,6 +93,7 @@ def head_from_state_dict(
     found = infer_head_kind(state_dict)
     if kind is not None and kind != found:
         raise ValueError(f"weights are a {found} head, not {kind}")
+    head: nn.Module
     if found == "channel":
         head = ChannelHead(state_dict["weights"].shape[-1])
     elif found == "linear":

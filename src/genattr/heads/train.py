@@ -12,6 +12,7 @@ several pre-extracted augmented views, one drawn per step. Validation mAP comes 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from genattr.data.official import TestCaseFeatures
 from genattr.evaluate import evaluate_protocol
 from genattr.heads.checkpoint import MapperPair, write_head_folder
 from genattr.heads.networks import create_head
+from genattr.vectors import FeatureMatrix
 
 
 @dataclass
@@ -103,7 +105,7 @@ def nt_xent_multi_positive(
 def train_heads(
     data: PairedFeatures,
     config: TrainConfig,
-    validation: tuple[torch.Tensor | np.ndarray, TestCaseFeatures] | None = None,
+    validation: tuple[FeatureMatrix, TestCaseFeatures] | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Fit the real and synth heads; `validation` = (distractor gallery, val test case)."""
@@ -133,11 +135,11 @@ def train_heads(
             f"exemplar_negatives must be batch or all, not {config.exemplar_negatives!r}"
         )
 
-    def val_map() -> float:
+    def val_map(gallery: FeatureMatrix, val: TestCaseFeatures) -> float:
         real.eval(), syn.eval()
         res = evaluate_protocol(
-            validation[0],
-            validation[1],
+            gallery,
+            val,
             (10,),
             MapperPair(real, syn, config.head),
             exemplars_as_distractors=config.strict_validation,
@@ -148,10 +150,10 @@ def train_heads(
     result = TrainResult(MapperPair(real, syn, config.head), config)
     best_state, best_score, since_best = None, -np.inf, 0
     if validation is not None:  # the untrained heads are the baseline to beat (epoch -1)
-        best_score = val_map()
+        best_score = val_map(*validation)
         best_state = (_copy_state(real), _copy_state(syn))
         result.history.append({"epoch": -1, "loss": float("nan"), "val_mAP": best_score})
-    epochs = range(config.epochs)
+    epochs: Iterable[int] = range(config.epochs)
     if progress:
         epochs = track(epochs, description="training heads")
     for epoch in epochs:
@@ -185,7 +187,7 @@ def train_heads(
             losses.append(loss.item())
         entry = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else float("nan")}
         if validation is not None:
-            entry["val_mAP"] = val_map()
+            entry["val_mAP"] = val_map(*validation)
             if entry["val_mAP"] > best_score:
                 best_score, since_best, result.best_epoch = entry["val_mAP"], 0, epoch
                 best_state = (_copy_state(real), _copy_state(syn))

@@ -21,8 +21,8 @@ def image_data_uri(path: str, side: int) -> tuple[str, int, int] | None:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
+        with Image.open(path) as src:
+            im = src.convert("RGB")
             w, h = im.size
             buf = io.BytesIO()
             if max(w, h) <= SMALL:

@@ -134,7 +134,7 @@ class _OnDiskAdder:
 
         self.trained, self.dir, self.shard_rows = trained, build_dir, shard_rows
         self.files: list[str] = []
-        self.shard = None
+        self.shard: faiss.Index | None = None
         self.faiss = faiss
 
     def add(self, start: int, block: np.ndarray) -> None:
@@ -208,6 +208,7 @@ def build_index(
         sample = np.sort(rng.choice(n, size=min(n, train_size), replace=False))
         index.train(_mapped_rows(vectors, sample, head))
     if spec.on_disk:
+        assert index is not None  # on-disk kinds are IVF kinds, never flat
         build_dir.mkdir()
         code_size = faiss.extract_index_ivf(index).code_size
         adder = _OnDiskAdder(index, build_dir, shard_rows or _default_shard_rows(budget, code_size))
@@ -302,7 +303,10 @@ class AttributionIndex:
         flags = faiss.IO_FLAG_SKIP_IVF_DATA if on_disk else faiss.IO_FLAG_MMAP
         index = faiss.read_index(str(path / "index.faiss"), flags)
         if on_disk:  # the lists are the file beside index.faiss, wherever it was built
-            lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+            invlists = faiss.extract_index_ivf(index).invlists
+            lists = None if invlists is None else faiss.downcast_InvertedLists(invlists)
+            if not isinstance(lists, faiss.OnDiskInvertedLists):
+                raise GenattrError(f"{path}: index.faiss has no on-disk inverted lists")
             lists.filename, lists.read_only = str(path / IVFDATA), True
             # faiss starts 32 threads per search to prefetch lists: ~1 ms a query here, for
             # lists the page cache already holds (cold multi-GB lists may want them back)
@@ -346,8 +350,8 @@ class AttributionIndex:
         k = min(k, self.count)
         if self.spec.exact:
             scores = torch.from_numpy(queries) @ torch.from_numpy(self.exact_vectors).T
-            sims, ids = scores.topk(k, dim=1)
-            return sims.numpy(), ids.numpy()
+            top_sims, top_ids = scores.topk(k, dim=1)
+            return top_sims.numpy(), top_ids.numpy()
         depth = min(self.count, max(k * self.spec.rerank, k))
         _, cand = self.index.search(queries, depth)
         sims = np.full((len(queries), k), -np.inf, dtype=np.float32)

@@ -164,7 +164,7 @@ class Service:
         from genattr.data.images import ImageDecodeError, load_rgb
 
         lim = self.limits
-        out: list[AttributeResponse | Exception] = []
+        out: dict[int, AttributeResponse | Exception] = {}
         decoded = {}
         for k, up in enumerate(uploads):
             try:
@@ -172,9 +172,7 @@ class Service:
                     up.data, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side
                 )
             except ImageDecodeError as e:
-                out.append(UploadRefused(f"{up.name}: not a usable image: {e}"))
-                continue
-            out.append(None)  # replaced by the answer once the batch is embedded
+                out[k] = UploadRefused(f"{up.name}: not a usable image: {e}")
         if decoded:
             ups = [uploads[k] for k in decoded]
             answers = self.attributor.attribute(
@@ -182,7 +180,12 @@ class Service:
             )
             for (k, image), answer in zip(decoded.items(), answers, strict=True):
                 out[k] = self.response(answer, image.size, uploads[k].top_k)
-        return out
+        return [out[k] for k in range(len(uploads))]
+
+    def _caption(self, id_: str) -> str | None:
+        row = self.gallery.row(id_)
+        assert row is not None  # results come from this index, and the gallery is its metadata
+        return self.gallery.caption(row)
 
     def response(self, a: Attribution, size: tuple[int, int], top_k: int) -> AttributeResponse:
         """The JSON answer: influence in percent, captions and thumbnail URLs added."""
@@ -193,7 +196,7 @@ class Service:
                 rank=r.rank,
                 id=r.id,
                 path=r.path,
-                caption=self.gallery.caption(self.gallery.row(r.id)),
+                caption=self._caption(r.id),
                 similarity=r.similarity,
                 influence=_percent(r.influence),
                 thumbnail="/images/" + quote(r.id, safe=""),
@@ -281,9 +284,11 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        svc = service or Service(
-            index_path, calibrator_path, limits, weights, device, max_batch, max_wait
-        )
+        if service is not None:
+            svc = service
+        else:
+            assert index_path is not None  # create_app refused that case above
+            svc = Service(index_path, calibrator_path, limits, weights, device, max_batch, max_wait)
         app.state.service = svc
         await svc.batcher.start()
         try:

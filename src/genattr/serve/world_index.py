@@ -81,14 +81,14 @@ def build_world_index(
     data = load_data() if data is None else data
     backbone = default_backbone() if backbone is None else backbone
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
-    rows = gallery_rows(data) if rows is None else np.asarray(rows, dtype=int)
+    row_ids = gallery_rows(data) if rows is None else np.asarray(rows, dtype=int)
     mappers = head_dir = None
     if head is not None:
         head_dir = head_folder(head)
         mappers = open_head_for(head_dir, backbone)[0]
     backbone.model.eval()
-    images = [Image.fromarray(data.images[i]) for i in rows]
-    with progress_bar("world index", len(rows), enabled=progress) as advance:
+    images = [Image.fromarray(data.images[i]) for i in row_ids]
+    with progress_bar("world index", len(row_ids), enabled=progress) as advance:
         feats = embed_images(backbone, images, batch_size=batch_size, advance=advance)
     size = data.images.shape[1]
     return build_index(
@@ -96,8 +96,8 @@ def build_world_index(
         out,
         head=mappers,
         head_dir=head_dir,
-        ids=[data.records[i]["source"] for i in rows],
-        paths=[world_path(int(i), size) for i in rows],
+        ids=[data.records[i]["source"] for i in row_ids],
+        paths=[world_path(int(i), size) for i in row_ids],
         provenance={
             "backbone": {
                 "name": backbone.name,
@@ -105,7 +105,7 @@ def build_world_index(
                 "weights_path": backbone.weights_path,
                 "preprocess_config": backbone.preprocess_config,
             },
-            "world": {"size": size, "rows": len(rows), "build": data.info.get("build")},
+            "world": {"size": size, "rows": len(row_ids), "build": data.info.get("build")},
         },
     )
 

@@ -11,7 +11,7 @@ The `.pth` files carry no backbone: the caller names it when importing.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -110,7 +110,7 @@ def testcase_pth_to_store(
         if (model_of < 0).any():
             row = int(np.flatnonzero(model_of < 0)[0])
             raise GenattrError(f"{pth}: exemplar row {row} belongs to no model (exemplar_chunks)")
-        ex_paths = tc.exemplar_paths or [None] * n_ex
+        ex_paths: Sequence[str | None] = tc.exemplar_paths or [None] * n_ex
         store.append(
             tc.exemplar_feats,
             [f"exemplar/{j}" for j in range(n_ex)],
@@ -124,7 +124,7 @@ def testcase_pth_to_store(
         for ptype in tc.prompt_types:
             feats, models = tc.synth_feats[ptype], tc.synth_ids[ptype]
             q = feats.shape[0]
-            paths = tc.synth_paths.get(ptype) or [None] * q
+            paths: Sequence[str | None] = tc.synth_paths.get(ptype) or [None] * q
             store.append(
                 feats,
                 [f"synth/{ptype}/{j}" for j in range(q)],

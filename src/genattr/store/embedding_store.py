@@ -452,7 +452,8 @@ class EmbeddingStore:
         ids = [str(i) for i in ids]
         paths = list(paths) if paths is not None else [None] * n
         cols = {k: list(v) for k, v in (columns or {}).items()}
-        for name, values in [("ids", ids), ("paths", paths), *cols.items()]:
+        lengths: list[tuple[str, Sequence[Any]]] = [("ids", ids), ("paths", paths), *cols.items()]
+        for name, values in lengths:
             if len(values) != n:
                 raise GenattrError(f"{self.path}: {len(values)} {name} for {n} vectors")
         if len(set(ids)) != n:

@@ -48,7 +48,9 @@ def testcase_from_stores(
     """
     check_same_backbone(store_real, store_synth)
     real_rows, synth_rows = _row_lookup(store_real), _row_lookup(store_synth)
-    ex_rows, chunks, missing = [], [], []
+    ex_rows: list[int] = []
+    chunks: list[tuple[int, int]] = []
+    missing: list[str] = []
     ptypes = manifest.prompt_types
     synth: dict[str, tuple[list[int], list[int]]] = {p: ([], []) for p in ptypes}
     for m, model in enumerate(manifest.models):

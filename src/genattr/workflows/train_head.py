@@ -15,6 +15,7 @@ from genattr.heads.checkpoint import MapperPair, load_heads, load_mapper_pth, sa
 from genattr.heads.train import PairedFeatures, TrainConfig, TrainResult, save_heads, train_heads
 from genattr.store import EmbeddingStore, check_same_backbone
 from genattr.store.join import rows_by_path, testcase_from_stores, view_tensor
+from genattr.vectors import FeatureMatrix
 
 MAX_DISTRACTOR_POOL = 200_000
 
@@ -25,7 +26,8 @@ def training_pairs_from_stores(
     """The `models`' exemplars and synthesized images with every stored view, for training."""
 
     real_rows, synth_rows = rows_by_path(store_real), rows_by_path(store_synth)
-    chunks, ex_rows = [], []
+    chunks: list[tuple[int, int]] = []
+    ex_rows: list[list[int]] = []
     for m in sorted(models):
         start, end = tc.exemplar_chunks[m]
         first = len(ex_rows)
@@ -65,7 +67,7 @@ def train_heads_from_stores(
     if not splits["train"]:
         raise GenattrError(f"{bench}: no models with split 'train'")
     pool = None
-    validation = None
+    validation: tuple[FeatureMatrix, TestCaseFeatures] | None = None
     if distractors is not None:
         dstore = EmbeddingStore.open(distractors)
         check_same_backbone(real, dstore)

@@ -34,7 +34,9 @@ from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
 BASE_FORMAT_VERSION = 1
 STATE_NAME = "state.pt"
@@ -182,7 +184,9 @@ def make_pipeline(
     unet: Any, text_encoder: Any, tokenizer: Any, prediction_type: str = "epsilon"
 ) -> StableDiffusionPipeline:
     """The world model as a Stable Diffusion pipeline (identity VAE, no safety checker)."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
     from genattr.world.vae import IdentityVAE
 
@@ -192,8 +196,10 @@ def make_pipeline(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=make_scheduler(prediction_type),
-        safety_checker=None,
-        feature_extractor=None,
+        # diffusers takes None for both (documented; requires_safety_checker=False) but
+        # annotates them as required components
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)

@@ -33,7 +33,7 @@ PARTS = ("pretrain", "exemplars", "synth")
 # Head training settings per head kind, chosen on the val models' mAP with world-cnn features
 # (benchmarks/world_heads.py; BENCHMARKS.md "Session seven"): a full linear map learns most
 # at a small step, a per-channel scale needs a large one.
-HEAD_SETTINGS = {
+HEAD_SETTINGS: dict[str, dict[str, Any]] = {
     "linear": {"temperature": 0.1, "lr": 1e-4},
     "channel": {"temperature": 0.03, "lr": 1e-2},
     "mlp": {"temperature": 0.03, "lr": 1e-3},
@@ -225,7 +225,7 @@ def run_demo(
 # The controls beside every result (genattr.evaluate): a stricter gallery where every held-out
 # exemplar is a distractor for every query, and a score that ignores the query.
 # The last pairs them: what membership in the held-out sets alone would score.
-CONTROLS = {
+CONTROLS: dict[str | None, dict[str, bool]] = {
     "stricter gallery": {"exemplars_as_distractors": True},
     "query-independent": {"query_independent": True},
     "query-independent, stricter gallery": {
@@ -274,14 +274,15 @@ def _evaluate(
         for control in (None, *CONTROLS):
             per_type = {}
             for case, tc in cases.items():
-                strict = CONTROLS.get(control, {}).get("exemplars_as_distractors", False)
-                g = strict_galleries[case] if strict else gallery
+                setting = CONTROLS.get(control, {})
+                strict = setting.get("exemplars_as_distractors", False)
                 res = evaluate_protocol(
-                    g,
+                    strict_galleries[case] if strict else gallery,
                     tc,
                     CURVE_KS,
                     mappers=mappers if which == "head" else None,
-                    **CONTROLS.get(control, {}),
+                    exemplars_as_distractors=strict,
+                    query_independent=setting.get("query_independent", False),
                 )
                 per_type.update({f"{case}: {p}": r for p, r in res.per_type.items()})
             out[(which, control)] = EvaluationResult(CURVE_KS, per_type)

@@ -28,7 +28,9 @@ from genattr.errors import GenattrError
 from genattr.world.base import GUIDANCE
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
 
     from genattr.world.clipart import ClipartData
 

@@ -61,7 +61,13 @@ def make_tokenizer(vocab: dict[str, int], merges: list[str], max_length: int = 3
                 model_max_length=max_length,
             )
     pairs = [tuple(m.split(" ")) for m in merges]
-    return CLIPTokenizer(vocab=vocab, merges=pairs, model_max_length=max_length)
+    # transformers 5 annotates merges as str | list[str], but hands them to tokenizers' BPE,
+    # which takes (left, right) pairs
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=pairs,  # type: ignore[arg-type]
+        model_max_length=max_length,
+    )
 
 
 def build_tokenizer(captions: Iterable[str], max_length: int = 32, min_count: int = 1) -> Any:
