@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from genattr.attribution import attribute, write_attributions
+from genattr.attribution import AttributedImage, Attribution, attribute, write_attributions
 from genattr.calibrate import Calibrator
 from genattr.errors import GenattrError
 from genattr.features import get_backbone
@@ -96,6 +96,22 @@ def test_without_calibrator_and_outputs(world, tmp_path):
     write_attributions(cal_answers, "html", tmp_path / "a.html")
     page = (tmp_path / "a.html").read_text()
     assert page.count("<img") == 1 + 3 and "img_007.png" in page and "Influence outside" in page
+
+
+def test_attribution_page_escapes_every_name(tmp_path):
+    """Query names, gallery paths, ids and notes are text in the page, never markup."""
+    hostile = "<script>alert(1)</script>"
+    answer = Attribution(
+        f"gen{hostile}.png",
+        [AttributedImage(1, f"id{hostile}", f"/no/{hostile}.png", 0.9, 0.4)],
+        0.6,
+        notes=[f"note {hostile}"],
+    )
+    write_attributions([answer], "html", tmp_path / "a.html")
+    page = (tmp_path / "a.html").read_text()
+    assert "<script>" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 3  # query, path, note
+    assert "40.00 %" in page and "60.00 %" in page
 
 
 def test_bad_query_image(world, tmp_path):

@@ -20,7 +20,7 @@ from genattr.calibrate import (
 )
 from genattr.errors import GenattrError
 from genattr.search.exact import topk_exact
-from genattr.world.synthetic import make_synthetic_benchmark
+from tests.synthetic import make_synthetic_benchmark
 
 
 class AuthorsCalibrator(nn.Module):

@@ -13,7 +13,7 @@ from genattr.data.official import save_gallery_pth, save_testcase_pth
 from genattr.evaluate import evaluate_reference
 from genattr.heads.checkpoint import save_mapper_pth, write_head_folder
 from genattr.store import convert
-from genattr.world.synthetic import make_synthetic_benchmark
+from tests.synthetic import make_synthetic_benchmark
 
 runner = CliRunner()
 

@@ -13,7 +13,7 @@ from genattr.heads.train import (
     save_heads,
     train_heads,
 )
-from genattr.world.synthetic import make_synthetic_benchmark
+from tests.synthetic import make_synthetic_benchmark
 
 
 def mean_map(result):

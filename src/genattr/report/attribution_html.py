@@ -4,11 +4,13 @@ images, each thumbnail sized by its influence as in the authors' demo (side ~ sq
 from __future__ import annotations
 
 import base64
-import html
 import io
 import math
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 
 THUMB = 256  # pixels at the display reference share below
 REFERENCE_SHARE = 0.007  # the authors' demo: an image with 0.7 % influence is drawn full size
@@ -45,13 +47,13 @@ def thumbnail_side(influence: float | None) -> int:
     return max(24, min(THUMB, int(1 + (THUMB - 1) * math.sqrt(influence / REFERENCE_SHARE))))
 
 
-def img_tag(path: str, side: int, alt: str) -> str:
+def img_tag(path: str, side: int, alt: str) -> Markup:
     """An <img> of `path` drawn `side` px on its longest side, or a grey '?' box."""
     found = image_data_uri(path, side)
     if found is None:
-        return f"<div class='missing' style='width:{side}px;height:{side}px'>?</div>"
+        return Markup("<div class='missing' style='width:{0}px;height:{0}px'>?</div>").format(side)
     uri, w, h = found
-    return f"<img src='{uri}' width='{w}' height='{h}' alt='{html.escape(alt)}'>"
+    return Markup("<img src='{}' width='{}' height='{}' alt='{}'>").format(uri, w, h, alt)
 
 
 STYLE = (
@@ -66,39 +68,37 @@ STYLE = (
 )
 
 
+TEMPLATES = Environment(
+    loader=PackageLoader("genattr.report", "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    keep_trailing_newline=True,
+)
+
+
 def attribution_section(
     a: Any, true_paths: Collection[str] = (), caption: Callable[[Any], str] | None = None
-) -> str:
-    """One query beside its ranked training images; those in `true_paths` are outlined green."""
-    parts = ["<section class='q'><figure>", img_tag(a.query, 160, "query")]
-    parts.append(f"<figcaption><b>generated</b><br>{html.escape(a.query)}</figcaption></figure>")
-    parts.append("<div><div class='grid'>")
-    for r in a.results:
-        side = thumbnail_side(r.influence)
-        share = "" if r.influence is None else f"{100 * r.influence:.2f} % · "
-        label = caption(r) if caption else html.escape(r.path or r.id)
-        cls = " class='true'" if r.path in true_paths else ""
-        parts.append(
-            f"<figure{cls}>{img_tag(r.path, side, r.id)}<figcaption>#{r.rank} · {share}"
-            f"sim {r.similarity:.3f}<br>{label}</figcaption></figure>"
-        )
-    parts.append("</div>")
-    if a.remaining_influence is not None:
-        parts.append(
-            f"<p>Influence outside these {len(a.results)} images: "
-            f"<b>{100 * a.remaining_influence:.2f} %</b></p>"
-        )
-    for note in a.notes:
-        parts.append(f"<p><i>{html.escape(note)}</i></p>")
-    parts.append("</div></section>")
-    return "\n".join(parts)
+) -> Markup:
+    """One query beside its ranked training images; those in `true_paths` are outlined green.
+    `caption(result)` gives a training image's label as plain text (escaped here)."""
+    rows = [
+        {
+            "rank": r.rank,
+            "influence": r.influence,
+            "similarity": r.similarity,
+            "label": caption(r) if caption else (r.path or r.id),
+            "true": r.path in true_paths,
+            "img": img_tag(r.path, thumbnail_side(r.influence), r.id),
+        }
+        for r in a.results
+    ]
+    html = TEMPLATES.get_template("attribution_section.html.j2").render(
+        a=a, rows=rows, query_img=img_tag(a.query, 160, "query")
+    )
+    return Markup(html)
 
 
 def render_attributions(answers: Sequence) -> str:
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>genattr attribution</title>",
-        STYLE,
-        "<h1>Which training images is each generated image leaning on?</h1>",
-        *(attribution_section(a) for a in answers),
-    ]
-    return "\n".join(parts) + "\n"
+    """The standalone page of `genattr attribute --format html`."""
+    return TEMPLATES.get_template("attributions.html.j2").render(
+        style=Markup(STYLE), sections=[attribution_section(a) for a in answers]
+    )

@@ -152,7 +152,7 @@ def _model_samples(models: Sequence[Any], per_type: int = 4) -> str:
             + "".join(
                 img_tag(p, 64, "sample") for paths in m.synth.values() for p in paths[:per_type]
             )
-            + f"</div><figcaption>{html.escape(m.id)} ({m.mode}"
+            + f"</div><figcaption>{html.escape(m.id)} ({html.escape(m.mode)}"
             + (f", '{html.escape(m.category)}'" if m.category else "")
             + f", {len(m.exemplars)} exemplar(s)): exemplars, then samples of its prompt types"
             "</figcaption></figure>"
@@ -236,12 +236,11 @@ def write_demo_report(
     def describe(r: Any) -> str:
         """The training image's caption (its file is named by its index in the world data)."""
         stem = Path(r.path).stem
-        text = data.records[int(stem)]["caption"] if stem.isdigit() else r.id
-        return html.escape(text)
+        return data.records[int(stem)]["caption"] if stem.isdigit() else r.id
 
     for a, m in zip(answers, queries, strict=True):
         truth = "".join(img_tag(p, 64, "exemplar") for p in m.exemplars[:6])
-        what = m.mode + (f", {html.escape(m.category)}" if m.category else "")
+        what = html.escape(m.mode) + (f", {html.escape(m.category)}" if m.category else "")
         parts.append(
             f"<h3>{html.escape(m.id)} ({what})</h3><div class='row'><figure>"
             f"<div class='grid'>{truth}</div>"
