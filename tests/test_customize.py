@@ -499,4 +499,4 @@ def test_ray_engine_without_ray_is_a_clear_error(tiny, tmp_path, monkeypatch):
     plan = _write_plan(tmp_path, tiny)
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(GenattrError, match=r"genattr\[ray\]"):
-        make_benchmark(plan, tmp_path / "bench", engine="ray", log=lambda s: None)
+        make_benchmark(plan, tmp_path / "bench", engine="ray")

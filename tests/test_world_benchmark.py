@@ -63,7 +63,7 @@ def test_world_benchmark_is_built_packed_and_resumed(tmp_path) -> None:
     work = tmp_path / "work"
     train = {"resolution": 16, "max_train_steps": 1, "train_batch_size": 1}
     sample = {"steps": 1, "images_per_prompt": 2}
-    manifest = build_benchmark(base, work, data, train=train, sample=sample, log=lambda s: None)
+    manifest = build_benchmark(base, work, data, train=train, sample=sample)
 
     assert [m.id for m in manifest.models] == ["object-000", "object-001", "style-000"]
     by_id = {m.id: m for m in manifest.models}
@@ -77,7 +77,7 @@ def test_world_benchmark_is_built_packed_and_resumed(tmp_path) -> None:
 
     states = sorted((work / "bench" / "state").glob("*.json"))
     before = {p: p.stat().st_mtime_ns for p in states}
-    build_benchmark(base, work, data, train=train, sample=sample, log=lambda s: None)
+    build_benchmark(base, work, data, train=train, sample=sample)
     assert {p: p.stat().st_mtime_ns for p in states} == before  # finished models skipped
 
     pack_benchmark(work, tmp_path / "packed", size=16)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -24,11 +25,27 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+class _ConsoleLog(logging.Handler):
+    """The library's `logging` messages (INFO and up) on stderr, as plain lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        err_console.print(self.format(record), highlight=False, soft_wrap=True, markup=False)
+
+
+def _console_logging() -> None:
+    root = logging.getLogger("genattr")
+    if not any(isinstance(h, _ConsoleLog) for h in root.handlers):
+        root.addHandler(_ConsoleLog())
+        root.setLevel(logging.INFO)
+
+
 def _friendly_errors(fn):
-    """GenattrError -> one line on stderr and exit code 2, no traceback."""
+    """GenattrError -> one line on stderr and exit code 2, no traceback; the library's log
+    messages go to the console while the command runs."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        _console_logging()
         try:
             return fn(*args, **kwargs)
         except GenattrError as e:
@@ -100,7 +117,7 @@ def demo(
         "[bold]genattr demo[/]: the miniature clip-art world: extract features, train heads, "
         "calibrate, evaluate on held-out customized models, attribute, report."
     )
-    result = run_demo(out, features or DEMO_BACKBONES, head=head, epochs=epochs, log=_log)
+    result = run_demo(out, features or DEMO_BACKBONES, head=head, epochs=epochs)
     table = Table(title="Test models: mean mAP over prompt types")
     for col in ("feature space", "raw", "with head"):
         table.add_column(col, justify="left" if col == "feature space" else "right")
@@ -172,7 +189,7 @@ def customize(
     )
     captions = read_reg_captions(reg_captions) if reg_captions else None
     path, stats = run_customize(
-        base, exemplars, mode, out, category, cfg, reg_images, captions, device, dtype, log=_log
+        base, exemplars, mode, out, category, cfg, reg_images, captions, device, dtype
     )
     console.print(
         f"trained {stats.steps} steps in {stats.seconds:.1f} s "
@@ -220,7 +237,7 @@ def generate(
         category or info.get("category"), read_captions(captions) if captions else None
     )
     cfg = SampleConfig(scheduler, steps, guidance_scale, eta, seed, images_per_prompt, size, size)
-    _paths, stats = run_generate(model, texts, out, cfg, base, device, dtype, log=_log)
+    _paths, stats = run_generate(model, texts, out, cfg, base, device, dtype)
     console.print(
         f"{stats.images} images in {stats.seconds:.1f} s ({stats.images_per_second:.2f} "
         f"images/s) written to {out}"
@@ -245,9 +262,7 @@ def make_benchmark(
     """Customize and sample every model of a plan; write AbC JSON and a manifest."""
     from genattr.customize.driver import make_benchmark as run_make
 
-    manifest, _results = run_make(
-        plan, out, engine, device, dtype, ray_address, gpus_per_model, log=_log
-    )
+    manifest, _results = run_make(plan, out, engine, device, dtype, ray_address, gpus_per_model)
     counts = {s: len(manifest.split(s).models) for s in ("train", "val", "test")}
     console.print(
         f"benchmark {manifest.name!r}: {len(manifest.models)} models "
@@ -586,7 +601,7 @@ def world_build_data(
     """Render, caption, deduplicate and split Debian's openclipart-png for the world."""
     from genattr.world.clipart import DEFAULT_DATA_DIR, build_data, load_data
 
-    path = build_data(source, out or DEFAULT_DATA_DIR, size, seed, cache, log=_log)
+    path = build_data(source, out or DEFAULT_DATA_DIR, size, seed, cache)
     data = load_data(path, size)
     console.print(f"{len(data.records)} images in {path}: {data.info['counts']}")
 
@@ -620,7 +635,6 @@ def world_build(
         base_steps,
         base_minutes,
         engine=engine,
-        log=_log,
     )
     console.print("world complete" if done else "stopped early: run the same command to go on")
 
@@ -643,7 +657,7 @@ def world_build_benchmark(
     from genattr.world.clipart import DEFAULT_DATA_DIR
 
     _set_threads(threads)
-    path = build_world_benchmark(work, out or DEFAULT_DATA_DIR, base, engine=engine, log=_log)
+    path = build_world_benchmark(work, out or DEFAULT_DATA_DIR, base, engine=engine)
     console.print(f"benchmark packed into {path}")
 
 
@@ -734,7 +748,6 @@ def world_train_base(
         steps,
         checkpoint_seconds=checkpoint_minutes * 60,
         max_seconds=None if max_minutes is None else max_minutes * 60,
-        log=_log,
         changes=changes,
     )
     console.print(

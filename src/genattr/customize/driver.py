@@ -19,11 +19,10 @@ rebuilt, so a killed run loses at most the model in progress.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,8 @@ from genattr.data.benchmark import (
     write_manifest,
 )
 from genattr.errors import GenattrError
+
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT_VERSION = 1
 ENGINES = ("local", "ray")
@@ -90,7 +91,6 @@ def build_model(
     plan: Plan,
     spec: ModelSpec,
     customizer: Any,
-    log: Callable[[str], None],
 ) -> ModelResult:
     """Customize one model, sample its prompt sets, record it as complete (last)."""
     from genattr.customize.sample import generate_images
@@ -98,7 +98,7 @@ def build_model(
     sample = spec.sample or plan.sample
     key = spec.key(plan.base, sample)
     if is_complete(bench, spec, key):
-        log(f"model {spec.id}: complete, skipped")
+        logger.info(f"model {spec.id}: complete, skipped")
         return ModelResult(spec.id, skipped=True)
     _state_path(bench, spec.id).unlink(missing_ok=True)
     for p in _model_paths(bench, spec):
@@ -115,7 +115,9 @@ def build_model(
         shutil.copyfile(src, dst)
         exemplars.append(_rel(bench, dst))
 
-    log(f"model {spec.id} ({spec.mode}{', ' + spec.category if spec.category else ''}): training")
+    logger.info(
+        f"model {spec.id} ({spec.mode}{', ' + spec.category if spec.category else ''}): training"
+    )
     stats = customizer.train(
         spec.exemplars,
         spec.mode,
@@ -158,7 +160,7 @@ def build_model(
     }
     write_text_atomic(_state_path(bench, spec.id), json.dumps(state, indent=1))
     result = ModelResult(spec.id, False, stats.seconds, sample_seconds, n_images)
-    log(
+    logger.info(
         f"model {spec.id}: trained {stats.steps} steps in {stats.seconds:.1f} s "
         f"({stats.steps_per_second:.2f} steps/s), sampled {n_images} images in "
         f"{sample_seconds:.1f} s ({n_images / max(sample_seconds, 1e-9):.2f} images/s), "
@@ -199,7 +201,7 @@ def assemble(bench: Path, plan: Plan) -> BenchmarkManifest:
     return manifest
 
 
-def _local(bench: Path, plan: Plan, device: str, dtype: str, log) -> list[ModelResult]:
+def _local(bench: Path, plan: Plan, device: str, dtype: str) -> list[ModelResult]:
     from genattr.customize.pipeline import load_base_pipeline
     from genattr.customize.train import Customizer
 
@@ -207,11 +209,11 @@ def _local(bench: Path, plan: Plan, device: str, dtype: str, log) -> list[ModelR
     for spec in plan.models:
         if is_complete(bench, spec, spec.key(plan.base, spec.sample or plan.sample)):
             results.append(ModelResult(spec.id, skipped=True))
-            log(f"model {spec.id}: complete, skipped")
+            logger.info(f"model {spec.id}: complete, skipped")
             continue
         if customizer is None:  # load the base model once, and only if there is work
             customizer = Customizer(load_base_pipeline(plan.base, device, dtype))
-        results.append(build_model(bench, plan, spec, customizer, log))
+        results.append(build_model(bench, plan, spec, customizer))
     return results
 
 
@@ -225,13 +227,15 @@ def _ray_task(bench: str, plan_path: str, model_id: str, device: str, dtype: str
     from genattr.customize.pipeline import load_base_pipeline
     from genattr.customize.train import Customizer
 
+    if not logging.getLogger("genattr").handlers:  # a Ray worker: Ray forwards its stderr
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan = read_plan(plan_path)
     spec = next(s for s in plan.models if s.id == model_id)
     cache_key = (plan.base, device, dtype)
     if cache_key not in _WORKER_CACHE:
         _WORKER_CACHE.clear()
         _WORKER_CACHE[cache_key] = Customizer(load_base_pipeline(plan.base, device, dtype))
-    result = build_model(Path(bench), plan, spec, _WORKER_CACHE[cache_key], print)
+    result = build_model(Path(bench), plan, spec, _WORKER_CACHE[cache_key])
     return asdict(result)
 
 
@@ -241,7 +245,6 @@ def _ray(
     plan: Plan,
     device: str,
     dtype: str,
-    log,
     address,
     gpus_per_model: float,
 ) -> list[ModelResult]:
@@ -259,7 +262,7 @@ def _ray(
     for spec in plan.models:
         if is_complete(bench, spec, spec.key(plan.base, spec.sample or plan.sample)):
             results[spec.id] = ModelResult(spec.id, skipped=True)
-            log(f"model {spec.id}: complete, skipped")
+            logger.info(f"model {spec.id}: complete, skipped")
             continue
         ref = task.remote(str(bench), str(plan_path), spec.id, device, dtype)
         pending[ref] = spec.id
@@ -268,7 +271,7 @@ def _ray(
         for ref in done:
             r = ModelResult(**ray.get(ref))
             results[pending.pop(ref)] = r
-            log(f"model {r.id}: done in {r.seconds:.1f} s ({r.images} images)")
+            logger.info(f"model {r.id}: done in {r.seconds:.1f} s ({r.images} images)")
     return [results[s.id] for s in plan.models]
 
 
@@ -280,10 +283,8 @@ def make_benchmark(
     dtype: str | None = None,
     ray_address: str | None = None,
     gpus_per_model: float | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> tuple[BenchmarkManifest, list[ModelResult]]:
     """Build (or finish) the benchmark of a plan in `out`; returns the manifest and timings."""
-    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     if engine not in ENGINES:
         raise GenattrError(f"--engine must be one of {ENGINES}, not {engine!r}")
     plan_path = Path(plan_path)
@@ -295,11 +296,11 @@ def make_benchmark(
     dtype = dtype or plan.dtype
     t0 = time.perf_counter()
     if engine == "local":
-        results = _local(bench, plan, device, dtype, log)
+        results = _local(bench, plan, device, dtype)
     else:
         if gpus_per_model is None:
             gpus_per_model = 0.0 if device == "cpu" else 1.0
-        results = _ray(bench, plan_path, plan, device, dtype, log, ray_address, gpus_per_model)
+        results = _ray(bench, plan_path, plan, device, dtype, ray_address, gpus_per_model)
     manifest = assemble(bench, plan)
     built = [r for r in results if not r.skipped]
     wall = time.perf_counter() - t0
@@ -307,11 +308,11 @@ def make_benchmark(
         per_model = sum(r.seconds for r in built) / len(built)
         images = sum(r.images for r in built)
         sample_s = sum(r.sample_seconds for r in built)
-        log(
+        logger.info(
             f"{len(built)} model(s) built, {len(results) - len(built)} skipped in "
             f"{wall:.1f} s: {per_model:.1f} s per model, "
             f"{images / max(sample_s, 1e-9):.2f} images/s while sampling"
         )
     else:
-        log(f"all {len(results)} model(s) were complete; benchmark files rewritten")
+        logger.info(f"all {len(results)} model(s) were complete; benchmark files rewritten")
     return manifest, results

@@ -10,15 +10,18 @@ prompt are written into each PNG (text chunk `genattr`) and, for the whole folde
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.errors import GenattrError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -97,7 +100,6 @@ def generate_images(
     out_dir: str | os.PathLike,
     config: SampleConfig | None = None,
     record: dict[str, Any] | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> tuple[list[Path], SampleStats]:
     """Sample `images_per_prompt` images for each prompt into `out_dir`; returns their paths."""
     import torch
@@ -150,8 +152,7 @@ def generate_images(
                     os.chmod(tmp, 0o644)
                 entries.append(entry)
                 paths.append(out / name)
-            if log is not None:
-                log(f"  prompt {i + 1}/{len(prompts)}: {prompt}")
+            logger.info("  prompt %d/%d: %s", i + 1, len(prompts), prompt)
     finally:
         pipe.scheduler = original
     stats = SampleStats(len(paths), time.perf_counter() - t0)
@@ -177,7 +178,6 @@ def generate(
     base: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    log: Callable[[str], None] | None = None,
 ) -> tuple[list[Path], SampleStats]:
     """Load the base model, install the Custom Diffusion model (checked), sample the prompts."""
     from genattr.customize.loading import load_custom_diffusion
@@ -194,7 +194,7 @@ def generate(
     pipe = load_base_pipeline(base, device, dtype)
     report = load_custom_diffusion(pipe, model_dir)
     record = {"model": str(model_dir), "base": str(base), "tokens": report.tokens}
-    return generate_images(pipe, prompts, out_dir, cfg, record=record, log=log)
+    return generate_images(pipe, prompts, out_dir, cfg, record=record)
 
 
 def read_model_info(model_dir: str | os.PathLike) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import time
@@ -27,6 +28,8 @@ import numpy as np
 
 from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -273,7 +276,6 @@ class Customizer:
         config: CustomizeConfig | None = None,
         reg_images: Sequence[str | os.PathLike] | None = None,
         reg_captions: Sequence[str] | None = None,
-        log: Callable[[str], None] | None = None,
     ) -> TrainStats:
         """Tune the pipeline toward the exemplars (in place); returns timing and losses."""
         import torch
@@ -402,8 +404,8 @@ class Customizer:
                 scaler.step(opt)
                 scaler.update()
                 losses.append(float(loss.detach()))
-                if log is not None and (step + 1) % max(1, cfg.max_train_steps // 10) == 0:
-                    log(f"  step {step + 1}/{cfg.max_train_steps} loss {losses[-1]:.4f}")
+                if (step + 1) % max(1, cfg.max_train_steps // 10) == 0:
+                    logger.info("  step %d/%d loss %.4f", step + 1, cfg.max_train_steps, losses[-1])
         finally:
             for h in hooks:
                 h.remove()
@@ -571,7 +573,6 @@ def customize(
     reg_captions: Sequence[str] | None = None,
     device: str = "auto",
     dtype: str = "auto",
-    log: Callable[[str], None] | None = None,
 ) -> tuple[Path, TrainStats]:
     """Load the base pipeline, train one Custom Diffusion model, save it to `out`."""
     from genattr.customize.pipeline import load_base_pipeline
@@ -580,6 +581,6 @@ def customize(
     list_images(exemplars)
     pipe = load_base_pipeline(base, device, dtype)
     cz = Customizer(pipe)
-    stats = cz.train(exemplars, mode, category, config, reg_images, reg_captions, log=log)
+    stats = cz.train(exemplars, mode, category, config, reg_images, reg_captions)
     cz.save(out, extra={"base": str(base), "train_seconds": round(stats.seconds, 3)})
     return Path(out), stats

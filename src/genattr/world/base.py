@@ -19,10 +19,11 @@ weighting, ...), never the model's shape; each change is kept with its step in t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ import numpy as np
 
 from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     import torch
@@ -466,13 +469,12 @@ class BaseTrainer:
         checkpoint_every: int | None = None,
         max_seconds: float | None = None,
         grid: bool = True,
-        log: Callable[[str], None] | None = None,
     ) -> TrainReport:
         """Train until `steps` (total, counting resumed ones) or `max_seconds`; checkpoint on
         the interval and at the end."""
         resumed = self.resume()
-        if log and resumed is not None:
-            log(f"resumed from step {resumed}")
+        if resumed is not None:
+            logger.info("resumed from step %d", resumed)
         start_step = self.step
         t0 = last = time.perf_counter()
         written: list[Path] = []
@@ -487,9 +489,10 @@ class BaseTrainer:
             if due and self.step < steps:
                 written.append(self.checkpoint(grid=grid))
                 last = time.perf_counter()
-                if log:
-                    rate = (self.step - start_step) / (last - t0)
-                    log(f"step {self.step} loss {loss:.4f} ({rate:.2f} steps/s) -> {written[-1]}")
+                rate = (self.step - start_step) / (last - t0)
+                logger.info(
+                    "step %d loss %.4f (%.2f steps/s) -> %s", self.step, loss, rate, written[-1]
+                )
         seconds = time.perf_counter() - t0
         if not written or written[-1].name != f"step-{self.step:07d}":
             written.append(self.checkpoint(grid=grid))
@@ -600,7 +603,6 @@ def train_base(
     config: BaseConfig | None = None,
     checkpoint_seconds: float = 300.0,
     max_seconds: float | None = None,
-    log: Callable[[str], None] | None = None,
     changes: dict[str, Any] | None = None,
 ) -> TrainReport:
     """Train (or resume) the world's base model on the pretrain split; then write the EMA
@@ -610,7 +612,7 @@ def train_base(
     data = load_data(data_dir or DEFAULT_DATA_DIR, size=(config or BaseConfig()).size)
     idx = data.indices("pretrain")
     trainer = BaseTrainer(out, data.images[idx], data.captions(idx), config, changes=changes)
-    report = trainer.train(steps, checkpoint_seconds, max_seconds=max_seconds, log=log)
+    report = trainer.train(steps, checkpoint_seconds, max_seconds=max_seconds)
     trainer.save_pipeline(Path(out) / "pipeline")
     return report
 

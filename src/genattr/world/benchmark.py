@@ -11,8 +11,8 @@ genattr manifest, so the demo reads it through the same code as any benchmark on
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, read_mani
 from genattr.errors import GenattrError
 from genattr.world.base import GUIDANCE
 from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data, read_packed
+
+logger = logging.getLogger(__name__)
 
 BENCH_FORMAT_VERSION = 1
 BENCH_IMAGES = "world_bench{size}.npz"
@@ -138,14 +140,13 @@ def build_benchmark(
     models: list[str] | None = None,
     train: dict[str, Any] | None = None,
     sample: dict[str, Any] | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> BenchmarkManifest:
     """Customize and sample every held-out set (resumable: finished models are skipped)."""
     from genattr.customize.driver import make_benchmark
 
     data = data or load_data()
     plan = write_plan(data, base, work, train, sample, models)
-    manifest, _ = make_benchmark(plan, Path(work) / "bench", engine=engine, log=log)
+    manifest, _ = make_benchmark(plan, Path(work) / "bench", engine=engine)
     return manifest
 
 

@@ -10,13 +10,15 @@ after the base model's weights, so re-training the base never reuses stale sampl
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from genattr.world.base import BaseConfig, base_model_dir, export_base, train_base
 from genattr.world.benchmark import build_benchmark, pack_benchmark
 from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, build_data, load_data
+
+logger = logging.getLogger(__name__)
 
 
 def weights_digest(folder: str | os.PathLike) -> str:
@@ -36,33 +38,31 @@ def build_world(
     base_minutes: float | None = None,
     config: BaseConfig | None = None,
     engine: str = "local",
-    log: Callable[[str], None] = print,
 ) -> bool:
     """Run (or resume) every stage; False when the base model stopped before `base_steps`
     (rerun to go on), True when the benchmark is packed into `out`."""
     work, out = Path(work), Path(out)
     size = (config or BaseConfig()).size
-    log("stage 1/4: data")
-    build_data(source, out, size=size, cache_dir=work / "render-cache", log=log)
+    logger.info("stage 1/4: data")
+    build_data(source, out, size=size, cache_dir=work / "render-cache")
     data = load_data(out, size)
 
-    log("stage 2/4: base model")
+    logger.info("stage 2/4: base model")
     report = train_base(
         work / "base",
         out,
         base_steps,
         config,
         max_seconds=None if base_minutes is None else base_minutes * 60,
-        log=log,
     )
     if report.step < base_steps:
-        log(f"base model at step {report.step} of {base_steps}; run again to continue")
+        logger.info(f"base model at step {report.step} of {base_steps}; run again to continue")
         return False
     base = export_base(work / "base", out / base_model_dir(size).name, out)
 
-    log("stage 3/4: benchmark (one Custom Diffusion model per exemplar set)")
-    build_world_benchmark(work, out, base, data, engine, log)
-    log(f"world written to {out}")
+    logger.info("stage 3/4: benchmark (one Custom Diffusion model per exemplar set)")
+    build_world_benchmark(work, out, base, data, engine)
+    logger.info(f"world written to {out}")
     return True
 
 
@@ -72,7 +72,6 @@ def build_world_benchmark(
     base: str | os.PathLike | None = None,
     data: ClipartData | None = None,
     engine: str = "local",
-    log: Callable[[str], None] = print,
 ) -> Path:
     """Customize and sample every held-out set of `data` on `base` (default: the base model
     shipped in `out`), resumably in `work/benchmark-<base digest>`, then pack it into `out`."""
@@ -80,6 +79,6 @@ def build_world_benchmark(
     data = data or load_data(out)
     base = Path(base) if base is not None else out / base_model_dir(data.images.shape[1]).name
     bench_work = Path(work) / f"benchmark-{weights_digest(base)}"
-    build_benchmark(base, bench_work, data, engine=engine, log=log)
-    log("packing")
+    build_benchmark(base, bench_work, data, engine=engine)
+    logger.info("packing")
     return pack_benchmark(bench_work, out, data.images.shape[1])

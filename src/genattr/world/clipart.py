@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 from collections import Counter, defaultdict
@@ -30,6 +31,8 @@ import numpy as np
 
 from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
+
+logger = logging.getLogger(__name__)
 
 DATA_FORMAT_VERSION = 1
 PACKAGE_ROOT = Path("usr/share/openclipart/png")
@@ -327,7 +330,7 @@ def find_package_root(source: str | os.PathLike) -> Path:
 
 
 def render_package(
-    root: Path, size: int, log: Callable[[str], None] | None = None
+    root: Path, size: int
 ) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, Any]]:
     """Every distinct image of the package rendered at `size`, with its name-derived record."""
     files = sorted(p for p in root.rglob("*.png") if p.is_file())
@@ -364,8 +367,8 @@ def render_package(
                 "folder": "/".join(parts.categories),
             }
         )
-        if log and (n + 1) % 1000 == 0:
-            log(f"  {n + 1}/{len(files)} files")
+        if (n + 1) % 1000 == 0:
+            logger.info("  %d/%d files", n + 1, len(files))
     stats["skipped"] = skipped
     return np.stack(images), records, stats
 
@@ -376,7 +379,6 @@ def build_data(
     size: int = 32,
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
-    log: Callable[[str], None] | None = None,
 ) -> Path:
     """Render, caption, deduplicate and split the package into `out` (npz + json). Cached: the
     renderings are kept in `cache_dir` (if given) keyed by the package listing and size, so a
@@ -395,8 +397,7 @@ def build_data(
     if meta_path.is_file() and (out / IMAGES_NAME.format(size=size)).is_file():
         old = json.loads(meta_path.read_text())
         if old.get("build") == key and old.get("format_version") == DATA_FORMAT_VERSION:
-            if log:
-                log(f"{meta_path}: up to date")
+            logger.info("%s: up to date", meta_path)
             return out
     cached = None
     if cache_dir is not None:
@@ -406,7 +407,7 @@ def build_data(
             images = z["images"]
         records, stats = json.loads((cached / "render.json").read_text())
     else:
-        images, records, stats = render_package(root, size, log)
+        images, records, stats = render_package(root, size)
         if cached is not None:
             cached.mkdir(parents=True, exist_ok=True)
             with atomic_path(cached / "images.npy.npz") as tmp, open(tmp, "wb") as f:
@@ -437,8 +438,7 @@ def build_data(
     with atomic_path(meta_path) as tmp:
         tmp.write_text(json.dumps({**info, "records": records}, separators=(",", ":")))
         os.chmod(tmp, 0o644)
-    if log:
-        log(f"{len(records)} images written to {out} ({info['counts']})")
+    logger.info("%d images written to %s (%s)", len(records), out, info["counts"])
     return out
 
 

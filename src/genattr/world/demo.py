@@ -11,9 +11,10 @@ models, attribute a few test queries, sample the base model, and write `report.h
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import numpy as np
 
 from genattr.data.benchmark import write_manifest
 from genattr.evaluate import EvaluationResult
+
+logger = logging.getLogger(__name__)
 
 # Raw pixels (no learning) and the world's own learned feature space. `--features
 # efficientnet-lite0-96` (ImageNet) and `efficientnet-lite0-gram` (a style descriptor) add
@@ -79,12 +82,6 @@ class DemoResult:
     seconds: dict[str, float]
 
 
-def _log_default(msg: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(msg)
-
-
 def run_demo(
     out: str | os.PathLike = "demo-out",
     backbones: Sequence[str] = DEMO_BACKBONES,
@@ -92,7 +89,6 @@ def run_demo(
     epochs: int = 30,
     n_queries: int = 6,
     progress: bool = True,
-    log: Callable[[str], None] | None = None,
 ) -> DemoResult:
     """Run every stage into `out` (reusing finished stores) and write `out/report.html`.
 
@@ -111,7 +107,6 @@ def run_demo(
 
     if head not in HEADS:
         raise GenattrError(f"unknown head {head!r}; choose from {sorted(HEADS)}")
-    log = log or _log_default
     out = Path(out).resolve()
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -123,7 +118,7 @@ def run_demo(
     write_manifest(manifest, manifest_path)
     test = manifest.split("test")
     seconds["unpack"] = time.perf_counter() - t0
-    log(
+    logger.info(
         f"world: {len(data.indices('pretrain'))} training images, {len(manifest.models)} "
         f"customized models ({len(test.models)} for testing), {len(bench.images)} samples"
     )
@@ -134,12 +129,12 @@ def run_demo(
         stores = {p: out / "stores" / name / p for p in PARTS}
         t0 = time.perf_counter()
         for part in PARTS:
-            log(f"{name}: extracting {part}")
+            logger.info(f"{name}: extracting {part}")
             extract(name, dirs[part], stores[part], workers=0, progress=progress)
         t["extract"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        log(f"{name}: training a {head} head on the train models")
+        logger.info(f"{name}: training a {head} head on the train models")
         head_dir = out / "heads" / name
         trained = train_heads_from_stores(
             manifest_path,
@@ -153,7 +148,7 @@ def run_demo(
         t["train head"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        log(f"{name}: calibrating on the val models")
+        logger.info(f"{name}: calibrating on the val models")
         cal_path = out / "calibrators" / f"{name}.json"
         cal_path.parent.mkdir(parents=True, exist_ok=True)
         cal = calibrate_from_stores(
@@ -167,7 +162,7 @@ def run_demo(
         t["calibrate"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        log(f"{name}: evaluating on the test models")
+        logger.info(f"{name}: evaluating on the test models")
         raw, mapped, controls = _evaluate(name, stores, test, head_dir, out / "results")
         t["evaluate"] = time.perf_counter() - t0
         plot = cal_path.with_suffix(".reliability.png")
@@ -183,7 +178,7 @@ def run_demo(
             head,
             controls,
         )
-        log(
+        logger.info(
             f"{name}: test mAP raw {outcomes[name].mean_map('raw'):.3f}, "
             f"with head {outcomes[name].mean_map('head'):.3f}"
         )
@@ -191,12 +186,12 @@ def run_demo(
 
     best = max(outcomes, key=lambda n: outcomes[n].mean_map("head"))
     t0 = time.perf_counter()
-    log(f"attributing {n_queries} test queries with {best} + head")
+    logger.info(f"attributing {n_queries} test queries with {best} + head")
     answers, queries = _attribute_examples(out, best, test, n_queries)
     seconds["attribute"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    log("sampling the base model")
+    logger.info("sampling the base model")
     base_grid = _base_model_grid(data, out / "figures" / "base_samples.png")
     seconds["base samples"] = time.perf_counter() - t0
 
