@@ -124,3 +124,38 @@ def test_split_by_model_is_stable_and_proportional():
     for s, f in fractions.items():
         assert abs(share[s] - f) < 0.03, share
     assert {assign_split(f"m{i}", {"test": 1.0}) for i in range(50)} == {"test"}
+
+
+@pytest.mark.parametrize(
+    ("section", "options", "says"),
+    [
+        ("train", {"max_train_steps": "lots"}, "max_train_steps: input should be a valid integer"),
+        ("train", {"max_train_steps": -3}, "max_train_steps: input should be greater than"),
+        ("train", {"learning_rate": 0}, "learning_rate: input should be greater than 0"),
+        ("train", {"warmup": 5}, "unknown training option(s) ['warmup']"),
+        ("sample", {"steps": 0}, "steps: input should be greater than or equal to 1"),
+        ("sample", {"images_per_prompt": "two"}, "images_per_prompt: input should be a valid"),
+    ],
+)
+def test_plan_options_are_typed_when_the_plan_is_read(tmp_path, section, options, says):
+    """A wrong type or value in `train:` / `sample:` stops read_plan, naming the option,
+    before any model would load; right ones (numbers as strings too) pass."""
+    from PIL import Image
+
+    from genattr.customize.plan import read_plan
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    plan = {
+        "name": "p",
+        "base": "some/model",
+        "prompt_sets": {"object": ["media"]},
+        "models": [{"id": "m0", "mode": "object", "category": "dog", "exemplars": ["a.png"]}],
+    }
+    (tmp_path / "bad.json").write_text(json.dumps({**plan, section: options}))
+    with pytest.raises(GenattrError) as err:
+        read_plan(tmp_path / "bad.json")
+    assert says in str(err.value)
+    good = {"train": {"max_train_steps": "80"}, "sample": {"steps": 3}}
+    (tmp_path / "good.json").write_text(json.dumps({**plan, **good}))
+    read = read_plan(tmp_path / "good.json")
+    assert read.models[0].train.max_train_steps == 80 and read.sample.steps == 3

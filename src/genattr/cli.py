@@ -173,19 +173,21 @@ def customize(
     ),
 ) -> None:
     """Custom Diffusion: tune <new1> and cross-attention keys/values toward exemplars."""
-    from genattr.customize.train import CustomizeConfig, read_reg_captions
+    from genattr.customize.train import config_from_dict, read_reg_captions
     from genattr.customize.train import customize as run_customize
 
-    cfg = CustomizeConfig(
-        initializer_token=initializer_token,
-        learning_rate=lr,
-        scale_lr=scale_lr,
-        train_batch_size=batch_size,
-        max_train_steps=steps,
-        resolution=resolution,
-        hflip=hflip,
-        augment=augment,
-        seed=seed,
+    cfg = config_from_dict(  # checked as a plan's `train:` is, before the model loads
+        {
+            "initializer_token": initializer_token,
+            "learning_rate": lr,
+            "scale_lr": scale_lr,
+            "train_batch_size": batch_size,
+            "max_train_steps": steps,
+            "resolution": resolution,
+            "hflip": hflip,
+            "augment": augment,
+            "seed": seed,
+        }
     )
     captions = read_reg_captions(reg_captions) if reg_captions else None
     path, stats = run_customize(
@@ -228,15 +230,26 @@ def generate(
 ) -> None:
     """Sample a customized model on a prompt set (seeds and settings recorded per image)."""
     from genattr.customize.prompts import load_prompt_set, read_captions
-    from genattr.customize.sample import SampleConfig, read_model_info
     from genattr.customize.sample import generate as run_generate
+    from genattr.customize.sample import read_model_info, sample_config_from_dict
 
     info = read_model_info(model)
     pset = load_prompt_set(prompts)
     texts = pset.render(
         category or info.get("category"), read_captions(captions) if captions else None
     )
-    cfg = SampleConfig(scheduler, steps, guidance_scale, eta, seed, images_per_prompt, size, size)
+    cfg = sample_config_from_dict(
+        {
+            "scheduler": scheduler,
+            "steps": steps,
+            "guidance_scale": guidance_scale,
+            "eta": eta,
+            "seed": seed,
+            "images_per_prompt": images_per_prompt,
+            "height": size,
+            "width": size,
+        }
+    )
     _paths, stats = run_generate(model, texts, out, cfg, base, device, dtype)
     console.print(
         f"{stats.images} images in {stats.seconds:.1f} s ({stats.images_per_second:.2f} "

@@ -16,10 +16,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+from pydantic import Field
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.errors import GenattrError
+from genattr.options import options_from_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +49,13 @@ class SampleConfig:
     eta 1); `images_per_prompt` 4 as the authors."""
 
     scheduler: str = "ddim"
-    steps: int = 100
-    guidance_scale: float = 6.0
-    eta: float = 1.0
+    steps: Annotated[int, Field(ge=1)] = 100
+    guidance_scale: Annotated[float, Field(ge=0)] = 6.0
+    eta: Annotated[float, Field(ge=0, le=1)] = 1.0
     seed: int = 0
-    images_per_prompt: int = 4
-    height: int | None = None
-    width: int | None = None
+    images_per_prompt: Annotated[int, Field(ge=1)] = 4
+    height: Annotated[int, Field(ge=8)] | None = None
+    width: Annotated[int, Field(ge=8)] | None = None
 
     def check(self) -> None:
         if self.scheduler not in SCHEDULERS and self.scheduler != "default":
@@ -65,11 +68,8 @@ class SampleConfig:
 
 
 def sample_config_from_dict(values: dict[str, Any] | None) -> SampleConfig:
-    known = set(SampleConfig.__dataclass_fields__)
-    unknown = sorted(set(values or {}) - known)
-    if unknown:
-        raise GenattrError(f"unknown sampling option(s) {unknown}; known: {sorted(known)}")
-    cfg = SampleConfig(**(values or {}))
+    """A config from a plan's `sample:` mapping; unknown keys and ill-typed values are errors."""
+    cfg = options_from_mapping(SampleConfig, values, "sampling")
     cfg.check()
     return cfg
 

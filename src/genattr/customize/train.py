@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+from pydantic import Field
 
 from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
+from genattr.options import options_from_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -52,19 +54,19 @@ class CustomizeConfig:
 
     modifier_token: str = "<new1>"
     initializer_token: str = "ktn"  # a rare CLIP token, Custom Diffusion's default
-    learning_rate: float = 1e-5
+    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
     scale_lr: bool = True  # lr x batch size (x2 with regularisation), as `--scale_lr`
-    train_batch_size: int = 2
-    max_train_steps: int = 250
-    resolution: int = 512
+    train_batch_size: Annotated[int, Field(ge=1)] = 2
+    max_train_steps: Annotated[int, Field(ge=1)] = 250
+    resolution: Annotated[int, Field(ge=8)] = 512
     hflip: bool = True
     augment: bool = True  # random rescale with a loss mask and "far away"/"close up" prompts
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: Annotated[float, Field(ge=0)] = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_weight_decay: float = 1e-2
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     seed: int = 42
     gradient_checkpointing: bool = False  # less GPU memory for about 30% more time
 
@@ -75,13 +77,8 @@ class CustomizeConfig:
 
 
 def config_from_dict(values: dict[str, Any] | None) -> CustomizeConfig:
-    """A config from a plan's `train:` mapping; unknown keys are an error, not ignored."""
-    known = set(CustomizeConfig.__dataclass_fields__)
-    values = values or {}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise GenattrError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
-    return CustomizeConfig(**values)
+    """A config from a plan's `train:` mapping; unknown keys and ill-typed values are errors."""
+    return options_from_mapping(CustomizeConfig, values, "training")
 
 
 def training_prompt(mode: str, category: str | None, token: str = "<new1>") -> str:
