@@ -33,6 +33,7 @@ from genattr.heads.checkpoint import MapperPair
 from genattr.vectors import FeatureMatrix, Transform, embed, read_block
 
 RESULTS_FORMAT_VERSION = 1
+MAX_GALLERY_BLOCK = 65_536  # gallery rows read at once, whatever the number of queries
 DEFAULT_KS = (5, 10, 100)
 # Pads the per-query threshold rows; above any cosine similarity (<= 1 up to rounding).
 _PAD = 4.0
@@ -85,7 +86,7 @@ def count_scores_above(
     n_valid: np.ndarray,
     *,
     gallery_transform: Transform | None = None,
-    block_elements: int = 1 << 24,
+    block_elements: int | None = None,
     method: str = "auto",
     progress: bool = False,
     gallery_name: str = "gallery",
@@ -108,7 +109,12 @@ def count_scores_above(
     n, q = len(gallery), len(queries)
     counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
     q_block = max(1, min(q, 1024))
-    g_block = max(1024, block_elements // q_block)
+    if block_elements is None:
+        # On a CPU, tiles of 2M scores (8 MB) stay in the cache between the GEMM that writes
+        # them and the counting kernel that reads them: 1.1-1.3x the bare GEMM at 1M x 512
+        # against 1.4x with 16M-score tiles (benchmarks/eval_speed.py). GPUs want big tiles.
+        block_elements = 1 << 21 if method == "kernel" else 1 << 24
+    g_block = min(MAX_GALLERY_BLOCK, max(1024, block_elements // q_block))
     scores = torch.empty((q_block, g_block), dtype=torch.float32, device=device)
     starts: Iterable[int] = range(0, n, g_block)
     if progress:
@@ -118,10 +124,18 @@ def count_scores_above(
     with torch.no_grad():
         for g0 in starts:
             block = read_block(gallery, g0, g0 + g_block, device)
-            if not torch.isfinite(block).all():
-                row = (~torch.isfinite(block)).any(1).nonzero()[0].item() + g0
-                raise GenattrError(f"{gallery_name}: row {row} has NaN or Inf values")
-            block = embed(block, gallery_transform)
+            # one pass gives both the finiteness check (a NaN or Inf makes its row's norm
+            # NaN or Inf) and, without a head, the normalisation
+            norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+            if not torch.isfinite(norms).all():  # or a norm overflowed: look at the values
+                bad = (~torch.isfinite(block)).any(1).nonzero()
+                if len(bad):
+                    row = bad[0].item() + g0
+                    raise GenattrError(f"{gallery_name}: row {row} has NaN or Inf values")
+            if gallery_transform is None:
+                block = block / norms.clamp_min(1e-12)  # = F.normalize, without a second pass
+            else:
+                block = embed(block, gallery_transform)
             for q0 in range(0, q, q_block):
                 q1 = min(q, q0 + q_block)
                 out = scores[: q1 - q0, : len(block)]
@@ -222,7 +236,7 @@ def evaluate_protocol(
     mappers: MapperPair | None = None,
     *,
     device: str | torch.device = "cpu",
-    block_elements: int = 1 << 24,
+    block_elements: int | None = None,
     method: str = "auto",
     progress: bool = False,
     names: tuple[str, str, str] = ("gallery", "test case", "mapper"),
