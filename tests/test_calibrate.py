@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -159,6 +160,35 @@ def test_load_calibrator_errors(tmp_path):
     torch.save({"weight": torch.ones(3)}, tmp_path / "y.pth")
     with pytest.raises(GenattrError, match="inv_tau and bias"):
         load_calibrator(tmp_path / "y.pth")
+    torch.save({"inv_tau": float("nan"), "bias": 1.0}, tmp_path / "nan.pth")
+    with pytest.raises(GenattrError, match="finite"):
+        load_calibrator(tmp_path / "nan.pth")
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        ({"inv_tau": "60"}, "inv_tau: Input should be a valid number"),
+        ({"inv_tau": -2.0}, "inv_tau: Input should be greater than 0"),
+        ({"bias": None}, "bias: Input should be a valid number"),
+        ({"kind": "genattr.head"}, "kind: Input should be 'genattr.calibrator'"),
+        ({"format_version": 2}, "format_version: Input should be 1"),
+    ],
+)
+def test_calibrator_json_is_checked_when_read(tmp_path, change, says):
+    """A calibrator.json with a wrong or non-finite value is refused, naming the field;
+    an infinite value (written by Python as Infinity) too."""
+    save_calibrator(Calibrator(60.0, -50.0), tmp_path / "c.json")
+    doc = json.loads((tmp_path / "c.json").read_text())
+    (tmp_path / "bad.json").write_text(json.dumps({**doc, **change}))
+    with pytest.raises(GenattrError, match=re.escape(says)):
+        load_calibrator(tmp_path / "bad.json")
+    (tmp_path / "inf.json").write_text(json.dumps({**doc, "bias": float("inf")}))
+    with pytest.raises(GenattrError, match="finite"):
+        load_calibrator(tmp_path / "inf.json")
+    (tmp_path / "broken.json").write_text("{inv_tau")
+    with pytest.raises(GenattrError, match="Invalid JSON"):
+        load_calibrator(tmp_path / "broken.json")
 
 
 def test_topk_exact_matches_full_sort():

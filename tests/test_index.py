@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -89,3 +90,23 @@ def test_index_with_head(tmp_path):
 def test_not_an_index(tmp_path):
     with pytest.raises(GenattrError, match="not a genattr index"):
         AttributionIndex.load(tmp_path)
+
+
+def test_a_damaged_index_is_refused_in_one_line(tmp_path):
+    """index.json of the wrong shape, or an index without its vectors: a GenattrError that
+    says what is wrong, not a traceback."""
+    build_index(clustered(50, 8), tmp_path / "ok")
+    good = json.loads((tmp_path / "ok" / "index.json").read_text())
+    cases = {
+        "list": ([good], "Input should be a valid dictionary"),
+        "count": ({**good, "count": "many"}, "count: Input should be a valid integer"),
+        "spec": ({**good, "index": "flat"}, "index: Input should be a valid dictionary"),
+    }
+    for name, (doc, says) in cases.items():
+        shutil.copytree(tmp_path / "ok", tmp_path / name)
+        (tmp_path / name / "index.json").write_text(json.dumps(doc))
+        with pytest.raises(GenattrError, match=says):
+            AttributionIndex.load(tmp_path / name)
+    (tmp_path / "ok" / "vectors.npy").unlink()
+    with pytest.raises(GenattrError, match=r"vectors\.npy is missing"):
+        AttributionIndex.load(tmp_path / "ok")

@@ -15,9 +15,11 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.data.official import TestCaseFeatures
@@ -28,6 +30,21 @@ from genattr.vectors import FeatureMatrix, embed
 
 CALIBRATOR_FORMAT_VERSION = 1
 BIAS_GAIN = 1e-3
+
+
+class CalibratorHeader(BaseModel):
+    """calibrator.json as read: every number finite, the temperature positive."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+    kind: Literal["genattr.calibrator"]
+    format_version: Literal[1]
+    inv_tau: Annotated[float, Field(gt=0)]
+    bias: float
+    bias_gain: float = BIAS_GAIN
+    fit_report: dict[str, Any] = {}
+
+
 SOFTPLUS_BETA = 100.0
 
 
@@ -175,20 +192,29 @@ def load_calibrator(path: str | os.PathLike) -> Calibrator:
     with open(path, "rb") as f:
         head = f.read(1)
     if head == b"{":
-        with open(path) as f:
-            doc = json.load(f)
-        if doc.get("kind") != "genattr.calibrator" or doc.get("format_version") != 1:
-            raise GenattrError(f"{path}: not a genattr calibrator (format_version 1)")
-        return Calibrator(
-            doc["inv_tau"], doc["bias"], doc.get("bias_gain", BIAS_GAIN), doc.get("fit_report", {})
-        )
+        with open(path, "rb") as f:
+            text = f.read()
+        try:
+            doc = CalibratorHeader.model_validate_json(text)
+        except ValidationError as e:
+            raise GenattrError(f"{path}: not a genattr calibrator ({_first_error(e)})") from None
+        return Calibrator(doc.inv_tau, doc.bias, doc.bias_gain, doc.fit_report)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise GenattrError(f"{path}: cannot read as a calibrator ({type(e).__name__})") from None
     if not isinstance(state, dict) or not {"inv_tau", "bias"} <= set(state):
         raise GenattrError(f"{path}: not a calibrator checkpoint (expected inv_tau and bias)")
-    return Calibrator(float(state["inv_tau"]), float(state["bias"]))
+    inv_tau, bias = float(state["inv_tau"]), float(state["bias"])
+    if not (math.isfinite(inv_tau) and math.isfinite(bias) and inv_tau > 0):
+        raise GenattrError(f"{path}: inv_tau must be positive and both numbers finite")
+    return Calibrator(inv_tau, bias)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(part) for part in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]
 
 
 def calibration_set(

@@ -32,9 +32,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.errors import GenattrError
@@ -42,6 +44,25 @@ from genattr.heads.checkpoint import MapperPair
 from genattr.vectors import FeatureMatrix, embed, read_block
 
 INDEX_FORMAT_VERSION = 1
+
+
+class IndexSpecHeader(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    kind: str
+
+
+class IndexHeader(BaseModel):
+    """index.json as read: the fields `load` relies on, with their types."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["genattr.index"]
+    format_version: Literal[1]
+    index: IndexSpecHeader
+    count: Annotated[int, Field(ge=0)]
+
+
 KINDS = ("auto", "flat", "ivf", "ivfpq", "ivf-ondisk", "ivfpq-ondisk")
 FLAT_MAX = 1_000_000
 BLOCK_ROWS = 65536
@@ -288,11 +309,17 @@ class AttributionIndex:
                     f"{path}: an unfinished index build (no index.json); build it again"
                 ) from None
             raise GenattrError(f"{path}: not a genattr index (no readable index.json)") from None
-        if (
-            meta.get("kind") != "genattr.index"
-            or meta.get("format_version") != INDEX_FORMAT_VERSION
-        ):
-            raise GenattrError(f"{path}/index.json: not a genattr index (format_version 1)")
+        try:
+            IndexHeader.model_validate(meta)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(part) for part in err["loc"])
+            raise GenattrError(
+                f"{path}/index.json: not a genattr index ({where + ': ' if where else ''}"
+                f"{err['msg']})"
+            ) from None
+        if not (path / "vectors.npy").is_file():
+            raise GenattrError(f"{path}: vectors.npy is missing; build the index again")
         if meta["index"]["kind"] == "flat":
             return cls(path, meta, None, np.load(path / "vectors.npy"))
         import faiss
