@@ -154,3 +154,24 @@ def test_head_import_export_cli(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back.synth(x), pair.synth(x))
         torch.testing.assert_close(heads.real(x), pair.real(x))
+
+
+def test_a_damaged_head_folder_is_refused_in_one_line(tmp_path):
+    """A truncated head.safetensors, a head.json that is a list or of another kind: a
+    GenattrError naming the folder, not a traceback."""
+    from genattr.errors import GenattrError
+    from genattr.heads.checkpoint import write_head_folder
+    from tests.conftest import random_mappers
+
+    write_head_folder(random_mappers("linear", 8, 0), tmp_path / "h", backbone="x")
+    pair, _ = load_heads(tmp_path / "h")
+    assert pair.kind == "linear" and pair.in_dim == 8
+    weights = (tmp_path / "h" / "head.safetensors").read_bytes()
+    (tmp_path / "h" / "head.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(GenattrError, match="not a genattr head directory"):
+        load_heads(tmp_path / "h")
+    (tmp_path / "h" / "head.safetensors").write_bytes(weights)
+    for doc in ([1, 2], {"kind": "genattr.index", "format_version": 1}):
+        (tmp_path / "h" / "head.json").write_text(json.dumps(doc))
+        with pytest.raises(GenattrError, match="not a genattr head"):
+            load_heads(tmp_path / "h")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -75,8 +76,9 @@ def load_heads(path: str | os.PathLike) -> tuple[MapperPair, dict]:
     try:
         doc = json.loads((folder / "head.json").read_text())
         tensors = load_file(str(folder / "head.safetensors"))
-    except (OSError, ValueError) as e:
-        raise GenattrError(f"{folder}: not a genattr head directory ({e})") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GenattrError(f"{folder}: not a genattr head directory ({reason})") from None
     if (
         not isinstance(doc, dict)
         or doc.get("kind") != "genattr.head"
