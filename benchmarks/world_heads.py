@@ -29,6 +29,7 @@ from genattr.heads.train import TrainConfig
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
 from genattr.workflows.train_head import train_heads_from_stores
+from genattr.world.demo import stricter_gallery
 
 
 def case_maps(
@@ -47,13 +48,9 @@ def case_maps(
         if not models:
             continue
         tc = testcase_from_stores(BenchmarkManifest(case, models), real, synth)[0]
-        g = gallery
-        if strict:
-            own = set(tc.exemplar_paths)
-            others = [i for i, p in enumerate(real.paths) if p not in own]
-            g = np.concatenate([gallery, np.asarray(real.vectors[np.asarray(others)], np.float32)])
+        g = stricter_gallery(gallery, real, tc) if strict else torch.from_numpy(gallery)
         summary = evaluate_protocol(
-            torch.from_numpy(g), tc, mappers=mappers, exemplars_as_distractors=strict
+            g, tc, mappers=mappers, exemplars_as_distractors=strict
         ).summary()
         out[case] = float(np.mean([s["mAP"] for s in summary.values()]))
     return out

@@ -241,6 +241,14 @@ def test_evaluate_on_stores_equals_pth(bench_files):
     assert res.exit_code == 2 and "another-backbone" in res.output
 
 
+def evaluate_cli(d, out, *extra):
+    """`genattr evaluate` on the fixture's gallery and test-case files."""
+    return run(
+        "evaluate", "--gallery-feats", d / "gallery.pth", "--test-feats", d / "test.pth",
+        *extra, "--out", d / out,
+    )  # fmt: skip
+
+
 def test_evaluate_takes_a_head_folder_as_the_mapper(bench_files):
     """`--mapper` accepts genattr's head folder as well as the authors' `.pth`: same results."""
     bench, d = bench_files
@@ -250,35 +258,13 @@ def test_evaluate_takes_a_head_folder_as_the_mapper(bench_files):
         (d / "head", "folder.json"),
         (None, "raw.json"),
     ):
-        with_mapper = [] if mapper is None else ["--mapper", mapper]
-        res = run(
-            "evaluate",
-            "--gallery-feats",
-            d / "gallery.pth",
-            "--test-feats",
-            d / "test.pth",
-            *with_mapper,
-            "--out",
-            d / out,
-        )
+        res = evaluate_cli(d, out, *([] if mapper is None else ["--mapper", mapper]))
         assert res.exit_code == 0, res.output
     a, b, raw = (
         json.loads((d / f).read_text())["results"] for f in ("pth.json", "folder.json", "raw.json")
     )
     assert a == b and a != raw  # the folder's head was applied, exactly as the .pth's
-    res = run(
-        "evaluate",
-        "--gallery-feats",
-        d / "gallery.pth",
-        "--test-feats",
-        d / "test.pth",
-        "--mapper",
-        d / "head",
-        "--head",
-        "mlp",
-        "--out",
-        d / "x.json",
-    )
+    res = evaluate_cli(d, "x.json", "--mapper", d / "head", "--head", "mlp")
     assert res.exit_code == 2 and "not mlp" in res.output
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from genattr.errors import GenattrError
 from genattr.search.index import INDEX_FORMAT_VERSION, AttributionIndex
+from genattr.workflows.artifacts import head_folder
 from genattr.world.clipart import EXEMPLAR_SPLITS
 
 GALLERY_SPLITS = ("pretrain", *EXEMPLAR_SPLITS)
@@ -75,7 +76,7 @@ def build_world_index(
     from genattr.progress import progress_bar
     from genattr.search.index import build_index
     from genattr.serve.gallery import world_path
-    from genattr.workflows.artifacts import head_folder, open_head_for
+    from genattr.workflows.artifacts import open_head_for
     from genattr.world.clipart import load_data
 
     data = load_data() if data is None else data
@@ -113,7 +114,7 @@ def build_world_index(
 def _head_digest(head: str | os.PathLike | None) -> str:
     if head is None:
         return "none"
-    folder = Path(head) if Path(head).is_dir() else Path(head).parent
+    folder = head_folder(head)
     h = hashlib.sha256()
     for name in ("head.json", "head.safetensors"):
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from genattr.data.benchmark import write_manifest
 from genattr.evaluate import EvaluationResult
@@ -239,6 +240,16 @@ CONTROLS: dict[str | None, dict[str, bool]] = {
 }
 
 
+def stricter_gallery(gallery: Any, exemplars: Any, tc: Any) -> torch.Tensor:
+    """The stricter gallery of a test case: the pre-training images (`gallery` vectors) and
+    every held-out exemplar in the `exemplars` store outside the test case `tc` (its own
+    models' exemplars are added by the protocol, with `exemplars_as_distractors`)."""
+    own = set(tc.exemplar_paths)
+    others = np.asarray([i for i, p in enumerate(exemplars.paths) if p not in own], np.int64)
+    extra = np.asarray(exemplars.vectors[others], np.float32).reshape(-1, exemplars.dim)
+    return torch.from_numpy(np.concatenate([np.asarray(gallery, np.float32), extra]))
+
+
 def _evaluate(
     name: str, stores: dict[str, Path], test, head_dir: Path, results_dir: Path
 ) -> tuple[EvaluationResult, EvaluationResult, dict[str, EvaluationResult]]:
@@ -247,8 +258,6 @@ def _evaluate(
     the three CONTROLS of each. Each test case (objects of observed kinds, objects of unobserved
     kinds, styles) is evaluated apart, as the authors' test cases are; prompt types are
     reported as "object: media", "style: gpt", ..."""
-    import torch
-
     from genattr.data.benchmark import BenchmarkManifest
     from genattr.evaluate import evaluate_protocol, write_results
     from genattr.heads.checkpoint import load_heads
@@ -263,16 +272,7 @@ def _evaluate(
         for case in CASES
         if (models := [m for m in test.models if m.extra.get("case", m.mode) == case])
     }
-    # The stricter gallery of a test case: the pre-training images and every held-out
-    # exemplar outside the test case (its own models' exemplars are added by the protocol).
-    strict_galleries = {}
-    for case, tc in cases.items():
-        own = set(tc.exemplar_paths)
-        others = np.asarray([i for i, p in enumerate(real.paths) if p not in own], np.int64)
-        extra = np.asarray(real.vectors[others], np.float32).reshape(-1, real.dim)
-        strict_galleries[case] = torch.from_numpy(
-            np.concatenate([np.asarray(gallery, np.float32), extra])
-        )
+    strict_galleries = {case: stricter_gallery(gallery, real, tc) for case, tc in cases.items()}
     out: dict[tuple[str, str | None], EvaluationResult] = {}
     for which in ("raw", "head"):
         for control in (None, *CONTROLS):
