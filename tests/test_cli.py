@@ -76,7 +76,7 @@ def test_evaluate_writes_results(bench_files):
     assert "mAP" in res.output and "media" in res.output
 
 
-def test_repeated_ks_and_default_head(bench_files):
+def test_ks_repeated_or_space_separated_and_default_head(bench_files):
     _, d = bench_files
     out = d / "r.json"
     res = run(
@@ -97,6 +97,11 @@ def test_repeated_ks_and_default_head(bench_files):
     assert res.exit_code == 0, res.output
     assert json.loads(out.read_text())["ks"] == [1, 3]
     assert json.loads(out.read_text())["head"] == "linear"
+    res = evaluate_cli(d, out.name, "--ks", "2", "4", "--ks", "6", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert json.loads(out.read_text())["ks"] == [2, 4, 6]
+    res = evaluate_cli(d, out.name, "--ks", "2", "--no-such-option")
+    assert res.exit_code == 2 and "no-such-option" in res.output
 
 
 def _bad_input_cases(d):

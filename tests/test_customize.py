@@ -288,11 +288,12 @@ def test_cli_customize_and_generate(tiny, exemplars, tmp_path):
     args = ["customize", "--base", str(tiny), "--out", str(model), "--mode", "object"]
     args += ["--category", "dog", "--steps", "2", "--resolution", str(RES), "--device", "cpu"]
     args += ["--initializer-token", "dog"]
-    for e in exemplars:
-        args += ["--exemplars", str(e)]
+    args += ["--exemplars", *map(str, exemplars)]  # several values after one option
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert "trained 2 steps" in r.output
+    info = json.loads((model / "genattr_customize.json").read_text())
+    assert info["exemplars"] == [str(e) for e in exemplars] and len(exemplars) > 1
     assert (model / "pytorch_custom_diffusion_weights.bin").is_file()
     out = tmp_path / "imgs"
     r = runner.invoke(

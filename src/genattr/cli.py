@@ -6,16 +6,59 @@ import functools
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from genattr.errors import GenattrError
 from genattr.world.base import GUIDANCE
 
-app = typer.Typer(
+
+class _ListOptionsCommand(TyperCommand):
+    """Options that take several values take them one way everywhere: `--ks 5 10 100` and
+    `--ks 5 --ks 10 --ks 100` alike. Values after such an option, up to the next option, are
+    rewritten to repeated options before click parses them. Commands with positional
+    arguments keep the repeated form only, so no positional argument is swallowed."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        # typer ships its own copy of click: tell parameters apart by their type name
+        if any(p.param_type_name == "argument" for p in self.params):
+            return super().parse_args(ctx, args)
+        lists = {
+            name
+            for p in self.params
+            if p.param_type_name == "option" and getattr(p, "multiple", False)
+            for name in p.opts
+        }
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            token = args[i]
+            out.append(token)
+            i += 1
+            if token not in lists:
+                continue
+            if i < len(args):  # the option's first value, whatever it looks like
+                out.append(args[i])
+                i += 1
+            while i < len(args) and not args[i].startswith("-"):
+                out += [token, args[i]]
+                i += 1
+        return super().parse_args(ctx, out)
+
+
+class _Typer(typer.Typer):
+    """typer.Typer whose commands accept several values after a list option."""
+
+    def command(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("cls", _ListOptionsCommand)
+        return super().command(*args, **kwargs)
+
+
+app = _Typer(
     help="Data attribution for text-to-image models: which training images made this image?",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -55,20 +98,9 @@ def _friendly_errors(fn):
     return wrapper
 
 
-def _greedy_ints(ctx: typer.Context, first: list[int] | None, default: tuple[int, ...]):
-    """Let `--ks 5 10 100` work as well as `--ks 5 --ks 10`: typer leaves the rest in ctx.args."""
-    extra = []
-    for arg in ctx.args:
-        if not arg.lstrip("-").isdigit():
-            raise GenattrError(f"unexpected argument {arg!r}")
-        extra.append(int(arg))
-    return (*first, *extra) if first else default
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
 @_friendly_errors
 def evaluate(
-    ctx: typer.Context,
     gallery_feats: Annotated[
         Path, typer.Option(help="Distractor features: .pth (feats, paths) or a store directory.")
     ],
@@ -91,7 +123,7 @@ def evaluate(
 
     if head is not None and head not in ("linear", "channel", "mlp"):
         raise GenattrError(f"--head must be linear, channel or mlp, not {head!r}")
-    ks_all = _greedy_ints(ctx, ks, DEFAULT_KS)
+    ks_all = tuple(ks) if ks else DEFAULT_KS
     result = evaluate_files(
         gallery_feats, test_feats, out, mapper, head, ks_all, device, progress=sys.stderr.isatty()
     )
@@ -105,7 +137,7 @@ def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("demo-out"),
     features: Annotated[
         list[str] | None,
-        typer.Option(help="Backbones to compare (repeat; default: pixel and world-cnn)."),
+        typer.Option(help="Backbones to compare, e.g. --features pixel world-cnn (default: both)."),
     ] = None,
     epochs: Annotated[int, typer.Option(help="Most epochs of head training.")] = 30,
     head: Annotated[str, typer.Option(help="Head to train: linear, channel or mlp.")] = "linear",
@@ -144,7 +176,7 @@ def _log(msg: str) -> None:
 def customize(
     base: Annotated[str, typer.Option(help="Stable Diffusion 1.x: HF id (cache) or folder.")],
     exemplars: Annotated[
-        list[Path], typer.Option(help="Exemplar images or folders (repeat the option).")
+        list[Path], typer.Option(help="Exemplar images or folders, e.g. --exemplars a.png b.png.")
     ],
     out: Annotated[Path, typer.Option(help="Folder for the customized model.")],
     mode: Annotated[str, typer.Option(help="object or style.")] = "object",
@@ -448,7 +480,7 @@ def calibrate(
     console.print(f"calibrator written to {out}")
 
 
-index_app = typer.Typer(help="Build attribution indexes.", no_args_is_help=True)
+index_app = _Typer(help="Build attribution indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
 
 
@@ -457,7 +489,7 @@ app.add_typer(index_app, name="index")
 def index_build(
     store: Annotated[
         list[Path],
-        typer.Option(help="Embedding store of the training images (repeat for several)."),
+        typer.Option(help="Embedding store(s) of the training images: --store a b."),
     ],
     out: Annotated[Path, typer.Option(help="Index directory.")],
     head: Annotated[Path | None, typer.Option(help="Head directory from train-head.")] = None,
@@ -553,7 +585,7 @@ def serve(
     run(index, calibrator, host, port, limits, weights, device)
 
 
-head_app = typer.Typer(
+head_app = _Typer(
     help="Move heads between genattr and the authors' .pth format.", no_args_is_help=True
 )
 app.add_typer(head_app, name="head")
@@ -589,7 +621,7 @@ def head_export(
     console.print(f"{pair.kind} mapper written to {out}")
 
 
-world_app = typer.Typer(
+world_app = _Typer(
     help="The miniature clip-art world: its data and its base text-to-image model.",
     no_args_is_help=True,
 )
