@@ -133,6 +133,31 @@ def test_not_a_store_and_unknown_version(tmp_path):
         EmbeddingStore.create(tmp_path / "s", CLIP, 2)
 
 
+DAMAGED_HEADERS = {
+    "count not the shards' sum": (lambda i: i.update(count=i["count"] + 1), "shards hold 3 rows"),
+    "dim a string": (lambda i: i.update(dim="2"), "dim"),
+    "dim zero": (lambda i: i.update(dim=0), "dim"),
+    "unknown dtype": (lambda i: i.update(dtype="int8"), "dtype"),
+    "shards not a list": (lambda i: i.update(shards={"0": 3}), "shards"),
+    "shard without count": (lambda i: i["shards"][0].pop("count"), "shards.0.count"),
+    "backbone a string": (lambda i: i.update(backbone="clip"), "backbone"),
+    "negative count": (lambda i: i.update(count=-1), "count"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_HEADERS))
+def test_a_damaged_store_json_is_one_line_naming_the_field(tmp_path, case):
+    mutate, field = DAMAGED_HEADERS[case]
+    _store_with(tmp_path, [np.ones((3, 2))])
+    path = tmp_path / "s" / "store.json"
+    info = json.loads(path.read_text())
+    mutate(info)
+    path.write_text(json.dumps(info))
+    with pytest.raises(GenattrError, match=r"damaged store\.json") as e:
+        EmbeddingStore.open(tmp_path / "s")
+    assert field in str(e.value) and "\n" not in str(e.value)
+
+
 def test_uncommitted_shard_files_are_invisible_and_cleaned(tmp_path):
     x = np.arange(6, dtype=np.float32).reshape(3, 2)
     _store_with(tmp_path, [x])

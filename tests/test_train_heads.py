@@ -175,3 +175,16 @@ def test_a_damaged_head_folder_is_refused_in_one_line(tmp_path):
         (tmp_path / "h" / "head.json").write_text(json.dumps(doc))
         with pytest.raises(GenattrError, match="not a genattr head"):
             load_heads(tmp_path / "h")
+    good = {"kind": "genattr.head", "format_version": 1, "head": "linear", "in_dim": 8}
+    damaged = [
+        ({**good, "out_dim": 8, "head": "cnn"}, r"head\.json: damaged \(head:"),
+        ({**good, "out_dim": 8, "in_dim": "8"}, r"damaged \(in_dim:"),
+        ({**good}, r"damaged \(out_dim:"),
+        ({**good, "in_dim": 16, "out_dim": 8}, "maps 8 -> 8 dimensions, head.json says 16"),
+    ]
+    for doc, message in damaged:
+        (tmp_path / "h" / "head.json").write_text(json.dumps(doc))
+        with pytest.raises(GenattrError, match=message):
+            load_heads(tmp_path / "h")
+    (tmp_path / "h" / "head.json").write_text(json.dumps({**good, "out_dim": 8}))
+    assert load_heads(tmp_path / "h")[0].out_dim == 8

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.data.official import TestCaseFeatures
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, validation_reason
 from genattr.heads.checkpoint import MapperPair
 from genattr.search.exact import topk_exact
 from genattr.vectors import FeatureMatrix, embed
@@ -197,7 +197,9 @@ def load_calibrator(path: str | os.PathLike) -> Calibrator:
         try:
             doc = CalibratorHeader.model_validate_json(text)
         except ValidationError as e:
-            raise GenattrError(f"{path}: not a genattr calibrator ({_first_error(e)})") from None
+            raise GenattrError(
+                f"{path}: not a genattr calibrator ({validation_reason(e)})"
+            ) from None
         return Calibrator(doc.inv_tau, doc.bias, doc.bias_gain, doc.fit_report)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -209,12 +211,6 @@ def load_calibrator(path: str | os.PathLike) -> Calibrator:
     if not (math.isfinite(inv_tau) and math.isfinite(bias) and inv_tau > 0):
         raise GenattrError(f"{path}: inv_tau must be positive and both numbers finite")
     return Calibrator(inv_tau, bias)
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    where = ".".join(str(part) for part in err["loc"])
-    return f"{where}: {err['msg']}" if where else err["msg"]
 
 
 def calibration_set(

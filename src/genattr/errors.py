@@ -1,5 +1,19 @@
 """The one exception type users see: the CLI prints its message and exits with code 2."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class GenattrError(Exception):
     """Bad input or an unusable file; the message names the file and the problem."""
+
+
+def validation_reason(e: ValidationError) -> str:
+    """pydantic's first complaint as 'field.path: message', for a one-line GenattrError."""
+    err = e.errors()[0]
+    where = ".".join(str(part) for part in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"]

@@ -13,19 +13,32 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.data.official import load_torch_dict, require_keys
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, validation_reason
 from genattr.heads.networks import head_from_state_dict, head_in_out, infer_head_kind
 
 HEAD_FORMAT_VERSION = 1
+
+
+class HeadHeader(BaseModel):
+    """head.json as read: kind, version, head kind and dimensions, with their types."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    kind: Literal["genattr.head"]
+    format_version: Literal[1]
+    head: Literal["linear", "channel", "mlp"]
+    in_dim: Annotated[int, Field(gt=0)]
+    out_dim: Annotated[int, Field(gt=0)]
 
 
 @dataclass
@@ -85,14 +98,24 @@ def load_heads(path: str | os.PathLike) -> tuple[MapperPair, dict]:
         or doc.get("format_version") != HEAD_FORMAT_VERSION
     ):
         raise GenattrError(f"{folder}/head.json: not a genattr head (format_version 1)")
+    try:
+        header = HeadHeader.model_validate(doc)
+    except ValidationError as e:
+        raise GenattrError(f"{folder}/head.json: damaged ({validation_reason(e)})") from None
     parts = {}
     for side in ("real", "synth"):
         state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(side + ".")}
         try:
-            parts[side] = head_from_state_dict(state, doc["head"])
+            parts[side] = head_from_state_dict(state, header.head)
         except (ValueError, RuntimeError, KeyError) as e:
             raise GenattrError(f"{folder}: {side} head: {str(e).splitlines()[0]}") from None
-    return MapperPair(parts["real"], parts["synth"], doc["head"]), doc
+        shape = head_in_out(parts[side])
+        if shape != (header.in_dim, header.out_dim):
+            raise GenattrError(
+                f"{folder}: the {side} head maps {shape[0]} -> {shape[1]} dimensions, "
+                f"head.json says {header.in_dim} -> {header.out_dim}"
+            )
+    return MapperPair(parts["real"], parts["synth"], header.head), doc
 
 
 def load_mapper_pth(path: str | os.PathLike, kind: str | None = None) -> MapperPair:

@@ -39,7 +39,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import atomic_path, write_text_atomic
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, validation_reason
 from genattr.heads.checkpoint import MapperPair
 from genattr.vectors import FeatureMatrix, embed, read_block
 
@@ -312,11 +312,8 @@ class AttributionIndex:
         try:
             IndexHeader.model_validate(meta)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(part) for part in err["loc"])
             raise GenattrError(
-                f"{path}/index.json: not a genattr index ({where + ': ' if where else ''}"
-                f"{err['msg']})"
+                f"{path}/index.json: not a genattr index ({validation_reason(e)})"
             ) from None
         if not (path / "vectors.npy").is_file():
             raise GenattrError(f"{path}: vectors.npy is missing; build the index again")

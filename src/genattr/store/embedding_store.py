@@ -22,18 +22,57 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genattr.atomic import atomic_path, write_text_atomic
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, validation_reason
 
 STORE_FORMAT_VERSION = 1
 STORE_KIND = "genattr.embedding_store"
 DTYPES = {"float32": np.float32, "float16": np.float16, "fp32": np.float32, "fp16": np.float16}
 _FP16_MAX = float(np.finfo(np.float16).max)
 _LOCKED_HERE: set[str] = set()  # stores this process is writing (lockf is per process)
+
+
+class _BackboneHeader(BaseModel):
+    name: str
+    weights_id: str
+
+
+class _ShardHeader(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    index: Annotated[int, Field(ge=0)]
+    count: Annotated[int, Field(ge=0)]
+
+
+class StoreHeader(BaseModel):
+    """store.json as read: the fields the store relies on, with their types, and a row count
+    that is the sum of its shards' (a hand-edited or damaged header stops here, in one line)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    kind: Literal["genattr.embedding_store"]
+    format_version: Literal[1]
+    backbone: _BackboneHeader
+    preprocess_config: dict[str, Any] = {}
+    dim: Annotated[int, Field(gt=0)]
+    dtype: Literal["float32", "float16"]
+    count: Annotated[int, Field(ge=0)]
+    shards: list[_ShardHeader]
+    extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _count_is_the_shards_sum(self) -> StoreHeader:
+        total = sum(s.count for s in self.shards)
+        if total != self.count:
+            raise ValueError(f"count is {self.count} but the shards hold {total} rows")
+        if len({s.index for s in self.shards}) != len(self.shards):
+            raise ValueError("two shards share an index")
+        return self
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -231,6 +270,12 @@ class EmbeddingStore:
                 f"{info_path}: format_version {info.get('format_version')!r} is not supported "
                 f"(expected {STORE_FORMAT_VERSION})"
             )
+        try:
+            StoreHeader.model_validate(info)
+        except ValidationError as e:
+            raise GenattrError(
+                f"{info_path}: damaged store.json ({validation_reason(e)})"
+            ) from None
         store = cls(path, info)
         if backbone is not None:
             if not isinstance(backbone, BackboneInfo):
