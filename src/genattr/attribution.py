@@ -10,6 +10,7 @@ influence, is exact (with a flat index; IVF candidates are approximate and say s
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -17,13 +18,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from PIL import Image
+from rich.table import Table
 
+from genattr.atomic import write_text_atomic
 from genattr.calibrate import Calibrator, load_calibrator
 from genattr.data.images import ImageDecodeError, load_rgb
 from genattr.errors import GenattrError
 from genattr.features.embedder import embed_images
 from genattr.features.registry import Backbone, get_backbone
 from genattr.heads.checkpoint import MapperPair
+from genattr.report.attribution_html import render_attributions
 from genattr.search.index import AttributionIndex
 from genattr.vectors import embed
 
@@ -250,8 +254,6 @@ def attribute_vectors(
 
 
 def attributions_table(answers: Sequence[Attribution]):
-    from rich.table import Table
-
     tables = []
     for a in answers:
         t = Table(title=f"{a.query}: the training images it leans on")
@@ -272,15 +274,9 @@ def attributions_table(answers: Sequence[Attribution]):
 
 def write_attributions(answers: Sequence[Attribution], fmt: str, out: str | os.PathLike) -> None:
     """json: one object per query; html: the query beside thumbnails sized by influence."""
-    import json
-
-    from genattr.atomic import write_text_atomic
-
     if fmt == "json":
         write_text_atomic(out, json.dumps([a.to_json() for a in answers], indent=2) + "\n")
     elif fmt == "html":
-        from genattr.report.attribution_html import render_attributions
-
         write_text_atomic(out, render_attributions(answers))
     else:
         raise GenattrError(f"unknown format {fmt!r}; choose json or html")

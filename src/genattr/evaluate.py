@@ -24,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from rich.progress import track
+from rich.table import Table
 
 from genattr.atomic import atomic_path
 from genattr.data.official import TestCaseFeatures
@@ -105,6 +109,7 @@ def count_scores_above(
     if method == "auto":
         method = "kernel" if device.type == "cpu" else "dense"
     if method == "kernel":
+        # deferred: numba compiles (or loads its cache) on import; only the CPU path needs it
         from genattr._kernels import count_above_sorted
     n, q = len(gallery), len(queries)
     counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
@@ -118,8 +123,6 @@ def count_scores_above(
     scores = torch.empty((q_block, g_block), dtype=torch.float32, device=device)
     starts: Iterable[int] = range(0, n, g_block)
     if progress:
-        from rich.progress import track
-
         starts = track(starts, description="scoring gallery", transient=True)
     with torch.no_grad():
         for g0 in starts:
@@ -358,9 +361,6 @@ def queries_path(results_path: str | os.PathLike) -> Path:
 
 def write_results(result: EvaluationResult, path: str | os.PathLike, **provenance) -> None:
     """results.json (summary, format_version 1) and results.queries.parquet, both atomically."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     columns: dict[str, list] = {
         "prompt_type": [],
         "query_index": [],
@@ -394,8 +394,6 @@ def write_results(result: EvaluationResult, path: str | os.PathLike, **provenanc
 
 def results_table(result: EvaluationResult, title: str = "AbC evaluation"):
     """A rich table: one row per prompt type, mAP and Recall@K in percent as in the paper."""
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("prompt type")
     table.add_column("queries", justify="right")

@@ -35,12 +35,16 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.errors import GenattrError, validation_reason
-from genattr.heads.checkpoint import MapperPair
+from genattr.heads.checkpoint import MapperPair, load_heads
+from genattr.heads.networks import head_in_out
+from genattr.progress import progress_bar
 from genattr.vectors import FeatureMatrix, embed, read_block
 
 INDEX_FORMAT_VERSION = 1
@@ -207,8 +211,6 @@ def build_index(
     from the memory budget)."""
     import faiss
 
-    from genattr.progress import progress_bar
-
     n, dim = len(vectors), vectors.shape[1]
     if n == 0:
         raise GenattrError("cannot index an empty gallery")
@@ -269,9 +271,6 @@ def build_index(
 
 
 def _write_metadata(path: Path, n: int, ids: list[str] | None, paths: list[str] | None) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
     paths = [""] * n if paths is None else [str(p) for p in paths]
     if len(ids) != n or len(paths) != n:
@@ -281,8 +280,6 @@ def _write_metadata(path: Path, n: int, ids: list[str] | None, paths: list[str] 
 
 
 def _head_out_dim(head: MapperPair) -> int:
-    from genattr.heads.networks import head_in_out
-
     return head_in_out(head.real)[1]
 
 
@@ -349,8 +346,6 @@ class AttributionIndex:
 
     def metadata(self) -> tuple[list[str], list[str]]:
         """Gallery ids and paths, in row order."""
-        import pyarrow.parquet as pq
-
         table = pq.read_table(self.path / "metadata.parquet")
         return table.column("id").to_pylist(), table.column("path").to_pylist()
 
@@ -358,8 +353,6 @@ class AttributionIndex:
         """The head the gallery was mapped with (queries go through its synth side)."""
         if self.meta.get("head") is None:
             return None
-        from genattr.heads.checkpoint import load_heads
-
         return load_heads(self.path / "head")[0]
 
     def set_nprobe(self, nprobe: int) -> None:

@@ -17,6 +17,7 @@ another backbone, or combining two stores made by different ones, raises Genattr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genattr.atomic import atomic_path, write_text_atomic
@@ -368,9 +371,6 @@ class EmbeddingStore:
 
     def metadata(self, columns: Sequence[str] | None = None):
         """All shards' metadata as one pyarrow Table, row-aligned with `vectors`."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         tables = []
         for entry in self._info["shards"]:
             p = self.metadata_path(int(entry["index"]))
@@ -402,8 +402,6 @@ class EmbeddingStore:
         A POSIX record lock (lockf), not flock: forked children such as decode workers do not
         inherit it, so a killed writer's lock dies with it even while its workers wind down.
         """
-        import fcntl
-
         self.path.mkdir(parents=True, exist_ok=True)
         key = str(self.path.resolve())
         if key in _LOCKED_HERE:
@@ -484,9 +482,6 @@ class EmbeddingStore:
         "extra" in the same atomic update that commits the shard (extraction keeps its resume
         cursor there). Ids must be unique within the store.
         """
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         if backbone is not None and backbone != self.backbone:
             raise GenattrError(
                 f"{self.path}: this store holds {self.backbone.describe()} vectors; cannot "
