@@ -11,6 +11,9 @@ def attribute(images, index, calibrator=None, top_k: int = 20, **kwargs):
     `genattr.attribute(["gen.png"], index="index/", calibrator="calibrator.json")` returns one
     `Attribution` per image (ranked training images with similarity and influence).
     """
+    # deferred: every `import genattr.<module>` runs this file first; genattr.attribution
+    # would load torch, features, heads and search into each of them (and the top layer into
+    # the package that its lower layers belong to)
     from genattr.attribution import attribute as run
 
     return run(images, index, calibrator, top_k, **kwargs)

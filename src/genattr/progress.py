@@ -6,21 +6,21 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
 
 @contextlib.contextmanager
 def progress_bar(
     label: str, total: int, *, done: int = 0, unit: str = "img", enabled: bool = True
 ) -> Iterator[Callable[[int], None]]:
     """Yield `advance(k)`; the rate counts this run's items only, so a resumed job's ETA holds."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     bar = Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),

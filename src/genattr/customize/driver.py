@@ -23,12 +23,15 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from genattr.atomic import write_text_atomic
+from genattr.customize.pipeline import load_base_pipeline
 from genattr.customize.plan import ModelSpec, Plan, read_plan
+from genattr.customize.sample import generate_images
+from genattr.customize.train import Customizer
 from genattr.data.benchmark import (
     SPLITS,
     BenchmarkManifest,
@@ -93,8 +96,6 @@ def build_model(
     customizer: Any,
 ) -> ModelResult:
     """Customize one model, sample its prompt sets, record it as complete (last)."""
-    from genattr.customize.sample import generate_images
-
     sample = spec.sample or plan.sample
     key = spec.key(plan.base, sample)
     if is_complete(bench, spec, key):
@@ -202,9 +203,6 @@ def assemble(bench: Path, plan: Plan) -> BenchmarkManifest:
 
 
 def _local(bench: Path, plan: Plan, device: str, dtype: str) -> list[ModelResult]:
-    from genattr.customize.pipeline import load_base_pipeline
-    from genattr.customize.train import Customizer
-
     results, customizer = [], None
     for spec in plan.models:
         if is_complete(bench, spec, spec.key(plan.base, spec.sample or plan.sample)):
@@ -222,11 +220,6 @@ _WORKER_CACHE: dict[tuple, Any] = {}
 
 def _ray_task(bench: str, plan_path: str, model_id: str, device: str, dtype: str) -> dict:
     """One Ray task = one model. A worker keeps its loaded base model for its next task."""
-    from dataclasses import asdict
-
-    from genattr.customize.pipeline import load_base_pipeline
-    from genattr.customize.train import Customizer
-
     if not logging.getLogger("genattr").handlers:  # a Ray worker: Ray forwards its stderr
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan = read_plan(plan_path)

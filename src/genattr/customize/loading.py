@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import safetensors.torch
+import torch
+
 from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
-    import torch
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
     )
@@ -47,10 +49,7 @@ class LoadReport:
 def _read_state(path: Path) -> dict[str, Any]:
     try:
         if path.suffix == ".safetensors":
-            import safetensors.torch
-
             return dict(safetensors.torch.load_file(str(path), device="cpu"))
-        import torch
 
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign files: one clear message
@@ -79,8 +78,6 @@ def find_weights(model_dir: str | os.PathLike, weight_name: str | None = None) -
 
 def processor_state(state: dict[str, Any], source: str = "weights") -> dict[str, dict[str, Any]]:
     """Group a state dict by attention processor: name -> {'to_k_custom_diffusion.weight': t}."""
-    import torch
-
     groups: dict[str, dict[str, Any]] = {}
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
@@ -103,7 +100,6 @@ def processor_state(state: dict[str, Any], source: str = "weights") -> dict[str,
 def install_custom_diffusion(unet: Any, groups: dict[str, dict[str, Any]], source: str) -> None:
     """Give each listed attention layer a Custom Diffusion processor with these weights, keep
     every other layer's processor, and verify the UNet now holds exactly these weights."""
-    import torch
     from diffusers.models.attention_processor import (
         CustomDiffusionAttnProcessor,
         CustomDiffusionAttnProcessor2_0,
@@ -156,8 +152,6 @@ def install_custom_diffusion(unet: Any, groups: dict[str, dict[str, Any]], sourc
 
 def load_token_embeddings(pipe: StableDiffusionPipeline, model_dir: Path) -> list[str]:
     """Add every `<token>.bin`/`.safetensors` of the folder to tokenizer and text encoder."""
-    import torch
-
     tokens = []
     files = sorted(
         p

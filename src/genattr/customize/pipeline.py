@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
-    import torch
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
     )
@@ -19,8 +23,6 @@ _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bf
 
 def resolve_device(device: str = "auto") -> str:
     """'auto' is the first CUDA GPU when there is one, else the CPU."""
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -30,8 +32,6 @@ def resolve_device(device: str = "auto") -> str:
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     """'auto' is float16 on a GPU (as the Custom Diffusion scripts run) and float32 elsewhere."""
-    import torch
-
     name = _ALIASES.get(dtype, dtype)
     if name not in DTYPE_NAMES:
         raise GenattrError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}, not {dtype!r}")
@@ -44,10 +44,6 @@ def import_genattr_components(base: str | os.PathLike) -> list[str]:
     """Import the genattr modules a local pipeline's `model_index.json` names (e.g. the world
     model's `genattr.world.vae`): diffusers loads components only from modules already
     imported, and these are ours, so importing them runs no foreign code."""
-    import importlib
-    import json
-    from pathlib import Path
-
     index = Path(base) / "model_index.json"
     if not index.is_file():
         return []

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genattr.customize.prompts import PromptSet, load_prompt_set, read_captions
+from genattr.customize.prompts import PromptSet, _read_data, load_prompt_set, read_captions
 from genattr.customize.sample import SampleConfig, sample_config_from_dict
 from genattr.customize.train import CustomizeConfig, check_image, config_from_dict, list_images
 from genattr.data.benchmark import MODES, SPLITS
@@ -108,8 +108,6 @@ def _resolve(root: Path, value: Any, what: str) -> list[Path]:
 
 def read_plan(path: str | os.PathLike) -> Plan:
     """Parse and check a plan; every error names the plan and the model."""
-    from genattr.customize.prompts import _read_data
-
     path = Path(path)
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise GenattrError(f"{path}: a plan is a .yaml or .json file")

@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from genattr.errors import GenattrError
 
 MODIFIER_TOKEN = "<new1>"
@@ -184,8 +186,6 @@ def _read_data(path: Path) -> Any:
     except (OSError, UnicodeDecodeError) as e:
         raise GenattrError(f"{path}: cannot read ({e})") from None
     if path.suffix.lower() in (".yaml", ".yml"):
-        import yaml
-
         try:
             return yaml.safe_load(text)
         except yaml.YAMLError as e:

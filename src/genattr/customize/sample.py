@@ -18,9 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
+import torch
+from PIL.PngImagePlugin import PngInfo
 from pydantic import Field
 
 from genattr.atomic import atomic_path, write_text_atomic
+from genattr.customize.loading import load_custom_diffusion
+from genattr.customize.pipeline import load_base_pipeline
+from genattr.customize.train import INFO_NAME
 from genattr.errors import GenattrError
 from genattr.options import options_from_mapping
 
@@ -102,9 +107,6 @@ def generate_images(
     record: dict[str, Any] | None = None,
 ) -> tuple[list[Path], SampleStats]:
     """Sample `images_per_prompt` images for each prompt into `out_dir`; returns their paths."""
-    import torch
-    from PIL.PngImagePlugin import PngInfo
-
     cfg = config or SampleConfig()
     cfg.check()
     if not prompts:
@@ -180,9 +182,6 @@ def generate(
     dtype: str = "auto",
 ) -> tuple[list[Path], SampleStats]:
     """Load the base model, install the Custom Diffusion model (checked), sample the prompts."""
-    from genattr.customize.loading import load_custom_diffusion
-    from genattr.customize.pipeline import load_base_pipeline
-
     info = read_model_info(model_dir)
     base = base or info.get("base")
     if not base:
@@ -199,8 +198,6 @@ def generate(
 
 def read_model_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     """genattr's record of a customized model ({} for models made elsewhere)."""
-    from genattr.customize.train import INFO_NAME
-
     p = Path(model_dir) / INFO_NAME
     if not p.is_file():
         return {}

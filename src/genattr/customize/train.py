@@ -25,20 +25,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
 from pydantic import Field
 
 from genattr.atomic import atomic_path
+from genattr.customize.pipeline import load_base_pipeline
 from genattr.errors import GenattrError
 from genattr.options import options_from_mapping
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    import torch
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
     )
-    from PIL import Image
 
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.bin"
 INFO_NAME = "genattr_customize.json"
@@ -113,8 +115,6 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _open_rgb(path: Path) -> Image.Image:
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -124,8 +124,6 @@ def _open_rgb(path: Path) -> Image.Image:
 
 def check_image(path: Path) -> None:
     """Raise a GenattrError naming the file unless it is a readable image (header check)."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as im:
             im.verify()
@@ -155,8 +153,6 @@ def augment_example(
     """Custom Diffusion's augmentation: the exemplar rescaled to a random size and either placed
     on a blank canvas (small) or cropped (large). Returns the image (HWC, [-1, 1]), the loss mask
     at latent resolution (only where the image is) and the prompt prefix that names the scale."""
-    from PIL import Image
-
     im = _square(im)
     if hflip and rng.random() < 0.5:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
@@ -196,8 +192,6 @@ def augment_example(
 
 
 def _plain_example(im: Image.Image, size: int) -> np.ndarray:
-    from PIL import Image
-
     return _to_array(_square(im).resize((size, size), Image.Resampling.BILINEAR))
 
 
@@ -246,8 +240,6 @@ class Customizer:
     def _add_token(self, token: str, initializer: str) -> torch.Tensor:
         """Make `token` one id of the tokenizer (added once per pipeline) and return the
         embedding it starts from: the initializer's (mean of its pieces if it is several)."""
-        import torch
-
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
         if self.token is None:
             if tok.convert_tokens_to_ids(token) not in (None, tok.unk_token_id):
@@ -275,8 +267,6 @@ class Customizer:
         reg_captions: Sequence[str] | None = None,
     ) -> TrainStats:
         """Tune the pipeline toward the exemplars (in place); returns timing and losses."""
-        import torch
-        import torch.nn.functional as F
         from diffusers import DDPMScheduler
 
         cfg = config or CustomizeConfig()
@@ -443,8 +433,6 @@ class Customizer:
         return TrainStats(cfg.max_train_steps, seconds, losses[-1] if losses else math.nan, losses)
 
     def _splice(self, new_emb: torch.nn.Parameter) -> Callable:
-        import torch
-
         token_id = self.token_id
 
         def hook(module, inputs, output):
@@ -456,8 +444,6 @@ class Customizer:
     # -- saving and resetting -----------------------------------------------------------
     def save(self, out: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write the model in diffusers' Custom Diffusion format plus genattr's record."""
-        import torch
-
         if not hasattr(self, "_trained_kv"):
             raise GenattrError("nothing to save: train first")
         out = Path(out)
@@ -500,8 +486,6 @@ class Customizer:
     def reset(self) -> None:
         """Back to the base model: original key/value weights; the token's row is re-set on the
         next `train`, and no prompt without the token ever reads it."""
-        import torch
-
         with torch.no_grad():
             for name, m in self.layers.items():
                 k, v = self._base_kv[name]
@@ -511,8 +495,6 @@ class Customizer:
 
 def _detach_first_token(module, inputs, output):
     """Custom Diffusion leaves the start-of-text token's key/value out of the gradient."""
-    import torch
-
     return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
 
 
@@ -572,8 +554,6 @@ def customize(
     dtype: str = "auto",
 ) -> tuple[Path, TrainStats]:
     """Load the base pipeline, train one Custom Diffusion model, save it to `out`."""
-    from genattr.customize.pipeline import load_base_pipeline
-
     training_prompt(mode, category)  # fail on bad input before loading a large model
     list_images(exemplars)
     pipe = load_base_pipeline(base, device, dtype)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from genattr.data.benchmark import read_benchmark
 from genattr.data.images import IMAGE_EXTENSIONS
 from genattr.errors import GenattrError
 
@@ -140,8 +141,6 @@ def list_source(list_file: str | os.PathLike, root: str | os.PathLike | None = N
 
 def abc_json_source(json_file: str | os.PathLike, root: str | os.PathLike | None = None):
     """An AbC test case: exemplars (model by model), then each prompt type's synth images."""
-    from genattr.data.benchmark import read_benchmark
-
     manifest = read_benchmark(json_file)
     resolve = _resolver(Path(json_file).parent, root)
     ptypes = manifest.prompt_types

@@ -6,6 +6,7 @@ transformers is imported here, inside functions, so `import genattr.features` st
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -49,8 +50,6 @@ def load_pretrained(
     """`transformers.<class_name>.from_pretrained(directory)` in float32, refusing checkpoints
     of another architecture or with missing weights (which transformers would fill with random
     values, giving plausible-looking but meaningless features)."""
-    import json
-
     import transformers
 
     model_type = json.loads((directory / "config.json").read_text()).get("model_type")

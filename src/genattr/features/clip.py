@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -32,8 +33,6 @@ class ClipImageEncoder(torch.nn.Module):
 def _vision_config(directory: Path) -> dict:
     """A full CLIP checkpoint keeps `projection_dim` at its top level, which transformers does
     not carry into the vision config it derives (it would assume 512); pass it explicitly."""
-    import json
-
     import transformers
 
     if json.loads((directory / "config.json").read_text()).get("model_type") != "clip":

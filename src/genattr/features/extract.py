@@ -19,7 +19,9 @@ and vectors) as one that was never interrupted.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ import torch
 from genattr.data.images import DEFAULT_MAX_PIXELS
 from genattr.data.sources import open_source, with_views
 from genattr.errors import GenattrError
+from genattr.features.augment import AUGMENTATIONS, Augmenter
 from genattr.features.decode import ItemDecoder, reference_shape
 from genattr.features.embedder import (
     EmbedJob,
@@ -41,6 +44,7 @@ from genattr.features.embedder import (
     memory_format,
     torch_threads,
 )
+from genattr.features.extract_ray import embed_with_ray, import_ray
 from genattr.features.registry import Backbone, get_backbone
 from genattr.features.writer import ShardWriter, open_store
 from genattr.progress import progress_bar
@@ -103,9 +107,6 @@ def _worker_init(_):
     """
     torch.set_num_threads(1)
     if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before prctl took effect
@@ -216,8 +217,6 @@ def extract(
     if device not in ("cpu",) and not device.startswith("cuda"):
         raise GenattrError(f"--device must be cpu or cuda, got {device!r}")
     if engine == "ray":
-        from genattr.features.extract_ray import import_ray
-
         import_ray()  # before any store is created
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
     out = Path(out)
@@ -226,8 +225,6 @@ def extract(
         raise GenattrError("--augment and --views go together: e.g. --augment mild --views 4")
     augmenter = None
     if augment is not None:
-        from genattr.features.augment import AUGMENTATIONS, Augmenter
-
         if augment not in AUGMENTATIONS:
             raise GenattrError(f"--augment must be one of {', '.join(AUGMENTATIONS)}")
         augmenter = Augmenter(augment, augment_seed)
@@ -273,8 +270,6 @@ def extract(
             if engine == "local":
                 _embed_local(job, writer, advance)
             else:
-                from genattr.features.extract_ray import embed_with_ray
-
                 embed_with_ray(job, writer, advance, concurrency=concurrency, address=ray_address)
         writer.finish()
     failed_total = writer.failed_total

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import torch
 
 from genattr.errors import GenattrError
 from genattr.features.decode import ItemDecoder
@@ -63,8 +64,6 @@ class _Embedder:
     """Ray actor: loads the model once onto its device, then embeds the decoded items."""
 
     def __init__(self, backbone: Any, device: str, dtype: str, channels_last: bool, threads: int):
-        import torch
-
         torch.set_num_threads(threads)
         # Ray makes an actor's GPU cuda:0 (CUDA_VISIBLE_DEVICES), whatever the driver asked for.
         self.device = "cuda" if device.startswith("cuda") else device

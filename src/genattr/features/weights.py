@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from genattr.errors import GenattrError
 
 _HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -152,8 +154,6 @@ def resolve_file(
     if target.is_file():
         return target
     if allow_download and url is not None and not hub_offline():
-        import torch
-
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             torch.hub.download_url_to_file(url, str(target), progress=False)

@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
 from genattr.features.preprocess import HALF, ImagePreprocess
 from genattr.features.registry import Backbone, register_backbone
@@ -55,10 +58,6 @@ class WorldCNN(nn.Module):
 
 def save_world_cnn(model: WorldCNN, path: str | Path, extra: dict | None = None) -> None:
     """fp16 safetensors with the architecture (and `extra`, e.g. training facts) as metadata."""
-    from safetensors.torch import save_file
-
-    from genattr.atomic import atomic_path
-
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     meta = {"arch": json.dumps(model.arch), "extra": json.dumps(extra or {})}
@@ -69,8 +68,6 @@ def save_world_cnn(model: WorldCNN, path: str | Path, extra: dict | None = None)
 
 def load_world_cnn(path: str | Path) -> WorldCNN:
     """A WorldCNN from a file written by `save_world_cnn`, in float32."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise GenattrError(f"{path}: no world-cnn weights; run `genattr world train-encoder`")

@@ -11,6 +11,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+from PIL import Image
 
 THUMB = 256  # pixels at the display reference share below
 REFERENCE_SHARE = 0.007  # the authors' demo: an image with 0.7 % influence is drawn full size
@@ -20,8 +21,6 @@ SMALL = 64  # images up to this side are embedded as they are and enlarged in th
 def image_data_uri(path: str, side: int) -> tuple[str, int, int] | None:
     """The image as a data URI with its display size (longest side `side`). Small images (the
     miniature world's 32 px) stay PNG at their own pixels and are drawn enlarged, pixelated."""
-    from PIL import Image
-
     try:
         with Image.open(path) as src:
             im = src.convert("RGB")

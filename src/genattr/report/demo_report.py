@@ -8,7 +8,6 @@ exemplars, and samples of the base model and of customized models.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import os
 from collections.abc import Sequence
@@ -16,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from markupsafe import Markup
 
 from genattr.atomic import write_text_atomic
-from genattr.report.attribution_html import STYLE, attribution_section, img_tag
+from genattr.report.attribution_html import STYLE, TEMPLATES, attribution_section, img_tag
 
 PAGE_STYLE = STYLE + (
     "<style>table{border-collapse:collapse;margin:8px 0 24px}"
@@ -51,42 +51,31 @@ def _pyplot():
     return plt
 
 
-def _table(outcomes: dict, ptypes: Sequence[str], chance: dict, metric: str = "mAP") -> str:
+def _table(outcomes: dict, ptypes: Sequence[str], chance: dict, metric: str = "mAP") -> dict:
     """One row per feature space, head and gallery (the AbC protocol, then its two controls),
     one column per test case and prompt type: mAP, or Recall@K with metric "R@K"."""
-    head = "".join(f"<th>{html.escape(p)}</th>" for p in ptypes) + "<th>mean</th>"
-    rows = [
-        "<table><tr><th class='l'>feature space</th><th class='l'>head</th>"
-        f"<th class='l'>gallery / score</th>{head}</tr>"
-    ]
 
-    def value(s: dict) -> float:
-        return s["mAP"] if metric == "mAP" else s["recall"][metric[2:]]
+    def row(name: str, head: str, gallery: str, summary: dict, strong: bool = False) -> dict:
+        vals = [
+            s["mAP"] if metric == "mAP" else s["recall"][metric[2:]]
+            for s in map(summary.get, ptypes)
+        ]
+        return {"name": name, "head": head, "gallery": gallery, "values": vals,
+                "mean": float(np.mean(vals)), "strong": strong}  # fmt: skip
 
-    def cells(summary: dict) -> str:
-        vals = [value(summary[p]) for p in ptypes]
-        return "".join(f"<td>{v:.3f}</td>" for v in vals) + f"<td>{np.mean(vals):.3f}</td>"
-
+    rows = []
     for name, o in outcomes.items():
         for which, res in (("raw", o.raw), ("head", o.head)):
             label = "none (raw)" if which == "raw" else f"trained {o.head_kind}"
-            runs = [("AbC protocol", res)]
+            rows.append(row(name, label, "AbC protocol", res.summary(), which == "head"))
             if metric == "mAP":
-                runs += [
-                    (k.split(", ", 1)[1], r) for k, r in o.controls.items() if k.startswith(which)
+                rows += [
+                    row(name, label, k.split(", ", 1)[1], r.summary())
+                    for k, r in o.controls.items()
+                    if k.startswith(which)
                 ]
-            for gallery, r in runs:
-                cls = " class='head'" if which == "head" and gallery == "AbC protocol" else ""
-                rows.append(
-                    f"<tr{cls}><td class='l'>{html.escape(name)}</td><td class='l'>{label}</td>"
-                    f"<td class='l'>{html.escape(gallery)}</td>{cells(r.summary())}</tr>"
-                )
-    rows.append(
-        "<tr><td class='l'>chance</td><td class='l'></td><td class='l'>random ranking</td>"
-        f"{cells(chance)}</tr>"
-    )
-    rows.append("</table>")
-    return "\n".join(rows)
+    rows.append(row("chance", "", "random ranking", chance))
+    return {"rows": rows}
 
 
 def _chance(outcome: Any, gallery_size: int) -> dict:
@@ -103,6 +92,7 @@ def _chance(outcome: Any, gallery_size: int) -> dict:
 
 
 def _recall_curves(outcomes: dict, ptypes: Sequence[str]) -> str:
+    """A data URI of Recall@K against K, one panel per prompt type."""
     plt = _pyplot()
     cols = min(2, len(ptypes))
     rows = -(-len(ptypes) // cols)
@@ -122,10 +112,11 @@ def _recall_curves(outcomes: dict, ptypes: Sequence[str]) -> str:
         row[0].set_ylabel("Recall@K (test models)")
     axes.flat[0].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
-    return f"<img src='{_fig_uri(fig)}' alt='recall against K'>"
+    return _fig_uri(fig)
 
 
 def _training_curves(outcomes: dict) -> str:
+    """A data URI of the heads' loss and val mAP per epoch."""
     plt = _pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
     for c, (name, o) in enumerate(outcomes.items()):
@@ -140,25 +131,23 @@ def _training_curves(outcomes: dict) -> str:
     for a in (a1, a2):
         a.grid(alpha=0.3)
     fig.tight_layout()
-    return f"<img src='{_fig_uri(fig)}' alt='head training curves'>"
+    return _fig_uri(fig)
 
 
-def _model_samples(models: Sequence[Any], per_type: int = 4) -> str:
-    parts = ["<div class='models'>"]
-    for m in models:
-        cells = [img_tag(p, 64, "exemplar") for p in m.exemplars[:4]]
-        parts.append(
-            f"<figure><div class='grid'>{''.join(cells)}<span>&rarr;</span>"
-            + "".join(
+def _model_samples(models: Sequence[Any], per_type: int = 4) -> list[dict]:
+    return [
+        {
+            "id": m.id,
+            "mode": m.mode,
+            "category": m.category,
+            "n_exemplars": len(m.exemplars),
+            "exemplars": [img_tag(p, 64, "exemplar") for p in m.exemplars[:4]],
+            "samples": [
                 img_tag(p, 64, "sample") for paths in m.synth.values() for p in paths[:per_type]
-            )
-            + f"</div><figcaption>{html.escape(m.id)} ({html.escape(m.mode)}"
-            + (f", '{html.escape(m.category)}'" if m.category else "")
-            + f", {len(m.exemplars)} exemplar(s)): exemplars, then samples of its prompt types"
-            "</figcaption></figure>"
-        )
-    parts.append("</div>")
-    return "\n".join(parts)
+            ],
+        }
+        for m in models
+    ]
 
 
 def write_demo_report(
@@ -187,81 +176,40 @@ def write_demo_report(
         for k in ("true_mass", "nll", "softmax_t1_nll", "uniform_nll", "softmax_fitted_nll")
     }
     cal.update(b.calibration.get("heldout", {}))
-    parts = [
-        "<!doctype html><meta charset='utf-8'><title>genattr demo: the miniature world</title>",
-        PAGE_STYLE,
-        "<h1>Data attribution in the miniature world</h1>",
-        f"<p>A text-to-image diffusion model trained here on {n_gallery} public-domain clip-art "
-        f"images (32&times;32), customized with Custom Diffusion on {len(manifest.models)} "
-        f"held-out exemplar sets ({splits['train']} train / {splits['val']} val / "
-        f"{splits['test']} test models), {len(bench.images)} synthesized images. "
-        "Each synthesized image's true training images are its model's exemplars. Scores are "
-        "on the test models; the gallery is the pre-training set, as in the AbC protocol "
-        f"(Wang et al., ICCV 2023). Run time: {seconds.get('total', 0):.0f} s.</p>",
-        "<section class='block'><h2>Results on held-out test models</h2>",
-        "<p>mAP per test case (objects of kinds the base model was trained on, objects of "
-        "kinds it never saw, artists' styles) and prompt type. Beside each result, two "
-        "controls: the <b>stricter gallery</b> adds every other held-out exemplar as a "
-        "distractor, so being absent from pre-training is not enough to rank first; the "
-        "<b>query-independent</b> score ranks every image by its mean similarity to all "
-        "queries, ignoring which image was asked about. A method that attributes must stay "
-        "far above the second and near its own number on the first.</p>",
-        _table(outcomes, ptypes, chance),
-        "<p>Recall@10 and Recall@100, AbC protocol:</p>",
-        _table(outcomes, ptypes, chance, "R@10"),
-        _table(outcomes, ptypes, chance, "R@100"),
-        "</section><section class='block'><h2>Recall against K</h2>",
-        "<p>Dashed: raw features; solid: with the trained head.</p>",
-        _recall_curves(outcomes, ptypes),
-        "</section><section class='block'><h2>Head training</h2>",
-        f"<p>Heads ({html.escape(', '.join(sorted({o.head_kind for o in outcomes.values()})))})"
-        " trained with a multi-positive contrastive loss on the train models; the epoch with "
-        "the best val mAP (dot) is kept.</p>",
-        _training_curves(outcomes),
-        "</section><section class='block'><h2>Calibrated influence</h2>",
-        f"<p>{html.escape(best)} + head. On held-out val models the calibrator puts "
-        f"{100 * cal['true_mass']:.1f} % of the influence on true exemplars; held-out NLL "
-        f"{cal['nll']:.3f} against {cal['uniform_nll']:.3f} for a uniform spread over the "
-        f"candidates (ln L) and {cal['softmax_fitted_nll']:.3f} for a plain softmax at its best "
-        "temperature.</p>",
-    ]
-    if b.reliability_plot is not None:
-        parts.append(f"<img src='{_file_uri(b.reliability_plot)}' alt='reliability plot'>")
-    parts.append(
-        "</section><section class='block'><h2>Attributed test queries</h2>"
-        f"<p>Top-10 training images by {html.escape(best)} + head, sized by calibrated "
-        "influence; true exemplars outlined in green. Left of each row, the model's exemplars.</p>"
-    )
 
     def describe(r: Any) -> str:
         """The training image's caption (its file is named by its index in the world data)."""
         stem = Path(r.path).stem
         return data.records[int(stem)]["caption"] if stem.isdigit() else r.id
 
-    for a, m in zip(answers, queries, strict=True):
-        truth = "".join(img_tag(p, 64, "exemplar") for p in m.exemplars[:6])
-        what = html.escape(m.mode) + (f", {html.escape(m.category)}" if m.category else "")
-        parts.append(
-            f"<h3>{html.escape(m.id)} ({what})</h3><div class='row'><figure>"
-            f"<div class='grid'>{truth}</div>"
-            "<figcaption>true exemplars</figcaption></figure></div>"
-        )
-        parts.append(attribution_section(a, set(m.exemplars), caption=describe))
-    sample_models = [m for m in manifest.models if m.split == "test"][:6]
-    parts += [
-        "</section><section class='block'><h2>The world's models</h2>",
-        f"<p>Base model ({html.escape(base_training)}): a real training image of each curated "
-        "group (top row), then two rows of samples for the same captions.</p>",
-        f"<img src='{_file_uri(base_grid)}' alt='base model samples'>",
-        "<p>Customized models (test split): exemplars, then samples.</p>",
-        _model_samples(sample_models),
-        "</section><section class='block'><h2>Time per stage</h2><table>",
-        *(
-            f"<tr><td class='l'>{html.escape(k)}</td><td>{v:.1f} s</td></tr>"
-            for k, v in seconds.items()
-        ),
-        "</table></section>",
-    ]
+    page = TEMPLATES.get_template("demo_report.html.j2").render(
+        style=Markup(PAGE_STYLE),
+        n_gallery=n_gallery,
+        n_models=len(manifest.models),
+        splits=splits,
+        n_images=len(bench.images),
+        seconds=seconds,
+        ptypes=ptypes,
+        tables={m: _table(outcomes, ptypes, chance, m) for m in ("mAP", "R@10", "R@100")},
+        recall_plot=_recall_curves(outcomes, ptypes),
+        head_kinds=", ".join(sorted({o.head_kind for o in outcomes.values()})),
+        training_plot=_training_curves(outcomes),
+        best=best,
+        cal=cal,
+        reliability_plot=None if b.reliability_plot is None else _file_uri(b.reliability_plot),
+        queries=[
+            {
+                "id": m.id,
+                "what": m.mode + (f", {m.category}" if m.category else ""),
+                "truth": [img_tag(p, 64, "exemplar") for p in m.exemplars[:6]],
+                "section": attribution_section(a, set(m.exemplars), caption=describe),
+            }
+            for a, m in zip(answers, queries, strict=True)
+        ],
+        base_training=base_training,
+        base_grid=_file_uri(base_grid),
+        models=_model_samples([m for m in manifest.models if m.split == "test"][:6]),
+    )
     path = Path(path)
-    write_text_atomic(path, "\n".join(parts) + "\n")
+    write_text_atomic(path, page)
     return path

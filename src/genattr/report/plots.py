@@ -6,6 +6,8 @@ import os
 
 import numpy as np
 
+from genattr.atomic import atomic_path
+
 
 def reliability_data(p: np.ndarray, is_true: np.ndarray, bins: int = 10):
     """Per bin of assigned influence: mean influence, fraction of true exemplars, count.
@@ -34,8 +36,6 @@ def reliability_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from genattr.atomic import atomic_path
 
     rows = reliability_data(p, is_true)
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)

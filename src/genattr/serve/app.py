@@ -25,10 +25,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from genattr.data.images import DEFAULT_MAX_PIXELS
+from genattr.attribution import Attributor
+from genattr.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+from genattr.report.attribution_html import thumbnail_side
 from genattr.serve.batcher import MicroBatcher, QueueFull
 from genattr.serve.examples import world_examples
 from genattr.serve.gallery import Gallery
+from genattr.serve.world_index import default_world_index
 
 if TYPE_CHECKING:
     from genattr.attribution import Attribution
@@ -138,8 +141,6 @@ class Service:
         max_wait: float = 0.005,
         model_batch: int | None = None,
     ) -> None:
-        from genattr.attribution import Attributor
-
         self.limits = limits
         # Images per forward pass. On CPU one: EfficientNet-Lite0 at one thread spent ~1.7x the
         # CPU per image on passes of 8 images as on single images here (activations outgrow
@@ -161,8 +162,6 @@ class Service:
 
     def attribute_batch(self, uploads: Sequence[Upload]) -> list[AttributeResponse | Exception]:
         """Decode, embed, search and describe a batch: all of it in the worker thread."""
-        from genattr.data.images import ImageDecodeError, load_rgb
-
         lim = self.limits
         out: dict[int, AttributeResponse | Exception] = {}
         decoded = {}
@@ -189,8 +188,6 @@ class Service:
 
     def response(self, a: Attribution, size: tuple[int, int], top_k: int) -> AttributeResponse:
         """The JSON answer: influence in percent, captions and thumbnail URLs added."""
-        from genattr.report.attribution_html import thumbnail_side
-
         results = [
             TrainingImage(
                 rank=r.rank,
@@ -431,8 +428,6 @@ def serve(
     import uvicorn
 
     if index_path is None:
-        from genattr.serve.world_index import default_world_index
-
         index_path = default_world_index()
     svc = Service(index_path, calibrator_path, limits or Limits(), weights, device)
     uvicorn.run(create_app(service=svc), host=host, port=port)

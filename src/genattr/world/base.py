@@ -18,10 +18,12 @@ weighting, ...), never the model's shape; each change is kept with its step in t
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,14 +31,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from genattr.atomic import atomic_path
+from genattr.customize.pipeline import load_base_pipeline
 from genattr.errors import GenattrError
+from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+from genattr.world.tokenizer import build_tokenizer
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    import torch
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
     )
@@ -124,7 +131,6 @@ class BaseConfig:
 
 def build_models(cfg: BaseConfig, tokenizer: Any) -> tuple[Any, Any]:
     """A fresh (seeded) UNet and text encoder for this config and tokenizer."""
-    import torch
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -191,6 +197,8 @@ def make_pipeline(
         StableDiffusionPipeline,
     )
 
+    # deferred: world.vae subclasses diffusers' models (imports diffusers), and genattr.cli
+    # imports this module
     from genattr.world.vae import IdentityVAE
 
     pipe = StableDiffusionPipeline(
@@ -240,8 +248,6 @@ def _changes(old: BaseConfig, new: BaseConfig) -> dict[str, Any]:
 def loss_weights(scheduler: Any, t: torch.Tensor, snr_gamma: float | None) -> torch.Tensor:
     """Per-image loss weights: min(SNR, gamma) / SNR for noise prediction, min(SNR, gamma) /
     (SNR + 1) for v (the same weight on the implied image error), or ones."""
-    import torch
-
     if snr_gamma is None:
         return torch.ones(len(t))
     alpha_bar = scheduler.alphas_cumprod[t].to(torch.float32)
@@ -269,10 +275,7 @@ class BaseTrainer:
     ) -> None:
         """`changes`: options to set on top of `config` (or of the run's own config when
         resuming; only `TRAINING_OPTIONS` may change then, from the resumed step on)."""
-        import torch
         import transformers
-
-        from genattr.world.tokenizer import build_tokenizer
 
         transformers.logging.set_verbosity_error()
         self.out = Path(out)
@@ -383,8 +386,6 @@ class BaseTrainer:
         }
 
     def load_state(self, path: Path) -> None:
-        import torch
-
         st = torch.load(path / STATE_NAME, map_location="cpu", weights_only=True)
         self.unet.load_state_dict(st["unet"])
         self.text_encoder.load_state_dict(st["text_encoder"])
@@ -405,8 +406,6 @@ class BaseTrainer:
 
     def checkpoint(self, keep: int = 2, grid: bool = True) -> Path:
         """Write the state (atomically: a temporary folder renamed into place) and a grid."""
-        import torch
-
         final = self.out / "checkpoints" / f"step-{self.step:07d}"
         tmp = self.out / "checkpoints" / f".tmp-step-{self.step:07d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -422,9 +421,6 @@ class BaseTrainer:
 
     # -- training ------------------------------------------------------------------------
     def train_step(self) -> float:
-        import torch
-        import torch.nn.functional as F
-
         cfg = self.cfg
         idx = self.rng.integers(0, len(self.images), cfg.batch_size)
         x = self.images[idx].astype(np.float32) / 127.5 - 1.0
@@ -503,8 +499,6 @@ class BaseTrainer:
     def pipeline(self, ema: bool = True) -> StableDiffusionPipeline:
         """The current model (EMA weights by default) as a pipeline; copies, so training goes
         on unaffected."""
-        import copy
-
         unet, te = copy.deepcopy(self.unet), copy.deepcopy(self.text_encoder)
         if ema:
             unet.load_state_dict(
@@ -530,8 +524,6 @@ class BaseTrainer:
     def save_pipeline(self, path: str | os.PathLike, half: bool = False) -> Path:
         """The EMA model as a `from_pretrained`-loadable pipeline folder (`half`: fp16 weights,
         half the size, for shipping; loading in fp32 upcasts them) with `training.json`."""
-        import torch
-
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -568,8 +560,6 @@ def sample(
     seed: int = 0,
 ) -> np.ndarray:
     """uint8 (N, H, W, 3) samples, one per prompt, each with its own seeded generator."""
-    import torch
-
     gens = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
     with torch.inference_mode():
         out = pipe(
@@ -584,8 +574,6 @@ def sample(
 
 def image_grid(images: np.ndarray, cols: int = 8, scale: int = 2) -> Any:
     """A PIL grid of uint8 images (upscaled `scale` times, nearest, to keep pixels honest)."""
-    from PIL import Image
-
     n, h, w, _ = images.shape
     rows = -(-n // cols)
     grid = np.full((rows * (h + 2), cols * (w + 2), 3), 128, np.uint8)
@@ -607,8 +595,6 @@ def train_base(
 ) -> TrainReport:
     """Train (or resume) the world's base model on the pretrain split; then write the EMA
     pipeline to `out/pipeline`. `changes`: training options to change from here on."""
-    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
-
     data = load_data(data_dir or DEFAULT_DATA_DIR, size=(config or BaseConfig()).size)
     idx = data.indices("pretrain")
     trainer = BaseTrainer(out, data.images[idx], data.captions(idx), config, changes=changes)
@@ -623,8 +609,6 @@ def export_base(
     data_dir: str | os.PathLike | None = None,
 ) -> Path:
     """A run's newest checkpoint (EMA weights, fp16) as the world's shipped base model."""
-    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
-
     saved = Path(run) / CONFIG_NAME
     if not saved.is_file():
         raise GenattrError(f"{run}: not a base-model run (no {CONFIG_NAME})")
@@ -657,8 +641,6 @@ def describe_training(record: dict[str, Any]) -> str:
 
 def base_model_dir(size: int = 32) -> Path:
     """Where the shipped base model lives (inside the package)."""
-    from genattr.world.clipart import DEFAULT_DATA_DIR
-
     return DEFAULT_DATA_DIR / f"base{size}"
 
 
@@ -666,8 +648,6 @@ def load_world_base(path: str | os.PathLike | None = None) -> StableDiffusionPip
     """The shipped (or a given) world base model, in float32 on the CPU."""
     import diffusers
     import transformers
-
-    from genattr.customize.pipeline import load_base_pipeline
 
     diffusers.utils.logging.set_verbosity_error()  # the identity VAE is not an AutoencoderKL
     diffusers.utils.logging.disable_progress_bar()
@@ -680,8 +660,6 @@ def load_world_base(path: str | os.PathLike | None = None) -> StableDiffusionPip
 
 def _main(argv: Sequence[str] | None = None) -> None:
     """`python -m genattr.world.base OUT NPZ STEPS EVERY`: a run on a small npz (tests)."""
-    import sys
-
     args = list(sys.argv[1:] if argv is None else argv)
     out, npz, steps, every = args[0], args[1], int(args[2]), int(args[3])
     cfg = BaseConfig.from_dict(json.loads(args[4])) if len(args) > 4 else None

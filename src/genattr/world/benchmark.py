@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from genattr.atomic import atomic_path, write_text_atomic
+from genattr.customize.driver import make_benchmark
 from genattr.customize.plan import assign_split
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, read_manifest
 from genattr.errors import GenattrError
@@ -87,8 +89,6 @@ def write_plan(
     models: list[str] | None = None,
 ) -> Path:
     """Exemplar PNGs (named by their index in the world data) and `plan.json` in `work`."""
-    from PIL import Image
-
     work = Path(work)
     held = data.models()
     chosen = sorted(held) if models is None else models
@@ -142,8 +142,6 @@ def build_benchmark(
     sample: dict[str, Any] | None = None,
 ) -> BenchmarkManifest:
     """Customize and sample every held-out set (resumable: finished models are skipped)."""
-    from genattr.customize.driver import make_benchmark
-
     data = data or load_data()
     plan = write_plan(data, base, work, train, sample, models)
     manifest, _ = make_benchmark(plan, Path(work) / "bench", engine=engine)
@@ -163,8 +161,6 @@ class WorldBenchmark:
     ) -> tuple[BenchmarkManifest, dict[str, Path]]:
         """PNG files for the gallery, the exemplars and the synthesized images, and a genattr
         manifest with absolute paths; returns it and the three folders."""
-        from PIL import Image
-
         out = Path(out).resolve()
         dirs = {k: out / k for k in ("pretrain", "exemplars", "synth")}
 
@@ -208,8 +204,6 @@ def pack_benchmark(
     work: str | os.PathLike, out: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32
 ) -> Path:
     """Pack `work/bench` (made by `build_benchmark`) into `out`'s npz + json."""
-    from PIL import Image
-
     work = Path(work)
     manifest = read_manifest(work / "bench" / "manifest.json")
     plan = json.loads((work / "bench" / "plan.json").read_text())

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from genattr.atomic import atomic_path
 from genattr.errors import GenattrError
@@ -148,10 +150,6 @@ def caption(title: str, categories: tuple[str, ...]) -> str:
 def render(data: bytes, size: int) -> np.ndarray:
     """A PNG as uint8 (size, size, 3): alpha composited on white, padded to a square on white,
     resized with an antialiasing filter (thin clip-art lines survive as grey)."""
-    import warnings
-
-    from PIL import Image
-
     with warnings.catch_warnings():  # a few package PNGs are huge (168 Mpx) but genuine
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         im = Image.open(io.BytesIO(data))

@@ -22,8 +22,30 @@ from typing import Any
 import numpy as np
 import torch
 
-from genattr.data.benchmark import write_manifest
-from genattr.evaluate import EvaluationResult
+from genattr.attribution import attribute
+from genattr.data.benchmark import BenchmarkManifest, write_manifest
+from genattr.errors import GenattrError
+from genattr.evaluate import EvaluationResult, evaluate_protocol, write_results
+from genattr.features.extract import extract
+from genattr.heads.checkpoint import load_heads
+from genattr.heads.networks import HEADS
+from genattr.heads.train import TrainConfig
+from genattr.report.demo_report import write_demo_report
+from genattr.store import EmbeddingStore
+from genattr.store.join import testcase_from_stores
+from genattr.workflows.calibrate import calibrate_from_stores
+from genattr.workflows.index import build_index_from_store
+from genattr.workflows.train_head import train_heads_from_stores
+from genattr.world.base import (
+    TRAINING_NAME,
+    base_model_dir,
+    describe_training,
+    image_grid,
+    load_world_base,
+    sample,
+)
+from genattr.world.benchmark import load_benchmark
+from genattr.world.clipart import load_data
 
 logger = logging.getLogger(__name__)
 
@@ -97,15 +119,6 @@ def run_demo(
     the val models and the `HONEST_HEADS` rules: on the 226 training models it gains
     1.3-1.6x over raw world-cnn features on the object test cases, on the stricter gallery
     too, and 1.1x on styles (BENCHMARKS.md)."""
-    from genattr.errors import GenattrError
-    from genattr.features.extract import extract
-    from genattr.heads.networks import HEADS
-    from genattr.heads.train import TrainConfig
-    from genattr.workflows.calibrate import calibrate_from_stores
-    from genattr.workflows.train_head import train_heads_from_stores
-    from genattr.world.benchmark import load_benchmark
-    from genattr.world.clipart import load_data
-
     if head not in HEADS:
         raise GenattrError(f"unknown head {head!r}; choose from {sorted(HEADS)}")
     out = Path(out).resolve()
@@ -196,9 +209,6 @@ def run_demo(
     base_grid = _base_model_grid(data, out / "figures" / "base_samples.png")
     seconds["base samples"] = time.perf_counter() - t0
 
-    from genattr.report.demo_report import write_demo_report
-    from genattr.world.base import TRAINING_NAME, base_model_dir, describe_training
-
     seconds["total"] = time.perf_counter() - t_start
     report = write_demo_report(
         out / "report.html",
@@ -258,12 +268,6 @@ def _evaluate(
     the three CONTROLS of each. Each test case (objects of observed kinds, objects of unobserved
     kinds, styles) is evaluated apart, as the authors' test cases are; prompt types are
     reported as "object: media", "style: gpt", ..."""
-    from genattr.data.benchmark import BenchmarkManifest
-    from genattr.evaluate import evaluate_protocol, write_results
-    from genattr.heads.checkpoint import load_heads
-    from genattr.store import EmbeddingStore
-    from genattr.store.join import testcase_from_stores
-
     gallery = EmbeddingStore.open(stores["pretrain"]).vectors
     real, synth = EmbeddingStore.open(stores["exemplars"]), EmbeddingStore.open(stores["synth"])
     mappers = load_heads(head_dir)[0]
@@ -302,9 +306,6 @@ def _evaluate(
 def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[Any], list[Any]]:
     """Index the whole training set (pre-training images and exemplars) with the best head and
     attribute the first sample of a few test models, taken in turn from each test case."""
-    from genattr.attribution import attribute
-    from genattr.workflows.index import build_index_from_store
-
     stores = out / "stores" / backbone
     index = out / "index"
     build_index_from_store(
@@ -330,8 +331,6 @@ def _base_model_grid(data, path: Path, rows: int = 2) -> Path:
     """Samples of the shipped base model for captions of its own training images: one random
     image of each curated group in the top row, `rows` rows of samples for the same captions
     (different seeds) below."""
-    from genattr.world.base import image_grid, load_world_base, sample
-
     pipe = load_world_base()
     idx = data.indices("pretrain")
     rng = np.random.default_rng(7)

@@ -23,9 +23,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from genattr.errors import GenattrError
-from genattr.world.base import GUIDANCE
+from genattr.features import get_backbone
+from genattr.world.base import GUIDANCE, sample
 
 if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -56,11 +59,6 @@ class SampleQuality:
 
 def embed(images: np.ndarray, batch: int = 64) -> np.ndarray:
     """L2-normalised EfficientNet-Lite0 features of uint8 (N, H, W, 3) images."""
-    import torch
-    import torch.nn.functional as F
-
-    from genattr.features import get_backbone
-
     try:
         bb = get_backbone("efficientnet-lite0")
     except GenattrError as e:
@@ -112,8 +110,6 @@ def denoising_error(
 ) -> dict[str, dict[str, float]]:
     """One-step image prediction error (pixels in [-1, 1], clipped) per noise level, and the
     error of predicting `mean_image` instead."""
-    import torch
-
     x0 = torch.from_numpy(images.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2)
     mean = torch.from_numpy(mean_image.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)
     out = {}
@@ -143,8 +139,6 @@ def sample_quality(
     seed: int = 0,
 ) -> SampleQuality:
     """Sample `n` captions of pre-training images and score the samples (see module doc)."""
-    from genattr.world.base import sample
-
     pre = data.indices("pretrain")
     if len(pre) < n + 10:
         raise GenattrError(f"only {len(pre)} pre-training images; need more than {n + 10}")

@@ -13,6 +13,7 @@ import inspect
 import json
 import re
 import string
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,6 @@ def word_vocab(captions: Iterable[str], min_count: int = 1) -> tuple[dict[str, i
 def make_tokenizer(vocab: dict[str, int], merges: list[str], max_length: int = 32) -> Any:
     """A `transformers.CLIPTokenizer` from vocab/merges contents (transformers 4 reads files,
     transformers 5 takes the contents: `vocab_file=` would be silently ignored there)."""
-    import tempfile
-
     from transformers import CLIPTokenizer
 
     if "vocab_file" in inspect.signature(CLIPTokenizer.__init__).parameters:  # transformers 4
