@@ -57,8 +57,8 @@ def _table(outcomes: dict, ptypes: Sequence[str], chance: dict, metric: str = "m
 
     def row(name: str, head: str, gallery: str, summary: dict, strong: bool = False) -> dict:
         vals = [
-            s["mAP"] if metric == "mAP" else s["recall"][metric[2:]]
-            for s in map(summary.get, ptypes)
+            summary[p]["mAP"] if metric == "mAP" else summary[p]["recall"][metric[2:]]
+            for p in ptypes
         ]
         return {"name": name, "head": head, "gallery": gallery, "values": vals,
                 "mean": float(np.mean(vals)), "strong": strong}  # fmt: skip
