@@ -1,7 +1,15 @@
 """Image collections: what to read, in a fixed order, with an id and metadata for each image.
 
 `open_source(spec)` understands four kinds:
-  folder      a directory, walked recursively; image files sorted by relative path (the id)
+  folder      a directory, walked recursively; image files sorted by relative path (the id).
+              An image is a regular file (or a symlink to one) with an image extension, or
+              with another or no extension whose first bytes are an image's (PNG, JPEG, GIF,
+              BMP, WEBP, TIFF, ICO). Symlinked folders are followed, each folder walked once
+              (by device and inode: a loop or a second link to a folder is skipped). Every
+              entry seen is an item (later stored or failed) or skipped with a reason:
+              `skipped`, `folders` and `listing()` account for them all. Entries named like
+              an image that cannot be one (a FIFO, a socket, a device, a broken symlink) are
+              items that fail, never opened; other such entries are skipped.
   list        a text file of image paths, one a line (blank lines and `#` comments skipped)
   tar         webdataset shards: `x.tar`, a glob `shards/*.tar` or a brace range
               `shards/{000..009}.tar`; members grouped by key (the basename up to its first
@@ -12,17 +20,24 @@ Relative paths in list and JSON files are read from `root` when given; otherwise
 current directory (the authors' convention), falling back to the file's own folder.
 
 A source is columnar (plain lists), so a million items pickle fast into decode workers.
-Problems found while listing (a repeated id, a tar sample with no image) are kept as
-`prefailed` reasons: the extraction records them as failures instead of dropping them.
+Problems found while listing (a repeated id, a tar sample with no image, a FIFO named x.png)
+are kept as `prefailed` reasons: the extraction records them as failures instead of dropping
+them. Names are whatever bytes the file system holds: `files` keeps the real path (a str with
+surrogate escapes, as os.walk gives it), ids and `paths` a printable form (`display_name`:
+undecodable bytes as \\xNN), since parquet and JSON need valid UTF-8.
+`read_bytes` opens regular files only and reads at most `max_bytes` of each.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 import re
+import stat
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +48,125 @@ from genattr.errors import GenattrError
 
 SOURCE_KINDS = ("folder", "list", "tar", "abc_json")
 _CAPTION_EXTS = ("txt", "caption")
+_MAX_CAPTION_BYTES = 1 << 20  # a caption member is read at listing time: bounded
+# what a folder or tar calls an image by name: the decoder's formats, plus other spellings of
+# JPEG and the formats Pillow reads that images.py does not list
+IMAGE_NAME_EXTENSIONS = (*IMAGE_EXTENSIONS, ".jfif", ".jpe", ".jif", ".ico", ".pbm", ".pnm")
+_SNIFF_BYTES = 32
+_BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)  # BITMAPCOREHEADER .. BITMAPV5HEADER
+SKIP_HIDDEN = "hidden"
+SKIP_NOT_IMAGE = "not an image"
+SKIP_WALKED = "folder already walked (a symlink loop or a second link to it)"
+SKIP_OUTPUT = "the output store"
+
+
+class ItemRefused(Exception):
+    """An item that is not read at all (not a regular file, too large); str(e) is the reason."""
+
+
+def display_name(name: str) -> str:
+    """A printable, valid-UTF-8 form of a file name: undecodable bytes become \\xNN.
+
+    The identity for every name that is valid UTF-8, so ids of ordinary folders do not change.
+    """
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISDIR, "folder"),
+    ):
+        if test(mode):
+            return kind
+    return f"mode {stat.S_IFMT(mode):o}"
+
+
+def _not_regular(mode: int) -> str:
+    return f"not a regular file ({_file_kind(mode)})"
+
+
+def _too_large(size: int, max_bytes: int) -> str:
+    return (
+        f"larger than {max_bytes / 2**20:.4g} MB ({size} bytes); "
+        "raise the limit (--max-file-mb) to read it"
+    )
+
+
+def _open_regular(path: str) -> int:
+    """A file descriptor for a regular file, or ItemRefused; never blocks on a FIFO.
+
+    The path is checked with os.stat before it is opened (opening a device can have effects),
+    and the open file again with fstat (it may have been replaced in between); O_NONBLOCK makes
+    the open of a FIFO return at once instead of waiting for a writer.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise ItemRefused(_not_regular(mode))
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ItemRefused(_not_regular(mode))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
+    """The bytes of regular file `path`: ItemRefused for anything else or for more than
+    `max_bytes` (checked on the size before reading, and by reading at most one byte more)."""
+    fd = _open_regular(path)
+    with open(fd, "rb", closefd=True) as f:
+        if max_bytes is None:
+            return f.read()
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise ItemRefused(_too_large(size, max_bytes))
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:  # grew since the stat
+        raise ItemRefused(_too_large(len(data), max_bytes))
+    return data
+
+
+def sniff_image(head: bytes) -> str | None:
+    """The image format whose signature `head` (a file's first bytes) starts with, or None."""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[:4] in (b"II*\0", b"MM\0*"):
+        return "TIFF"
+    if (
+        head[:2] == b"BM"
+        and len(head) >= 18
+        and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES
+    ):
+        return "BMP"
+    # ICONDIR: reserved 0, type 1, count > 0; first entry's reserved byte 0, planes 0 or 1
+    ico = head[:4] == b"\0\0\1\0" and len(head) >= 12 and head[4:6] != b"\0\0"
+    if ico and head[9] == 0 and head[10:12] in (b"\0\0", b"\1\0"):
+        return "ICO"
+    return None
+
+
+def _sniff_file(path: str) -> str | None:
+    fd = _open_regular(path)
+    with open(fd, "rb", closefd=True) as f:
+        return sniff_image(f.read(_SNIFF_BYTES))
 
 
 @dataclass
@@ -47,16 +181,32 @@ class ImageSource:
     columns: dict[str, list[Any]] = field(default_factory=dict)
     prefailed: dict[int, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # entries seen while listing that are not items: (printable path, reason)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    folders: int = 0  # sub-folders walked (folder sources)
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def read_bytes(self, i: int) -> bytes:
-        """The encoded image i (raises OSError when it cannot be read)."""
+    def listing(self) -> dict[str, Any]:
+        """What the listing saw: items (images, before views), folders walked, and the
+        entries skipped, counted by reason; items + folders + skipped = every entry seen."""
+        counts = Counter(reason for _, reason in self.skipped)
+        return {
+            "items": len(self) // int(self.extra.get("views", 1)),
+            "folders": self.folders,
+            "skipped": dict(sorted(counts.items())),
+        }
+
+    def read_bytes(self, i: int, max_bytes: int | None = None) -> bytes:
+        """The encoded image i, at most `max_bytes` of it.
+
+        Raises ItemRefused (not a regular file, larger than max_bytes) or OSError."""
         if self.offsets is None:
-            with open(self.files[i], "rb") as f:
-                return f.read()
+            return read_regular_file(self.files[i], max_bytes)
         assert self.sizes is not None, "a tar source records both offsets and sizes"
+        if max_bytes is not None and self.sizes[i] > max_bytes:
+            raise ItemRefused(_too_large(self.sizes[i], max_bytes))
         with open(self.files[i], "rb") as f:
             f.seek(self.offsets[i])
             data = f.read(self.sizes[i])
@@ -81,7 +231,7 @@ class ImageSource:
 
 
 def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    return name.lower().endswith(IMAGE_NAME_EXTENSIONS)
 
 
 def _mark_duplicates(ids: list[str], prefailed: dict[int, str]) -> None:
@@ -93,26 +243,151 @@ def _mark_duplicates(ids: list[str], prefailed: dict[int, str]) -> None:
             seen[key] = i
 
 
+def _dir_key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+class _FolderWalk:
+    """One walk of a folder: items (relative paths, some failed), skipped entries, folders."""
+
+    def __init__(self, root: Path, exclude: tuple[int, int] | None):
+        self.root, self.exclude = root, exclude
+        self.items: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.skipped: list[tuple[str, str]] = []
+        self.folders = 0
+        self.visited: set[tuple[int, int]] = set()
+
+    def skip(self, rel: str, reason: str) -> None:
+        self.skipped.append((rel, reason))
+
+    def item(self, rel: str, reason: str | None = None) -> None:
+        self.items.append(rel)
+        if reason is not None:
+            self.failed[rel] = reason
+
+    def bad(self, rel: str, name: str, reason: str) -> None:
+        """An entry that cannot be read: a failed item if its name says image, else skipped."""
+        if _is_image_name(name):
+            self.item(rel, reason)
+        else:
+            self.skip(rel, reason)
+
+    def run(self) -> None:
+        """Real sub-folders first, then symlinked ones, so that a folder reached both ways is
+        walked as itself and its link is the one skipped."""
+        self.visited.add(_dir_key(os.stat(self.root)))
+        real: list[str] = []
+        linked: list[str] = []
+        self._scan("", real, linked, top=True)
+        while real or linked:
+            rel = real.pop() if real else linked.pop(0)
+            try:
+                key = _dir_key(os.stat(self.root / rel))
+            except OSError as e:
+                self.skip(rel, f"cannot read folder: {e.strerror or e}")
+                continue
+            if key in self.visited:
+                self.skip(rel, SKIP_WALKED)
+                continue
+            if key == self.exclude:
+                self.skip(rel, SKIP_OUTPUT)
+                continue
+            self.visited.add(key)
+            self._scan(rel, real, linked)
+
+    def _scan(self, rel_dir: str, real: list[str], linked: list[str], top: bool = False) -> None:
+        d = self.root / rel_dir if rel_dir else self.root
+        try:
+            with os.scandir(d) as it:
+                entries = sorted(it, key=lambda entry: entry.name)
+        except OSError as err:
+            if top:
+                raise
+            self.skip(rel_dir, f"cannot read folder: {err.strerror or err}")
+            return
+        if not top:
+            self.folders += 1
+        subdirs: list[str] = []
+        for entry in entries:
+            name = entry.name
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if name.startswith("."):
+                self.skip(rel, SKIP_HIDDEN)
+                continue
+            try:
+                if entry.is_dir():  # follows symlinks
+                    (linked if entry.is_symlink() else subdirs).append(rel)
+                elif entry.is_file():  # a regular file, or a symlink to one
+                    self._file(rel, name, entry.path)
+                else:
+                    self._special(rel, name, entry)
+            except OSError as err:
+                self.bad(rel, name, f"cannot read: {err.strerror or err}")
+        real.extend(reversed(subdirs))  # popped in name order
+
+    def _file(self, rel: str, name: str, path: str) -> None:
+        if _is_image_name(name):
+            self.item(rel)
+            return
+        try:
+            fmt = _sniff_file(path)
+        except ItemRefused as e:  # replaced by a FIFO since the listing
+            self.skip(rel, str(e))
+            return
+        except OSError as e:
+            self.skip(rel, f"cannot read to tell whether it is an image: {e.strerror or e}")
+            return
+        if fmt is None:
+            self.skip(rel, SKIP_NOT_IMAGE)
+        else:
+            self.item(rel)
+
+    def _special(self, rel: str, name: str, e: os.DirEntry) -> None:
+        try:
+            mode = e.stat().st_mode
+        except FileNotFoundError:
+            if e.is_symlink():
+                self.bad(rel, name, "broken symlink (its target does not exist)")
+                return
+            raise
+        except OSError as err:
+            if e.is_symlink():
+                self.bad(rel, name, f"symlink that cannot be followed: {err.strerror or err}")
+                return
+            raise
+        self.bad(rel, name, _not_regular(mode))
+
+
 def folder_source(folder: str | os.PathLike, exclude: str | os.PathLike | None = None):
-    """Every image file under `folder` (hidden files and folders skipped), sorted by id."""
+    """Every image under `folder`, sorted by id; hidden entries skipped (see the module doc).
+
+    `exclude` (the output store, when it lies inside) is skipped."""
     root = Path(folder)
-    skip = Path(exclude).resolve() if exclude is not None else None
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        dirnames[:] = [
-            n
-            for n in dirnames
-            if not n.startswith(".") and (skip is None or (d / n).resolve() != skip)
-        ]
-        rels += [
-            (d / n).relative_to(root).as_posix()
-            for n in filenames
-            if not n.startswith(".") and _is_image_name(n)
-        ]
-    rels.sort()
+    skip = None
+    if exclude is not None:
+        with contextlib.suppress(OSError):
+            skip = _dir_key(os.stat(exclude))
+    try:
+        walk = _FolderWalk(root, skip)
+        walk.run()
+    except OSError as e:
+        shown = display_name(str(folder))
+        raise GenattrError(f"{shown}: cannot list this folder ({e.strerror or e})") from None
+    rels = sorted(walk.items, key=lambda r: (display_name(r), r))
     files = [str(root / r) for r in rels]
-    return ImageSource("folder", str(folder), rels, list(files), files)
+    src = ImageSource(
+        "folder",
+        display_name(str(folder)),
+        [display_name(r) for r in rels],
+        [display_name(f) for f in files],
+        files,
+        skipped=[(display_name(str(root / r)), reason) for r, reason in walk.skipped],
+        folders=walk.folders,
+    )
+    src.prefailed = {i: walk.failed[r] for i, r in enumerate(rels) if r in walk.failed}
+    _mark_duplicates(src.ids, src.prefailed)  # two names that print the same
+    return src
 
 
 def _resolver(base: Path, root: str | os.PathLike | None):
@@ -129,12 +404,15 @@ def _resolver(base: Path, root: str | os.PathLike | None):
 def list_source(list_file: str | os.PathLike, root: str | os.PathLike | None = None):
     """Paths from a text file, in file order; the id is the path as written."""
     try:
-        lines = Path(list_file).read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        # file names as the file system spells them: bytes that are not UTF-8 are kept (as
+        # surrogate escapes, like os.listdir) to open the file, and printed as \\xNN in ids
+        lines = os.fsdecode(Path(list_file).read_bytes()).splitlines()
+    except OSError as e:
         raise GenattrError(f"{list_file}: cannot read the list of images ({e})") from None
-    paths = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+    written = [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
     resolve = _resolver(Path(list_file).parent, root)
-    src = ImageSource("list", str(list_file), list(paths), paths, [resolve(p) for p in paths])
+    names = [display_name(p) for p in written]
+    src = ImageSource("list", str(list_file), names, list(names), [resolve(p) for p in written])
     _mark_duplicates(src.ids, src.prefailed)
     return src
 
@@ -144,7 +422,9 @@ def abc_json_source(json_file: str | os.PathLike, root: str | os.PathLike | None
     manifest = read_benchmark(json_file)
     resolve = _resolver(Path(json_file).parent, root)
     ptypes = manifest.prompt_types
-    ids, paths = [], []
+    ids: list[str] = []
+    paths: list[str] = []
+    shown: list[str] = []  # paths as recorded: printable (a JSON string may hold \\udcXX)
     cols: dict[str, list[Any]] = {
         k: [] for k in ("role", "model_index", "class_id", "category", "prompt_type")
     }
@@ -152,6 +432,7 @@ def abc_json_source(json_file: str | os.PathLike, root: str | os.PathLike | None
     def add(id_, path, role, m, model, ptype):
         ids.append(id_)
         paths.append(path)
+        shown.append(display_name(path))
         for k, v in zip(cols, (role, m, model.id, model.category, ptype), strict=True):
             cols[k].append(v)
 
@@ -171,7 +452,7 @@ def abc_json_source(json_file: str | os.PathLike, root: str | os.PathLike | None
         "abc_json",
         str(json_file),
         ids,
-        paths,
+        shown,
         [resolve(p) for p in paths],
         columns=cols,
         extra=extra,
@@ -210,23 +491,33 @@ def tar_source(spec: str):
     sizes: list[int] = []
     cols: dict[str, list[Any]] = {"tar": [], "member": [], "key": [], "caption": []}
     prefailed: dict[int, str] = {}
+    skipped: list[tuple[str, str]] = []
     for tar_path in tar_files(spec):
         samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        shown_tar = display_name(tar_path)
         try:
             with tarfile.open(tar_path, "r:") as tf:
                 captions: dict[str, str] = {}
                 for info in tf:
-                    if not info.isfile():
+                    if info.isdir():
                         continue
+                    where = f"{shown_tar}/{display_name(info.name)}"
                     base = info.name.rsplit("/", 1)[-1]
-                    if base.startswith(".") or "." not in base:
+                    if not info.isfile():
+                        skipped.append((where, "not a regular file (a tar link or device)"))
+                        continue
+                    if base.startswith("."):
+                        skipped.append((where, SKIP_HIDDEN))
+                        continue
+                    if "." not in base:
+                        skipped.append((where, "no extension (not a webdataset member)"))
                         continue
                     key, ext = base.split(".", 1)
                     samples.setdefault(key, {})[ext.lower()] = info
                     if ext.lower() in _CAPTION_EXTS:
                         member = tf.extractfile(info)
                         assert member is not None  # a regular file (isfile above) always has data
-                        data = member.read()
+                        data = member.read(_MAX_CAPTION_BYTES)
                         captions[key] = data.decode("utf-8", errors="replace").strip()
         except tarfile.ReadError as e:
             raise GenattrError(
@@ -236,20 +527,22 @@ def tar_source(spec: str):
         for key, members in samples.items():
             image = next((m for ext, m in members.items() if _is_image_name("." + ext)), None)
             i = len(ids)
-            ids.append(key)
+            ids.append(display_name(key))
             files.append(tar_path)
             if image is None:
-                exts = ", ".join(sorted(members))
+                exts = display_name(", ".join(sorted(members)))
                 prefailed[i] = f"no image member in this webdataset sample (has {exts})"
                 name, off, size = next(iter(members.values())).name, 0, 0
             else:
                 name, off, size = image.name, image.offset_data, image.size
-            paths.append(f"{tar_path}/{name}")
+            name = display_name(name)
+            paths.append(f"{shown_tar}/{name}")
             offsets.append(off)
             sizes.append(size)
-            for k, v in zip(cols, (tar_path, name, key, captions.get(key)), strict=True):
+            for k, v in zip(cols, (shown_tar, name, ids[-1], captions.get(key)), strict=True):
                 cols[k].append(v)
     src = ImageSource("tar", spec, ids, paths, files, offsets, sizes, cols, prefailed)
+    src.skipped = skipped
     _mark_duplicates(src.ids, src.prefailed)
     return src
 
@@ -272,6 +565,8 @@ def with_views(source: ImageSource, views: int) -> ImageSource:
         columns=columns,
         prefailed={i * views + k: r for i, r in source.prefailed.items() for k in range(views)},
         extra={**source.extra, "views": views},
+        skipped=source.skipped,
+        folders=source.folders,
     )
 
 
