@@ -2,7 +2,11 @@
 
 Decoding runs in worker processes (a torch DataLoader) while the main process runs the model,
 so on a CPU the cores go to the forward pass and decoding hides behind it. Images that cannot
-be decoded are recorded in STORE/failed.parquet (source_index, id, path, reason) and skipped.
+be decoded are recorded in STORE/failed.parquet (source_index, id, path, reason) and skipped;
+entries of the collection that are not images (hidden, not an image by name or content, a
+folder already walked) are listed in STORE/skipped.parquet (path, reason) and counted by reason
+in store.json's extra["extraction"]["listing"], so every entry seen is accounted for. A file is
+read only if it is a regular file, and only up to `max_file_mb`: anything else is a failure.
 With engine="ray" the same items are decoded by Ray tasks and embedded by Ray actors holding
 the model (genattr.features.extract_ray); either way this process writes the store, through
 the same `ShardWriter`, so both engines write the same shards. The parts, as in
@@ -20,12 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +41,7 @@ from genattr.data.images import DEFAULT_MAX_PIXELS
 from genattr.data.sources import open_source, with_views
 from genattr.errors import GenattrError
 from genattr.features.augment import AUGMENTATIONS, Augmenter
-from genattr.features.decode import ItemDecoder, reference_shape
+from genattr.features.decode import DEFAULT_MAX_FILE_MB, ItemDecoder, reference_shape
 from genattr.features.embedder import (
     EmbedJob,
     embed_arrays,
@@ -62,7 +67,10 @@ def default_workers() -> int:
 
 @dataclass
 class ExtractResult:
-    """What one call did: `extracted` and `failed_now` count this run only."""
+    """What one call did: `extracted` and `failed_now` count this run only.
+
+    `listing` is what the source listing saw (`ImageSource.listing()`): items, folders walked
+    and entries skipped, counted by reason."""
 
     store: Any  # EmbeddingStore
     total: int  # items in the source
@@ -71,6 +79,16 @@ class ExtractResult:
     failed_now: int
     failed_total: int
     seconds: float
+    listing: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Entries that are not items, by reason (hidden, not an image, ...)."""
+        return dict(self.listing.get("skipped", {}))
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
 
     @property
     def images_per_second(self) -> float:
@@ -180,6 +198,7 @@ def extract(
     threads: int | None = None,
     channels_last: bool | None = None,
     max_pixels: int | None = None,
+    max_file_mb: float | None = None,
     root: str | os.PathLike | None = None,
     progress: bool = False,
     augment: str | None = None,
@@ -197,6 +216,7 @@ def extract(
     or fp16). workers: decode processes (0 decodes in this process); threads: torch threads for
     the model, by default the cores the workers leave (oversubscribing a small CPU costs more
     than it gives: see BENCHMARKS.md). channels_last: default on for models with convolutions.
+    max_file_mb: files larger than this (MB of 2^20 bytes, default 256) are failures, not read.
     augment (mild|strong) with views=K embeds each image K times, view 0 as it is (a `view`
     metadata column tells them apart; see genattr.features.augment). Re-running with the same
     arguments resumes an interrupted run; on a complete store it does nothing.
@@ -219,6 +239,11 @@ def extract(
     if engine == "ray":
         import_ray()  # before any store is created
     max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
+    max_file_mb = DEFAULT_MAX_FILE_MB if max_file_mb is None else max_file_mb
+    if not (isinstance(max_file_mb, int | float) and math.isfinite(max_file_mb)) or (
+        max_file_mb <= 0
+    ):
+        raise GenattrError(f"--max-file-mb must be a positive number, got {max_file_mb!r}")
     out = Path(out)
 
     if (augment is None) != (views == 1) or views < 1:
@@ -236,6 +261,7 @@ def extract(
         "dtype": dtype,
         "batch_size": int(batch_size),
         "max_pixels": max_pixels,
+        "max_file_mb": max_file_mb,
         "augment": augment,
         "views": views,
         "augment_seed": augment_seed,
@@ -246,9 +272,10 @@ def extract(
         writer = ShardWriter(store, source, settings)
         n, start = writer.total, writer.start
         if start >= n:
-            if not writer.state.get("complete"):
-                store.update_extra({"extraction": {**writer.state, "complete": True}})
-            return ExtractResult(store, n, start, 0, 0, writer.failed_before, 0.0)
+            state = {**writer.state, "complete": True, "listing": writer.listing}
+            if state != writer.state:
+                store.update_extra({"extraction": state})
+            return ExtractResult(store, n, start, 0, 0, writer.failed_before, 0.0, writer.listing)
         job = EmbedJob(
             backbone=backbone,
             decoder=ItemDecoder(
@@ -257,6 +284,7 @@ def extract(
                 max_pixels,
                 reference_shape(backbone.preprocess),
                 augmenter,
+                max_bytes=int(max_file_mb * 2**20),
             ),
             start=start,
             batch_size=int(batch_size),
@@ -281,4 +309,5 @@ def extract(
         failed_total - writer.failed_before,
         failed_total,
         time.perf_counter() - t0,
+        writer.listing,
     )

@@ -1,5 +1,6 @@
 """Extraction's writer side: results in source order -> committed shards of an embedding store,
-with failures in failed.parquet, so a killed run resumes where its last commit left it."""
+with failures in failed.parquet, so a killed run resumes where its last commit left it; the
+entries the listing skipped go to skipped.parquet and, counted, into the extraction state."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ from genattr.errors import GenattrError
 from genattr.store import BackboneInfo, EmbeddingStore
 
 FAILED_FILE = "failed.parquet"
+SKIPPED_FILE = "skipped.parquet"
+
+
+def write_skipped(path: Path, skipped: Sequence[tuple[str, str]]) -> None:
+    """skipped.parquet: one row (path, reason) per entry of the source that is not an item."""
+    table = pa.table(
+        {
+            "path": pa.array([p for p, _ in skipped], pa.string()),
+            "reason": pa.array([r for _, r in skipped], pa.string()),
+        }
+    )
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 class _FailureLog:
@@ -65,6 +79,8 @@ class ShardWriter:
         self.total = len(source)
         self.failures = _FailureLog(store.path / FAILED_FILE, self.start)
         self.failed_before = len(self.failures.rows)
+        self.listing = source.listing()
+        write_skipped(store.path / SKIPPED_FILE, source.skipped)
         self.extracted = 0
         self._vecs: list[np.ndarray] = []
         self._rows: list[int] = []
@@ -99,6 +115,7 @@ class ShardWriter:
         source = self.source
         n_fail = self.failures.write(cursor)
         new_state = {**self.state, **self.settings, "cursor": cursor, "failed": n_fail}
+        new_state["listing"] = self.listing
         new_state["complete"] = cursor >= self.total
         if self._rows:
             rows = self._rows
