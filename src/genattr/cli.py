@@ -356,6 +356,9 @@ def extract(
     max_pixels: Annotated[
         int | None, typer.Option(help="Larger images are refused as decompression bombs.")
     ] = None,
+    max_file_mb: Annotated[
+        float | None, typer.Option(help="Larger files are failures, not read (default 256).")
+    ] = None,
     root: Annotated[
         Path | None, typer.Option(help="Folder that relative paths in list/JSON files are under.")
     ] = None,
@@ -390,6 +393,7 @@ def extract(
         shard_size=shard_size,
         threads=threads,
         max_pixels=max_pixels,
+        max_file_mb=max_file_mb,
         root=root,
         progress=progress,
         augment=augment,
@@ -399,9 +403,11 @@ def extract(
         ray_address=ray_address,
     )
     resumed = f", resumed after {r.resumed_from}" if r.resumed_from else ""
+    why = ", ".join(f"{n} {reason}" for reason, n in r.skipped.items())
+    skipped = f"{r.skipped_total} skipped ({why}; see {out / 'skipped.parquet'}), " if why else ""
     console.print(
         f"{out}: {r.store.count} vectors ({r.extracted} new{resumed}), "
-        f"{r.failed_total} failed (see {out / 'failed.parquet'}), "
+        f"{r.failed_total} failed (see {out / 'failed.parquet'}), {skipped}"
         f"{r.images_per_second:.1f} images/s",
         highlight=False,
         soft_wrap=True,
