@@ -47,6 +47,9 @@ def test_folder_recursive_sorted(tmp_path):
     store = r.store
     assert store.ids == ["B.PNG", "a.jpg", "b/a.png", "z.png"]
     assert r.extracted == 4 and r.failed_total == 0 and r.total == 4
+    assert r.skipped == {"hidden": 1, "not an image": 1}  # .hidden/ and notes.txt, counted
+    listing = {"items": 4, "folders": 1, "skipped": r.skipped}
+    assert r.listing == store.extra["extraction"]["listing"] == listing
     for row, id_ in enumerate(store.ids):
         expected = _pixel_vec(Image.open(src / id_))
         np.testing.assert_allclose(store.vectors[row], expected, rtol=0, atol=1e-6)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -73,6 +74,41 @@ def test_ray_engine_writes_the_local_store(local_ray, images, tmp_path):
         extract("pixel", images, tmp_path / "stall", engine="ray", concurrency=2)
     with pytest.raises(GenattrError, match="has 0 GPU"):  # an actor would wait forever
         extract("pixel", images, tmp_path / "gpu", engine="ray", device="cuda")
+
+
+def test_ray_engine_reads_odd_names_and_refuses_large_files_like_the_local_one(
+    local_ray, images, tmp_path
+):
+    """Real paths that are not UTF-8 travel to Ray's decode tasks intact; the byte limit and the
+    listing (skipped entries) are the local engine's."""
+    limit = max(p.stat().st_size for p in images.iterdir())
+    good = (images / "00.png").read_bytes()
+    fd = os.open(os.fsencode(images) + b"/caf\xe9.png", os.O_WRONLY | os.O_CREAT, 0o644)
+    os.write(fd, good)
+    os.close(fd)
+    (images / "noext").write_bytes(good)  # a PNG by its first bytes
+    huge = np.random.default_rng(1).integers(0, 256, (80, 80, 3), dtype=np.uint8)
+    Image.fromarray(huge).save(images / "huge.png")
+    assert (images / "huge.png").stat().st_size > limit
+    (images / "notes.txt").write_text("a caption")
+    (images / ".hidden.png").write_bytes(good)
+    args = {"batch_size": 4, "shard_size": 6, "max_file_mb": limit / 2**20}
+    local = extract("pixel", images, tmp_path / "local", workers=0, **args)
+    ray = extract("pixel", images, tmp_path / "ray", engine="ray", concurrency=1, **args)
+    assert ray.store.ids == local.store.ids and ray.store.count == 23 + 2
+    row = ray.store.ids.index("caf\\xe9.png")  # read through its real path by a Ray task
+    np.testing.assert_array_equal(ray.store.vectors[row], ray.store.vectors[0])
+    np.testing.assert_array_equal(
+        ray.store.vectors[ray.store.ids.index("noext")], ray.store.vectors[0]
+    )
+    failed = pq.read_table(tmp_path / "ray" / "failed.parquet").to_pylist()
+    assert [f["id"] for f in failed] == ["05b_corrupt.png", "11b_truncated.png", "huge.png"]
+    assert failed[2]["reason"].startswith("larger than")
+    assert ray.skipped == local.skipped == {"hidden": 1, "not an image": 1}
+    _assert_same_store(tmp_path / "local", tmp_path / "ray", atol=0)  # pixels: exact
+    assert pq.read_table(tmp_path / "local" / "skipped.parquet").equals(
+        pq.read_table(tmp_path / "ray" / "skipped.parquet")
+    )
 
 
 def test_ray_engine_resumes_a_crashed_local_run(local_ray, images, tmp_path):

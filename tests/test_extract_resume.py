@@ -123,6 +123,8 @@ def test_sigkill_then_resume_gives_the_same_store(tmp_path):
     assert pq.read_table(out / "failed.parquet").to_pylist() == failed_a
     assert [f["id"] for f in failed_a] == ["007_broken.png", "021_empty.jpg"]
     assert b.extra["extraction"]["complete"] is True
+    assert b.extra["extraction"]["listing"] == a.extra["extraction"]["listing"]
+    assert pq.read_table(out / "skipped.parquet").num_rows == 0
     assert sorted(p.name for p in (out / "img_emb").iterdir()) == sorted(
         p.name for p in (ref / "img_emb").iterdir()
     )
