@@ -95,7 +95,7 @@ def test_other_heads_train_and_are_repeatable(planted, head):
     x = torch.randn(5, 32)
     with torch.no_grad():
         torch.testing.assert_close(a.mappers.synth(x), b.mappers.synth(x), rtol=0, atol=0)
-    assert a.history[-1]["loss"] < a.history[0]["loss"] or head == "channel"
+    assert a.history[-1]["loss"] < a.history[0]["loss"]  # channel: 1.466 -> 1.426, measured
 
 
 def test_views_axis_is_used(planted):

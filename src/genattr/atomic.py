@@ -8,6 +8,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from genattr.errors import GenattrError
+
 # mkstemp makes 0600 files; a finished file gets the mode a plain open() would give it.
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -33,3 +35,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output(path: str | os.PathLike, kind: str, flag: str = "--out") -> Path:
+    """Refuse an output path that cannot be written, before any work: a file where a folder is
+    wanted or the reverse, or a parent that is not a writable folder. Creates nothing."""
+    out = Path(path)
+    if kind == "dir" and out.exists() and not out.is_dir():
+        raise GenattrError(f"{flag} {out}: exists and is a file, not a folder")
+    if kind == "file" and out.is_dir():
+        raise GenattrError(f"{flag} {out}: is a folder; give a file name")
+    base = _nearest_existing(out if kind == "dir" else out.parent)
+    if not base.is_dir():
+        raise GenattrError(f"{flag} {out}: {base} is a file, not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise GenattrError(f"{flag} {out}: cannot write under {base}")
+    return out

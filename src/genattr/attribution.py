@@ -23,6 +23,7 @@ from rich.table import Table
 from genattr.atomic import write_text_atomic
 from genattr.calibrate import Calibrator, load_calibrator
 from genattr.data.images import ImageDecodeError, load_rgb
+from genattr.devices import resolve_device
 from genattr.errors import GenattrError
 from genattr.features.embedder import embed_images
 from genattr.features.registry import Backbone, get_backbone
@@ -118,7 +119,7 @@ class Attributor:
     ) -> None:
         self.index = index
         self.calibrator = calibrator
-        self.backbone = backbone or backbone_for_index(index, weights, device)
+        self.backbone = backbone or backbone_for_index(index, weights, resolve_device(device))
         self.backbone.model.eval()
         self.head = index.head()
         self.gallery = index.metadata()
@@ -135,6 +136,7 @@ class Attributor:
         batch_size: int = 16,
     ) -> Attributor:
         """From an index folder (`genattr index build`) and a calibrator file."""
+        resolve_device(device)  # before anything is read
         return cls(
             AttributionIndex.load(index),
             None if calibrator is None else load_calibrator(calibrator),
@@ -180,6 +182,7 @@ def attribute(
     """Which training images made each of these images, and how much (one `Attributor` call)."""
     if top_k < 1:
         raise GenattrError(f"--top-k must be at least 1, got {top_k}")
+    resolve_device(device)  # before anything is read
     if not isinstance(index, AttributionIndex):
         index = AttributionIndex.load(index)
     if calibrator is not None and not isinstance(calibrator, Calibrator):

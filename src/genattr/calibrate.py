@@ -231,6 +231,12 @@ def calibration_set(
     widest = max(e - s for s, e in testcase.exemplar_chunks)
     if top_l <= widest:
         raise GenattrError(f"top_l={top_l} must exceed the largest exemplar set ({widest})")
+    narrowest = min(e - s for s, e in testcase.exemplar_chunks)
+    if top_l - narrowest > len(gallery):
+        raise GenattrError(
+            f"top_l={top_l} needs {top_l - narrowest} distractors per query; the gallery has "
+            f"{len(gallery)}"
+        )
     dist_s, _ = topk_exact(gallery, queries, top_l, gallery_transform=real)
     scores = np.empty((len(ids), top_l))
     is_true = np.zeros((len(ids), top_l), dtype=bool)

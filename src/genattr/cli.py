@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
+from genattr.atomic import check_output
 from genattr.attribution import attribute as run_attribute
 from genattr.attribution import attributions_table, write_attributions
 from genattr.customize.driver import make_benchmark as run_make
@@ -28,6 +29,7 @@ from genattr.errors import GenattrError
 from genattr.evaluate import DEFAULT_KS, results_table
 from genattr.features.extract import extract as run_extract
 from genattr.heads.train import TrainConfig
+from genattr.options import options_from_mapping
 from genattr.serve.app import Limits
 from genattr.serve.app import serve as run_serve
 from genattr.serve.world_index import demo_index, world_cache_dir
@@ -441,22 +443,15 @@ def train_head(
 ) -> None:
     """Train the real and synth attribution heads with NT-Xent (the authors released none)."""
 
-    if head not in ("linear", "mlp", "channel"):
-        raise GenattrError(f"--head must be linear, mlp or channel, not {head!r}")
-    if exemplar_negatives not in ("batch", "all"):
-        raise GenattrError(f"--exemplar-negatives must be batch or all, not {exemplar_negatives!r}")
-    config = TrainConfig(
-        head,
-        temperature,
-        lr,
-        weight_decay,
-        batch_size,
-        epochs,
-        patience=patience,
-        seed=seed,
-        exemplar_negatives=exemplar_negatives,
-        strict_validation=strict_validation,
-    )
+    config = options_from_mapping(
+        TrainConfig,
+        {
+            "head": head, "temperature": temperature, "lr": lr, "weight_decay": weight_decay,
+            "batch_size": batch_size, "epochs": epochs, "patience": patience, "seed": seed,
+            "exemplar_negatives": exemplar_negatives, "strict_validation": strict_validation,
+        },
+        "train-head",
+    )  # fmt: skip
     result = train_heads_from_stores(
         bench, store_real, store_synth, out, config, distractors, progress=sys.stderr.isatty()
     )
@@ -550,6 +545,8 @@ def attribute(
         raise GenattrError(f"--format must be table, json or html, not {format!r}")
     if format != "table" and out is None:
         raise GenattrError(f"--format {format} needs --out PATH")
+    if out is not None:
+        check_output(out, "file")
     answers = run_attribute(images, index, calibrator, top_k, weights=weights, device=device)
     if format == "table":
         for table in attributions_table(answers):

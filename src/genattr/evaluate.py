@@ -260,6 +260,10 @@ def evaluate_protocol(
     """
     ks = _check_ks(ks)
     _check_dims(gallery, testcase, mappers, names)
+    if len(gallery) == 0:  # every exemplar would rank first: mAP 1.0, meaning nothing
+        raise GenattrError(f"{names[0]}: the gallery is empty")
+    if torch.is_tensor(gallery) and not gallery.is_floating_point():
+        raise GenattrError(f"{names[0]}: features must be real floating point, not {gallery.dtype}")
     device = torch.device(device)
     real = synth = None
     if mappers is not None:

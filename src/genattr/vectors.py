@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Union
 import numpy as np
 import torch
 
+from genattr.errors import GenattrError
+
 if TYPE_CHECKING:
     from genattr.store.embedding_store import ShardedVectors
 
@@ -24,6 +26,15 @@ def read_block(feats: FeatureMatrix, start: int, stop: int, device: torch.device
     if isinstance(block, np.ndarray):  # a copy: memory-mapped pages are read-only
         block = torch.from_numpy(np.array(block, dtype=np.float32))
     return block.to(device=device, dtype=torch.float32)
+
+
+def require_finite(block: torch.Tensor, start: int, name: str) -> None:
+    """A NaN or Inf feature would rank first for every query (or turn every score NaN): refuse
+    it where features are read, naming the row."""
+    bad = ~torch.isfinite(block)
+    if bad.any():
+        row = int(bad.any(1).nonzero()[0].item()) + start
+        raise GenattrError(f"{name}: row {row} has NaN or Inf values")
 
 
 def embed(x: torch.Tensor, transform: Transform | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from genattr.devices import resolve_device
 from genattr.errors import GenattrError
 
 if TYPE_CHECKING:
@@ -19,15 +20,6 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-
-
-def resolve_device(device: str = "auto") -> str:
-    """'auto' is the first CUDA GPU when there is one, else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise GenattrError(f"--device {device}: no CUDA GPU is visible to torch")
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

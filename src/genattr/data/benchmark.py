@@ -11,10 +11,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import write_text_atomic
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, validation_reason
 
 MANIFEST_FORMAT_VERSION = 1
 MODES = ("object", "style")
@@ -112,22 +114,43 @@ def read_manifest(path: str | os.PathLike) -> BenchmarkManifest:
     return _parse_manifest(_read_json(path), path)
 
 
+class _ModelEntry(BaseModel):
+    """One entry of a manifest's `models`, as read: types checked, nothing coerced."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    id: str
+    exemplars: Annotated[list[str], Field(min_length=1)]
+    synth: dict[str, list[str]]
+    category: str | None = None
+    mode: Literal["object", "style"] = "object"
+    split: Literal["train", "val", "test"] = "test"
+    extra: dict[str, Any] = {}
+
+
+class ManifestHeader(BaseModel):
+    """A genattr benchmark manifest as read (its models checked one by one)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["genattr.benchmark"]
+    format_version: Literal[1]
+    name: str | None = None
+    models: Annotated[list[_ModelEntry], Field(min_length=1)]
+
+
 def _parse_manifest(data: Any, path: str | os.PathLike) -> BenchmarkManifest:
     if not isinstance(data, dict) or data.get("kind") != "genattr.benchmark":
         raise _fail(path, "not a genattr benchmark manifest (kind != 'genattr.benchmark')")
     version = data.get("format_version")
     if version != MANIFEST_FORMAT_VERSION:
         raise _fail(path, f"format_version {version!r} is not supported (expected 1)")
-    models = []
-    for i, m in enumerate(data.get("models", [])):
-        try:
-            model = CustomizedModel(**m)
-        except TypeError as e:
-            raise _fail(path, f"model {i}: {e}") from None
-        if model.mode not in MODES or model.split not in SPLITS:
-            raise _fail(path, f"model {model.id!r}: mode must be {MODES}, split {SPLITS}")
-        models.append(model)
-    return BenchmarkManifest(str(data.get("name", Path(path).stem)), models)
+    try:
+        header = ManifestHeader.model_validate(data)
+    except ValidationError as e:
+        raise _fail(path, validation_reason(e)) from None
+    models = [CustomizedModel(**m.model_dump()) for m in header.models]
+    return BenchmarkManifest(header.name or Path(path).stem, models)
 
 
 def write_manifest(manifest: BenchmarkManifest, path: str | os.PathLike) -> None:

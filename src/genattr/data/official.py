@@ -16,6 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from genattr.atomic import atomic_path
@@ -101,7 +102,18 @@ class TestCaseFeatures:
 def _matrix_shape(name: str, t: Any) -> tuple[int, int]:
     if not isinstance(t, torch.Tensor) or t.ndim != 2:
         raise ValueError(f"{name} must be a 2-D tensor, got {type(t).__name__}")
+    if not t.is_floating_point():  # complex would lose its imaginary part, ints their meaning
+        raise ValueError(f"{name} must hold real floating-point features, not {t.dtype}")
     return t.shape[0], t.shape[1]
+
+
+def _model_index(value: Any) -> int:
+    """A model index as written: an integer (a float like 2.7 is refused, not truncated)."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"synth_ids must be integers, found {value!r}")
+    return int(value)
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -122,6 +134,8 @@ def load_torch_dict(path: str | os.PathLike, what: str) -> dict:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) and reason.startswith("Weights only load"):
+            reason = "not a torch.save file, or one holding more than tensors"
         raise GenattrError(f"{path}: cannot read as a torch {what} file ({reason})") from None
     if not isinstance(obj, dict):
         raise GenattrError(f"{path}: expected a dict in a {what} file, got {type(obj).__name__}")
@@ -165,7 +179,7 @@ def load_testcase_pth(path: str | os.PathLike) -> TestCaseFeatures:
             exemplar_chunks=[(int(s), int(e)) for s, e in obj["exemplar_chunks"]],
             exemplar_feats=obj["exemplar_tensors"],
             synth_paths={k: [str(p) for p in v] for k, v in obj.get("synth_paths", {}).items()},
-            synth_ids={k: [int(i) for i in v] for k, v in obj["synth_ids"].items()},
+            synth_ids={k: [_model_index(i) for i in v] for k, v in obj["synth_ids"].items()},
             synth_feats=dict(obj["synth_tensors"]),
         )
         tc.validate()

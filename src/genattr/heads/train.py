@@ -14,10 +14,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from rich.progress import track
 
 from genattr.data.official import TestCaseFeatures
@@ -29,24 +30,27 @@ from genattr.vectors import FeatureMatrix
 
 @dataclass
 class TrainConfig:
-    head: str = "linear"
-    temperature: float = 0.07
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 128
-    epochs: int = 30
-    distractors_per_batch: int = 1024
+    """Head training options; `genattr.options.options_from_mapping` checks them (types,
+    ranges, finite numbers) before any data is read."""
+
+    head: Literal["linear", "channel", "mlp"] = "linear"
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 0.07
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1)] = 128
+    epochs: Annotated[int, Field(ge=1)] = 30
+    distractors_per_batch: Annotated[int, Field(ge=0)] = 1024
     # "batch": negatives are the batch's other models' exemplars and the distractors; "all":
     # every training exemplar is a candidate in every step, so a head cannot score well by
     # telling held-out images (exemplars) from the distractors (membership, not attribution).
-    exemplar_negatives: str = "batch"
+    exemplar_negatives: Literal["batch", "all"] = "batch"
     # validate on the stricter gallery (every exemplar a distractor for every query)
     strict_validation: bool = False
-    patience: int = 5  # epochs without validation mAP gain before stopping
+    patience: Annotated[int, Field(ge=1)] = 5  # epochs without validation mAP gain before stopping
     seed: int = 0
-    mlp_hidden_dim: int = 512
-    mlp_out_dim: int = 256
-    mlp_layers: int = 2
+    mlp_hidden_dim: Annotated[int, Field(ge=1)] = 512
+    mlp_out_dim: Annotated[int, Field(ge=1)] = 256
+    mlp_layers: Annotated[int, Field(ge=1)] = 2
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genattr.vectors import FeatureMatrix, Transform, embed, read_block
+from genattr.vectors import FeatureMatrix, Transform, embed, read_block, require_finite
 
 
 def topk_exact(
@@ -19,6 +19,7 @@ def topk_exact(
     *,
     gallery_transform: Transform | None = None,
     block_rows: int = 65536,
+    gallery_name: str = "gallery",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(Q, k) similarities, best first, and their gallery row indices.
 
@@ -29,9 +30,9 @@ def topk_exact(
     best_i = torch.zeros((len(queries), k), dtype=torch.int64)
     with torch.no_grad():
         for g0 in range(0, len(gallery), block_rows):
-            block = embed(
-                read_block(gallery, g0, g0 + block_rows, queries.device), gallery_transform
-            )
+            raw = read_block(gallery, g0, g0 + block_rows, queries.device)
+            require_finite(raw, g0, gallery_name)
+            block = embed(raw, gallery_transform)
             scores = queries @ block.T
             s, i = scores.topk(min(k, scores.shape[1]), dim=1)
             merged_s = torch.cat([best_s, s], dim=1)

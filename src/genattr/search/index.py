@@ -45,7 +45,7 @@ from genattr.errors import GenattrError, validation_reason
 from genattr.heads.checkpoint import MapperPair, load_heads
 from genattr.heads.networks import head_in_out
 from genattr.progress import progress_bar
-from genattr.vectors import FeatureMatrix, embed, read_block
+from genattr.vectors import FeatureMatrix, embed, read_block, require_finite
 
 INDEX_FORMAT_VERSION = 1
 
@@ -71,6 +71,7 @@ KINDS = ("auto", "flat", "ivf", "ivfpq", "ivf-ondisk", "ivfpq-ondisk")
 FLAT_MAX = 1_000_000
 BLOCK_ROWS = 65536
 IVFDATA = "index.ivfdata"
+PQ_MIN_TRAIN = 256  # 8-bit product quantizer: 256 centroids per sub-space, one point each
 
 
 def parse_size(text: str | int) -> int:
@@ -107,6 +108,13 @@ def choose_index(n: int, dim: int, memory_budget: int, kind: str = "auto") -> In
     """Pick the index type and its parameters from the gallery size and the RAM budget."""
     if kind not in KINDS:
         raise GenattrError(f"unknown index kind {kind!r}; choose from {KINDS}")
+    if memory_budget <= 0:
+        raise GenattrError(f"the memory budget must be positive, not {memory_budget} bytes")
+    if kind.startswith("ivfpq") and n < PQ_MIN_TRAIN:
+        raise GenattrError(
+            f"--kind {kind} needs at least {PQ_MIN_TRAIN} vectors to train its 8-bit codes; "
+            f"this gallery has {n}: use flat (exact, and the fastest at this size)"
+        )
     # PQ with 8-bit codes: m sub-quantizers, m | dim
     m_options = [m for m in (dim // 8, dim // 16, dim // 32) if m >= 1 and dim % m == 0] or [1]
     if kind == "auto":
@@ -136,10 +144,9 @@ def _mapped_blocks(vectors: FeatureMatrix, head: MapperPair | None, block: int =
     real = head.real.eval() if head is not None else None
     with torch.no_grad():
         for start in range(0, len(vectors), block):
-            yield (
-                start,
-                embed(read_block(vectors, start, start + block, torch.device("cpu")), real).numpy(),
-            )
+            raw = read_block(vectors, start, start + block, torch.device("cpu"))
+            require_finite(raw, start, "the gallery")
+            yield start, embed(raw, real).numpy()
 
 
 def _mapped_rows(vectors: FeatureMatrix, rows: np.ndarray, head: MapperPair | None) -> np.ndarray:
@@ -209,20 +216,48 @@ def build_index(
     train_size: rows the quantizer trains on, by default 100,000 or 40 per list if more (faiss
     wants about 39 per centroid). shard_rows: on-disk kinds, rows per build shard (default
     from the memory budget)."""
-    import faiss
 
     n, dim = len(vectors), vectors.shape[1]
     if n == 0:
         raise GenattrError("cannot index an empty gallery")
+    budget = parse_size(memory_budget)
+    out_dim = dim if head is None else _head_out_dim(head)
+    spec = choose_index(n, out_dim, budget, kind)  # refuses bad options before any file
     out = Path(out_dir)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build(vectors, out, spec, head, head_dir, ids, paths, provenance, train_size,
+                      seed, shard_rows or 0, budget, progress)  # fmt: skip
+    except BaseException:
+        if created:  # a failed first build leaves nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _build(
+    vectors: FeatureMatrix,
+    out: Path,
+    spec: IndexSpec,
+    head: MapperPair | None,
+    head_dir: str | os.PathLike | None,
+    ids: list[str] | None,
+    paths: list[str] | None,
+    provenance: dict | None,
+    train_size: int | None,
+    seed: int,
+    shard_rows: int,
+    budget: int,
+    progress: bool,
+) -> AttributionIndex:
+    import faiss
+
+    n, dim = len(vectors), vectors.shape[1]
+    out_dim = dim if head is None else _head_out_dim(head)
     (out / "index.json").unlink(missing_ok=True)
     (out / IVFDATA).unlink(missing_ok=True)  # an earlier on-disk build's lists
     build_dir = out / ".build"
     shutil.rmtree(build_dir, ignore_errors=True)
-    budget = parse_size(memory_budget)
-    out_dim = dim if head is None else _head_out_dim(head)
-    spec = choose_index(n, out_dim, budget, kind)
     index = adder = None
     if spec.kind != "flat":
         index = faiss.index_factory(out_dim, spec.factory, faiss.METRIC_INNER_PRODUCT)

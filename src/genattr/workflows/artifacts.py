@@ -57,4 +57,12 @@ def open_head_for(
 def head_folder(head: str | os.PathLike) -> Path:
     """The folder of a head given as its folder or one of its two files."""
     path = Path(head)
-    return path if path.is_dir() else path.parent
+    if path.is_dir():
+        return path
+    if path.name in ("head.json", "head.safetensors"):
+        return path.parent
+    what = "no such folder" if not path.exists() else "a file, not a head folder"
+    raise GenattrError(
+        f"{head}: {what}; give the folder `genattr train-head` wrote (an authors' mapper .pth "
+        "becomes one with `genattr head import`)"
+    )

@@ -3,12 +3,14 @@ out."""
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
 
 import numpy as np
 
+from genattr.atomic import check_output
 from genattr.calibrate import (
     Calibrator,
     calibration_report,
@@ -19,10 +21,13 @@ from genattr.calibrate import (
     softmax_nll,
 )
 from genattr.data.benchmark import read_benchmark
+from genattr.errors import GenattrError
 from genattr.report.plots import reliability_plot
 from genattr.store import EmbeddingStore, check_same_backbone
 from genattr.store.join import testcase_from_stores
 from genattr.workflows.artifacts import open_head_for
+
+log = logging.getLogger(__name__)
 
 
 def calibrate_from_stores(
@@ -38,6 +43,13 @@ def calibrate_from_stores(
 ) -> Calibrator:
     """`genattr calibrate`: fit on the manifest's val models, report on a held-out share of
     them (split by model), write calibrator.json and a reliability plot beside it."""
+    if top_l < 2:
+        raise GenattrError(
+            f"--top-l must be at least 2 (an exemplar and a distractor), not {top_l}"
+        )
+    if not 0 <= heldout_fraction < 1:
+        raise GenattrError(f"--heldout-fraction must be in [0, 1), not {heldout_fraction}")
+    check_output(out, "file")
     manifest = read_benchmark(bench)
     models = [i for i, m in enumerate(manifest.models) if m.split == "val"]
     if not models:
@@ -45,6 +57,14 @@ def calibrate_from_stores(
     real, synth, dist = (EmbeddingStore.open(p) for p in (store_real, store_synth, distractors))
     check_same_backbone(real, dist)
     tc, _ = testcase_from_stores(manifest, real, synth)
+    narrowest = min(e - s for s, e in tc.exemplar_chunks)
+    if top_l - narrowest > len(dist):  # a small gallery: every distractor is a candidate
+        log.warning(
+            "--top-l %d is more than the gallery's %d images and the smallest exemplar set; "
+            "using %d candidates per query",
+            top_l, len(dist), len(dist) + narrowest,
+        )  # fmt: skip
+        top_l = len(dist) + narrowest
     mappers = open_head_for(head, real)[0] if head is not None else None
     rng = np.random.default_rng(seed)
     rng.shuffle(models)

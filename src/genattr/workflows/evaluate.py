@@ -6,7 +6,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from genattr.atomic import check_output
 from genattr.data.official import load_gallery_pth, load_testcase_pth
+from genattr.devices import resolve_device
 from genattr.errors import GenattrError
 from genattr.evaluate import DEFAULT_KS, EvaluationResult, evaluate_protocol, write_results
 from genattr.store import EmbeddingStore, check_same_backbone, store_to_testcase
@@ -26,6 +28,8 @@ def evaluate_files(
     """`genattr evaluate`: features in (the authors' `.pth` files or genattr embedding store
     directories, which must share a backbone), results.json + parquet out. `mapper` is the
     authors' mapper `.pth` or a genattr head folder (checked against a store when given)."""
+    resolve_device(device)
+    check_output(out, "file")
     stores = {}
     if Path(gallery_feats).is_dir() or Path(test_feats).is_dir():
         stores = {

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from genattr.atomic import check_output
 from genattr.errors import GenattrError
 from genattr.search.index import AttributionIndex, build_index
 from genattr.store import EmbeddingStore, ShardedVectors, check_same_backbone
@@ -25,6 +26,7 @@ def build_index_from_store(
     paths = [store] if isinstance(store, (str, os.PathLike)) else list(store)
     if not paths:
         raise GenattrError("no store to index")
+    check_output(out, "dir")
     stores = [EmbeddingStore.open(p) for p in paths]
     check_same_backbone(*stores)
     s = stores[0]

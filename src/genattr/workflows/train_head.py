@@ -4,15 +4,18 @@ and the authors' mapper `.pth` out."""
 from __future__ import annotations
 
 import os
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
+from genattr.atomic import check_output
 from genattr.data.benchmark import read_benchmark
 from genattr.data.official import TestCaseFeatures
 from genattr.errors import GenattrError
 from genattr.heads.checkpoint import MapperPair, load_heads, load_mapper_pth, save_mapper_pth
 from genattr.heads.train import PairedFeatures, TrainConfig, TrainResult, save_heads, train_heads
+from genattr.options import options_from_mapping
 from genattr.store import EmbeddingStore, check_same_backbone
 from genattr.store.join import rows_by_path, testcase_from_stores, view_tensor
 from genattr.vectors import FeatureMatrix
@@ -58,6 +61,8 @@ def train_heads_from_stores(
     progress: bool = False,
 ) -> TrainResult:
     """`genattr train-head`: train on the manifest's train models, stop early on its val models."""
+    config = options_from_mapping(TrainConfig, asdict(config), "train-head")
+    check_output(out, "dir")
     manifest = read_benchmark(bench)
     real, synth = EmbeddingStore.open(store_real), EmbeddingStore.open(store_synth)
     tc, notes = testcase_from_stores(manifest, real, synth)
@@ -109,7 +114,7 @@ def import_mapper_pth(
     """The authors' mapper `.pth` -> a genattr head directory (for `index build --head`)."""
     mappers = load_mapper_pth(pth, kind)
     save_heads(
-        TrainResult(mappers, TrainConfig(head=mappers.kind)),
+        TrainResult(mappers, options_from_mapping(TrainConfig, {"head": mappers.kind}, "head")),
         out_dir,
         imported_from=str(pth),
         **provenance,

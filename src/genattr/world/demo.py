@@ -30,6 +30,7 @@ from genattr.features.extract import extract
 from genattr.heads.checkpoint import load_heads
 from genattr.heads.networks import HEADS
 from genattr.heads.train import TrainConfig
+from genattr.options import options_from_mapping
 from genattr.report.demo_report import write_demo_report
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
@@ -155,7 +156,11 @@ def run_demo(
             stores["exemplars"],
             stores["synth"],
             head_dir,
-            TrainConfig(head=head, epochs=epochs, **HEAD_SETTINGS[head], **HONEST_HEADS),
+            options_from_mapping(
+                TrainConfig,
+                {"head": head, "epochs": epochs, **HEAD_SETTINGS[head], **HONEST_HEADS},
+                "demo head",
+            ),
             distractors=stores["pretrain"],
             progress=progress,
         )

@@ -1,0 +1,244 @@
+"""Bad input, command by command, from one table: each case is (command line, words the one
+error line must hold). Every case must exit with code 2, print no traceback and leave no
+output behind. The kit is a small but sensible project (a 60-image gallery, 12 customized
+models): the same commands with good options must work on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from genattr.cli import app
+from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, write_manifest
+from genattr.data.official import save_gallery_pth, save_testcase_pth
+from tests.synthetic import make_synthetic_benchmark
+from tests.test_attribute import drawing
+
+runner = CliRunner()
+N_GALLERY = 60
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory) -> Path:
+    """Images, pixel stores, a manifest, a head, a calibrator and an index, all good."""
+    d = tmp_path_factory.mktemp("kit")
+    train, synth = d / "train", d / "synth"
+    train.mkdir()
+    synth.mkdir()
+    for i in range(N_GALLERY):
+        drawing(i).save(train / f"img_{i:03d}.png")
+    models = []
+    for m in range(12):
+        paths = []
+        for k in range(3):
+            p = synth / f"m{m:02d}_{k}.png"
+            drawing(m).rotate(5 * (k + 1)).save(p)
+            paths.append(str(p))
+        split = "train" if m < 6 else "val" if m < 9 else "test"
+        ex = [str(train / f"img_{m:03d}.png")]
+        models.append(CustomizedModel(f"m{m}", ex, {"media": paths}, "drawing", "object", split))
+    write_manifest(BenchmarkManifest("drawings", models), d / "bench.json")
+    for name, folder in (("train", train), ("synth", synth)):
+        res = invoke("extract", "--features", "pixel", "--images", folder, "--out",
+                     d / f"store_{name}", "--workers", "0", "--no-progress")  # fmt: skip
+        assert res.exit_code == 0, res.output
+    res = invoke("train-head", *stores(d), "--epochs", "2", "--batch-size", "8",
+                 "--out", d / "head")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = invoke("calibrate", *stores(d), "--head", d / "head", "--out", d / "cal.json")
+    assert res.exit_code == 0, res.output  # the default --top-l 100 on a 60-image gallery
+    res = invoke("index", "build", "--store", d / "store_train", "--head", d / "head",
+                 "--out", d / "index", "--no-progress")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return d
+
+
+def stores(d: Path) -> list:
+    return ["--bench", d / "bench.json", "--store-real", d / "store_train",
+            "--store-synth", d / "store_synth", "--distractors", d / "store_train"]  # fmt: skip
+
+
+def nan_store(d: Path) -> Path:
+    """The gallery store with one NaN row, written into its shard after the fact (stores
+    refuse NaN on append, so only a damaged or hand-made file holds one)."""
+    out = d / "store_nan"
+    if not out.exists():
+        shutil.copytree(d / "store_train", out)
+        shard = np.load(out / "img_emb" / "img_emb_0.npy", mmap_mode="r+")
+        shard[7, 3] = np.nan
+        shard.flush()
+    return out
+
+
+def text_file(d: Path, name: str, text: str = "not what you think\n") -> Path:
+    p = d / "bad" / name
+    p.parent.mkdir(exist_ok=True)
+    p.write_text(text)
+    return p
+
+
+def pth(d: Path, name: str) -> Path:
+    """The authors' feature files, good and damaged, from a small synthetic benchmark."""
+    p = d / "bad" / name
+    if not p.exists():
+        p.parent.mkdir(exist_ok=True)
+        bench = make_synthetic_benchmark()
+        save_gallery_pth(bench.gallery, d / "bad" / "gallery.pth")
+        save_testcase_pth(bench.testcase, d / "bad" / "test.pth")
+        dim = bench.gallery.feats.shape[1]
+        torch.save({"feats": torch.zeros(0, dim), "paths": []}, d / "bad" / "gallery_empty.pth")
+        complex_feats = bench.gallery.feats.to(torch.complex64)
+        torch.save({"feats": complex_feats, "paths": []}, d / "bad" / "gallery_complex.pth")
+        tc = torch.load(d / "bad" / "test.pth", weights_only=True)
+        first = next(iter(tc["synth_ids"]))
+        tc["synth_ids"][first] = [i + 0.7 for i in tc["synth_ids"][first]]
+        torch.save(tc, d / "bad" / "test_float_ids.pth")
+    return p
+
+
+def manifest(d: Path, name: str, mutate) -> Path:
+    doc = json.loads((d / "bench.json").read_text())
+    mutate(doc)
+    p = d / "bad" / name
+    p.parent.mkdir(exist_ok=True)
+    p.write_text(json.dumps(doc))
+    return p
+
+
+# Each case: a function of the kit folder and an output path -> (argv, words in the error).
+CASES = {
+    # -- train-head -----------------------------------------------------------------------
+    "train-head --lr -1": lambda d, o: (
+        ["train-head", *stores(d), "--lr", "-1", "--out", o], "lr"),
+    "train-head --lr nan": lambda d, o: (
+        ["train-head", *stores(d), "--lr", "nan", "--out", o], "lr"),
+    "train-head --batch-size 0": lambda d, o: (
+        ["train-head", *stores(d), "--batch-size", "0", "--out", o], "batch_size"),
+    "train-head --temperature 0": lambda d, o: (
+        ["train-head", *stores(d), "--temperature", "0", "--out", o], "temperature"),
+    "train-head --temperature nan": lambda d, o: (
+        ["train-head", *stores(d), "--temperature", "nan", "--out", o], "temperature"),
+    "train-head --epochs 0": lambda d, o: (
+        ["train-head", *stores(d), "--epochs", "0", "--out", o], "epochs"),
+    "train-head --head cnn": lambda d, o: (
+        ["train-head", *stores(d), "--head", "cnn", "--out", o], "cnn"),
+    "train-head manifest synth a list": lambda d, o: (
+        ["train-head", *stores(d)[2:], "--bench",
+         manifest(d, "synth_list.json", lambda m: m["models"][0].update(synth=["a.png"])),
+         "--out", o], "synth"),
+    "train-head manifest without models": lambda d, o: (
+        ["train-head", *stores(d)[2:], "--bench",
+         manifest(d, "no_models.json", lambda m: m.update(models=[])), "--out", o], "models"),
+    "train-head --out is a file": lambda d, o: (
+        ["train-head", *stores(d), "--out", text_file(d, "a_file")], "a_file"),
+    # -- calibrate ------------------------------------------------------------------------
+    "calibrate --heldout-fraction 1.5": lambda d, o: (
+        ["calibrate", *stores(d), "--heldout-fraction", "1.5", "--out", o], "heldout"),
+    "calibrate --top-l 0": lambda d, o: (
+        ["calibrate", *stores(d), "--top-l", "0", "--out", o], "top"),
+    "calibrate NaN gallery row": lambda d, o: (
+        ["calibrate", *stores(d)[:-1], nan_store(d), "--out", o], "NaN"),
+    "calibrate --out is a folder": lambda d, o: (
+        ["calibrate", *stores(d), "--out", d / "head"], "head"),
+    # -- index build ----------------------------------------------------------------------
+    "index --memory-budget 0": lambda d, o: (
+        ["index", "build", "--store", d / "store_train", "--memory-budget", "0",
+         "--out", o], "memory"),
+    "index --kind ivfpq on 60 images": lambda d, o: (
+        ["index", "build", "--store", d / "store_train", "--kind", "ivfpq", "--out", o],
+        "ivfpq"),
+    "index --kind hnsw": lambda d, o: (
+        ["index", "build", "--store", d / "store_train", "--kind", "hnsw", "--out", o], "hnsw"),
+    "index NaN row": lambda d, o: (
+        ["index", "build", "--store", nan_store(d), "--out", o], "NaN"),
+    "index mapper that is text": lambda d, o: (
+        ["index", "build", "--store", d / "store_train", "--head",
+         text_file(d, "mapper.pth"), "--out", o], "mapper.pth"),
+    "index --out is a file": lambda d, o: (
+        ["index", "build", "--store", d / "store_train", "--out", text_file(d, "b_file")],
+        "b_file"),
+    # -- attribute ------------------------------------------------------------------------
+    "attribute --device tpu": lambda d, o: (
+        ["attribute", d / "synth" / "m10_0.png", "--index", d / "index", "--device", "tpu",
+         "--format", "json", "--out", o], "tpu"),
+    "attribute --device cuda without CUDA": lambda d, o: (
+        ["attribute", d / "synth" / "m10_0.png", "--index", d / "index", "--device", "cuda",
+         "--format", "json", "--out", o], "cuda"),
+    "attribute --top-k 0": lambda d, o: (
+        ["attribute", d / "synth" / "m10_0.png", "--index", d / "index", "--top-k", "0",
+         "--format", "json", "--out", o], "top"),
+    "attribute calibrator that is text": lambda d, o: (
+        ["attribute", d / "synth" / "m10_0.png", "--index", d / "index", "--calibrator",
+         text_file(d, "cal.pth"), "--format", "json", "--out", o], "cal.pth"),
+    # -- evaluate -------------------------------------------------------------------------
+    "evaluate mapper that is text": lambda d, o: (
+        ["evaluate", "--gallery-feats", d / "store_train", "--test-feats", d / "store_train",
+         "--mapper", text_file(d, "m.pth"), "--out", o], "m.pth"),
+    "evaluate empty gallery": lambda d, o: (
+        ["evaluate", "--gallery-feats", pth(d, "gallery_empty.pth"), "--test-feats",
+         pth(d, "test.pth"), "--out", o], "empty"),
+    "evaluate complex features": lambda d, o: (
+        ["evaluate", "--gallery-feats", pth(d, "gallery_complex.pth"), "--test-feats",
+         pth(d, "test.pth"), "--out", o], "complex"),
+    "evaluate float synth_ids": lambda d, o: (
+        ["evaluate", "--gallery-feats", pth(d, "gallery.pth"), "--test-feats",
+         pth(d, "test_float_ids.pth"), "--out", o], "integers"),
+    "evaluate --device tpu": lambda d, o: (
+        ["evaluate", "--gallery-feats", d / "store_train", "--test-feats", d / "store_train",
+         "--device", "tpu", "--out", o], "tpu"),
+    # -- extract --------------------------------------------------------------------------
+    "extract --batch-size 0": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--batch-size", "0",
+         "--out", o], "batch"),
+    "extract --device tpu": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--device", "tpu",
+         "--out", o], "tpu"),
+    "extract --device cuda without CUDA": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--device", "cuda",
+         "--out", o], "cuda"),
+    "extract --out is a file": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--out",
+         text_file(d, "c_file")], "c_file"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_and_exit_2(kit, tmp_path, case):
+    if "without CUDA" in case and torch.cuda.is_available():
+        pytest.skip("CUDA is present here")
+    out = tmp_path / "out"
+    argv, words = CASES[case](kit, out)
+    before = {p for p in kit.rglob("*")}
+    res = invoke(*argv)
+    assert res.exit_code == 2, (case, res.output)
+    assert "Traceback" not in res.output, (case, res.output)
+    assert isinstance(res.exception, SystemExit | None), (case, res.exception)
+    assert words.lower() in res.output.lower(), (case, res.output)
+    assert not out.exists(), (case, os.listdir(out) if out.is_dir() else out)
+    new = {p for p in kit.rglob("*")} - before
+    assert all(p.parent.name == "bad" or p.name == "store_nan" or "store_nan" in p.parts
+               for p in new), (case, new)  # fmt: skip
+    if case.endswith("is a file"):
+        assert (kit / "bad" / argv[-1].name).read_text() == "not what you think\n"
+
+
+def test_small_project_with_defaults_works(kit, tmp_path):
+    """The kit itself: default --top-l on a 60-image gallery, an attribution and an evaluation."""
+    cal = json.loads((kit / "cal.json").read_text())
+    assert cal["fit_report"]["top_l"] == N_GALLERY + 1  # shrunk: every image + the exemplar
+    res = invoke("attribute", kit / "synth" / "m10_0.png", "--index", kit / "index",
+                 "--calibrator", kit / "cal.json", "--format", "json", "--out",
+                 tmp_path / "a.json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(tmp_path)
