@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import socket
 import struct
 import time
 import zlib
@@ -278,7 +279,10 @@ def test_default_world_index_is_built_once(tmp_path, monkeypatch):
 
 
 def test_cli_serve_refuses_a_bad_index_in_one_line(tmp_path):
-    res = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path)])
+    with socket.socket() as s:  # a free port: the address is checked first
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    res = CliRunner().invoke(cli_app, ["serve", "--index", str(tmp_path), "--port", port])
     assert res.exit_code == 2 and "not a genattr index" in res.output
 
 

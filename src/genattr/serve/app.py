@@ -1,34 +1,53 @@
 """The web service: upload a generated image, get the training images it leans on.
 
 Everything heavy (index, head, calibrator, backbone, gallery metadata) is loaded once when the
-app starts (its lifespan). Uploads are checked in the request (size) and in the worker thread
-(decoding, with the same `load_rgb` guard as extraction: decompression bombs and side limits
-are refused on the header, before pixels are decoded); every refusal is a 4xx with a JSON
-`{"detail": ...}` body and the service carries on. Requests that arrive together are embedded
-and searched as one batch in a worker thread (`MicroBatcher`), so the event loop never waits
-on the CPU.
+app starts (its lifespan). Uploads are checked in the request (size) and in decoding threads
+(with the same guard as extraction: decompression bombs and side limits are refused on the
+header, before pixels are decoded); every refusal is a 4xx with a JSON `{"detail": ...}` body
+and the service carries on.
+
+Memory is bounded per service, not per image: each upload reserves what decoding it will
+hold at its peak (from its header) in a byte budget shared by all requests (`ByteBudget`)
+before a pixel is decoded, and waits when the budget is spent; images larger than a working
+size are shrunk as they are decoded (a JPEG at a reduced DCT scale, anything else box-averaged
+strip by strip), so a micro-batch holds working-size images only, and those stay reserved
+until answered. Uploads are read from the request's spooled file, not copied into memory.
+Requests that arrive together are embedded and searched as one batch in a worker thread
+(`MicroBatcher`), so the event loop never waits on the CPU.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import socket
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from importlib import resources
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, BinaryIO, TypeVar
 from urllib.parse import quote
 
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from genattr.attribution import Attributor
-from genattr.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+from genattr.data.images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_rgb,
+    decoded_bytes,
+    open_image,
+)
+from genattr.errors import GenattrError
 from genattr.report.attribution_html import thumbnail_side
 from genattr.serve.batcher import MicroBatcher, QueueFull
+from genattr.serve.budget import Busy, ByteBudget, Hold, trim_heap
 from genattr.serve.examples import world_examples
 from genattr.serve.gallery import Gallery
 from genattr.serve.world_index import default_world_index
@@ -37,11 +56,20 @@ if TYPE_CHECKING:
     from genattr.attribution import Attribution
 
 MULTIPART_SLACK = 64 * 1024  # form framing and the top_k field around the image itself
+T = TypeVar("T")
+# What each Limits field is called on `genattr serve`'s command line, for its errors.
+_OPTION = {
+    "max_upload_bytes": "the upload limit (--max-upload-mb)",
+    "default_top_k": "--top-k",
+    "max_top_k": "--max-top-k",
+}
 
 
 @dataclass(frozen=True)
 class Limits:
-    """What an upload may be. Sizes are checked on the image header, before decoding."""
+    """What an upload may be, and the memory the service may use decoding them. Sizes are
+    checked on the image header, before decoding. All positive: `GenattrError` otherwise,
+    when the limits are made (before a server starts)."""
 
     max_upload_bytes: int = 20 * 2**20
     min_side: int = 16
@@ -49,6 +77,28 @@ class Limits:
     max_pixels: int = DEFAULT_MAX_PIXELS  # more is a decompression bomb (Pillow's ~89.5 M)
     default_top_k: int = 20
     max_top_k: int = 100
+    # Bytes all uploads being decoded or waiting for their batch may hold at once, as
+    # `decoded_bytes` counts them; the worst legal upload (89 M pixels of 16-bit RGBA PNG)
+    # needs ~380 MB. BENCHMARKS.md, "Service memory under hostile uploads".
+    max_decoded_bytes: int = 768 * 2**20
+    # Longer sides are shrunk (by an integer factor) as they are decoded: backbones take at
+    # most 518 px, and images up to this size are embedded exactly as `genattr attribute` does.
+    max_work_side: int = 2048
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                what = _OPTION.get(f.name, f.name)
+                if f.name == "max_upload_bytes" and isinstance(value, int):
+                    raise GenattrError(f"{what} must be positive, got {value / 2**20:g} MB")
+                raise GenattrError(f"{what} must be a positive whole number, got {value!r}")
+        if self.max_side < self.min_side:
+            raise GenattrError(f"max_side {self.max_side} is below min_side {self.min_side}")
+        if self.default_top_k > self.max_top_k:
+            raise GenattrError(
+                f"--top-k {self.default_top_k} is more than --max-top-k {self.max_top_k}"
+            )
 
 
 class TrainingImage(BaseModel):
@@ -106,6 +156,15 @@ class About(BaseModel):
     )
 
 
+class MemoryBudget(BaseModel):
+    total: int = Field(description="bytes uploads being decoded or answered may hold at once")
+    used: int = Field(description="bytes held now")
+    peak: int = Field(description="most bytes held at once since the service started")
+    waiting: int = Field(description="uploads waiting for memory now")
+    granted: int = Field(description="uploads granted memory so far")
+    waited: int = Field(description="of those, how many had to wait")
+
+
 class Health(BaseModel):
     status: str
     images: int
@@ -114,11 +173,15 @@ class Health(BaseModel):
     calibrated: bool
     batches: int
     requests: int
+    memory: MemoryBudget
 
 
 @dataclass
 class Upload:
-    data: bytes
+    """A decoded upload waiting for its batch: RGB at working size, and its own size."""
+
+    image: Image.Image
+    size: tuple[int, int]
     name: str
     top_k: int
 
@@ -140,6 +203,7 @@ class Service:
         max_batch: int = 16,
         max_wait: float = 0.005,
         model_batch: int | None = None,
+        decode_threads: int | None = None,
     ) -> None:
         self.limits = limits
         # Images per forward pass. On CPU one: EfficientNet-Lite0 at one thread spent ~1.7x the
@@ -159,27 +223,103 @@ class Service:
         self.batcher: MicroBatcher[Upload, AttributeResponse] = MicroBatcher(
             self.attribute_batch, max_batch, max_wait
         )
+        self.budget = ByteBudget(limits.max_decoded_bytes)
+        self.budget.on_idle.append(self._trim_when_idle)
+        # Decoding threads, beside the batcher's (the model): large images in one pool,
+        # headers and small images in another, so that ordinary uploads never wait for a
+        # thread behind huge ones. The budget, not the thread count, bounds their memory.
+        self.decode_threads = decode_threads or max(2, min(4, os.cpu_count() or 1))
+        self._pools: dict[bool, ThreadPoolExecutor] = {}
+        self._large_since_trim = False
+
+    async def start(self) -> None:
+        self._pools = {
+            True: ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode-large"),
+            False: ThreadPoolExecutor(2, thread_name_prefix="decode"),
+        }
+        await self.batcher.start()
+
+    async def stop(self) -> None:
+        await self.batcher.stop()
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    async def attribute_upload(self, file: BinaryIO, name: str, top_k: int) -> AttributeResponse:
+        """One upload: its header read, its memory reserved, decoded to working size, then
+        answered in a batch. UploadRefused for an unusable image, Busy or QueueFull when the
+        service is full."""
+        cost, size = await self._in_thread(None, self._probe, file, name)
+        hold = await self.budget.acquire(cost)
+        try:
+            image = await self._in_thread(hold, self._decode, file, name, hold.large)
+            hold.shrink_to(image.width * image.height * 4)  # Pillow keeps RGB in 4 bytes
+            return await self.batcher.submit(Upload(image, size, name, top_k))
+        finally:
+            hold.release()
+
+    async def _in_thread(self, hold: Hold | None, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` in a decoding thread (the large images' pool for a large `hold`).
+        Should the request be cancelled meanwhile, the thread runs to its end, and the
+        memory it holds stays reserved until then."""
+        assert self._pools, "the service is not started"
+        pool = self._pools[hold is not None and hold.large]
+        future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            if hold is not None and not future.done():
+                kept = Hold(self.budget, hold.n, hold.large)
+                hold.n = 0
+                future.add_done_callback(lambda _: kept.release())
+            raise
+
+    def _probe(self, file: BinaryIO, name: str) -> tuple[int, tuple[int, int]]:
+        """Bytes decoding the upload will hold at its peak, and its size: header only."""
+        lim = self.limits
+        try:
+            image = open_image(file, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side)
+        except ImageDecodeError as e:
+            reason = str(e)
+        else:
+            return decoded_bytes(image, lim.max_work_side), image.size
+        raise UploadRefused(f"{name}: not a usable image: {reason}")
+
+    def _decode(self, file: BinaryIO, name: str, large: bool) -> Image.Image:
+        lim = self.limits
+        try:
+            image = open_image(file, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side)
+            rgb = decode_rgb(image, lim.max_pixels, max_work_side=lim.max_work_side)
+        except ImageDecodeError as e:
+            reason = str(e)  # raised below, outside this block: its frames hold the pixels
+        else:
+            del image
+            if large:  # the full-size pixels are freed: hand their pages back now, and
+                trim_heap()  # again when the burst is over (`_trim_when_idle`)
+                self._large_since_trim = True
+            return rgb
+        raise UploadRefused(f"{name}: not a usable image: {reason}")
+
+    def _trim_when_idle(self) -> None:
+        """Nothing decoded or waiting for a batch: give freed pages back once, in a thread."""
+        if self._large_since_trim and self._pools:
+            self._large_since_trim = False
+            self._pools[False].submit(trim_heap)
 
     def attribute_batch(self, uploads: Sequence[Upload]) -> list[AttributeResponse | Exception]:
-        """Decode, embed, search and describe a batch: all of it in the worker thread."""
-        lim = self.limits
-        out: dict[int, AttributeResponse | Exception] = {}
-        decoded = {}
-        for k, up in enumerate(uploads):
-            try:
-                decoded[k] = load_rgb(
-                    up.data, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side
+        """Embed, search and describe a batch of decoded uploads, in the batcher's thread."""
+        answers = self.attributor.attribute(
+            [up.image for up in uploads], [up.top_k for up in uploads], [up.name for up in uploads]
+        )
+        out: list[AttributeResponse | Exception] = []
+        for up, answer in zip(uploads, answers, strict=True):
+            if up.image.size != up.size:
+                answer.notes.append(
+                    f"shrunk from {up.size[0]}x{up.size[1]} to "
+                    f"{up.image.width}x{up.image.height} pixels before embedding"
                 )
-            except ImageDecodeError as e:
-                out[k] = UploadRefused(f"{up.name}: not a usable image: {e}")
-        if decoded:
-            ups = [uploads[k] for k in decoded]
-            answers = self.attributor.attribute(
-                list(decoded.values()), [up.top_k for up in ups], [up.name for up in ups]
-            )
-            for (k, image), answer in zip(decoded.items(), answers, strict=True):
-                out[k] = self.response(answer, image.size, uploads[k].top_k)
-        return [out[k] for k in range(len(uploads))]
+            out.append(self.response(answer, up.size, up.top_k))
+        return out
 
     def _caption(self, id_: str) -> str | None:
         row = self.gallery.row(id_)
@@ -255,6 +395,14 @@ def _too_large(max_bytes: int) -> JSONResponse:
     return JSONResponse({"detail": _too_large_text(max_bytes)}, status_code=413)
 
 
+def _spooled_size(upload: UploadFile) -> int:
+    """Bytes in an upload whose size the form parser did not record (seeking a spooled
+    file reads nothing)."""
+    size = upload.file.seek(0, os.SEEK_END)
+    upload.file.seek(0)
+    return size
+
+
 def _package_text(name: str) -> str:
     return resources.files("genattr.serve").joinpath(name).read_text(encoding="utf-8")
 
@@ -287,11 +435,11 @@ def create_app(
             assert index_path is not None  # create_app refused that case above
             svc = Service(index_path, calibrator_path, limits, weights, device, max_batch, max_wait)
         app.state.service = svc
-        await svc.batcher.start()
+        await svc.start()
         try:
             yield
         finally:
-            await svc.batcher.stop()
+            await svc.stop()
 
     app = FastAPI(
         title="genattr",
@@ -313,7 +461,7 @@ def create_app(
         responses={
             413: {"description": "upload over the size limit"},
             422: {"description": "not a usable image, or top_k out of range"},
-            503: {"description": "too many requests waiting"},
+            503: {"description": "too many requests waiting (for memory or for the model)"},
         },
     )
     async def attribute(
@@ -330,14 +478,14 @@ def create_app(
         k = min(limits.default_top_k, svc.max_top_k) if k is None else k
         if not 1 <= k <= svc.max_top_k:
             raise HTTPException(422, f"top_k must be between 1 and {svc.max_top_k}, got {k}")
-        data = await image.read(limits.max_upload_bytes + 1)
-        if len(data) > limits.max_upload_bytes:
+        size = image.size if image.size is not None else _spooled_size(image)
+        if size > limits.max_upload_bytes:
             raise HTTPException(413, _too_large_text(limits.max_upload_bytes))
         try:
-            return await svc.batcher.submit(Upload(data, image.filename or "upload", k))
+            return await svc.attribute_upload(image.file, image.filename or "upload", k)
         except UploadRefused as e:
             raise HTTPException(422, str(e)) from None
-        except QueueFull as e:
+        except (QueueFull, Busy) as e:
             raise HTTPException(503, f"busy: {e}; retry shortly") from None
 
     @app.get("/images/{image_id:path}", responses={404: {"description": "unknown id"}})
@@ -366,6 +514,7 @@ def create_app(
             calibrated=svc.calibrator is not None,
             batches=svc.batcher.batches,
             requests=svc.batcher.items,
+            memory=MemoryBudget(**svc.budget.stats()),
         )
 
     @app.get("/about")
@@ -423,11 +572,33 @@ def serve(
     weights: str | None = None,
     device: str = "cpu",
 ) -> None:
-    """`genattr serve`: load, then run the app with uvicorn (the world's index when none is
-    given)."""
+    """`genattr serve`: check that the address can be listened on, load, then run the app
+    with uvicorn (the world's index when none is given). GenattrError for a port out of
+    range, a host that does not resolve, or an address in use, before anything loads."""
     import uvicorn
 
+    check_listen(host, port)
     if index_path is None:
         index_path = default_world_index()
     svc = Service(index_path, calibrator_path, limits or Limits(), weights, device)
     uvicorn.run(create_app(service=svc), host=host, port=port)
+
+
+def check_listen(host: str, port: int) -> None:
+    """GenattrError unless a server could listen on host:port now (binds and closes a
+    socket, as uvicorn will)."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise GenattrError(f"--port must be between 1 and 65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise GenattrError(
+            f"--host {host!r}: not an address this machine can resolve ({e})"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as e:
+            raise GenattrError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None

@@ -96,7 +96,8 @@ class Gallery:
             return _encode(Image.fromarray(data.images[i]), "PNG")
 
         try:
-            image = load_rgb(path, self.max_pixels)
+            # a huge file is shrunk as it is decoded, not held whole to be thumbnailed
+            image = load_rgb(path, self.max_pixels, max_work_side=4 * THUMBNAIL_SIDE)
         except ImageDecodeError:
             return None
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
