@@ -3,50 +3,18 @@
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
 from genattr.atomic import check_output
-from genattr.attribution import attribute as run_attribute
-from genattr.attribution import attributions_table, write_attributions
-from genattr.customize.driver import make_benchmark as run_make
-from genattr.customize.pipeline import load_base_pipeline
-from genattr.customize.prompts import load_prompt_set, read_captions
-from genattr.customize.sample import generate as run_generate
-from genattr.customize.sample import read_model_info, sample_config_from_dict
-from genattr.customize.train import config_from_dict, read_reg_captions
-from genattr.customize.train import customize as run_customize
 from genattr.errors import GenattrError
-from genattr.evaluate import DEFAULT_KS, results_table
-from genattr.features.extract import extract as run_extract
-from genattr.heads.train import TrainConfig
-from genattr.options import options_from_mapping
-from genattr.serve.app import Limits
-from genattr.serve.app import serve as run_serve
-from genattr.serve.world_index import demo_index, world_cache_dir
-from genattr.workflows.calibrate import calibrate_from_stores
-from genattr.workflows.evaluate import evaluate_files
-from genattr.workflows.index import build_index_from_store
-from genattr.workflows.train_head import (
-    export_mapper_pth,
-    import_mapper_pth,
-    train_heads_from_stores,
-)
-from genattr.world.base import GUIDANCE, train_base
-from genattr.world.build import build_world, build_world_benchmark
-from genattr.world.clipart import DEFAULT_DATA_DIR, build_data, load_data
-from genattr.world.demo import DEMO_BACKBONES, run_demo
-from genattr.world.encoder import EncoderConfig, train_encoder
-from genattr.world.quality import sample_quality
 
 
 class _ListOptionsCommand(TyperCommand):
@@ -150,6 +118,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Evaluate attribution on an AbC benchmark with the authors' protocol."""
+    from genattr.evaluate import DEFAULT_KS, results_table
+    from genattr.workflows.evaluate import evaluate_files
 
     if head is not None and head not in ("linear", "channel", "mlp"):
         raise GenattrError(f"--head must be linear, channel or mlp, not {head!r}")
@@ -173,6 +143,7 @@ def demo(
     head: Annotated[str, typer.Option(help="Head to train: linear, channel or mlp.")] = "linear",
 ) -> None:
     """Attribution end to end on the built-in miniature world; writes OUT/report.html."""
+    from genattr.world.demo import DEMO_BACKBONES, run_demo
 
     console.print(
         "[bold]genattr demo[/]: the miniature clip-art world: extract features, train heads, "
@@ -190,6 +161,8 @@ def demo(
 
 def _set_threads(threads: int | None) -> None:
     """torch's intra-op threads for this command, when `--threads` is given."""
+    import torch
+
     if threads:
         torch.set_num_threads(threads)
 
@@ -232,6 +205,8 @@ def customize(
     ),
 ) -> None:
     """Custom Diffusion: tune <new1> and cross-attention keys/values toward exemplars."""
+    from genattr.customize.train import config_from_dict, read_reg_captions
+    from genattr.customize.train import customize as run_customize
 
     cfg = config_from_dict(  # checked as a plan's `train:` is, before the model loads
         {
@@ -286,6 +261,9 @@ def generate(
     ),
 ) -> None:
     """Sample a customized model on a prompt set (seeds and settings recorded per image)."""
+    from genattr.customize.prompts import load_prompt_set, read_captions
+    from genattr.customize.sample import generate as run_generate
+    from genattr.customize.sample import read_model_info, sample_config_from_dict
 
     info = read_model_info(model)
     pset = load_prompt_set(prompts)
@@ -327,6 +305,7 @@ def make_benchmark(
     ] = None,
 ) -> None:
     """Customize and sample every model of a plan; write AbC JSON and a manifest."""
+    from genattr.customize.driver import make_benchmark as run_make
 
     manifest, _results = run_make(plan, out, engine, device, dtype, ray_address, gpus_per_model)
     counts = {s: len(manifest.split(s).models) for s in ("train", "val", "test")}
@@ -381,6 +360,7 @@ def extract(
     ] = None,
 ) -> None:
     """Embed a collection of images into an embedding store; re-run to resume."""
+    from genattr.features.extract import extract as run_extract
 
     r = run_extract(
         features,
@@ -442,6 +422,9 @@ def train_head(
     ] = False,
 ) -> None:
     """Train the real and synth attribution heads with NT-Xent (the authors released none)."""
+    from genattr.heads.train import TrainConfig
+    from genattr.options import options_from_mapping
+    from genattr.workflows.train_head import train_heads_from_stores
 
     config = options_from_mapping(
         TrainConfig,
@@ -482,6 +465,7 @@ def calibrate(
     heldout_fraction: Annotated[float, typer.Option(help="Share of models held out.")] = 0.3,
 ) -> None:
     """Fit the authors' calibrator (inv_tau, bias) and report it on held-out models."""
+    from genattr.workflows.calibrate import calibrate_from_stores
 
     cal = calibrate_from_stores(
         bench, store_real, store_synth, distractors, out, head, top_l, heldout_fraction
@@ -516,6 +500,7 @@ def index_build(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Index a store (FAISS chosen from size and memory budget; similarities re-ranked exactly)."""
+    from genattr.workflows.index import build_index_from_store
 
     index = build_index_from_store(
         store if len(store) > 1 else store[0], out, head, kind, memory_budget, progress
@@ -540,6 +525,8 @@ def attribute(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Which training images made these images, and how much (calibrated influence)."""
+    from genattr.attribution import attribute as run_attribute
+    from genattr.attribution import attributions_table, write_attributions
 
     if format not in ("table", "json", "html"):
         raise GenattrError(f"--format must be table, json or html, not {format!r}")
@@ -577,6 +564,9 @@ def serve(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Serve attribution on the web: a page at / and a JSON API (docs at /docs)."""
+    from genattr.serve.app import Limits
+    from genattr.serve.app import serve as run_serve
+    from genattr.serve.world_index import demo_index, world_cache_dir
 
     _set_threads(threads)
     limits = Limits(
@@ -613,6 +603,7 @@ def head_import(
     ] = None,
 ) -> None:
     """Import the authors' mapper checkpoint as a genattr head directory."""
+    from genattr.workflows.train_head import import_mapper_pth
 
     pair = import_mapper_pth(mapper, out, head, **({"backbone": backbone} if backbone else {}))
     console.print(f"{pair.kind} head written to {out}/")
@@ -625,6 +616,7 @@ def head_export(
     out: Annotated[Path, typer.Option(help="The authors' mapper .pth to write.")],
 ) -> None:
     """Export a genattr head in the authors' mapper format (their eval.py loads it)."""
+    from genattr.workflows.train_head import export_mapper_pth
 
     pair = export_mapper_pth(head, out)
     console.print(f"{pair.kind} mapper written to {out}")
@@ -653,6 +645,7 @@ def world_build_data(
     ] = None,
 ) -> None:
     """Render, caption, deduplicate and split Debian's openclipart-png for the world."""
+    from genattr.world.clipart import DEFAULT_DATA_DIR, build_data, load_data
 
     path = build_data(source, out or DEFAULT_DATA_DIR, size, seed, cache)
     data = load_data(path, size)
@@ -677,6 +670,8 @@ def world_build(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Rebuild the whole world (data, base model, benchmark); every stage resumes."""
+    from genattr.world.build import build_world
+    from genattr.world.clipart import DEFAULT_DATA_DIR
 
     _set_threads(threads)
     done = build_world(
@@ -704,6 +699,8 @@ def world_build_benchmark(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Customize and sample every held-out set on the base model, resumably, and pack it."""
+    from genattr.world.build import build_world_benchmark
+    from genattr.world.clipart import DEFAULT_DATA_DIR
 
     _set_threads(threads)
     path = build_world_benchmark(work, out or DEFAULT_DATA_DIR, base, engine=engine)
@@ -732,6 +729,8 @@ def world_train_encoder(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Train the world's own feature space (`world-cnn`) on its pre-training images (SimCLR)."""
+    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+    from genattr.world.encoder import EncoderConfig, train_encoder
 
     _set_threads(threads)
     try:
@@ -775,6 +774,9 @@ def world_train_base(
     ] = None,
 ) -> None:
     """Train (or resume) the world's base text-to-image model on CPU; writes OUT/pipeline."""
+    import json
+
+    from genattr.world.base import train_base
 
     changes = {}
     for item in set_ or []:
@@ -808,13 +810,22 @@ def world_quality(
     n: Annotated[int, typer.Option(help="Samples (captions of pre-training images).")] = 64,
     gallery: Annotated[int, typer.Option(help="Gallery of other pre-training images.")] = 1000,
     steps: Annotated[int, typer.Option(help="DDIM steps.")] = 20,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance.")] = GUIDANCE,
+    guidance: Annotated[
+        float | None, typer.Option(help="Classifier-free guidance (default: the world's).")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
 ) -> None:
     """Measure the base model's samples: category agreement of nearest neighbours vs chance."""
+    import json
+
+    from genattr.customize.pipeline import load_base_pipeline
+    from genattr.world.base import GUIDANCE
+    from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
+    from genattr.world.quality import sample_quality
 
     pipe = load_base_pipeline(pipeline, "cpu", "float32")
-    q = sample_quality(pipe, load_data(data or DEFAULT_DATA_DIR), n, gallery, steps, guidance)
+    world = load_data(data or DEFAULT_DATA_DIR)
+    q = sample_quality(pipe, world, n, gallery, steps, GUIDANCE if guidance is None else guidance)
     text = json.dumps({"pipeline": str(pipeline), **q.as_dict()}, indent=1)
     if out is not None:
         out.write_text(text)
