@@ -5,6 +5,7 @@ models): the same commands with good options must work on it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -242,3 +243,37 @@ def test_small_project_with_defaults_works(kit, tmp_path):
                  tmp_path / "a.json")  # fmt: skip
     assert res.exit_code == 0, res.output
     shutil.rmtree(tmp_path)
+
+
+def _raising(exc: BaseException):
+    def fail(*args, **kwargs):
+        raise exc
+
+    return fail
+
+
+def test_a_bug_is_one_line_with_exit_1_and_its_traceback_behind_debug(kit, tmp_path, monkeypatch):
+    import genattr.workflows.evaluate
+
+    monkeypatch.setattr(genattr.workflows.evaluate, "evaluate_files", _raising(ValueError("boom")))
+    argv = ["evaluate", "--gallery-feats", pth(kit, "gallery.pth"), "--test-feats",
+            pth(kit, "test.pth"), "--out", tmp_path / "r.json"]  # fmt: skip
+    res = invoke(*argv)
+    assert res.exit_code == 1, res.output
+    assert "internal error" in res.output and "ValueError: boom" in res.output
+    assert "--debug" in res.output and "Traceback" not in res.output
+    res = invoke("--debug", *argv)
+    assert isinstance(res.exception, ValueError) and str(res.exception) == "boom"
+    res = invoke(*argv)  # --debug holds for its own command only
+    assert res.exit_code == 1 and "internal error" in res.output
+
+
+def test_a_full_disk_is_one_line_with_exit_2(kit, tmp_path, monkeypatch):
+    import genattr.workflows.evaluate
+
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r.json"))
+    monkeypatch.setattr(genattr.workflows.evaluate, "evaluate_files", _raising(full))
+    res = invoke("evaluate", "--gallery-feats", pth(kit, "gallery.pth"), "--test-feats",
+                 pth(kit, "test.pth"), "--out", tmp_path / "r.json")  # fmt: skip
+    assert res.exit_code == 2, res.output
+    assert "r.json: No space left on device" in res.output and "internal" not in res.output

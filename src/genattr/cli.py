@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -82,18 +84,55 @@ def _console_logging() -> None:
         root.setLevel(logging.INFO)
 
 
+# the environment's refusals, not genattr's bugs: said in one line like bad input
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+_debug = {"on": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")
+    ] = False,
+) -> None:
+    """Data attribution for text-to-image models: which training images made this image?"""
+    _debug["on"] = debug or os.environ.get("GENATTR_DEBUG", "") not in ("", "0")
+
+
 def _friendly_errors(fn):
-    """GenattrError -> one line on stderr and exit code 2, no traceback; the library's log
-    messages go to the console while the command runs."""
+    """GenattrError (bad input) and a full disk or read-only folder -> one line on stderr and
+    exit code 2. Anything else is a bug in genattr: one line saying so and exit code 1, the
+    traceback with --debug. The library's log messages go to the console meanwhile."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         _console_logging()
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
         except GenattrError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as e:
+            if e.errno not in _ENVIRONMENT_ERRNOS or _debug["on"]:
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            err_console.print(
+                f"[bold red]error:[/] {where}{e.strerror}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(2) from None
+        except Exception as e:
+            if _debug["on"]:
+                raise
+            first = str(e).splitlines()[0] if str(e) else ""
+            err_console.print(
+                f"[bold red]internal error[/] (a bug in genattr, please report it): "
+                f"{type(e).__name__}: {first}\nrerun with --debug for the traceback",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 
