@@ -1,0 +1,287 @@
+"""The service's memory under the worst legal uploads, and whether it keeps answering.
+
+Starts `genattr serve` (a subprocess, torch at 1 thread) over the world gallery's index as
+`genattr serve` with no arguments serves it (built once into the cache), waits until it is
+idle, then fires --concurrency simultaneous uploads of the worst image the default limits
+accept: a constant PNG at the largest pixel count allowed (16384 x 5461 = 89.5 M pixels, under
+Pillow's 89.48 M limit and the 16384 px side limit), 16 bits per channel, a few hundred KB
+compressed. Meanwhile a normal client keeps posting a 32 px world image (and GET /healthz)
+one request after another. Reports, from /proc/<pid>/status of the server: idle RSS, peak RSS
+(VmHWM, reset when idle) and RSS after the burst; the burst's wall time and statuses; the
+normal requests' latencies during the burst.
+
+    nice -n 10 .venv/bin/python benchmarks/serve_memory.py [--kind gray16|rgba16] [--concurrency 16]
+
+--src DIR runs the server from another copy of the package (its `src` folder), e.g. the
+code before the memory budget (commit 82858db) for a before/after comparison:
+
+    mkdir /tmp/before && git archive 82858db src | tar -x -C /tmp/before && \\
+        .venv/bin/python benchmarks/serve_memory.py --src /tmp/before/src
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from genattr.calibrate import Calibrator, save_calibrator
+from genattr.serve.world_index import default_world_index
+from genattr.world.clipart import load_data
+
+MB = 2**20
+WORST_SIZE = (16384, 5461)  # the most pixels the default limits allow (16384 a side)
+# PNG colour types: grey, RGB, grey + alpha, RGBA; channels of each
+KINDS = {"gray16": (0, 1), "rgb16": (2, 3), "la16": (4, 2), "rgba16": (6, 4)}
+
+
+def constant_png(width: int, height: int, kind: str = "gray16", value: int = 0x5A) -> bytes:
+    """A 16-bit PNG of one colour, written row by row: a few hundred KB however many pixels
+    it has (the decoder still has to inflate and hold every one of them)."""
+    color_type, channels = KINDS[kind]
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        body = tag + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    row = b"\0" + bytes([value]) * (width * channels * 2)
+    z = zlib.compressobj(9)
+    idat = b"".join([z.compress(row) for _ in range(height)] + [z.flush()])
+    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def status_mb(pid: int, field: str) -> float:
+    """VmRSS, VmHWM, ... of a process, in MB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def reset_peak(pid: int) -> None:
+    """Start VmHWM again from the current RSS (Linux: 5 > clear_refs)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")
+
+
+class Sampler(threading.Thread):
+    """RSS every `every` seconds while running: the curve, for when VmHWM cannot be reset."""
+
+    def __init__(self, pid: int, every: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.pid, self.every, self.samples = pid, every, []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        t0 = time.monotonic()
+        while not self.stop.is_set():
+            try:
+                self.samples.append((time.monotonic() - t0, status_mb(self.pid, "VmRSS")))
+            except (OSError, KeyError):
+                return
+            time.sleep(self.every)
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit("server did not become healthy")
+
+
+def start_server(cmd: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(log_path, "w")  # noqa: SIM115 (open for the server's lifetime)
+    proc = subprocess.Popen(
+        [*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    proc.log = log  # type: ignore[attr-defined]
+    wait_healthy(url, proc, log_path)
+    return proc, url
+
+
+async def burst(url: str, worst: bytes, normal: bytes, concurrency: int, timeout: float):
+    """`concurrency` worst uploads at once; a normal client posting and checking health one
+    request after another until they are all answered. Statuses and latencies."""
+    done = asyncio.Event()
+    normal_lat: list[float] = []
+    health_lat: list[float] = []
+    normal_errors: list[str] = []
+
+    async def heavy(http: httpx.AsyncClient, i: int) -> tuple[int, float, str]:
+        t0 = time.perf_counter()
+        try:
+            r = await http.post(
+                "/attribute", files={"image": (f"worst{i}.png", worst, "image/png")}
+            )
+            return r.status_code, time.perf_counter() - t0, r.text[:200]
+        except httpx.HTTPError as e:
+            return -1, time.perf_counter() - t0, repr(e)
+
+    async def normal_client(http: httpx.AsyncClient) -> None:
+        await asyncio.sleep(0.3)  # the burst is in the server by then
+        while not done.is_set():
+            t0 = time.perf_counter()
+            try:
+                r = await http.get("/healthz")
+                health_lat.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                r = await http.post(
+                    "/attribute",
+                    files={"image": ("normal.png", normal, "image/png")},
+                    data={"top_k": "5"},
+                )
+                normal_lat.append(time.perf_counter() - t0)
+                if r.status_code != 200:
+                    normal_errors.append(f"{r.status_code}: {r.text[:200]}")
+            except httpx.HTTPError as e:
+                normal_errors.append(repr(e))
+            await asyncio.sleep(0.1)
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http,
+        httpx.AsyncClient(base_url=url, timeout=timeout) as side,
+    ):
+        t0 = time.perf_counter()
+        side_task = asyncio.create_task(normal_client(side))
+        results = await asyncio.gather(*(heavy(http, i) for i in range(concurrency)))
+        wall = time.perf_counter() - t0
+        done.set()
+        await side_task
+    return results, wall, normal_lat, health_lat, normal_errors
+
+
+def health(url: str) -> dict:
+    with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
+        return json.load(r)
+
+
+def measure(args, cmd: list[str], env: dict, tmp: Path, worst: bytes, normal: bytes) -> dict:
+    proc, url = start_server(cmd, env, tmp / "server.log")
+    try:
+        for _ in range(5):  # warm: first batch, thread pools, allocator
+            with httpx.Client(base_url=url, timeout=60) as c:
+                c.post("/attribute", files={"image": ("n.png", normal, "image/png")})
+        time.sleep(1.0)
+        idle = status_mb(proc.pid, "VmRSS")
+        reset_peak(proc.pid)
+        sampler = Sampler(proc.pid)
+        sampler.start()
+        results, wall, normal_lat, health_lat, normal_errors = asyncio.run(
+            burst(url, worst, normal, args.concurrency, args.timeout)
+        )
+        sampler.stop.set()
+        sampler.join()
+        peak = max(status_mb(proc.pid, "VmHWM"), max(r for _, r in sampler.samples))
+        after = {}
+        for at, wait in ((0.5, 0.5), (5.0, 4.5)):
+            time.sleep(wait)
+            after[at] = status_mb(proc.pid, "VmRSS")
+        h = health(url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        proc.log.close()  # type: ignore[attr-defined]
+    statuses: dict[int, int] = {}
+    for status, _, _ in results:
+        statuses[status] = statuses.get(status, 0) + 1
+    lat = np.array(normal_lat) if normal_lat else np.array([np.nan])
+    return {
+        "idle_rss_mb": round(idle),
+        "peak_rss_mb": round(peak),
+        "peak_above_idle_mb": round(peak - idle),
+        "after_burst_above_idle_mb": {f"{k}s": round(v - idle) for k, v in after.items()},
+        "burst_wall_s": round(wall, 1),
+        "worst_statuses": statuses,
+        "worst_latency_s": [round(t, 1) for _, t, _ in sorted(results, key=lambda r: r[1])],
+        "worst_errors": sorted({text for s, _, text in results if s != 200})[:3],
+        "normal_requests_during_burst": len(normal_lat),
+        "normal_latency_ms": {
+            "p50": round(1000 * float(np.median(lat))),
+            "max": round(1000 * float(np.max(lat))),
+        },
+        "health_latency_ms_max": round(1000 * max(health_lat)) if health_lat else None,
+        "normal_errors": normal_errors[:3],
+        "memory_budget": h.get("memory"),
+        "rss_curve_mb": [
+            (round(t, 1), round(r))
+            for t, r in sampler.samples[:: max(1, len(sampler.samples) // 40)]
+        ],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=sorted(KINDS), default="gray16")
+    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--index", default=None, help="default: as `genattr serve` with no --index")
+    ap.add_argument("--src", default=None, help="run the server from this src/ folder")
+    ap.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    args = ap.parse_args()
+
+    index = args.index or str(default_world_index())
+    tmp = Path(tempfile.mkdtemp())
+    save_calibrator(Calibrator(inv_tau=60.0, bias=-50.0), tmp / "calibrator.json")
+    data = load_data()
+    buf = io.BytesIO()
+    Image.fromarray(data.images[int(data.indices("unused")[0])]).save(buf, format="PNG")
+    normal = buf.getvalue()
+    worst = constant_png(*WORST_SIZE, args.kind)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if args.src:
+        env["PYTHONPATH"] = os.pathsep.join([args.src, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "genattr.cli", "serve", "--index", index]
+    cmd += ["--calibrator", str(tmp / "calibrator.json"), "--threads", "1"]
+    report = {
+        "server": args.src or "this checkout",
+        "index": index,
+        "upload": {
+            "kind": args.kind,
+            "size": list(WORST_SIZE),
+            "pixels": WORST_SIZE[0] * WORST_SIZE[1],
+            "bytes": len(worst),
+        },
+        "concurrency": args.concurrency,
+        **measure(args, cmd, env, tmp, worst, normal),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
