@@ -109,3 +109,64 @@ def test_cli_builds_an_on_disk_index(store, tmp_path):
     assert res.exit_code == 0, res.output
     assert "ivfpq-ondisk index" in res.output and "12,000 images" in res.output
     assert AttributionIndex.load(out).spec.on_disk
+
+
+_SLOW_BUILD = """
+import sys, time
+from genattr.search import index as m
+from genattr.store import EmbeddingStore
+
+add = m._OnDiskAdder.add
+def slow_add(self, start, block):  # a pause after each block, so a kill lands mid-build
+    add(self, start, block)
+    time.sleep(float(sys.argv[3]))
+m._OnDiskAdder.add = slow_add
+store = EmbeddingStore.open(sys.argv[1])
+m.build_index(store.vectors, sys.argv[2], kind="ivf-ondisk", train_size=20_000, shard_rows=50_000)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_build_then_rebuild_equals_a_clean_build(tmp_path):
+    """A real process killed with SIGKILL while its build shards are on disk: the folder is
+    refused as unfinished, and building again gives the index a clean build gives."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "s"
+    s = EmbeddingStore.create(path, BackboneInfo("test", "sha256:test"), 16)
+    g = clustered(200_000, 16)  # four 65,536-row blocks: build shards after each
+    s.append(g, [f"img{i}" for i in range(len(g))], [f"{i}.png" for i in range(len(g))])
+
+    def build(out, pause):
+        return subprocess.Popen(
+            [sys.executable, "-c", _SLOW_BUILD, str(path), str(out), str(pause)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    killed = tmp_path / "killed"
+    proc = build(killed, 5.0)
+    deadline = time.monotonic() + 120
+    while not list((killed / ".build").glob("shard_*.index")) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no build shard appeared"
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(30) == -signal.SIGKILL
+    with pytest.raises(GenattrError, match="unfinished index build"):
+        AttributionIndex.load(killed)
+
+    clean = tmp_path / "clean"
+    for out in (killed, clean):
+        proc = build(out, 0.0)
+        assert proc.wait(300) == 0, proc.stderr.read() if proc.stderr else ""
+    assert not (killed / ".build").exists()
+    for name in ("vectors.npy", "metadata.parquet", "index.json"):
+        assert (killed / name).read_bytes() == (clean / name).read_bytes(), name
+    q = normed(clustered(20, 16, seed=5)).numpy()
+    a, b = AttributionIndex.load(killed), AttributionIndex.load(clean)
+    np.testing.assert_array_equal(a.search(q, 10)[1], b.search(q, 10)[1])
+    np.testing.assert_array_equal(a.search(q, 10)[0], b.search(q, 10)[0])
