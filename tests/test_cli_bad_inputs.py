@@ -198,6 +198,13 @@ CASES = {
     "evaluate --device tpu": lambda d, o: (
         ["evaluate", "--gallery-feats", d / "store_train", "--test-feats", d / "store_train",
          "--device", "tpu", "--out", o], "tpu"),
+    # -- commands that make models, benchmarks and heads ----------------------------------
+    "customize --out is a file": lambda d, o: (
+        ["customize", "--base", d / "no-model", "--exemplars", d / "train" / "img_000.png",
+         "--mode", "object", "--category", "x", "--out", text_file(d, "d_file")], "d_file"),
+    "demo --out is a file": lambda d, o: (["demo", "--out", text_file(d, "e_file")], "e_file"),
+    "head export --out is a folder": lambda d, o: (
+        ["head", "export", "--head", d / "head", "--out", d / "head"], "is a folder"),
     # -- extract --------------------------------------------------------------------------
     "extract --batch-size 0": lambda d, o: (
         ["extract", "--features", "pixel", "--images", d / "train", "--batch-size", "0",

@@ -114,17 +114,15 @@ def _friendly_errors(fn):
         except GenattrError as e:
             err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except OSError as e:
-            if e.errno not in _ENVIRONMENT_ERRNOS or _debug["on"]:
-                raise
-            where = f"{e.filename}: " if e.filename else ""
-            err_console.print(
-                f"[bold red]error:[/] {where}{e.strerror}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(2) from None
         except Exception as e:
             if _debug["on"]:
                 raise
+            if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
+                where = f"{e.filename}: " if e.filename else ""
+                err_console.print(
+                    f"[bold red]error:[/] {where}{e.strerror}", highlight=False, soft_wrap=True
+                )
+                raise typer.Exit(2) from None
             first = str(e).splitlines()[0] if str(e) else ""
             err_console.print(
                 f"[bold red]internal error[/] (a bug in genattr, please report it): "
@@ -182,6 +180,7 @@ def demo(
     head: Annotated[str, typer.Option(help="Head to train: linear, channel or mlp.")] = "linear",
 ) -> None:
     """Attribution end to end on the built-in miniature world; writes OUT/report.html."""
+    check_output(out, "dir")
     from genattr.world.demo import DEMO_BACKBONES, run_demo
 
     console.print(
@@ -244,6 +243,7 @@ def customize(
     ),
 ) -> None:
     """Custom Diffusion: tune <new1> and cross-attention keys/values toward exemplars."""
+    check_output(out, "dir")
     from genattr.customize.train import config_from_dict, read_reg_captions
     from genattr.customize.train import customize as run_customize
 
@@ -300,6 +300,7 @@ def generate(
     ),
 ) -> None:
     """Sample a customized model on a prompt set (seeds and settings recorded per image)."""
+    check_output(out, "dir")
     from genattr.customize.prompts import load_prompt_set, read_captions
     from genattr.customize.sample import generate as run_generate
     from genattr.customize.sample import read_model_info, sample_config_from_dict
@@ -344,6 +345,7 @@ def make_benchmark(
     ] = None,
 ) -> None:
     """Customize and sample every model of a plan; write AbC JSON and a manifest."""
+    check_output(out, "dir")
     from genattr.customize.driver import make_benchmark as run_make
 
     manifest, _results = run_make(plan, out, engine, device, dtype, ray_address, gpus_per_model)
@@ -642,6 +644,7 @@ def head_import(
     ] = None,
 ) -> None:
     """Import the authors' mapper checkpoint as a genattr head directory."""
+    check_output(out, "dir")
     from genattr.workflows.train_head import import_mapper_pth
 
     pair = import_mapper_pth(mapper, out, head, **({"backbone": backbone} if backbone else {}))
@@ -655,6 +658,7 @@ def head_export(
     out: Annotated[Path, typer.Option(help="The authors' mapper .pth to write.")],
 ) -> None:
     """Export a genattr head in the authors' mapper format (their eval.py loads it)."""
+    check_output(out, "file")
     from genattr.workflows.train_head import export_mapper_pth
 
     pair = export_mapper_pth(head, out)
@@ -684,6 +688,8 @@ def world_build_data(
     ] = None,
 ) -> None:
     """Render, caption, deduplicate and split Debian's openclipart-png for the world."""
+    if out is not None:
+        check_output(out, "dir")
     from genattr.world.clipart import DEFAULT_DATA_DIR, build_data, load_data
 
     path = build_data(source, out or DEFAULT_DATA_DIR, size, seed, cache)
@@ -709,6 +715,8 @@ def world_build(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Rebuild the whole world (data, base model, benchmark); every stage resumes."""
+    if out is not None:
+        check_output(out, "dir")
     from genattr.world.build import build_world
     from genattr.world.clipart import DEFAULT_DATA_DIR
 
@@ -738,6 +746,8 @@ def world_build_benchmark(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Customize and sample every held-out set on the base model, resumably, and pack it."""
+    if out is not None:
+        check_output(out, "dir")
     from genattr.world.build import build_world_benchmark
     from genattr.world.clipart import DEFAULT_DATA_DIR
 
@@ -768,6 +778,8 @@ def world_train_encoder(
     threads: Annotated[int | None, typer.Option(help="torch threads (default: torch's).")] = None,
 ) -> None:
     """Train the world's own feature space (`world-cnn`) on its pre-training images (SimCLR)."""
+    if out is not None:
+        check_output(out, "file")
     from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
     from genattr.world.encoder import EncoderConfig, train_encoder
 
@@ -813,6 +825,7 @@ def world_train_base(
     ] = None,
 ) -> None:
     """Train (or resume) the world's base text-to-image model on CPU; writes OUT/pipeline."""
+    check_output(out, "dir")
     import json
 
     from genattr.world.base import train_base
@@ -855,6 +868,8 @@ def world_quality(
     data: Annotated[Path | None, typer.Option(help="World data folder.")] = None,
 ) -> None:
     """Measure the base model's samples: category agreement of nearest neighbours vs chance."""
+    if out is not None:
+        check_output(out, "file")
     import json
 
     from genattr.customize.pipeline import load_base_pipeline
