@@ -205,6 +205,9 @@ CASES = {
     "demo --out is a file": lambda d, o: (["demo", "--out", text_file(d, "e_file")], "e_file"),
     "head export --out is a folder": lambda d, o: (
         ["head", "export", "--head", d / "head", "--out", d / "head"], "is a folder"),
+    # -- serve ----------------------------------------------------------------------------
+    "serve --max-upload-mb nan": lambda d, o: (
+        ["serve", "--index", d / "index", "--max-upload-mb", "nan"], "max-upload-mb"),
     # -- extract --------------------------------------------------------------------------
     "extract --batch-size 0": lambda d, o: (
         ["extract", "--features", "pixel", "--images", d / "train", "--batch-size", "0",

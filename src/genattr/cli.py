@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -610,6 +611,8 @@ def serve(
     from genattr.serve.world_index import demo_index, world_cache_dir
 
     _set_threads(threads)
+    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
+        raise GenattrError(f"--max-upload-mb must be a positive number, not {max_upload_mb}")
     limits = Limits(
         max_upload_bytes=int(max_upload_mb * 2**20), default_top_k=top_k, max_top_k=max_top_k
     )
