@@ -208,6 +208,8 @@ CASES = {
     # -- serve ----------------------------------------------------------------------------
     "serve --max-upload-mb nan": lambda d, o: (
         ["serve", "--index", d / "index", "--max-upload-mb", "nan"], "max-upload-mb"),
+    "serve --device cuda without CUDA": lambda d, o: (
+        ["serve", "--index", d / "index", "--device", "cuda"], "cuda"),
     # -- extract --------------------------------------------------------------------------
     "extract --batch-size 0": lambda d, o: (
         ["extract", "--features", "pixel", "--images", d / "train", "--batch-size", "0",
