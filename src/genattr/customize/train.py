@@ -267,170 +267,105 @@ class Customizer:
         reg_captions: Sequence[str] | None = None,
     ) -> TrainStats:
         """Tune the pipeline toward the exemplars (in place); returns timing and losses."""
-        from diffusers import DDPMScheduler
-
         cfg = config or CustomizeConfig()
-        pipe = self.pipe
-        unet, vae, te, tok = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        unet = self.pipe.unet
         device, dtype = unet.device, unet.dtype
         prompt = training_prompt(mode, category, cfg.modifier_token)
         images = [_open_rgb(p) for p in list_images(exemplars)]
         reg = _reg_set(reg_images, reg_captions)
-
         self.reset()
         init = self._add_token(cfg.modifier_token, cfg.initializer_token)
         self.initializer, self.prompt = cfg.initializer_token, prompt
-
-        size = cfg.resolution
-        latent_size = size // pipe.vae_scale_factor
-        if latent_size * pipe.vae_scale_factor != size or latent_size < 3:
-            raise GenattrError(
-                f"resolution {size} must be a multiple of the VAE factor {pipe.vae_scale_factor}"
-            )
+        latent_size = self._latent_size(cfg.resolution)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        rng = np.random.default_rng(cfg.seed)
-        noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        batches = _Batches(images, prompt, reg, cfg, latent_size, np.random.default_rng(cfg.seed))
+        new_emb, kv = self._trainable(init.to(device=device, dtype=torch.float32))
+        lr = cfg.effective_lr(reg is not None)
+        step = _Step(self.pipe, [new_emb, *kv], lr, cfg, gen, device, dtype)
+        hooks = self._hooks(new_emb)
+        unet.train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        t0 = time.perf_counter()
+        try:
+            losses = _optimize(step, batches, cfg.max_train_steps)
+        finally:
+            trained_kv = self._end_training(hooks, kv, dtype, cfg.gradient_checkpointing)
+        seconds = _seconds_since(t0, device)
+        self._keep_trained(new_emb, trained_kv)
+        self._meta = _training_record(mode, category, prompt, exemplars, reg, cfg, lr)
+        return TrainStats(cfg.max_train_steps, seconds, losses[-1] if losses else math.nan, losses)
 
-        # Trainable parameters, kept in float32 whatever the pipeline's precision.
-        new_emb = torch.nn.Parameter(init.to(device=device, dtype=torch.float32))
+    def _latent_size(self, size: int) -> int:
+        """The latent side for training images of side `size`, which the VAE must divide."""
+        factor = self.pipe.vae_scale_factor
+        latent_size = size // factor
+        if latent_size * factor != size or latent_size < 3:
+            raise GenattrError(f"resolution {size} must be a multiple of the VAE factor {factor}")
+        return latent_size
+
+    def _trainable(self, init: torch.Tensor) -> tuple[torch.nn.Parameter, list[torch.Tensor]]:
+        """The token's embedding (from `init`) and every cross-attention key/value weight, in
+        float32 whatever the pipeline's precision, as the only parameters with gradients."""
+        new_emb = torch.nn.Parameter(init)
         kv = []
         for m in self.layers.values():
             for lin in (m.to_k, m.to_v):
                 lin.to(torch.float32)
                 lin.weight.requires_grad_(True)
                 kv.append(lin.weight)
-        for module in (unet, vae, te):
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             module.requires_grad_(False)
         for p in kv:
             p.requires_grad_(True)
-        params = [new_emb, *kv]
-        lr = cfg.effective_lr(reg is not None)
-        opt = torch.optim.AdamW(
-            params,
-            lr=lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon,
-        )
-        amp = dtype != torch.float32
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=dtype)
-            if amp
-            else contextlib.nullcontext()
-        )
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        return new_emb, kv
 
-        hooks = [te.get_input_embeddings().register_forward_hook(self._splice(new_emb))]
+    def _hooks(self, new_emb: torch.nn.Parameter) -> list[Any]:
+        """Splice the token's embedding into the text encoder and keep the start-of-text
+        token's keys and values out of the gradient; the handles, to remove them."""
+        embeddings = self.pipe.text_encoder.get_input_embeddings()
+        hooks = [embeddings.register_forward_hook(self._splice(new_emb))]
         for m in self.layers.values():
             hooks.append(m.to_k.register_forward_hook(_detach_first_token))
             hooks.append(m.to_v.register_forward_hook(_detach_first_token))
-        order = _Cycler(len(images), rng)
-        reg_order = _Cycler(len(reg[0]), rng) if reg else None
-        unet.train()
-        if cfg.gradient_checkpointing:
-            unet.enable_gradient_checkpointing()
-        losses: list[float] = []
-        t0 = time.perf_counter()
-        try:
-            for step in range(cfg.max_train_steps):
-                pix, masks, prompts = [], [], []
-                for i in order.take(cfg.train_batch_size):
-                    example, example_mask, prefix = augment_example(
-                        images[i], size, latent_size, rng, cfg.hflip, cfg.augment
-                    )
-                    pix.append(example)
-                    masks.append(example_mask)
-                    prompts.append(prefix + prompt)
-                n_inst = len(pix)
-                if reg is not None and reg_order is not None:
-                    for i in reg_order.take(cfg.train_batch_size):
-                        pix.append(_plain_example(_open_rgb(reg[0][i]), size))
-                        masks.append(np.ones((latent_size, latent_size), np.float32))
-                        prompts.append(reg[1][i])
-                x = torch.from_numpy(np.stack(pix)).permute(0, 3, 1, 2).to(device, dtype)
-                mask = torch.from_numpy(np.stack(masks))[:, None].to(device)
-                ids = tok(
-                    prompts,
-                    padding="max_length",
-                    max_length=tok.model_max_length,
-                    truncation=True,
-                    return_tensors="pt",
-                ).input_ids.to(device)
-                with torch.no_grad():
-                    latents = vae.encode(x).latent_dist.sample(generator=gen)
-                    latents = latents * vae.config.scaling_factor
-                noise = torch.randn(
-                    latents.shape, generator=gen, device=device, dtype=latents.dtype
-                )
-                t = torch.randint(
-                    0,
-                    noise_sched.config.num_train_timesteps,
-                    (latents.shape[0],),
-                    generator=gen,
-                    device=device,
-                ).long()
-                noisy = noise_sched.add_noise(latents, noise, t)
-                if noise_sched.config.prediction_type == "v_prediction":
-                    target = noise_sched.get_velocity(latents, noise, t)
-                else:
-                    target = noise
-                with autocast:
-                    cond = te(ids)[0]
-                    pred = unet(noisy, t, cond).sample
-                err = F.mse_loss(pred.float(), target.float(), reduction="none")
-                # As diffusers' script: summed over latent channels, averaged over masked
-                # pixels (so this term weighs 4x a plain mean next to the prior loss).
-                inst = err[:n_inst] * mask[:n_inst]
-                loss = (inst.sum((1, 2, 3)) / mask[:n_inst].sum((1, 2, 3))).mean()
-                if n_inst < len(pix):
-                    loss = loss + cfg.prior_loss_weight * err[n_inst:].mean()
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(opt)
-                scaler.update()
-                losses.append(float(loss.detach()))
-                if (step + 1) % max(1, cfg.max_train_steps // 10) == 0:
-                    logger.info("  step %d/%d loss %.4f", step + 1, cfg.max_train_steps, losses[-1])
-        finally:
-            for h in hooks:
-                h.remove()
-            unet.eval()
-            if cfg.gradient_checkpointing:
-                unet.disable_gradient_checkpointing()
-            # The float32 master values, not a float16 rounding of them, are what gets saved.
-            trained_kv = {
-                name: (
-                    m.to_k.weight.detach().float().cpu().clone(),
-                    m.to_v.weight.detach().float().cpu().clone(),
-                )
-                for name, m in self.layers.items()
-            }
-            for p in kv:
-                p.requires_grad_(False)
-            for m in self.layers.values():
-                m.to_k.to(dtype)
-                m.to_v.to(dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
+        return hooks
+
+    def _end_training(
+        self, hooks: list[Any], kv: list[torch.Tensor], dtype: torch.dtype, checkpointing: bool
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Undo the training set-up (hooks, train mode, float32 key/value layers) and return
+        the trained keys and values as the float32 master values, on the CPU."""
+        for h in hooks:
+            h.remove()
+        self.pipe.unet.eval()
+        if checkpointing:
+            self.pipe.unet.disable_gradient_checkpointing()
+        # The float32 master values, not a float16 rounding of them, are what gets saved.
+        trained_kv = {
+            name: (
+                m.to_k.weight.detach().float().cpu().clone(),
+                m.to_v.weight.detach().float().cpu().clone(),
+            )
+            for name, m in self.layers.items()
+        }
+        for p in kv:
+            p.requires_grad_(False)
+        for m in self.layers.values():
+            m.to_k.to(dtype)
+            m.to_v.to(dtype)
+        return trained_kv
+
+    def _keep_trained(
+        self, new_emb: torch.nn.Parameter, trained_kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
+        """Write the token's row into the embedding table and keep what `save` writes."""
+        te = self.pipe.text_encoder
         with torch.no_grad():
             te.get_input_embeddings().weight[self.token_id] = new_emb.detach().to(
                 te.get_input_embeddings().weight.dtype
             )
         self._trained_kv = trained_kv
         self._trained_emb = new_emb.detach().float().cpu().clone()
-        self._meta = {
-            "mode": mode,
-            "category": category,
-            "train_prompt": prompt,
-            "exemplars": [str(p) for p in list_images(exemplars)],
-            "regularization": None if reg is None else {"images": [str(p) for p in reg[0]]},
-            "config": asdict(cfg),
-            "effective_lr": lr,
-        }
-        return TrainStats(cfg.max_train_steps, seconds, losses[-1] if losses else math.nan, losses)
 
     def _splice(self, new_emb: torch.nn.Parameter) -> Callable:
         token_id = self.token_id
@@ -512,6 +447,196 @@ class _Cycler:
                 self.queue = list(self.rng.permutation(self.n))
             out.append(int(self.queue.pop()))
         return out
+
+
+@dataclass
+class _Batch:
+    """One step's examples: images (HWC, [-1, 1]), loss masks and prompts, the first `n_inst`
+    of them exemplars, the rest regularization images."""
+
+    pix: list[np.ndarray]
+    masks: list[np.ndarray]
+    prompts: list[str]
+    n_inst: int
+
+
+class _Batches:
+    """Each step's examples, drawn from one random stream: augmented exemplars in shuffled
+    passes, then as many plain regularization images."""
+
+    def __init__(
+        self,
+        images: list[Image.Image],
+        prompt: str,
+        reg: tuple[list[Path], list[str]] | None,
+        cfg: CustomizeConfig,
+        latent_size: int,
+        rng: np.random.Generator,
+    ) -> None:
+        self.images, self.prompt, self.reg, self.cfg = images, prompt, reg, cfg
+        self.latent_size, self.rng = latent_size, rng
+        self.order = _Cycler(len(images), rng)
+        self.reg_order = _Cycler(len(reg[0]), rng) if reg else None
+
+    def next(self) -> _Batch:
+        """The next step's batch (exemplars first)."""
+        cfg, size, latent_size = self.cfg, self.cfg.resolution, self.latent_size
+        pix, masks, prompts = [], [], []
+        for i in self.order.take(cfg.train_batch_size):
+            example, example_mask, prefix = augment_example(
+                self.images[i], size, latent_size, self.rng, cfg.hflip, cfg.augment
+            )
+            pix.append(example)
+            masks.append(example_mask)
+            prompts.append(prefix + self.prompt)
+        n_inst = len(pix)
+        if self.reg is not None and self.reg_order is not None:
+            for i in self.reg_order.take(cfg.train_batch_size):
+                pix.append(_plain_example(_open_rgb(self.reg[0][i]), size))
+                masks.append(np.ones((latent_size, latent_size), np.float32))
+                prompts.append(self.reg[1][i])
+        return _Batch(pix, masks, prompts, n_inst)
+
+
+class _Step:
+    """One optimizer step of Custom Diffusion: encode a batch, noise it, predict, take the
+    masked loss, update (with fp16 loss scaling and gradient clipping)."""
+
+    def __init__(
+        self,
+        pipe: StableDiffusionPipeline,
+        params: list[torch.Tensor],
+        lr: float,
+        cfg: CustomizeConfig,
+        gen: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        from diffusers import DDPMScheduler
+
+        self.pipe, self.params, self.cfg, self.gen = pipe, params, cfg, gen
+        self.device, self.dtype = device, dtype
+        self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.opt = torch.optim.AdamW(
+            params,
+            lr=lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            weight_decay=cfg.adam_weight_decay,
+            eps=cfg.adam_epsilon,
+        )
+        self.autocast = (
+            torch.autocast(device_type=device.type, dtype=dtype)
+            if dtype != torch.float32
+            else contextlib.nullcontext()
+        )
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def __call__(self, batch: _Batch) -> float:
+        """Train on `batch`; its loss."""
+        x, mask, ids = self._tensors(batch)
+        noisy, t, target = self._noised(x)
+        with self.autocast:
+            cond = self.pipe.text_encoder(ids)[0]
+            pred = self.pipe.unet(noisy, t, cond).sample
+        loss = self._loss(pred, target, mask, batch.n_inst, len(batch.pix))
+        self._update(loss)
+        return float(loss.detach())
+
+    def _tensors(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batch as model inputs: images (NCHW), loss masks (N1HW), prompt token ids."""
+        tok, device = self.pipe.tokenizer, self.device
+        x = torch.from_numpy(np.stack(batch.pix)).permute(0, 3, 1, 2).to(device, self.dtype)
+        mask = torch.from_numpy(np.stack(batch.masks))[:, None].to(device)
+        ids = tok(
+            batch.prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
+        return x, mask, ids
+
+    def _noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Diffusion's forward process on the images' latents: the noisy latents, timesteps
+        and the UNet's target (latents, noise, timesteps drawn in that order)."""
+        vae, noise_sched, gen = self.pipe.vae, self.noise_sched, self.gen
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(generator=gen)
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen, device=self.device, dtype=latents.dtype)
+        t = torch.randint(
+            0,
+            noise_sched.config.num_train_timesteps,
+            (latents.shape[0],),
+            generator=gen,
+            device=self.device,
+        ).long()
+        noisy = noise_sched.add_noise(latents, noise, t)
+        if noise_sched.config.prediction_type == "v_prediction":
+            target = noise_sched.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        return noisy, t, target
+
+    def _loss(
+        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, n_inst: int, n: int
+    ) -> torch.Tensor:
+        """The masked exemplar loss plus the weighted prior loss on regularization images."""
+        err = F.mse_loss(pred.float(), target.float(), reduction="none")
+        # As diffusers' script: summed over latent channels, averaged over masked
+        # pixels (so this term weighs 4x a plain mean next to the prior loss).
+        inst = err[:n_inst] * mask[:n_inst]
+        loss = (inst.sum((1, 2, 3)) / mask[:n_inst].sum((1, 2, 3))).mean()
+        if n_inst < n:
+            loss = loss + self.cfg.prior_loss_weight * err[n_inst:].mean()
+        return loss
+
+    def _update(self, loss: torch.Tensor) -> None:
+        """Backpropagate `loss` (scaled for fp16), clip the gradients, step the optimizer."""
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+
+
+def _optimize(step: _Step, batches: _Batches, steps: int) -> list[float]:
+    """`steps` training steps, logging the loss ten times along the way; the losses."""
+    losses: list[float] = []
+    for i in range(steps):
+        losses.append(step(batches.next()))
+        if (i + 1) % max(1, steps // 10) == 0:
+            logger.info("  step %d/%d loss %.4f", i + 1, steps, losses[-1])
+    return losses
+
+
+def _seconds_since(t0: float, device: torch.device) -> float:
+    """Seconds since `t0` (`time.perf_counter`), once the GPU's queued work has finished."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _training_record(
+    mode: str,
+    category: str | None,
+    prompt: str,
+    exemplars: Sequence[str | os.PathLike],
+    reg: tuple[list[Path], list[str]] | None,
+    cfg: CustomizeConfig,
+    lr: float,
+) -> dict[str, Any]:
+    """How a model was trained, as `save` records it in genattr_customize.json."""
+    return {
+        "mode": mode,
+        "category": category,
+        "train_prompt": prompt,
+        "exemplars": [str(p) for p in list_images(exemplars)],
+        "regularization": None if reg is None else {"images": [str(p) for p in reg[0]]},
+        "config": asdict(cfg),
+        "effective_lr": lr,
+    }
 
 
 def _reg_set(
