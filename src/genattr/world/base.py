@@ -286,27 +286,48 @@ class BaseTrainer:
         saved = self.out / CONFIG_NAME
         self.history: list[dict[str, Any]] = []
         record = json.loads(saved.read_text()) if saved.is_file() else None
-        if record is not None:
-            old = BaseConfig.from_dict({**_ABSENT_MEANS, **record["config"]})
-            self.history = list(record.get("history", []))
-            changed = _changes(old, _with(config or old, changes))
-            if set(changed) - TRAINING_OPTIONS:
-                raise GenattrError(f"{self.out} was started with another config: {asdict(old)}")
-            self._pending = changed
-            config = old
-        self.cfg = _with(config or BaseConfig(), changes if record is None else None)
-        tok_dir = self.out / "tokenizer"
-        if tokenizer is None:
-            if tok_dir.is_dir():
-                from transformers import CLIPTokenizer
+        self.cfg = self._settle_config(record, config, changes)
+        self.tokenizer = self._find_tokenizer(tokenizer)
+        self._build_model()
+        self._start_streams()
+        # Token ids of every caption and of the empty prompt, once.
+        self.ids = self._tokenize(self.captions)
+        self.empty_ids = self._tokenize([""])[0]
+        if record is None:
+            self._start_run()
 
-                tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir))
-            else:
-                tokenizer = build_tokenizer(
-                    self.captions, self.cfg.max_length, self.cfg.min_word_count
-                )
-        self.tokenizer = tokenizer
-        self.unet, self.text_encoder = build_models(self.cfg, tokenizer)
+    def _settle_config(
+        self,
+        record: dict[str, Any] | None,
+        config: BaseConfig | None,
+        changes: dict[str, Any] | None,
+    ) -> BaseConfig:
+        """The run's config: a new run's is `config` with `changes`; a resumed run keeps its
+        own and queues the changes (training options only) for `resume`."""
+        if record is None:
+            return _with(config or BaseConfig(), changes)
+        old = BaseConfig.from_dict({**_ABSENT_MEANS, **record["config"]})
+        self.history = list(record.get("history", []))
+        changed = _changes(old, _with(config or old, changes))
+        if set(changed) - TRAINING_OPTIONS:
+            raise GenattrError(f"{self.out} was started with another config: {asdict(old)}")
+        self._pending: dict[str, Any] = changed
+        return old
+
+    def _find_tokenizer(self, tokenizer: Any) -> Any:
+        """The tokenizer given, else the run's saved one, else one built from the captions."""
+        if tokenizer is not None:
+            return tokenizer
+        tok_dir = self.out / "tokenizer"
+        if tok_dir.is_dir():
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(str(tok_dir))
+        return build_tokenizer(self.captions, self.cfg.max_length, self.cfg.min_word_count)
+
+    def _build_model(self) -> None:
+        """Fresh seeded networks, their EMA copy and the optimizer (`resume` loads saved ones)."""
+        self.unet, self.text_encoder = build_models(self.cfg, self.tokenizer)
         if self.cfg.channels_last:
             self.unet.to(memory_format=torch.channels_last)
         self.ema = {k: v.detach().clone() for k, v in self._named_params()}
@@ -315,19 +336,21 @@ class BaseTrainer:
             lr=self.cfg.learning_rate,
             weight_decay=self.cfg.weight_decay,
         )
+
+    def _start_streams(self) -> None:
+        """Step 0: seeded random streams, no losses yet, the configured noise schedule."""
         self.rng = np.random.default_rng(self.cfg.seed)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)
         self.step = 0
         self.losses: list[float] = []
         self.noise = make_scheduler(self.cfg.prediction_type)
-        # Token ids of every caption and of the empty prompt, once.
-        self.ids = self._tokenize(self.captions)
-        self.empty_ids = self._tokenize([""])[0]
-        if record is None:
-            self.out.mkdir(parents=True, exist_ok=True)
-            tokenizer.save_pretrained(str(tok_dir))
-            self._pending = {}
-            self._write_record()
+
+    def _start_run(self) -> None:
+        """A new run's folder: its tokenizer and its record (no changes pending)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(self.out / "tokenizer"))
+        self._pending = {}
+        self._write_record()
 
     def _write_record(self) -> None:
         with atomic_path(self.out / CONFIG_NAME) as tmp:
