@@ -10,11 +10,12 @@ models, attribute a few test queries, sample the base model, and write `report.h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,14 @@ import numpy as np
 import torch
 
 from genattr.attribution import attribute
+from genattr.calibrate import Calibrator
 from genattr.data.benchmark import BenchmarkManifest, write_manifest
 from genattr.errors import GenattrError
 from genattr.evaluate import EvaluationResult, evaluate_protocol, write_results
 from genattr.features.extract import extract
 from genattr.heads.checkpoint import load_heads
 from genattr.heads.networks import HEADS
-from genattr.heads.train import TrainConfig
+from genattr.heads.train import TrainConfig, TrainResult
 from genattr.options import options_from_mapping
 from genattr.report.demo_report import write_demo_report
 from genattr.store import EmbeddingStore
@@ -45,8 +47,8 @@ from genattr.world.base import (
     load_world_base,
     sample,
 )
-from genattr.world.benchmark import load_benchmark
-from genattr.world.clipart import load_data
+from genattr.world.benchmark import WorldBenchmark, load_benchmark
+from genattr.world.clipart import ClipartData, load_data
 
 logger = logging.getLogger(__name__)
 
@@ -125,101 +127,170 @@ def run_demo(
     out = Path(out).resolve()
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
+    with _timed(seconds, "unpack"):
+        world = _unpack_world(out)
+    world.log_sizes()
 
+    outcomes: dict[str, BackboneOutcome] = {}
+    for name in backbones:
+        outcomes[name] = _run_backbone(name, out, world, head, epochs, progress)
+        seconds.update({f"{name}: {k}": v for k, v in outcomes[name].seconds.items()})
+
+    best = max(outcomes, key=lambda n: outcomes[n].mean_map("head"))
+    with _timed(seconds, "attribute"):
+        logger.info(f"attributing {n_queries} test queries with {best} + head")
+        answers, queries = _attribute_examples(out, best, world.test, n_queries)
+    with _timed(seconds, "base samples"):
+        logger.info("sampling the base model")
+        base_grid = _base_model_grid(world.data, out / "figures" / "base_samples.png")
+
+    seconds["total"] = time.perf_counter() - t_start
+    report = _write_report(out, world, outcomes, best, answers, queries, base_grid, seconds)
+    _write_summary(out, best, outcomes)
+    return DemoResult(out, report, outcomes, best, seconds)
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    """Record in `seconds[stage]` how long the block took, for the report's timings."""
     t0 = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - t0
+
+
+@dataclass
+class _World:
+    """The unpacked miniature world: its data, benchmark, manifest (written) and PNG folders."""
+
+    data: ClipartData
+    bench: WorldBenchmark
+    manifest: BenchmarkManifest
+    manifest_path: Path
+    dirs: dict[str, Path]
+    test: BenchmarkManifest
+
+    def log_sizes(self) -> None:
+        """Say how large the world is."""
+        logger.info(
+            f"world: {len(self.data.indices('pretrain'))} training images, "
+            f"{len(self.manifest.models)} customized models ({len(self.test.models)} for "
+            f"testing), {len(self.bench.images)} samples"
+        )
+
+
+def _unpack_world(out: Path) -> _World:
+    """The shipped world as PNG files and a manifest under `out/world`."""
     data, bench = load_data(), load_benchmark()
     manifest, dirs = bench.write_images(data, out / "world")
     manifest_path = out / "world" / "manifest.json"
     write_manifest(manifest, manifest_path)
-    test = manifest.split("test")
-    seconds["unpack"] = time.perf_counter() - t0
+    return _World(data, bench, manifest, manifest_path, dirs, manifest.split("test"))
+
+
+def _run_backbone(
+    name: str, out: Path, world: _World, head: str, epochs: int, progress: bool
+) -> BackboneOutcome:
+    """Every stage for one feature space: extract, train a head, calibrate, evaluate."""
+    t: dict[str, float] = {}
+    stores = {p: out / "stores" / name / p for p in PARTS}
+    with _timed(t, "extract"):
+        _extract_parts(name, world.dirs, stores, progress)
+    head_dir = out / "heads" / name
+    with _timed(t, "train head"):
+        trained = _train_head(name, head, epochs, world.manifest_path, stores, head_dir, progress)
+    cal_path = out / "calibrators" / f"{name}.json"
+    with _timed(t, "calibrate"):
+        cal = _calibrate(name, world.manifest_path, stores, cal_path, head_dir)
+    with _timed(t, "evaluate"):
+        logger.info(f"{name}: evaluating on the test models")
+        raw, mapped, controls = _evaluate(name, stores, world.test, head_dir, out / "results")
+    plot = cal_path.with_suffix(".reliability.png")
+    outcome = BackboneOutcome(
+        name,
+        raw,
+        mapped,
+        trained.history,
+        trained.best_epoch,
+        cal.fit_report,
+        plot if plot.is_file() else None,
+        t,
+        head,
+        controls,
+    )
     logger.info(
-        f"world: {len(data.indices('pretrain'))} training images, {len(manifest.models)} "
-        f"customized models ({len(test.models)} for testing), {len(bench.images)} samples"
+        f"{name}: test mAP raw {outcome.mean_map('raw'):.3f}, "
+        f"with head {outcome.mean_map('head'):.3f}"
+    )
+    return outcome
+
+
+def _extract_parts(
+    name: str, dirs: dict[str, Path], stores: dict[str, Path], progress: bool
+) -> None:
+    """Features of the pre-training images, the exemplars and the samples, one store each."""
+    for part in PARTS:
+        logger.info(f"{name}: extracting {part}")
+        extract(name, dirs[part], stores[part], workers=0, progress=progress)
+
+
+def _train_head(
+    name: str,
+    head: str,
+    epochs: int,
+    manifest_path: Path,
+    stores: dict[str, Path],
+    head_dir: Path,
+    progress: bool,
+) -> TrainResult:
+    """A head on the train models, at the demo's `HEAD_SETTINGS` and `HONEST_HEADS` rules."""
+    logger.info(f"{name}: training a {head} head on the train models")
+    return train_heads_from_stores(
+        manifest_path,
+        stores["exemplars"],
+        stores["synth"],
+        head_dir,
+        options_from_mapping(
+            TrainConfig,
+            {"head": head, "epochs": epochs, **HEAD_SETTINGS[head], **HONEST_HEADS},
+            "demo head",
+        ),
+        distractors=stores["pretrain"],
+        progress=progress,
     )
 
-    outcomes: dict[str, BackboneOutcome] = {}
-    for name in backbones:
-        t: dict[str, float] = {}
-        stores = {p: out / "stores" / name / p for p in PARTS}
-        t0 = time.perf_counter()
-        for part in PARTS:
-            logger.info(f"{name}: extracting {part}")
-            extract(name, dirs[part], stores[part], workers=0, progress=progress)
-        t["extract"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        logger.info(f"{name}: training a {head} head on the train models")
-        head_dir = out / "heads" / name
-        trained = train_heads_from_stores(
-            manifest_path,
-            stores["exemplars"],
-            stores["synth"],
-            head_dir,
-            options_from_mapping(
-                TrainConfig,
-                {"head": head, "epochs": epochs, **HEAD_SETTINGS[head], **HONEST_HEADS},
-                "demo head",
-            ),
-            distractors=stores["pretrain"],
-            progress=progress,
-        )
-        t["train head"] = time.perf_counter() - t0
+def _calibrate(
+    name: str, manifest_path: Path, stores: dict[str, Path], cal_path: Path, head_dir: Path
+) -> Calibrator:
+    """The head's score calibration, fitted on the val models."""
+    logger.info(f"{name}: calibrating on the val models")
+    cal_path.parent.mkdir(parents=True, exist_ok=True)
+    return calibrate_from_stores(
+        manifest_path,
+        stores["exemplars"],
+        stores["synth"],
+        stores["pretrain"],
+        cal_path,
+        head=head_dir,
+    )
 
-        t0 = time.perf_counter()
-        logger.info(f"{name}: calibrating on the val models")
-        cal_path = out / "calibrators" / f"{name}.json"
-        cal_path.parent.mkdir(parents=True, exist_ok=True)
-        cal = calibrate_from_stores(
-            manifest_path,
-            stores["exemplars"],
-            stores["synth"],
-            stores["pretrain"],
-            cal_path,
-            head=head_dir,
-        )
-        t["calibrate"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        logger.info(f"{name}: evaluating on the test models")
-        raw, mapped, controls = _evaluate(name, stores, test, head_dir, out / "results")
-        t["evaluate"] = time.perf_counter() - t0
-        plot = cal_path.with_suffix(".reliability.png")
-        outcomes[name] = BackboneOutcome(
-            name,
-            raw,
-            mapped,
-            trained.history,
-            trained.best_epoch,
-            cal.fit_report,
-            plot if plot.is_file() else None,
-            t,
-            head,
-            controls,
-        )
-        logger.info(
-            f"{name}: test mAP raw {outcomes[name].mean_map('raw'):.3f}, "
-            f"with head {outcomes[name].mean_map('head'):.3f}"
-        )
-        seconds.update({f"{name}: {k}": v for k, v in t.items()})
-
-    best = max(outcomes, key=lambda n: outcomes[n].mean_map("head"))
-    t0 = time.perf_counter()
-    logger.info(f"attributing {n_queries} test queries with {best} + head")
-    answers, queries = _attribute_examples(out, best, test, n_queries)
-    seconds["attribute"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    logger.info("sampling the base model")
-    base_grid = _base_model_grid(data, out / "figures" / "base_samples.png")
-    seconds["base samples"] = time.perf_counter() - t0
-
-    seconds["total"] = time.perf_counter() - t_start
-    report = write_demo_report(
+def _write_report(
+    out: Path,
+    world: _World,
+    outcomes: dict[str, BackboneOutcome],
+    best: str,
+    answers: list[Any],
+    queries: list[Any],
+    base_grid: Path,
+    seconds: dict[str, float],
+) -> Path:
+    """`out/report.html`, from every stage's results and the base model's training record."""
+    return write_demo_report(
         out / "report.html",
-        data=data,
-        bench=bench,
-        manifest=manifest,
+        data=world.data,
+        bench=world.bench,
+        manifest=world.manifest,
         outcomes=outcomes,
         best=best,
         answers=answers,
@@ -228,6 +299,10 @@ def run_demo(
         base_training=describe_training(json.loads((base_model_dir() / TRAINING_NAME).read_text())),
         seconds=seconds,
     )
+
+
+def _write_summary(out: Path, best: str, outcomes: dict[str, BackboneOutcome]) -> None:
+    """`out/summary.json`: the best backbone and each one's results, controls and timings."""
     summary = {
         name: {
             "raw": o.raw.summary(),
@@ -239,7 +314,6 @@ def run_demo(
         for name, o in outcomes.items()
     }
     (out / "summary.json").write_text(json.dumps({"best": best, "backbones": summary}, indent=1))
-    return DemoResult(out, report, outcomes, best, seconds)
 
 
 # The controls beside every result (genattr.evaluate): a stricter gallery where every held-out
