@@ -174,7 +174,9 @@ def test_resumed_run_changes_training_options_and_keeps_their_history(tmp_path, 
     (out / "world_base.json").write_text(json.dumps(record))
     old = BaseTrainer(out, images, captions).cfg
     assert old.snr_gamma is None and old.prediction_type == "epsilon"
-    with pytest.raises(Exception, match="prediction_type must be"):
+    with pytest.raises(
+        Exception, match="prediction_type: input should be 'epsilon' or 'v_prediction'"
+    ):
         BaseTrainer(out, images, captions, changes={"prediction_type": "sample"})
 
 

@@ -28,16 +28,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from pydantic import Field
 
 from genattr.atomic import atomic_path
 from genattr.customize.pipeline import load_base_pipeline
 from genattr.errors import GenattrError
+from genattr.options import options_from_mapping
 from genattr.world.clipart import DEFAULT_DATA_DIR, load_data
 from genattr.world.tokenizer import build_tokenizer
 
@@ -69,7 +71,6 @@ TRAINING_OPTIONS = frozenset(
         "grid_guidance",
     }
 )
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 # Classifier-free guidance for every sample of the world: grids, quality checks, the benchmark.
 # Measured (benchmarks/world_guidance.py): at 6, Custom Diffusion's default, the base model's
 # samples fall to chance category agreement and customized samples are far less attributable.
@@ -82,51 +83,45 @@ _ABSENT_MEANS = {"snr_gamma": None, "prediction_type": "epsilon"}
 class BaseConfig:
     """Model and training settings of the world's base model (defaults: the committed run)."""
 
-    size: int = 32
+    size: Annotated[int, Field(ge=8)] = 32
     block_out_channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
-    attention_head_dim: int = 32
+    layers_per_block: Annotated[int, Field(ge=1)] = 1
+    attention_head_dim: Annotated[int, Field(ge=1)] = 32
     attention_levels: int = 1
-    text_dim: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    max_length: int = 24
+    text_dim: Annotated[int, Field(ge=1)] = 128
+    text_layers: Annotated[int, Field(ge=1)] = 2
+    text_heads: Annotated[int, Field(ge=1)] = 4
+    max_length: Annotated[int, Field(ge=2)] = 24
     min_word_count: int = 3  # rarer caption words are spelt; keeps the embedding table small
     channels_last: bool = True  # ~1.4x faster convolutions on CPU (oneDNN), same numbers
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    caption_dropout: float = 0.1  # empty prompt, so classifier-free guidance works
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    learning_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    warmup_steps: Annotated[int, Field(ge=0)] = 200
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    caption_dropout: Annotated[float, Field(ge=0, le=1)] = (
+        0.1  # empty prompt, so classifier-free guidance works
+    )
     hflip: bool = True
     seed: int = 0
-    grid_size: int = 16
-    grid_steps: int = 20
+    grid_size: Annotated[int, Field(ge=1)] = 16
+    grid_steps: Annotated[int, Field(ge=1)] = 20
     grid_guidance: float = GUIDANCE
     # Min-SNR-gamma loss weighting (Hang et al., ICCV 2023): the image error a step's
     # prediction implies weighs min(SNR, gamma), so the easy low-noise steps no longer dominate
     # and training spends itself on the high-noise steps that shape the global layout.
     # None: the plain loss.
-    snr_gamma: float | None = 5.0
+    snr_gamma: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = 5.0
     # What the UNet predicts. "v_prediction" (Salimans & Ho 2022) makes the high-noise steps
     # predict the image itself rather than noise that must be divided by a tiny sqrt(alpha_bar),
     # so an undertrained model still starts its samples from a plausible layout. A run may
     # switch from epsilon to v on resume (Stable Diffusion 2's v-model was fine-tuned so).
-    prediction_type: str = "v_prediction"
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> BaseConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise GenattrError(f"unknown base-model option(s) {unknown}")
-        v = dict(values)
-        if "block_out_channels" in v:
-            v["block_out_channels"] = tuple(v["block_out_channels"])
-        if v.get("prediction_type", "epsilon") not in PREDICTION_TYPES:
-            raise GenattrError(f"prediction_type must be one of {PREDICTION_TYPES}")
-        return cls(**v)
+        """Checked as plans' options are: unknown keys, types and ranges, in one line."""
+        return options_from_mapping(cls, values, "base-model")
 
 
 def build_models(cfg: BaseConfig, tokenizer: Any) -> tuple[Any, Any]:
