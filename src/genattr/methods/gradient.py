@@ -1,0 +1,286 @@
+"""Gradient attribution (TRAK / D-TRAK family): per-image gradients of a fixed model output,
+randomly projected.
+
+For each training image, the gradient of one model output (the denoising loss, or D-TRAK's
+squared norm of the UNet's output) with respect to a chosen parameter set, summed over a few
+fixed timesteps, then projected to `proj_dim` dimensions by a seeded sparse Johnson-Lindenstrauss
+map. TRAK treats the model output as one fixed function of (image, parameters): the timesteps
+and the noises are therefore drawn once, from the seed alone, and every image (training image
+or query) sees the same ones; per-image random noise would add a different random function to
+each gradient and the inner products between images would compare noise, not data.
+
+Algorithm layer: in-memory objects only (a diffusers UNet, its scheduler, latents and text
+hidden states); the VAE and the text encoder stay with the caller.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from genattr.progress import progress_bar
+
+ParamSet = Literal["cross_attn_kv", "all"]
+PARAM_SETS: tuple[str, ...] = ("cross_attn_kv", "all")
+DEFAULT_N_TIMESTEPS = 4
+# independent random streams derived from one user seed (noises vs projection)
+_NOISE_STREAM = 1
+_PROJECTION_STREAM = 2
+
+
+def _derived_seed(seed: int, stream: int) -> int:
+    """A 63-bit torch seed for `stream`, a fixed function of (seed, stream) on every machine."""
+    state = np.random.SeedSequence([seed, stream]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def select_parameters(unet: torch.nn.Module, which: str = "cross_attn_kv") -> list[tuple[str, Any]]:
+    """The parameters a gradient is taken with respect to, in the UNet's module order.
+
+    `cross_attn_kv`: Custom Diffusion's set, the key and value weights (`to_k.weight`,
+    `to_v.weight`) of every cross-attention layer (`attn2` in SD's UNet2DConditionModel).
+    `all`: every UNet parameter with `requires_grad`."""
+    if which == "cross_attn_kv":
+        chosen = []
+        for name, m in unet.named_modules():
+            if getattr(m, "is_cross_attention", False) and hasattr(m, "to_k"):
+                chosen.append((f"{name}.to_k.weight", m.to_k.weight))
+                chosen.append((f"{name}.to_v.weight", m.to_v.weight))
+    elif which == "all":
+        chosen = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    else:
+        raise ValueError(f"unknown parameter set {which!r}; known: {list(PARAM_SETS)}")
+    if not chosen:
+        raise ValueError(f"parameter set {which!r} selects no parameter of this UNet")
+    return chosen
+
+
+class GradientSpec(BaseModel):
+    """What a gradient is taken of, and how it is projected; checked when built.
+
+    `timesteps`: the fixed timesteps (None: 4 spread over the scheduler's training schedule,
+    the centres of 4 equal strata, e.g. 125, 375, 625, 875 of 1000). `seed`: the noises and the
+    projection derive from it alone. `output`: `loss` (the denoising MSE against the
+    scheduler's target) or `square_norm` (D-TRAK's mean of the squared UNet output)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timesteps: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
+    seed: int = 0
+    proj_dim: Annotated[int, Field(ge=1)] = 2048
+    nnz: Annotated[int, Field(ge=1)] = 4
+    params: ParamSet = "cross_attn_kv"
+    output: Literal["loss", "square_norm"] = "loss"
+
+
+def spec_timesteps(spec: GradientSpec, num_train_timesteps: int) -> list[int]:
+    """The spec's timesteps for a schedule of `num_train_timesteps` steps."""
+    if spec.timesteps is None:
+        k = DEFAULT_N_TIMESTEPS
+        return [(2 * i + 1) * num_train_timesteps // (2 * k) for i in range(k)]
+    bad = [t for t in spec.timesteps if t >= num_train_timesteps]
+    if bad:
+        raise ValueError(f"timesteps {bad} outside the schedule's 0..{num_train_timesteps - 1}")
+    return list(spec.timesteps)
+
+
+def fixed_noises(spec: GradientSpec, latent_shape: tuple[int, ...], k: int) -> torch.Tensor:
+    """The `k` noises (k, *latent_shape), float32 on the CPU, shared by every image: a fixed
+    function of the seed and the latent shape."""
+    gen = torch.Generator().manual_seed(_derived_seed(spec.seed, _NOISE_STREAM))
+    return torch.randn((k, *latent_shape), generator=gen, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _grad_only(unet: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+    """Within: eval mode and `requires_grad` on `params` only (so no graph is kept for the
+    rest); afterwards both restored."""
+    flags = [(p, p.requires_grad) for p in unet.parameters()]
+    training = unet.training
+    chosen = {id(p) for p in params}
+    try:
+        unet.eval()
+        for p, _ in flags:
+            p.requires_grad_(id(p) in chosen)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        unet.train(training)
+
+
+def _output(
+    unet: Any,
+    scheduler: Any,
+    latent: torch.Tensor,
+    text: torch.Tensor,
+    timesteps: torch.Tensor,
+    noises: torch.Tensor,
+    output: str,
+) -> torch.Tensor:
+    """One image's model output summed over the timesteps (one UNet call, batch = timesteps;
+    the UNet treats batch items independently, so this is the sum of single-step outputs)."""
+    k = len(timesteps)
+    x0 = latent.unsqueeze(0).expand(k, *latent.shape)
+    noisy = scheduler.add_noise(x0, noises, timesteps)
+    cond = text.unsqueeze(0).expand(k, *text.shape)
+    pred = unet(noisy, timesteps, cond).sample.float()
+    if output == "square_norm":
+        per_step = pred.pow(2).mean(dim=(1, 2, 3))
+    else:
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, noises, timesteps)
+        else:
+            target = noises
+        per_step = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return per_step.sum()
+
+
+def iter_gradients(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    spec: GradientSpec,
+) -> Iterator[torch.Tensor]:
+    """Each image's flat gradient (float32, CPU), one image at a time: memory holds one
+    image's graph (at the spec's timesteps) and one gradient."""
+    if latents.ndim != 4 or text_embeddings.ndim != 3:
+        raise ValueError(
+            f"latents must be (N, C, H, W) and text_embeddings (N, L, D); got "
+            f"{tuple(latents.shape)} and {tuple(text_embeddings.shape)}"
+        )
+    if len(latents) != len(text_embeddings):
+        raise ValueError(f"{len(latents)} latents but {len(text_embeddings)} text embeddings")
+    params = [p for _, p in select_parameters(unet, spec.params)]
+    ts = spec_timesteps(spec, scheduler.config.num_train_timesteps)
+    device, dtype = params[0].device, params[0].dtype
+    noises = fixed_noises(spec, tuple(latents.shape[1:]), len(ts)).to(device, dtype)
+    timesteps = torch.tensor(ts, dtype=torch.long, device=device)
+    with _grad_only(unet, params):
+        for latent, text in zip(latents, text_embeddings, strict=True):
+            out = _output(
+                unet,
+                scheduler,
+                latent.to(device, dtype),
+                text.to(device, dtype),
+                timesteps,
+                noises,
+                spec.output,
+            )
+            grads = torch.autograd.grad(out, params)
+            yield torch.cat([g.reshape(-1) for g in grads]).float().cpu()
+
+
+def loss_gradients(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    spec: GradientSpec,
+) -> torch.Tensor:
+    """(N, n_params) float32 CPU: per image, the gradient of the spec's output summed over its
+    timesteps, w.r.t. the selected parameters flattened in `select_parameters` order."""
+    return torch.stack(list(iter_gradients(unet, scheduler, latents, text_embeddings, spec)))
+
+
+class SparseProjection:
+    """A seeded sparse Johnson-Lindenstrauss map R^n_params -> R^proj_dim (y = x @ P).
+
+    Each input coordinate goes to `nnz` output coordinates, one in each of `nnz` equal blocks
+    of the output (so they are distinct), with random signs, scaled by 1/sqrt(nnz): E|y|^2 =
+    |x|^2. Holds only the (n_params, nnz) indices (int32) and signs (int8); applying it adds
+    into the output blockwise with `index_add_`, never building the dense matrix. The same
+    (n_params, proj_dim, nnz, seed) give the same map in any process."""
+
+    def __init__(
+        self, n_params: int, proj_dim: int, seed: int, nnz: int = 4, block: int = 1 << 20
+    ) -> None:
+        if n_params < 1 or proj_dim < 1 or nnz < 1 or block < 1:
+            raise ValueError("n_params, proj_dim, nnz and block must be positive")
+        if proj_dim % nnz:
+            raise ValueError(f"proj_dim {proj_dim} must be a multiple of nnz {nnz}")
+        if proj_dim > np.iinfo(np.int32).max:
+            raise ValueError(f"proj_dim {proj_dim} too large")
+        self.n_params, self.proj_dim, self.nnz, self.seed, self.block = (
+            n_params,
+            proj_dim,
+            nnz,
+            seed,
+            block,
+        )
+        self.scale = 1.0 / math.sqrt(nnz)
+        width = proj_dim // nnz
+        gen = torch.Generator().manual_seed(_derived_seed(seed, _PROJECTION_STREAM))
+        offsets = torch.arange(nnz, dtype=torch.int32) * width
+        self.indices = torch.randint(0, width, (n_params, nnz), generator=gen, dtype=torch.int32)
+        self.indices += offsets
+        self.signs = torch.randint(0, 2, (n_params, nnz), generator=gen, dtype=torch.int8)
+        self.signs.mul_(2).sub_(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Project (n_params,) -> (proj_dim,) or (B, n_params) -> (B, proj_dim), float32."""
+        if x.shape[-1] != self.n_params or x.ndim not in (1, 2):
+            raise ValueError(
+                f"expected (..., {self.n_params}) with 1 or 2 dims; got {tuple(x.shape)}"
+            )
+        x = x.float()
+        out = torch.zeros((*x.shape[:-1], self.proj_dim), dtype=torch.float32, device=x.device)
+        for b in range(0, self.n_params, self.block):
+            e = min(b + self.block, self.n_params)
+            idx = self.indices[b:e].to(x.device).reshape(-1)
+            signs = self.signs[b:e].to(x.device, torch.float32) * self.scale
+            contrib = x[..., b:e, None] * signs  # (..., blk, nnz)
+            out.index_add_(-1, idx, contrib.reshape(*x.shape[:-1], -1))
+        return out
+
+    def dense(self, max_entries: int = 10**8) -> torch.Tensor:
+        """The (n_params, proj_dim) matrix P, for tests on small sizes only."""
+        if self.n_params * self.proj_dim > max_entries:
+            raise ValueError(
+                f"dense projection of {self.n_params} x {self.proj_dim} exceeds {max_entries} "
+                "entries"
+            )
+        mat = torch.zeros((self.n_params, self.proj_dim), dtype=torch.float32)
+        rows = torch.arange(self.n_params).unsqueeze(1).expand(-1, self.nnz)
+        vals = self.signs.float() * self.scale
+        mat.index_put_(
+            (rows.reshape(-1), self.indices.long().reshape(-1)), vals.reshape(-1), accumulate=True
+        )
+        return mat
+
+
+def projected_gradients(
+    unet: Any,
+    scheduler: Any,
+    latents: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    spec: GradientSpec,
+    *,
+    projection: SparseProjection | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """(N, proj_dim) float32: each image's gradient (as `loss_gradients`) times the spec's
+    projection, one image at a time, so no full gradient outlives its image."""
+    n_params = sum(p.numel() for _, p in select_parameters(unet, spec.params))
+    if projection is None:
+        projection = SparseProjection(n_params, spec.proj_dim, spec.seed, nnz=spec.nnz)
+    elif (projection.n_params, projection.proj_dim) != (n_params, spec.proj_dim):
+        raise ValueError(
+            f"projection maps {projection.n_params} -> {projection.proj_dim}; this spec needs "
+            f"{n_params} -> {spec.proj_dim}"
+        )
+    out = np.zeros((len(latents), spec.proj_dim), dtype=np.float32)
+    with progress_bar("gradients", len(latents), enabled=progress) as advance:
+        grads = iter_gradients(unet, scheduler, latents, text_embeddings, spec)
+        for i, g in enumerate(grads):
+            out[i] = projection(g).numpy()
+            advance(1)
+    return out
