@@ -147,3 +147,51 @@ def test_controls_match_brute_force(strict, mean_query):
     plain_ap = np.mean([r.ap.mean() for r in plain.per_type.values()])
     if strict or mean_query:  # each control makes the fixture's easy queries harder
         assert mean_ap < plain_ap
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_scores_in_give_the_protocol_of_features(strict):
+    """A method that hands over score matrices (gradient, unlearning) is ranked exactly as
+    `evaluate_protocol` ranks the same similarities, stricter gallery included."""
+    from genattr.evaluate import evaluate_scores
+    from tests.synthetic import make_synthetic_benchmark
+
+    bench = make_synthetic_benchmark(n_gallery=3000, dim=32, seed=3)
+    tc = bench.testcase
+    norm = torch.nn.functional.normalize
+    gallery = norm(bench.gallery.feats.float(), dim=1)
+    exemplars = norm(tc.exemplar_feats.float(), dim=1)
+    queries = norm(torch.cat([tc.synth_feats[p].float() for p in tc.prompt_types]), dim=1)
+    ref = evaluate_protocol(bench.gallery.feats, tc, exemplars_as_distractors=strict)
+    got = evaluate_scores(
+        queries @ gallery.T, queries @ exemplars.T, tc, exemplars_as_distractors=strict
+    )
+    for p in tc.prompt_types:
+        np.testing.assert_allclose(got.per_type[p].ap, ref.per_type[p].ap, atol=1e-12)
+        np.testing.assert_array_equal(got.per_type[p].recall, ref.per_type[p].recall)
+    # scores that know the answer give 1.0; scores that ignore it give far less
+    oracle = torch.zeros(len(queries), len(exemplars))
+    ids = np.concatenate([tc.synth_ids[p] for p in tc.prompt_types])
+    for row, m in enumerate(ids):
+        s, e = tc.exemplar_chunks[m]
+        oracle[row, s:e] = 1.0
+    perfect = evaluate_scores(torch.zeros(len(queries), 3000), oracle, tc)
+    assert all(v["mAP"] == 1.0 for v in perfect.summary().values())
+    blind = evaluate_scores(torch.rand(len(queries), 3000), torch.rand(oracle.shape), tc)
+    assert all(v["mAP"] < 0.1 for v in blind.summary().values())
+
+
+def test_scores_of_the_wrong_shape_or_not_finite_are_refused():
+    from genattr.errors import GenattrError
+    from genattr.evaluate import evaluate_scores
+    from tests.synthetic import make_synthetic_benchmark
+
+    tc = make_synthetic_benchmark(n_gallery=100, dim=8).testcase
+    q = sum(len(v) for v in tc.synth_ids.values())
+    e = tc.exemplar_chunks[-1][1]
+    with pytest.raises(GenattrError, match="scores must be"):
+        evaluate_scores(torch.zeros(q, 100), torch.zeros(q, e + 1), tc)
+    bad = torch.zeros(q, 100)
+    bad[3, 7] = float("nan")
+    with pytest.raises(GenattrError, match="NaN"):
+        evaluate_scores(bad, torch.zeros(q, e), tc)

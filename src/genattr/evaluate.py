@@ -299,8 +299,20 @@ def evaluate_protocol(
     if exemplars_as_distractors:
         counts += _exemplars_above(queries, exemplars, index, thresholds)
     ap, recall = metrics_from_counts(counts.cpu().numpy(), n_ex, ks)
+    return _result(testcase, ks, ap, recall, model_ids, n_ex)
+
+
+def _result(
+    testcase: TestCaseFeatures,
+    ks: tuple[int, ...],
+    ap: np.ndarray,
+    recall: np.ndarray,
+    model_ids: np.ndarray,
+    n_ex: np.ndarray,
+) -> EvaluationResult:
+    """Per-query metrics (queries in prompt-type order) split back by prompt type."""
     per_type, start = {}, 0
-    for p in ptypes:
+    for p in testcase.prompt_types:
         stop = start + len(testcase.synth_ids[p])
         per_type[p] = PromptTypeResults(
             ap[start:stop],
@@ -311,6 +323,57 @@ def evaluate_protocol(
         )
         start = stop
     return EvaluationResult(ks, per_type)
+
+
+def evaluate_scores(
+    gallery_scores: np.ndarray | torch.Tensor,
+    exemplar_scores: np.ndarray | torch.Tensor,
+    testcase: TestCaseFeatures,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    exemplars_as_distractors: bool = False,
+) -> EvaluationResult:
+    """The AbC protocol for a method that scores images instead of embedding them (gradient
+    and unlearning attributors): higher means more responsible.
+
+    gallery_scores: (Q, G), each query against every gallery image; exemplar_scores: (Q, E),
+    each query against every exemplar row of the test case (all models'). Queries are in the
+    test case's prompt-type order (`testcase.prompt_types`, then `synth_ids` order); only the
+    test case's structure is read, not its features. Ranks, metrics and the stricter gallery
+    are those of `evaluate_protocol`: the same scores give the same numbers."""
+    ks = _check_ks(ks)
+    g = torch.as_tensor(gallery_scores).float()
+    e = torch.as_tensor(exemplar_scores).float()
+    model_ids = np.concatenate(
+        [np.asarray(testcase.synth_ids[p], dtype=np.int64) for p in testcase.prompt_types]
+    )
+    n_exemplar_rows = testcase.exemplar_chunks[-1][1] if testcase.exemplar_chunks else 0
+    if g.ndim != 2 or e.shape != (len(model_ids), n_exemplar_rows) or len(g) != len(e):
+        raise GenattrError(
+            f"scores must be (queries, gallery) and (queries, exemplars) = (Q, G) and "
+            f"({len(model_ids)}, {n_exemplar_rows}); got {tuple(g.shape)} and {tuple(e.shape)}"
+        )
+    if g.shape[1] == 0:
+        raise GenattrError("the gallery is empty")
+    for name, scores in (("gallery_scores", g), ("exemplar_scores", e)):
+        if not torch.isfinite(scores).all():
+            raise GenattrError(f"{name} has NaN or Inf values")
+    index = torch.from_numpy(_padded_index(testcase.exemplar_chunks, model_ids))
+    own = e.gather(1, index.clamp(min=0))
+    thresholds = torch.where(index >= 0, own, torch.full_like(own, _PAD)).sort(dim=1).values
+    n_ex = (index >= 0).sum(1).numpy()
+    counts = torch.zeros(thresholds.shape, dtype=torch.int64)
+    # the stricter gallery: every other model's exemplars too (a query's own count once, as
+    # exemplars); padding entries of `index` hit a spare last column
+    others = torch.cat([e, torch.zeros(len(e), 1)], 1)
+    others.scatter_(1, torch.where(index >= 0, index, e.shape[1]), -torch.inf)
+    others = others[:, :-1]
+    for j in range(thresholds.shape[1]):
+        counts[:, j] = (g > thresholds[:, j : j + 1]).sum(1)
+        if exemplars_as_distractors:
+            counts[:, j] += (others > thresholds[:, j : j + 1]).sum(1)
+    ap, recall = metrics_from_counts(counts.numpy(), n_ex, ks)
+    return _result(testcase, ks, ap, recall, model_ids, n_ex)
 
 
 def evaluate_reference(
