@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
 from genattr.progress import progress_bar
+from genattr.vectors import FeatureMatrix, read_block
 
 ParamSet = Literal["cross_attn_kv", "all"]
 PARAM_SETS: tuple[str, ...] = ("cross_attn_kv", "all")
@@ -283,4 +284,47 @@ def projected_gradients(
         for i, g in enumerate(grads):
             out[i] = projection(g).numpy()
             advance(1)
+    return out
+
+
+def gradient_scores(
+    train: FeatureMatrix,
+    queries: np.ndarray | torch.Tensor,
+    kernel: Literal["cosine", "trak"] = "cosine",
+    damping: float = 1e-3,
+    block_rows: int = 65536,
+) -> np.ndarray:
+    """(Q, N) attribution scores of each query's projected gradient against each training
+    image's, read block by block from `train` (an array, tensor or a store's vectors).
+
+    `cosine`: normalised inner products. `trak`: TRAK's kernel correction,
+    q (Phi^T Phi + lambda I)^-1 phi_i with Phi the training gradients, so directions every
+    training image's gradient shares stop dominating; lambda is `damping` times the mean of
+    Phi^T Phi's diagonal. The Gram matrix is accumulated in float64 over blocks: memory is
+    (proj_dim x proj_dim), whatever N."""
+    if kernel not in ("cosine", "trak"):
+        raise ValueError(f"kernel must be cosine or trak, not {kernel!r}")
+    if not (math.isfinite(damping) and damping > 0):
+        raise ValueError(f"damping must be a positive number, not {damping}")
+    cpu = torch.device("cpu")
+    q = torch.as_tensor(np.asarray(queries), dtype=torch.float32)
+    n, dim = len(train), train.shape[1]
+    if q.ndim != 2 or q.shape[1] != dim:
+        raise ValueError(f"queries must be (Q, {dim}); got {tuple(q.shape)}")
+    if kernel == "cosine":
+        q = F.normalize(q, dim=1)
+    else:
+        gram = torch.zeros((dim, dim), dtype=torch.float64)
+        for start in range(0, n, block_rows):
+            block = read_block(train, start, start + block_rows, cpu).double()
+            gram += block.T @ block
+        lam = damping * float(gram.diagonal().mean())
+        gram += lam * torch.eye(dim, dtype=torch.float64)
+        q = torch.linalg.solve(gram, q.double().T).T.float()  # the Gram matrix is symmetric
+    out = np.empty((len(q), n), dtype=np.float32)
+    for start in range(0, n, block_rows):
+        block = read_block(train, start, start + block_rows, cpu)
+        if kernel == "cosine":
+            block = F.normalize(block, dim=1)
+        out[:, start : start + len(block)] = (q @ block.T).numpy()
     return out
