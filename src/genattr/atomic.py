@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 from genattr.errors import GenattrError
 
@@ -43,7 +44,9 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output(path: str | os.PathLike, kind: str, flag: str = "--out") -> Path:
+def check_output(
+    path: str | os.PathLike, kind: Literal["dir", "file"], flag: str = "--out"
+) -> Path:
     """Refuse an output path that cannot be written, before any work: a file where a folder is
     wanted or the reverse, or a parent that is not a writable folder. Creates nothing."""
     out = Path(path)
