@@ -227,8 +227,8 @@ def build_index(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _build(vectors, out, spec, head, head_dir, ids, paths, provenance, train_size,
-                      seed, shard_rows or 0, budget, progress)  # fmt: skip
+        return _build(vectors, out, spec, out_dim, head, head_dir, ids, paths, provenance,
+                      train_size, seed, shard_rows or 0, budget, progress)  # fmt: skip
     except BaseException:
         if created:  # a failed first build leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -239,6 +239,7 @@ def _build(
     vectors: FeatureMatrix,
     out: Path,
     spec: IndexSpec,
+    out_dim: int,
     head: MapperPair | None,
     head_dir: str | os.PathLike | None,
     ids: list[str] | None,
@@ -250,10 +251,10 @@ def _build(
     budget: int,
     progress: bool,
 ) -> AttributionIndex:
+    """The build itself, into an `out` that exists; `build_index` checked the options."""
     import faiss
 
     n, dim = len(vectors), vectors.shape[1]
-    out_dim = dim if head is None else _head_out_dim(head)
     (out / "index.json").unlink(missing_ok=True)
     (out / IVFDATA).unlink(missing_ok=True)  # an earlier on-disk build's lists
     build_dir = out / ".build"
