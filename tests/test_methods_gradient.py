@@ -271,3 +271,43 @@ def test_trak_kernel_discounts_directions_every_gradient_shares():
     # measured over seeds 0-9: trak finds 90-100 % of sources first, cosine 0 % (its mean rank
     # of the source ~100 of 200: chance)
     assert hits["trak"] >= 0.8 and hits["cosine"] <= 0.2, hits
+
+
+def test_a_customized_model_takes_gradients_at_its_custom_diffusion_layers(tiny):
+    """Loaded with Custom Diffusion processors (as `load_custom_diffusion` loads a customized
+    model), keys and values come from the processors' own layers: those are the parameters,
+    their gradients equal autograd's, and the layers' unused to_k/to_v get none."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny)
+    unet = pipe.unet
+    procs = dict(unet.attn_processors)
+    for name, m in unet.named_modules():
+        if getattr(m, "is_cross_attention", False):
+            proc = CustomDiffusionAttnProcessor2_0(
+                train_kv=True, train_q_out=False, hidden_size=m.to_k.out_features,
+                cross_attention_dim=m.to_k.in_features,
+            )  # fmt: skip
+            with torch.no_grad():  # a different model than the base: weights moved
+                proc.to_k_custom_diffusion.weight.copy_(1.5 * m.to_k.weight)
+                proc.to_v_custom_diffusion.weight.copy_(m.to_v.weight.flip(0))
+            procs[f"{name}.processor"] = proc
+    unet.set_attn_processor(procs)
+    chosen = select_parameters(unet)
+    assert [n.rsplit(".", 2)[-2] for n, _ in chosen][:2] == [
+        "to_k_custom_diffusion",
+        "to_v_custom_diffusion",
+    ]
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn((2, 4, 16, 16), generator=gen)
+    text = torch.randn((2, 77, pipe.text_encoder.config.hidden_size), generator=gen)
+    spec = GradientSpec()
+    got = loss_gradients(unet, sched, latents, text, spec)
+    want = _reference_gradients(unet, sched, latents, text, spec, [n for n, _ in chosen])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    assert got.abs().sum() > 0
+    base_kv = [n for n, _ in unet.named_parameters() if KV.search(n)]
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        _reference_gradients(unet, sched, latents, text, spec, base_kv)

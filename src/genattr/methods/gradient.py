@@ -46,12 +46,23 @@ def select_parameters(unet: torch.nn.Module, which: str = "cross_attn_kv") -> li
     """The parameters a gradient is taken with respect to, in the UNet's module order.
 
     `cross_attn_kv`: Custom Diffusion's set, the key and value weights (`to_k.weight`,
-    `to_v.weight`) of every cross-attention layer (`attn2` in SD's UNet2DConditionModel).
+    `to_v.weight`) of every cross-attention layer (`attn2` in SD's UNet2DConditionModel), or
+    of its Custom Diffusion processor where one is installed (a customized model).
     `all`: every UNet parameter with `requires_grad`."""
     if which == "cross_attn_kv":
         chosen = []
         for name, m in unet.named_modules():
-            if getattr(m, "is_cross_attention", False) and hasattr(m, "to_k"):
+            if not (getattr(m, "is_cross_attention", False) and hasattr(m, "to_k")):
+                continue
+            # A customized model (`load_custom_diffusion`) computes keys and values with its
+            # Custom Diffusion processor's own layers; the layer's to_k/to_v are then unused
+            # and their gradient is zero.
+            proc = getattr(m, "processor", None)
+            if getattr(proc, "train_kv", False) and hasattr(proc, "to_k_custom_diffusion"):
+                k, v = proc.to_k_custom_diffusion, proc.to_v_custom_diffusion
+                chosen.append((f"{name}.processor.to_k_custom_diffusion.weight", k.weight))
+                chosen.append((f"{name}.processor.to_v_custom_diffusion.weight", v.weight))
+            else:
                 chosen.append((f"{name}.to_k.weight", m.to_k.weight))
                 chosen.append((f"{name}.to_v.weight", m.to_v.weight))
     elif which == "all":
