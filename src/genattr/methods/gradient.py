@@ -57,7 +57,7 @@ def select_parameters(unet: torch.nn.Module, which: str = "cross_attn_kv") -> li
             # A customized model (`load_custom_diffusion`) computes keys and values with its
             # Custom Diffusion processor's own layers; the layer's to_k/to_v are then unused
             # and their gradient is zero.
-            proc = getattr(m, "processor", None)
+            proc: Any = getattr(m, "processor", None)
             if getattr(proc, "train_kv", False) and hasattr(proc, "to_k_custom_diffusion"):
                 k, v = proc.to_k_custom_diffusion, proc.to_v_custom_diffusion
                 chosen.append((f"{name}.processor.to_k_custom_diffusion.weight", k.weight))
