@@ -10,13 +10,14 @@ one request after another. Reports, from /proc/<pid>/status of the server: idle 
 (VmHWM, reset when idle) and RSS after the burst; the burst's wall time and statuses; the
 normal requests' latencies during the burst.
 
-    nice -n 10 .venv/bin/python benchmarks/serve_memory.py [--kind gray16|rgba16] [--concurrency 16]
+    PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/serve_memory.py \
+        [--kind gray16|rgba16] [--concurrency 16]
 
 --src DIR runs the server from another copy of the package (its `src` folder), e.g. the
 code before the memory budget (commit 82858db) for a before/after comparison:
 
     mkdir /tmp/before && git archive 82858db src | tar -x -C /tmp/before && \\
-        .venv/bin/python benchmarks/serve_memory.py --src /tmp/before/src
+        PYTHONPATH=. .venv/bin/python benchmarks/serve_memory.py --src /tmp/before/src
 """
 
 from __future__ import annotations
@@ -26,20 +27,18 @@ import asyncio
 import io
 import json
 import os
-import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+from tests.server_process import PNG_KINDS, constant_png, free_port, status_mb
 
 from genattr.calibrate import Calibrator, save_calibrator
 from genattr.serve.world_index import default_world_index
@@ -47,39 +46,6 @@ from genattr.world.clipart import load_data
 
 MB = 2**20
 WORST_SIZE = (16384, 5461)  # the most pixels the default limits allow (16384 a side)
-# PNG colour types: grey, RGB, grey + alpha, RGBA; channels of each
-KINDS = {"gray16": (0, 1), "rgb16": (2, 3), "la16": (4, 2), "rgba16": (6, 4)}
-
-
-def constant_png(width: int, height: int, kind: str = "gray16", value: int = 0x5A) -> bytes:
-    """A 16-bit PNG of one colour, written row by row: a few hundred KB however many pixels
-    it has (the decoder still has to inflate and hold every one of them)."""
-    color_type, channels = KINDS[kind]
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        body = tag + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    row = b"\0" + bytes([value]) * (width * channels * 2)
-    z = zlib.compressobj(9)
-    idat = b"".join([z.compress(row) for _ in range(height)] + [z.flush()])
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status_mb(pid: int, field: str) -> float:
-    """VmRSS, VmHWM, ... of a process, in MB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def reset_peak(pid: int) -> None:
@@ -247,7 +213,7 @@ def measure(args, cmd: list[str], env: dict, tmp: Path, worst: bytes, normal: by
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", choices=sorted(KINDS), default="gray16")
+    ap.add_argument("--kind", choices=sorted(PNG_KINDS), default="gray16")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--index", default=None, help="default: as `genattr serve` with no --index")
     ap.add_argument("--src", default=None, help="run the server from this src/ folder")

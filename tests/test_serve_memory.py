@@ -6,17 +6,14 @@ RSS above idle stays under a bound and other requests keep being answered."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 import io
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-import zlib
 from pathlib import Path
 
 import httpx
@@ -32,24 +29,9 @@ from genattr.data.images import decoded_bytes, load_rgb, open_image, to_rgb
 from genattr.errors import GenattrError
 from genattr.serve.app import Limits, check_listen, create_app
 from genattr.serve.budget import Busy, ByteBudget, trim_heap
+from tests.server_process import constant_png, free_port, status_mb
 
 MB = 2**20
-CHANNELS = {"gray16": (0, 1), "rgb16": (2, 3), "rgba16": (6, 4)}
-
-
-def constant_png(width: int, height: int, kind: str = "gray16", value: int = 0x5A) -> bytes:
-    """A one-colour 16-bit PNG written row by row: a few hundred KB whatever its size."""
-    color_type, channels = CHANNELS[kind]
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        body = tag + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    row = b"\0" + bytes([value]) * (width * channels * 2)
-    z = zlib.compressobj(9)
-    idat = b"".join([z.compress(row) for _ in range(height)] + [z.flush()])
-    ihdr = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def encoded(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -158,11 +140,9 @@ def decode_peaks_mb(kinds: list[str], width: int, height: int, work_side: int) -
     """(peak RSS above the start of decoding, `decoded_bytes`' bound) in MB for a constant
     PNG of each kind, measured in a fresh process (VmHWM, reset before each)."""
     code = f"""
-import numpy, struct, zlib
 from genattr.data.images import decoded_bytes, load_rgb, open_image
 from genattr.serve.budget import trim_heap
-CHANNELS = {CHANNELS!r}
-{inspect.getsource(constant_png)}
+from tests.server_process import constant_png
 def status(field):
     return [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(field)][0]
 for kind in {kinds!r}:
@@ -175,7 +155,12 @@ for kind in {kinds!r}:
     print((status("VmHWM") - start) / 1024, bound / 2**20)
 """
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+        cwd=Path(__file__).parents[1],  # where `tests` imports from
     )
     return [tuple(map(float, line.split())) for line in out.stdout.splitlines()]
 
@@ -346,20 +331,6 @@ def test_service_shrinks_huge_uploads_and_gives_memory_back(tiny_index, world_da
 
 
 # -- the real server under simultaneous worst-case uploads ------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def status_mb(pid: int, field: str) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
 
 
 def start_server(index, calibrator, limits: str, log: Path) -> tuple[subprocess.Popen, str]:
