@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ _NOISE_STREAM = 1
 _PROJECTION_STREAM = 2
 
 
-def _derived_seed(seed: int, stream: int) -> int:
+def derived_seed(seed: int, stream: int) -> int:
     """A 63-bit torch seed for `stream`, a fixed function of (seed, stream) on every machine."""
     state = np.random.SeedSequence([seed, stream]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
@@ -92,7 +92,18 @@ class GradientSpec(BaseModel):
     output: Literal["loss", "square_norm"] = "loss"
 
 
-def spec_timesteps(spec: GradientSpec, num_train_timesteps: int) -> list[int]:
+class TimestepsAndSeed(Protocol):
+    """What `spec_timesteps` and `fixed_noises` read from a spec (a `GradientSpec`, or another
+    method's spec that shares the same fixed timesteps and noises)."""
+
+    @property
+    def timesteps(self) -> list[int] | None: ...
+
+    @property
+    def seed(self) -> int: ...
+
+
+def spec_timesteps(spec: TimestepsAndSeed, num_train_timesteps: int) -> list[int]:
     """The spec's timesteps for a schedule of `num_train_timesteps` steps."""
     if spec.timesteps is None:
         k = DEFAULT_N_TIMESTEPS
@@ -103,15 +114,15 @@ def spec_timesteps(spec: GradientSpec, num_train_timesteps: int) -> list[int]:
     return list(spec.timesteps)
 
 
-def fixed_noises(spec: GradientSpec, latent_shape: tuple[int, ...], k: int) -> torch.Tensor:
+def fixed_noises(spec: TimestepsAndSeed, latent_shape: tuple[int, ...], k: int) -> torch.Tensor:
     """The `k` noises (k, *latent_shape), float32 on the CPU, shared by every image: a fixed
     function of the seed and the latent shape."""
-    gen = torch.Generator().manual_seed(_derived_seed(spec.seed, _NOISE_STREAM))
+    gen = torch.Generator().manual_seed(derived_seed(spec.seed, _NOISE_STREAM))
     return torch.randn((k, *latent_shape), generator=gen, dtype=torch.float32)
 
 
 @contextlib.contextmanager
-def _grad_only(unet: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
+def grad_only(unet: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[None]:
     """Within: eval mode and `requires_grad` on `params` only (so no graph is kept for the
     rest); afterwards both restored."""
     flags = [(p, p.requires_grad) for p in unet.parameters()]
@@ -128,31 +139,49 @@ def _grad_only(unet: torch.nn.Module, params: list[torch.Tensor]) -> Iterator[No
         unet.train(training)
 
 
-def _output(
+def check_latents_and_text(latents: torch.Tensor, text_embeddings: torch.Tensor) -> None:
+    """`ValueError` unless latents are (N, C, H, W) and text hidden states (N, L, D), same N."""
+    if latents.ndim != 4 or text_embeddings.ndim != 3:
+        raise ValueError(
+            f"latents must be (N, C, H, W) and text_embeddings (N, L, D); got "
+            f"{tuple(latents.shape)} and {tuple(text_embeddings.shape)}"
+        )
+    if len(latents) != len(text_embeddings):
+        raise ValueError(f"{len(latents)} latents but {len(text_embeddings)} text embeddings")
+
+
+def denoising_outputs(
     unet: Any,
     scheduler: Any,
-    latent: torch.Tensor,
+    latents: torch.Tensor,
     text: torch.Tensor,
     timesteps: torch.Tensor,
     noises: torch.Tensor,
-    output: str,
+    output: str = "loss",
 ) -> torch.Tensor:
-    """One image's model output summed over the timesteps (one UNet call, batch = timesteps;
-    the UNet treats batch items independently, so this is the sum of single-step outputs)."""
-    k = len(timesteps)
-    x0 = latent.unsqueeze(0).expand(k, *latent.shape)
-    noisy = scheduler.add_noise(x0, noises, timesteps)
-    cond = text.unsqueeze(0).expand(k, *text.shape)
-    pred = unet(noisy, timesteps, cond).sample.float()
+    """(B, k) float32: each of B images' model output at each of k (timestep, noise) pairs, in
+    one UNet call of batch B*k (the UNet treats batch items independently, so each entry is
+    the single-step output). `loss`: the denoising MSE, mean over latent elements, against the
+    scheduler's target (the noise, or the velocity for `v_prediction`), as training computes
+    it; `square_norm`: D-TRAK's mean of the squared UNet output. Every image sees the same k
+    pairs: this is the one definition the gradient and unlearning attributors share."""
+    b, k = len(latents), len(timesteps)
+    shape = tuple(latents.shape[1:])
+    x0 = latents.unsqueeze(1).expand(b, k, *shape).reshape(b * k, *shape)
+    eps = noises.unsqueeze(0).expand(b, k, *shape).reshape(b * k, *shape)
+    ts = timesteps.repeat(b)
+    noisy = scheduler.add_noise(x0, eps, ts)
+    cond = text.unsqueeze(1).expand(b, k, *text.shape[1:]).reshape(b * k, *text.shape[1:])
+    pred = unet(noisy, ts, cond).sample.float()
     if output == "square_norm":
         per_step = pred.pow(2).mean(dim=(1, 2, 3))
     else:
         if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, noises, timesteps)
+            target = scheduler.get_velocity(x0, eps, ts)
         else:
-            target = noises
+            target = eps
         per_step = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
-    return per_step.sum()
+    return per_step.reshape(b, k)
 
 
 def iter_gradients(
@@ -164,29 +193,23 @@ def iter_gradients(
 ) -> Iterator[torch.Tensor]:
     """Each image's flat gradient (float32, CPU), one image at a time: memory holds one
     image's graph (at the spec's timesteps) and one gradient."""
-    if latents.ndim != 4 or text_embeddings.ndim != 3:
-        raise ValueError(
-            f"latents must be (N, C, H, W) and text_embeddings (N, L, D); got "
-            f"{tuple(latents.shape)} and {tuple(text_embeddings.shape)}"
-        )
-    if len(latents) != len(text_embeddings):
-        raise ValueError(f"{len(latents)} latents but {len(text_embeddings)} text embeddings")
+    check_latents_and_text(latents, text_embeddings)
     params = [p for _, p in select_parameters(unet, spec.params)]
     ts = spec_timesteps(spec, scheduler.config.num_train_timesteps)
     device, dtype = params[0].device, params[0].dtype
     noises = fixed_noises(spec, tuple(latents.shape[1:]), len(ts)).to(device, dtype)
     timesteps = torch.tensor(ts, dtype=torch.long, device=device)
-    with _grad_only(unet, params):
+    with grad_only(unet, params):
         for latent, text in zip(latents, text_embeddings, strict=True):
-            out = _output(
+            out = denoising_outputs(
                 unet,
                 scheduler,
-                latent.to(device, dtype),
-                text.to(device, dtype),
+                latent.to(device, dtype)[None],
+                text.to(device, dtype)[None],
                 timesteps,
                 noises,
                 spec.output,
-            )
+            ).sum()
             grads = torch.autograd.grad(out, params)
             yield torch.cat([g.reshape(-1) for g in grads]).float().cpu()
 
@@ -230,7 +253,7 @@ class SparseProjection:
         )
         self.scale = 1.0 / math.sqrt(nnz)
         width = proj_dim // nnz
-        gen = torch.Generator().manual_seed(_derived_seed(seed, _PROJECTION_STREAM))
+        gen = torch.Generator().manual_seed(derived_seed(seed, _PROJECTION_STREAM))
         offsets = torch.arange(nnz, dtype=torch.int32) * width
         self.indices = torch.randint(0, width, (n_params, nnz), generator=gen, dtype=torch.int32)
         self.indices += offsets
