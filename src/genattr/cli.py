@@ -139,13 +139,15 @@ def _friendly_errors(fn):
 @app.command()
 @_friendly_errors
 def evaluate(
-    gallery_feats: Annotated[
-        Path, typer.Option(help="Distractor features: .pth (feats, paths) or a store directory.")
-    ],
-    test_feats: Annotated[
-        Path, typer.Option(help="Test-case features: .pth (extract_feat.py) or a store directory.")
-    ],
     out: Annotated[Path, typer.Option(help="results.json; per-query table goes beside it.")],
+    gallery_feats: Annotated[
+        Path | None,
+        typer.Option(help="Distractor features: .pth (feats, paths) or a store directory."),
+    ] = None,
+    test_feats: Annotated[
+        Path | None,
+        typer.Option(help="Test-case features: .pth (extract_feat.py) or a store directory."),
+    ] = None,
     mapper: Annotated[Path | None, typer.Option(help="Mapper checkpoint (.pth).")] = None,
     head: Annotated[
         str | None, typer.Option(help="linear|channel|mlp; read from the checkpoint if omitted.")
@@ -154,14 +156,66 @@ def evaluate(
         list[int] | None, typer.Option(help="Recall cut-offs, e.g. --ks 5 10 100.")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="features (feature files above), or a method that loads the model behind "
+            "each query: gradient (TRAK / D-TRAK); needs --bench."
+        ),
+    ] = "features",
+    bench: Annotated[
+        str | None,
+        typer.Option(help="For --method gradient: 'world' or a make-benchmark manifest.json."),
+    ] = None,
+    gallery: Annotated[
+        Path | None, typer.Option(help="Gallery image folder (with --bench MANIFEST).")
+    ] = None,
+    captions: Annotated[
+        str | None,
+        typer.Option(help="Gallery captions: a text file, one per image in name order."),
+    ] = None,
+    models: Annotated[
+        list[str] | None, typer.Option(help="Only these models, e.g. --models a b.")
+    ] = None,
+    queries: Annotated[
+        int | None, typer.Option(help="At most this many queries per model.")
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(help="Folder for rebuilt models and cached gradients (default OUT's/work)."),
+    ] = None,
+    kernel: Annotated[str, typer.Option(help="gradient: cosine or trak.")] = "cosine",
+    proj_dim: Annotated[int, typer.Option(help="gradient: projected dimensions.")] = 2048,
+    params: Annotated[
+        str, typer.Option(help="gradient: cross_attn_kv (Custom Diffusion's) or all.")
+    ] = "cross_attn_kv",
+    output: Annotated[str, typer.Option(help="gradient: loss, or square_norm (D-TRAK).")] = "loss",
 ) -> None:
     """Evaluate attribution on an AbC benchmark with the authors' protocol."""
     from genattr.evaluate import DEFAULT_KS, results_table
+
+    ks_all = tuple(ks) if ks else DEFAULT_KS
+    if method != "features":
+        from genattr.workflows.model_methods import evaluate_benchmark, results_lines
+
+        if bench is None:
+            raise GenattrError(f"--method {method} needs --bench world or --bench MANIFEST")
+        options = {"kernel": kernel, "proj_dim": proj_dim, "params": params, "output": output}
+        evaluation = evaluate_benchmark(
+            method, bench, out, gallery=gallery, captions=captions, work=work, models=models,
+            queries=queries, device=device, ks=ks_all, progress=sys.stderr.isatty(),
+            options=options,
+        )  # fmt: skip
+        for line in results_lines(evaluation):
+            console.print(line, highlight=False)
+        console.print(f"results written to {out}")
+        return
     from genattr.workflows.evaluate import evaluate_files
 
+    if gallery_feats is None or test_feats is None:
+        raise GenattrError("--method features needs --gallery-feats and --test-feats")
     if head is not None and head not in ("linear", "channel", "mlp"):
         raise GenattrError(f"--head must be linear, channel or mlp, not {head!r}")
-    ks_all = tuple(ks) if ks else DEFAULT_KS
     result = evaluate_files(
         gallery_feats, test_feats, out, mapper, head, ks_all, device, progress=sys.stderr.isatty()
     )
