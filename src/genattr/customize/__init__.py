@@ -10,8 +10,10 @@ from genattr.customize.prompts import (
     load_prompt_set,
     read_captions,
     with_article,
+    with_token,
 )
 from genattr.customize.train import (
+    Concept,
     CustomizeConfig,
     Customizer,
     customize,
@@ -20,6 +22,7 @@ from genattr.customize.train import (
 
 __all__ = [
     "MODIFIER_TOKEN",
+    "Concept",
     "CustomizeConfig",
     "Customizer",
     "PromptSet",
@@ -30,4 +33,5 @@ __all__ = [
     "read_captions",
     "training_prompt",
     "with_article",
+    "with_token",
 ]

@@ -10,7 +10,10 @@ Accepted weight files (`.bin`, `.safetensors`, `.pt`, `.ckpt`):
 - plain UNet keys, as loaded with `unet.load_state_dict(sd, strict=False)`:
   `<layer>.to_k.weight`, `<layer>.to_v.weight` (optionally `to_q`, `to_out.0`), with or
   without a `unet.` prefix.
-Token embeddings: `<token>.bin` / `<token>.safetensors` holding `{token: tensor[D]}`.
+Token embeddings: `<token>.bin` / `<token>.safetensors` holding `{token: tensor[D]}`, one
+file per token (a multi-concept model has `<new1>.bin`, `<new2>.bin`, ...: every one is
+loaded, in the order of their numbers). A `.bin` may hold safetensors bytes: diffusers'
+`train_custom_diffusion.py` writes its token files that way by default.
 """
 
 from __future__ import annotations
@@ -46,9 +49,18 @@ class LoadReport:
     tokens: list[str]
 
 
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file by its content: an 8-byte little-endian header size, then JSON."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+
+
 def _read_state(path: Path) -> dict[str, Any]:
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _is_safetensors(path):
             return dict(safetensors.torch.load_file(str(path), device="cpu"))
 
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -154,9 +166,12 @@ def load_token_embeddings(pipe: StableDiffusionPipeline, model_dir: Path) -> lis
     """Add every `<token>.bin`/`.safetensors` of the folder to tokenizer and text encoder."""
     tokens = []
     files = sorted(
-        p
-        for p in model_dir.glob("*")
-        if p.suffix in (".bin", ".safetensors") and p.name.startswith("<")
+        (
+            p
+            for p in model_dir.glob("*")
+            if p.suffix in (".bin", ".safetensors") and p.name.startswith("<")
+        ),
+        key=_natural,
     )
     tok, te = pipe.tokenizer, pipe.text_encoder
     for path in files:
@@ -183,6 +198,14 @@ def load_token_embeddings(pipe: StableDiffusionPipeline, model_dir: Path) -> lis
                 raise GenattrError(f"{path}: token {token!r} did not take effect")
             tokens.append(token)
     return tokens
+
+
+def _natural(path: Path) -> tuple:
+    """Name order with numbers compared as numbers: `<new2>` before `<new10>`."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part)
+        for part in re.split(r"(\d+)", path.name)
+    )
 
 
 def load_custom_diffusion(

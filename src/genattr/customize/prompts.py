@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -215,3 +216,14 @@ def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
             if MODIFIER_TOKEN not in s:
                 raise GenattrError(f"{path}: caption for {cat!r} lacks {MODIFIER_TOKEN}: {s!r}")
     return data
+
+
+def with_token(prompts: Sequence[str], token: str) -> list[str]:
+    """The prompts for another concept of a multi-concept model: `<new1>` (every prompt set's
+    modifier token) replaced by the concept's token, e.g. `<new3>`."""
+    out = []
+    for p in prompts:
+        if MODIFIER_TOKEN not in p:
+            raise GenattrError(f"prompt {p!r} lacks {MODIFIER_TOKEN}")
+        out.append(p.replace(MODIFIER_TOKEN, token))
+    return out

@@ -1,13 +1,21 @@
 """Custom Diffusion training (Kumari et al. 2023) as the AbC benchmark uses it.
 
-Trainable: the embedding of one new modifier token and the key/value projections (`to_k`,
-`to_v`) of every cross-attention layer of the UNet; everything else stays frozen. The token's
-row is a separate parameter spliced into the embedding output, so no other row of the
+Trainable: the embedding of one new modifier token per concept and the key/value projections
+(`to_k`, `to_v`) of every cross-attention layer of the UNet; everything else stays frozen. Each
+token's row is a separate parameter spliced into the embedding output, so no other row of the
 embedding matrix can move (AdamW's weight decay would otherwise shrink them all). As in Custom
 Diffusion, the keys and values of the first text token (start-of-text) get no gradient.
 
-Saved in diffusers' Custom Diffusion format (`pytorch_custom_diffusion_weights.bin`,
-`<new1>.bin`) plus `genattr_customize.json`, which records how the model was made.
+One model can learn several concepts at once (Custom Diffusion's multi-concept training,
+diffusers' `--concepts_list` with `--modifier_token "<new1>+<new2>"`): each concept has its own
+token, initializer, exemplars and training prompt; every step draws its examples from the
+union of all concepts' exemplars, in shuffled passes. One concept is the same computation,
+draw for draw, as it always was (`train` is `train_concepts` with one concept).
+
+Saved in diffusers' Custom Diffusion format (`pytorch_custom_diffusion_weights.bin`, and one
+`<newK>.bin` per token holding `{token: embedding}`, as diffusers' `save_new_embed`) plus
+`genattr_customize.json`, which records how the model was made (and, for several concepts,
+each concept: `concepts`).
 """
 
 from __future__ import annotations
@@ -76,6 +84,24 @@ class CustomizeConfig:
         if not self.scale_lr:
             return self.learning_rate
         return self.learning_rate * self.train_batch_size * (2.0 if with_prior else 1.0)
+
+
+@dataclass
+class Concept:
+    """One concept of a Custom Diffusion model: its exemplars, mode ('object' or 'style'),
+    category (objects), modifier token (default `<newK>` for the K-th concept, from 1) and
+    initializer (default the config's `initializer_token`)."""
+
+    exemplars: Sequence[str | os.PathLike]
+    mode: str
+    category: str | None = None
+    token: str | None = None
+    initializer: str | None = None
+
+
+def concept_token(k: int) -> str:
+    """The modifier token of the k-th concept (0-based): `<new1>`, `<new2>`, ..."""
+    return f"<new{k + 1}>"
 
 
 def config_from_dict(values: dict[str, Any] | None) -> CustomizeConfig:
@@ -201,6 +227,7 @@ class TrainStats:
     seconds: float
     final_loss: float
     losses: list[float] = field(default_factory=list)
+    draws: list[int] = field(default_factory=list)  # exemplar draws per concept
 
     @property
     def steps_per_second(self) -> float:
@@ -218,9 +245,26 @@ def cross_attention_layers(unet: Any) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Resolved:
+    """A concept ready to train: its token, initializer, training prompt and images."""
+
+    token: str
+    initializer: str
+    mode: str
+    category: str | None
+    prompt: str
+    paths: list[Path]
+    images: list[Image.Image]
+
+
 class Customizer:
-    """Custom Diffusion on one loaded pipeline, reusable model after model: `train` changes the
-    pipeline in place, `save` writes the model, `reset` restores the base weights exactly."""
+    """Custom Diffusion on one loaded pipeline, reusable model after model: `train` (one
+    concept) or `train_concepts` (several) changes the pipeline in place, `save` writes the
+    model, `reset` restores the base weights exactly.
+
+    After training, `token`, `initializer` and `prompt` are the first concept's; `tokens` and
+    `prompts` list every concept's."""
 
     def __init__(self, pipe: StableDiffusionPipeline) -> None:
         self.pipe = pipe
@@ -235,20 +279,21 @@ class Customizer:
         self.token_id: int | None = None
         self.initializer: str | None = None
         self.prompt: str | None = None
+        self.tokens: list[str] = []
+        self.prompts: list[str] = []
+        self._token_ids: dict[str, int] = {}  # every token this pipeline's tokenizer got
 
-    # -- the modifier token -------------------------------------------------------------
+    # -- the modifier tokens ------------------------------------------------------------
     def _add_token(self, token: str, initializer: str) -> torch.Tensor:
         """Make `token` one id of the tokenizer (added once per pipeline) and return the
         embedding it starts from: the initializer's (mean of its pieces if it is several)."""
         tok, te = self.pipe.tokenizer, self.pipe.text_encoder
-        if self.token is None:
+        if token not in self._token_ids:
             if tok.convert_tokens_to_ids(token) not in (None, tok.unk_token_id):
                 raise GenattrError(f"the tokenizer already has {token!r}; pick another token")
             tok.add_tokens(token)
             te.resize_token_embeddings(len(tok), mean_resizing=False)
-            self.token, self.token_id = token, tok.convert_tokens_to_ids(token)
-        elif token != self.token:
-            raise GenattrError(f"this pipeline was customized with {self.token!r}, not {token!r}")
+            self._token_ids[token] = tok.convert_tokens_to_ids(token)
         init_ids = tok.encode(initializer, add_special_tokens=False)
         if not init_ids:
             raise GenattrError(f"initializer token {initializer!r} encodes to nothing")
@@ -266,23 +311,81 @@ class Customizer:
         reg_images: Sequence[str | os.PathLike] | None = None,
         reg_captions: Sequence[str] | None = None,
     ) -> TrainStats:
-        """Tune the pipeline toward the exemplars (in place); returns timing and losses."""
+        """Tune the pipeline toward the exemplars (in place); returns timing and losses.
+        One concept, with the config's modifier and initializer tokens."""
         cfg = config or CustomizeConfig()
+        concept = Concept(exemplars, mode, category, cfg.modifier_token, cfg.initializer_token)
+        return self._train([concept], cfg, reg_images, reg_captions, multi=False)
+
+    def train_concepts(
+        self,
+        concepts: Sequence[Concept],
+        config: CustomizeConfig | None = None,
+        reg_images: Sequence[str | os.PathLike] | None = None,
+        reg_captions: Sequence[str] | None = None,
+    ) -> TrainStats:
+        """Tune the pipeline toward several concepts at once (in place), one modifier token
+        each, examples drawn from the union of their exemplars. `config.max_train_steps` is
+        the total: scale it with the number of concepts to give each as many steps as a
+        single-concept model. One concept here is exactly `train` (same draws, same bytes)
+        except that `save` records it as a list of concepts."""
+        if not concepts:
+            raise GenattrError("no concepts to train")
+        return self._train(list(concepts), config or CustomizeConfig(), reg_images, reg_captions)
+
+    def _resolve(self, concepts: list[Concept], cfg: CustomizeConfig) -> list[_Resolved]:
+        """Tokens, initializers, prompts and images of the concepts; errors name the concept."""
+        out: list[_Resolved] = []
+        for k, c in enumerate(concepts):
+            token = c.token or concept_token(k)
+            initializer = c.initializer or cfg.initializer_token
+            where = f"concept {k + 1} ({token})" if len(concepts) > 1 else None
+            try:
+                prompt = training_prompt(c.mode, c.category, token)
+                paths = list_images(c.exemplars)
+                images = [_open_rgb(p) for p in paths]
+            except GenattrError as e:
+                raise GenattrError(f"{where}: {e}" if where else str(e)) from None
+            out.append(_Resolved(token, initializer, c.mode, c.category, prompt, paths, images))
+        tokens = [r.token for r in out]
+        if len(set(tokens)) != len(tokens):
+            raise GenattrError(f"each concept needs its own modifier token, not {tokens}")
+        return out
+
+    def _train(
+        self,
+        concepts: list[Concept],
+        cfg: CustomizeConfig,
+        reg_images: Sequence[str | os.PathLike] | None,
+        reg_captions: Sequence[str] | None,
+        multi: bool = True,
+    ) -> TrainStats:
         unet = self.pipe.unet
         device, dtype = unet.device, unet.dtype
-        prompt = training_prompt(mode, category, cfg.modifier_token)
-        images = [_open_rgb(p) for p in list_images(exemplars)]
+        resolved = self._resolve(concepts, cfg)
         reg = _reg_set(reg_images, reg_captions)
         self.reset()
-        init = self._add_token(cfg.modifier_token, cfg.initializer_token)
-        self.initializer, self.prompt = cfg.initializer_token, prompt
+        inits = [self._add_token(r.token, r.initializer) for r in resolved]
+        self.tokens, self.prompts = [r.token for r in resolved], [r.prompt for r in resolved]
+        self.token, self.token_id = self.tokens[0], self._token_ids[self.tokens[0]]
+        self.initializer, self.prompt = resolved[0].initializer, resolved[0].prompt
         latent_size = self._latent_size(cfg.resolution)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        batches = _Batches(images, prompt, reg, cfg, latent_size, np.random.default_rng(cfg.seed))
-        new_emb, kv = self._trainable(init.to(device=device, dtype=torch.float32))
+        images = [im for r in resolved for im in r.images]
+        owner = [k for k, r in enumerate(resolved) for _ in r.images]
+        batches = _Batches(
+            images,
+            [resolved[k].prompt for k in owner],
+            reg,
+            cfg,
+            latent_size,
+            np.random.default_rng(cfg.seed),
+            owner,
+        )
+        new_embs, kv = self._trainable([i.to(device=device, dtype=torch.float32) for i in inits])
         lr = cfg.effective_lr(reg is not None)
-        step = _Step(self.pipe, [new_emb, *kv], lr, cfg, gen, device, dtype)
-        hooks = self._hooks(new_emb)
+        step = _Step(self.pipe, [*new_embs, *kv], lr, cfg, gen, device, dtype)
+        hooks = self._hooks(new_embs)
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -292,9 +395,15 @@ class Customizer:
         finally:
             trained_kv = self._end_training(hooks, kv, dtype, cfg.gradient_checkpointing)
         seconds = _seconds_since(t0, device)
-        self._keep_trained(new_emb, trained_kv)
-        self._meta = _training_record(mode, category, prompt, exemplars, reg, cfg, lr)
-        return TrainStats(cfg.max_train_steps, seconds, losses[-1] if losses else math.nan, losses)
+        self._keep_trained(new_embs, trained_kv)
+        if multi:
+            self._meta = _concepts_record(resolved, batches.draws, reg, cfg, lr)
+        else:
+            r = resolved[0]
+            self._meta = _training_record(r.mode, r.category, r.prompt, r.paths, reg, cfg, lr)
+        self._multi = multi
+        final = losses[-1] if losses else math.nan
+        return TrainStats(cfg.max_train_steps, seconds, final, losses, list(batches.draws))
 
     def _latent_size(self, size: int) -> int:
         """The latent side for training images of side `size`, which the VAE must divide."""
@@ -304,10 +413,12 @@ class Customizer:
             raise GenattrError(f"resolution {size} must be a multiple of the VAE factor {factor}")
         return latent_size
 
-    def _trainable(self, init: torch.Tensor) -> tuple[torch.nn.Parameter, list[torch.Tensor]]:
-        """The token's embedding (from `init`) and every cross-attention key/value weight, in
+    def _trainable(
+        self, inits: list[torch.Tensor]
+    ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
+        """The tokens' embeddings (from `inits`) and every cross-attention key/value weight, in
         float32 whatever the pipeline's precision, as the only parameters with gradients."""
-        new_emb = torch.nn.Parameter(init)
+        new_embs = [torch.nn.Parameter(init) for init in inits]
         kv = []
         for m in self.layers.values():
             for lin in (m.to_k, m.to_v):
@@ -318,13 +429,13 @@ class Customizer:
             module.requires_grad_(False)
         for p in kv:
             p.requires_grad_(True)
-        return new_emb, kv
+        return new_embs, kv
 
-    def _hooks(self, new_emb: torch.nn.Parameter) -> list[Any]:
-        """Splice the token's embedding into the text encoder and keep the start-of-text
+    def _hooks(self, new_embs: list[torch.nn.Parameter]) -> list[Any]:
+        """Splice the tokens' embeddings into the text encoder and keep the start-of-text
         token's keys and values out of the gradient; the handles, to remove them."""
         embeddings = self.pipe.text_encoder.get_input_embeddings()
-        hooks = [embeddings.register_forward_hook(self._splice(new_emb))]
+        hooks = [embeddings.register_forward_hook(self._splice(new_embs))]
         for m in self.layers.values():
             hooks.append(m.to_k.register_forward_hook(_detach_first_token))
             hooks.append(m.to_v.register_forward_hook(_detach_first_token))
@@ -356,23 +467,26 @@ class Customizer:
         return trained_kv
 
     def _keep_trained(
-        self, new_emb: torch.nn.Parameter, trained_kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
+        self,
+        new_embs: list[torch.nn.Parameter],
+        trained_kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
-        """Write the token's row into the embedding table and keep what `save` writes."""
-        te = self.pipe.text_encoder
+        """Write the tokens' rows into the embedding table and keep what `save` writes."""
+        weight = self.pipe.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
-            te.get_input_embeddings().weight[self.token_id] = new_emb.detach().to(
-                te.get_input_embeddings().weight.dtype
-            )
+            for token, emb in zip(self.tokens, new_embs, strict=True):
+                weight[self._token_ids[token]] = emb.detach().to(weight.dtype)
         self._trained_kv = trained_kv
-        self._trained_emb = new_emb.detach().float().cpu().clone()
+        self._trained_embs = [emb.detach().float().cpu().clone() for emb in new_embs]
 
-    def _splice(self, new_emb: torch.nn.Parameter) -> Callable:
-        token_id = self.token_id
+    def _splice(self, new_embs: list[torch.nn.Parameter]) -> Callable:
+        pairs = [(self._token_ids[t], e) for t, e in zip(self.tokens, new_embs, strict=True)]
 
         def hook(module, inputs, output):
-            hit = (inputs[0] == token_id)[..., None]
-            return torch.where(hit, new_emb.to(output.dtype), output)
+            for token_id, new_emb in pairs:
+                hit = (inputs[0] == token_id)[..., None]
+                output = torch.where(hit, new_emb.to(output.dtype), output)
+            return output
 
         return hook
 
@@ -391,11 +505,11 @@ class Customizer:
                 state[f"{name}.to_v_custom_diffusion.weight"] = v.contiguous()
             else:
                 state[name] = {}  # diffusers keeps an (empty) entry for every other layer
-        assert self.token is not None
-        for name, obj in (
-            (WEIGHTS_NAME, state),
-            (f"{self.token}.bin", {self.token: self._trained_emb.contiguous()}),
-        ):
+        embeddings = [
+            (f"{token}.bin", {token: emb.contiguous()})
+            for token, emb in zip(self.tokens, self._trained_embs, strict=True)
+        ]
+        for name, obj in ((WEIGHTS_NAME, state), *embeddings):
             # Through a buffer: torch.save names the archive after the file, and the temporary
             # file's random name would make identical models differ byte for byte.
             buf = io.BytesIO()
@@ -403,24 +517,32 @@ class Customizer:
             with atomic_path(out / name) as tmp:
                 tmp.write_bytes(buf.getvalue())
                 os.chmod(tmp, 0o644)
-        info = {
+        head: dict[str, Any] = {
             "kind": "genattr.custom_diffusion",
             "format_version": CUSTOMIZE_FORMAT_VERSION,
-            "modifier_token": self.token,
-            "initializer_token": self.initializer,
-            "weights": WEIGHTS_NAME,
-            "token_embedding": f"{self.token}.bin",
-            **self._meta,
-            **(extra or {}),
         }
+        if self._multi:
+            head |= {
+                "modifier_tokens": self.tokens,
+                "weights": WEIGHTS_NAME,
+                "token_embeddings": [name for name, _ in embeddings],
+            }
+        else:  # the one-concept record, unchanged since the first release
+            head |= {
+                "modifier_token": self.token,
+                "initializer_token": self.initializer,
+                "weights": WEIGHTS_NAME,
+                "token_embedding": f"{self.token}.bin",
+            }
+        info = {**head, **self._meta, **(extra or {})}
         with atomic_path(out / INFO_NAME) as tmp:
             tmp.write_text(json.dumps(info, indent=1))
             os.chmod(tmp, 0o644)
         return out
 
     def reset(self) -> None:
-        """Back to the base model: original key/value weights; the token's row is re-set on the
-        next `train`, and no prompt without the token ever reads it."""
+        """Back to the base model: original key/value weights; the tokens' rows are re-set on
+        the next `train`, and no prompt without a token ever reads them."""
         with torch.no_grad():
             for name, m in self.layers.items():
                 k, v = self._base_kv[name]
@@ -461,22 +583,25 @@ class _Batch:
 
 
 class _Batches:
-    """Each step's examples, drawn from one random stream: augmented exemplars in shuffled
-    passes, then as many plain regularization images."""
+    """Each step's examples, drawn from one random stream: augmented exemplars (of all
+    concepts, each with its concept's prompt) in shuffled passes, then as many plain
+    regularization images. `draws` counts the exemplars drawn per concept."""
 
     def __init__(
         self,
         images: list[Image.Image],
-        prompt: str,
+        prompts: list[str],
         reg: tuple[list[Path], list[str]] | None,
         cfg: CustomizeConfig,
         latent_size: int,
         rng: np.random.Generator,
+        owner: list[int],
     ) -> None:
-        self.images, self.prompt, self.reg, self.cfg = images, prompt, reg, cfg
-        self.latent_size, self.rng = latent_size, rng
+        self.images, self.prompts, self.reg, self.cfg = images, prompts, reg, cfg
+        self.latent_size, self.rng, self.owner = latent_size, rng, owner
         self.order = _Cycler(len(images), rng)
         self.reg_order = _Cycler(len(reg[0]), rng) if reg else None
+        self.draws = [0] * (max(owner) + 1)
 
     def next(self) -> _Batch:
         """The next step's batch (exemplars first)."""
@@ -488,7 +613,8 @@ class _Batches:
             )
             pix.append(example)
             masks.append(example_mask)
-            prompts.append(prefix + self.prompt)
+            prompts.append(prefix + self.prompts[i])
+            self.draws[self.owner[i]] += 1
         n_inst = len(pix)
         if self.reg is not None and self.reg_order is not None:
             for i in self.reg_order.take(cfg.train_batch_size):
@@ -637,6 +763,51 @@ def _training_record(
         "config": asdict(cfg),
         "effective_lr": lr,
     }
+
+
+def _concepts_record(
+    resolved: list[_Resolved],
+    draws: list[int],
+    reg: tuple[list[Path], list[str]] | None,
+    cfg: CustomizeConfig,
+    lr: float,
+) -> dict[str, Any]:
+    """How a multi-concept model was trained: each concept (token, initializer, mode,
+    category, training prompt, exemplars, how many exemplar draws it got) and the options."""
+    return {
+        "concepts": [
+            {
+                "token": r.token,
+                "initializer_token": r.initializer,
+                "mode": r.mode,
+                "category": r.category,
+                "train_prompt": r.prompt,
+                "exemplars": [str(p) for p in r.paths],
+                "draws": n,
+            }
+            for r, n in zip(resolved, draws, strict=True)
+        ],
+        "regularization": None if reg is None else {"images": [str(p) for p in reg[0]]},
+        "config": asdict(cfg),
+        "effective_lr": lr,
+    }
+
+
+def model_concepts(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The concepts of a model from its `genattr_customize.json` record, for one-concept and
+    multi-concept records alike (token, mode, category, train_prompt, exemplars)."""
+    if "concepts" in info:
+        return list(info["concepts"])
+    if "modifier_token" not in info:
+        return []
+    keys = ("mode", "category", "train_prompt", "exemplars")
+    return [
+        {
+            "token": info["modifier_token"],
+            "initializer_token": info.get("initializer_token"),
+            **{k: info.get(k) for k in keys},
+        }
+    ]
 
 
 def _reg_set(

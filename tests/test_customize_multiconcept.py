@@ -1,0 +1,280 @@
+"""Multi-concept Custom Diffusion on the tiny SD-shaped pipeline (one model, one modifier token
+per concept, examples drawn from the union), single-concept training unchanged byte for byte,
+and the world's packed multi-concept test case."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from genattr.errors import GenattrError
+from tests.tiny_sd import build_tiny_pipeline
+
+pytestmark = pytest.mark.slow
+RES = 32
+
+# sha256 of the files a single-concept model saves on the tiny pipeline (`_single` below),
+# recorded with the code before multi-concept training existed (torch 2.x, CPU, one thread).
+SINGLE_OBJECT = {
+    "<new1>.bin": "821ead22d9a8090f2f51076459814a292d39682de7847cb3e28b469c63a1d778",
+    "pytorch_custom_diffusion_weights.bin": (
+        "0f5b798e4aafff6ec0802d99d85e56fa4ed7673fcf079cc3b6b04b9a747ad6f5"
+    ),
+}
+SINGLE_STYLE_WITH_REG = {
+    "<new1>.bin": "bc16603e9331f5d5bfe40107d97032ae85ddc35d33e63762960aa299917e4db2",
+    "pytorch_custom_diffusion_weights.bin": (
+        "0063f8ad51a42dc115a5a35cf751474bd8e3263fd123d55a6852fe615654c4cf"
+    ),
+}
+PINNED_TORCH = "2.13.0+cpu"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(one_torch_thread):
+    """Every test here runs with one torch thread (see conftest)."""
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+def _shape(path: Path, kind: str, color: tuple[int, int, int]) -> Path:
+    im = Image.new("RGB", (48, 40), (240, 240, 235))
+    draw = ImageDraw.Draw(im)
+    if kind == "disc":
+        draw.ellipse((8, 6, 38, 34), fill=color)
+    else:
+        draw.rectangle((6, 10, 42, 30), fill=color)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> list[Path]:
+    root = tmp_path_factory.mktemp("shapes")
+    return [
+        _shape(root / "a.png", "disc", (200, 40, 30)),
+        _shape(root / "b.png", "box", (30, 60, 200)),
+        _shape(root / "c.png", "disc", (20, 160, 40)),
+        _shape(root / "d.png", "box", (230, 200, 20)),
+    ]
+
+
+def _config(**kw):
+    from genattr.customize.train import CustomizeConfig
+
+    base = dict(resolution=RES, max_train_steps=6, learning_rate=2e-3, initializer_token="dog")
+    return CustomizeConfig(**{**base, **kw})
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.bin")}
+
+
+def _single(tiny: Path, shapes: list[Path], out: Path, concepts: bool = False) -> None:
+    """The recorded single-concept models: an object model, then (same Customizer) a style
+    model with a regularization image; `concepts` trains them with `train_concepts`."""
+    from genattr.customize.pipeline import load_base_pipeline
+    from genattr.customize.train import Concept, Customizer
+
+    cz = Customizer(load_base_pipeline(tiny, "cpu", "float32"))
+    ex = shapes[:2]
+    if concepts:
+        cz.train_concepts([Concept(ex, "object", "dog")], _config())
+    else:
+        cz.train(ex, "object", "dog", _config())
+    cz.save(out / "obj")
+    if concepts:
+        cz.train_concepts([Concept(ex, "style")], _config(), [ex[1]], ["a photo"])
+    else:
+        cz.train(ex, "style", None, _config(), [ex[1]], ["a photo"])
+    cz.save(out / "sty")
+
+
+@pytest.fixture(scope="module")
+def multi(tiny, shapes, tmp_path_factory):
+    """A three-concept model (two objects, one style) and the pipeline it was trained in."""
+    from genattr.customize.pipeline import load_base_pipeline
+    from genattr.customize.train import Concept, Customizer
+
+    pipe = load_base_pipeline(tiny, "cpu", "float32")
+    cz = Customizer(pipe)
+    concepts = [
+        Concept([shapes[0]], "object", "dog"),
+        Concept([shapes[1]], "object", "cat", initializer="cat"),
+        Concept(shapes[2:], "style"),
+    ]
+    stats = cz.train_concepts(concepts, _config(max_train_steps=8))
+    out = tmp_path_factory.mktemp("multi") / "m"
+    cz.save(out, extra={"base": str(tiny)})
+    return {"pipe": pipe, "cz": cz, "dir": out, "stats": stats}
+
+
+def _text_states(pipe, prompts: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True)
+    with torch.no_grad():
+        return pipe.text_encoder(torch.tensor(ids.input_ids))[0]
+
+
+def _render(pipe, prompt: str) -> np.ndarray:
+    gen = torch.Generator().manual_seed(0)
+    return pipe(
+        prompt, num_inference_steps=3, generator=gen, output_type="np", height=RES, width=RES
+    ).images
+
+
+def test_single_concept_bytes_unchanged(tiny, shapes, tmp_path):
+    """`train` is `train_concepts` with one concept, draw for draw: the same weight bytes, and
+    (on the torch build they were recorded with) the bytes of the code before it existed."""
+    _single(tiny, shapes, tmp_path / "train")
+    _single(tiny, shapes, tmp_path / "concepts", concepts=True)
+    for name in ("obj", "sty"):
+        got = _hashes(tmp_path / "train" / name)
+        assert got == _hashes(tmp_path / "concepts" / name), name
+        assert set(got) == {"<new1>.bin", "pytorch_custom_diffusion_weights.bin"}
+    info = json.loads((tmp_path / "train" / "obj" / "genattr_customize.json").read_text())
+    assert info["modifier_token"] == "<new1>" and "concepts" not in info  # the old record
+    if torch.__version__ != PINNED_TORCH:
+        pytest.skip(f"hashes recorded on torch {PINNED_TORCH}, this is {torch.__version__}")
+    assert _hashes(tmp_path / "train" / "obj") == SINGLE_OBJECT
+    assert _hashes(tmp_path / "train" / "sty") == SINGLE_STYLE_WITH_REG
+
+
+def test_multi_concept_saves_every_token_in_diffusers_format(multi):
+    out = multi["dir"]
+    assert {p.name for p in out.iterdir()} == {
+        "<new1>.bin",
+        "<new2>.bin",
+        "<new3>.bin",
+        "pytorch_custom_diffusion_weights.bin",
+        "genattr_customize.json",
+    }
+    for k in (1, 2, 3):
+        emb = torch.load(out / f"<new{k}>.bin", weights_only=True)
+        assert list(emb) == [f"<new{k}>"] and emb[f"<new{k}>"].shape == (32,)
+    info = json.loads((out / "genattr_customize.json").read_text())
+    assert info["modifier_tokens"] == ["<new1>", "<new2>", "<new3>"]
+    concepts = info["concepts"]
+    assert [c["train_prompt"] for c in concepts] == [
+        "<new1> dog",
+        "<new2> cat",
+        "A picture in the style of <new3> art",
+    ]
+    assert [c["initializer_token"] for c in concepts] == ["dog", "cat", "dog"]
+    assert [len(c["exemplars"]) for c in concepts] == [1, 1, 2]
+    from genattr.customize.train import model_concepts
+
+    assert model_concepts(info) == concepts
+    assert multi["cz"].tokens == info["modifier_tokens"]
+
+
+def test_draws_cover_every_concept(multi):
+    draws = multi["stats"].draws
+    # 8 steps x batch 2 = 16 draws from the union of 4 images in shuffled passes: 4 each.
+    assert draws == [4, 4, 8] and all(c["draws"] for c in _info(multi)["concepts"])
+
+
+def _info(multi) -> dict:
+    return json.loads((multi["dir"] / "genattr_customize.json").read_text())
+
+
+def test_each_token_moves_only_its_own_prompts(multi, tiny):
+    from genattr.customize.pipeline import load_base_pipeline
+
+    pipe = multi["pipe"]
+    prompts = [f"a photo of <new{k}> dog" for k in (1, 2, 3)] + ["a photo of a dog"]
+    states = _text_states(pipe, prompts)
+    for i in range(3):  # every concept's prompt reads differently
+        for j in range(i + 1, 4):
+            assert (states[i] - states[j]).abs().max() > 1e-4, (i, j)
+    base = load_base_pipeline(tiny, "cpu", "float32")
+    torch.testing.assert_close(states[3], _text_states(base, prompts[3:])[0])  # no token: base
+    # Move one token's row: only the prompt with that token changes.
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    tid = pipe.tokenizer.convert_tokens_to_ids("<new2>")
+    saved = weight[tid].detach().clone()
+    try:
+        with torch.no_grad():
+            weight[tid] += 1.0
+        moved = _text_states(pipe, prompts)
+    finally:
+        with torch.no_grad():
+            weight[tid] = saved
+    changed = [bool((moved[i] - states[i]).abs().max() > 1e-6) for i in range(4)]
+    assert changed == [False, True, False, False]
+
+
+def test_multi_concept_loads_every_token(multi, tiny):
+    from genattr.customize.loading import load_custom_diffusion
+    from genattr.customize.pipeline import load_base_pipeline
+
+    base = load_base_pipeline(tiny, "cpu", "float32")
+    report = load_custom_diffusion(base, multi["dir"])
+    assert report.tokens == ["<new1>", "<new2>", "<new3>"]
+    for k in (1, 2, 3):
+        prompt = f"a photo of <new{k}> dog"
+        np.testing.assert_allclose(_render(base, prompt), _render(multi["pipe"], prompt), atol=1e-5)
+
+
+def test_tokens_load_in_number_order_and_from_safetensors_bytes(multi, tiny, tmp_path):
+    """Ten tokens load as `<new1>` ... `<new10>` (not name order), and a `.bin` holding
+    safetensors bytes (what diffusers' training script writes by default) loads too."""
+    import safetensors.torch
+
+    from genattr.customize.loading import load_custom_diffusion
+    from genattr.customize.pipeline import load_base_pipeline
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    name = "pytorch_custom_diffusion_weights.bin"
+    (folder / name).write_bytes((multi["dir"] / name).read_bytes())
+    for k in range(1, 11):
+        emb = {f"<new{k}>": torch.full((32,), float(k))}
+        if k % 2:
+            torch.save(emb, folder / f"<new{k}>.bin")
+        else:
+            safetensors.torch.save_file(emb, str(folder / f"<new{k}>.bin"))
+    base = load_base_pipeline(tiny, "cpu", "float32")
+    report = load_custom_diffusion(base, folder)
+    assert report.tokens == [f"<new{k}>" for k in range(1, 11)]
+    weight = base.text_encoder.get_input_embeddings().weight
+    for k in range(1, 11):
+        assert torch.equal(
+            weight[base.tokenizer.convert_tokens_to_ids(f"<new{k}>")][:1], k * torch.ones(1)
+        )
+
+
+def test_multi_concept_errors_and_reuse(tiny, shapes, tmp_path):
+    from genattr.customize.pipeline import load_base_pipeline
+    from genattr.customize.prompts import with_token
+    from genattr.customize.train import Concept, Customizer
+
+    cz = Customizer(load_base_pipeline(tiny, "cpu", "float32"))
+    with pytest.raises(GenattrError, match="no concepts"):
+        cz.train_concepts([], _config())
+    with pytest.raises(GenattrError, match=r"concept 2 \(<new2>\).*category"):
+        cz.train_concepts([Concept([shapes[0]], "style"), Concept([shapes[1]], "object")])
+    with pytest.raises(GenattrError, match="its own modifier token"):
+        cz.train_concepts(
+            [Concept([shapes[0]], "style", token="<a>"), Concept([shapes[1]], "style", token="<a>")]
+        )
+    # One Customizer, model after model: a single-concept model, then a two-concept one.
+    cz.train([shapes[0]], "object", "dog", _config(max_train_steps=2))
+    cz.train_concepts(
+        [Concept([shapes[0]], "style"), Concept([shapes[1]], "style")], _config(max_train_steps=2)
+    )
+    cz.save(tmp_path / "m")
+    assert sorted(p.name for p in (tmp_path / "m").glob("<*")) == ["<new1>.bin", "<new2>.bin"]
+    assert with_token(["a clipart of <new1> animals"], "<new3>") == ["a clipart of <new3> animals"]
+    with pytest.raises(GenattrError, match="lacks"):
+        with_token(["no token"], "<new2>")
