@@ -221,3 +221,46 @@ def test_bad_method_options_are_one_line(args, words, tmp_path):
     assert r.exit_code == 2, r.output
     assert words in r.output and "Traceback" not in r.output
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.slow
+def test_attribute_with_gradients_under_the_model(bench, tmp_path):
+    """`genattr attribute --method gradient`: the prompt read from the image, the gallery
+    ranked by score under the model, the gradient store cached for the next call."""
+    root = bench["root"]
+    query = sorted((root / "bench" / "synth").rglob("disc0/samples/*.png"))[0]
+    args = [
+        "attribute", str(query), "--method", "gradient", "--model",
+        str(root / "bench" / "models" / "disc0"), "--base", str(root / "sd"),
+        "--gallery", str(bench["gallery"]), "--captions", str(bench["captions"]),
+        "--work", str(tmp_path / "work"), "--proj-dim", "64", "--top-k", "3",
+        "--format", "json", "--out", str(tmp_path / "a.json"),
+    ]  # fmt: skip
+    r = _run(args)
+    assert r.exit_code == 0, r.output
+    (answer,) = json.loads((tmp_path / "a.json").read_text())
+    scores = [x["similarity"] for x in answer["results"]]
+    assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+    assert {x["id"] for x in answer["results"]} <= {f"{i}.png" for i in range(4)}
+    assert "gradient" in answer["notes"][0]
+    (store,) = (tmp_path / "work" / "gradient").glob("*/gallery/store.json")
+    before = os.stat(store).st_mtime_ns
+    assert _run([*args[:-1], str(tmp_path / "b.json")]).exit_code == 0
+    assert os.stat(store).st_mtime_ns == before
+    assert json.loads((tmp_path / "b.json").read_text())[0]["results"] == answer["results"]
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--method", "gradient"], "needs --model"),
+        (["--method", "gradient", "--model", "m"], "needs --base, --gallery and --captions"),
+        (["--method", "gradient", "--model", "world:object-000", "--device", "tpu"], "tpu"),
+        (["--method", "gradient", "--model", "world:nope"], "no world model"),
+        ([], "needs --index"),
+    ],
+)
+def test_bad_attribute_method_options_are_one_line(args, words, tmp_path):
+    r = _run(["attribute", str(tmp_path / "q.png"), *args])
+    assert r.exit_code == 2, r.output
+    assert words in r.output and "Traceback" not in r.output

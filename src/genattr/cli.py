@@ -610,7 +610,9 @@ def index_build(
 @_friendly_errors
 def attribute(
     images: Annotated[list[Path], typer.Argument(help="Generated images to attribute.")],
-    index: Annotated[Path, typer.Option(help="Index directory from `genattr index build`.")],
+    index: Annotated[
+        Path | None, typer.Option(help="Index directory from `genattr index build`.")
+    ] = None,
     calibrator: Annotated[
         Path | None, typer.Option(help="calibrator.json or the authors' calibrator .pth.")
     ] = None,
@@ -619,9 +621,37 @@ def attribute(
     out: Annotated[Path | None, typer.Option(help="File for json/html output.")] = None,
     weights: Annotated[str | None, typer.Option(help="Backbone weights, if not found.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    method: Annotated[
+        str,
+        typer.Option(
+            help="features (an --index), or gradient: scores under the model that made the "
+            "images (--model)."
+        ),
+    ] = "features",
+    model: Annotated[
+        str | None,
+        typer.Option(help="gradient: a Custom Diffusion folder, or world:ID for a world model."),
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option(help="gradient: the model's base (HF id/dir).")
+    ] = None,
+    gallery: Annotated[
+        Path | None, typer.Option(help="gradient: the training images to score (a folder).")
+    ] = None,
+    captions: Annotated[
+        str | None, typer.Option(help="gradient: their captions, one per line in name order.")
+    ] = None,
+    prompt: Annotated[
+        str | None,
+        typer.Option(help="gradient: the images' prompt (default: the one genattr recorded)."),
+    ] = None,
+    work: Annotated[
+        Path, typer.Option(help="gradient: folder for cached gallery gradients.")
+    ] = Path("genattr-work"),
+    kernel: Annotated[str, typer.Option(help="gradient: cosine or trak.")] = "cosine",
+    proj_dim: Annotated[int, typer.Option(help="gradient: projected dimensions.")] = 2048,
 ) -> None:
     """Which training images made these images, and how much (calibrated influence)."""
-    from genattr.attribution import attribute as run_attribute
     from genattr.attribution import attributions_table, write_attributions
 
     if format not in ("table", "json", "html"):
@@ -630,7 +660,22 @@ def attribute(
         raise GenattrError(f"--format {format} needs --out PATH")
     if out is not None:
         check_output(out, "file")
-    answers = run_attribute(images, index, calibrator, top_k, weights=weights, device=device)
+    if method == "features":
+        from genattr.attribution import attribute as run_attribute
+
+        if index is None:
+            raise GenattrError("--method features needs --index DIR")
+        answers = run_attribute(images, index, calibrator, top_k, weights=weights, device=device)
+    else:
+        from genattr.workflows.model_methods import attribute_with_model
+
+        if model is None:
+            raise GenattrError(f"--method {method} needs --model DIR or --model world:ID")
+        answers = attribute_with_model(
+            method, images, model, base=base, gallery=gallery, captions=captions, prompt=prompt,
+            work=work, top_k=top_k, device=device, progress=sys.stderr.isatty(),
+            options={"kernel": kernel, "proj_dim": proj_dim},
+        )  # fmt: skip
     if format == "table":
         for table in attributions_table(answers):
             console.print(table)

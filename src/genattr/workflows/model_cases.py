@@ -191,16 +191,23 @@ def world_gallery() -> ImageSet:
     return ImageSet(data.images[pre], data.captions(pre), [f"{i:05d}" for i in pre])
 
 
-def _world_loader(model_id: str, work: Path) -> Callable[[], Any]:
-    def load() -> Any:
-        bench = work / "world-models"
-        build_benchmark(base_model_dir(), bench, models=[model_id])
-        pipe = load_world_base()
-        load_custom_diffusion(pipe, bench / "bench" / "models" / model_id)
-        pipe.genattr_model_key = model_key(bench / "bench" / "models" / model_id)
-        return pipe
+def world_model(model_id: str, work: Path) -> Any:
+    """The customized pipeline of a world benchmark model, rebuilt with the benchmark's own
+    code and settings into `work` the first time (deterministic: its samples are the shipped
+    ones), loaded from there afterwards."""
+    bench = work / "world-models"
+    if model_id not in {m["id"] for m in load_benchmark().models}:
+        raise GenattrError(f"no world model named {model_id!r}")
+    build_benchmark(base_model_dir(), bench, models=[model_id])
+    pipe = load_world_base()
+    folder = bench / "bench" / "models" / model_id
+    load_custom_diffusion(pipe, folder)
+    pipe.genattr_model_key = model_key(folder)
+    return pipe
 
-    return load
+
+def _world_loader(model_id: str, work: Path) -> Callable[[], Any]:
+    return lambda: world_model(model_id, work)
 
 
 def world_cases(

@@ -29,7 +29,9 @@ from PIL import Image
 from pydantic import ValidationError
 
 from genattr.atomic import check_output
-from genattr.attribution import embed
+from genattr.attribution import AttributedImage, Attribution, embed
+from genattr.customize.loading import load_custom_diffusion
+from genattr.customize.pipeline import load_base_pipeline
 from genattr.data.official import TestCaseFeatures
 from genattr.devices import resolve_device
 from genattr.errors import GenattrError, validation_reason
@@ -47,9 +49,14 @@ from genattr.workflows.model_cases import (
     bench_resolution,
     encode,
     folder_gallery,
+    image_prompt,
     manifest_cases,
+    model_key,
+    pipeline_resolution,
+    read_square,
     world_cases,
     world_gallery,
+    world_model,
 )
 
 logger = logging.getLogger(__name__)
@@ -498,3 +505,77 @@ def evaluate_benchmark(
     }
     write_method_results(evaluation, out)
     return evaluation
+
+
+def _query_set(images: Sequence[str | os.PathLike], prompt: str | None, side: int) -> ImageSet:
+    """Query files at the model's resolution, each with `prompt` or the prompt genattr's
+    sampler recorded in it."""
+    prompts = []
+    for p in images:
+        text = prompt if prompt is not None else image_prompt(p)
+        if text is None:
+            raise GenattrError(f"{p}: no prompt recorded in the image; give --prompt")
+        prompts.append(text)
+    arrays = np.stack([read_square(p, side) for p in images])
+    return ImageSet(arrays, prompts, [str(p) for p in images])
+
+
+def attribute_with_model(
+    method: str,
+    images: Sequence[str | os.PathLike],
+    model: str,
+    *,
+    base: str | None = None,
+    gallery: str | os.PathLike | None = None,
+    captions: str | os.PathLike | None = None,
+    prompt: str | None = None,
+    work: str | os.PathLike = "genattr-work",
+    top_k: int = 20,
+    device: str = "cpu",
+    progress: bool = False,
+    options: dict[str, Any] | None = None,
+) -> list[Attribution]:
+    """`genattr attribute --method gradient`: score a training set (`gallery` with its
+    captions) for each image under the customized model that made it (`model`: a Custom
+    Diffusion folder on `base`, or `world:ID` for a world model with the world's pre-training
+    set as default gallery). The precomputation is cached under `work`, per model."""
+    resolve_device(device)
+    if top_k < 1:
+        raise GenattrError(f"--top-k must be at least 1, not {top_k}")
+    scorer = make_method(method, **dict(options or {}))
+    source: ImageSource
+    if model.startswith("world:"):
+        if device != "cpu":
+            raise GenattrError("the built-in world runs on the CPU; drop --device")
+        pipe = world_model(model.removeprefix("world:"), Path(work))
+        source = world_gallery() if gallery is None else folder_gallery(
+            gallery, captions or "", pipeline_resolution(pipe)
+        )  # fmt: skip
+    else:
+        if base is None or gallery is None or captions is None:
+            raise GenattrError("--model DIR needs --base, --gallery and --captions")
+        pipe = load_base_pipeline(base, device)
+        load_custom_diffusion(pipe, model)
+        pipe.genattr_model_key = model_key(model)
+        source = folder_gallery(gallery, captions, pipeline_resolution(pipe))
+    queries = _query_set(images, prompt, pipeline_resolution(pipe))
+    folder = Path(work) / scorer.name / pipe.genattr_model_key
+    scorer.prepare(pipe, [source], folder, progress)
+    scores = scorer.scores(pipe, queries, progress)
+    paths = getattr(source, "paths", None)
+    answers = []
+    for q, row in zip(queries.ids, scores, strict=True):
+        top = np.argsort(-row, kind="stable")[:top_k]
+        results = [
+            AttributedImage(
+                r + 1,
+                source.ids[i],
+                str(paths[i]) if paths is not None else source.ids[i],
+                float(row[i]),
+                None,
+            )
+            for r, i in enumerate(top)
+        ]
+        note = f"{scorer.name} scores under {model} (not calibrated: no influence shares)"
+        answers.append(Attribution(q, results, None, True, [note]))
+    return answers
