@@ -158,7 +158,12 @@ def test_evaluate_gradient_on_a_make_benchmark_folder(bench, tmp_path):
     assert r.exit_code == 0, r.output
     doc = json.loads(out.read_text())
     assert doc["method"] == "gradient" and doc["n_queries"] == 4
-    assert set(doc["controls"]) == {"smallest gradient", "self-influence", "mean query"}
+    assert set(doc["controls"]) == {
+        "smallest gradient",
+        "self-influence",
+        "lowest self-influence",
+        "mean query",
+    }
     assert set(doc["model_gallery"]) == set(doc["results"])
     assert doc["chance"]["abc"] == pytest.approx(1 / 5)
     assert doc["storage_bytes_per_image"] == 256
@@ -264,3 +269,40 @@ def test_bad_attribute_method_options_are_one_line(args, words, tmp_path):
     r = _run(["attribute", str(tmp_path / "q.png"), *args])
     assert r.exit_code == 2, r.output
     assert words in r.output and "Traceback" not in r.output
+
+
+@pytest.mark.slow
+def test_evaluate_unlearning_on_a_make_benchmark_folder(bench, tmp_path):
+    out = tmp_path / "results.json"
+    r = _run(
+        ["evaluate", "--method", "unlearning", "--bench", str(bench["manifest"]),
+         "--gallery", str(bench["gallery"]), "--captions", str(bench["captions"]),
+         "--out", str(out), "--steps", "2", "--queries", "1", "--ks", "1", "2"]
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    doc = json.loads(out.read_text())
+    assert doc["method"] == "unlearning" and doc["n_queries"] == 2
+    assert set(doc["controls"]) == {"lowest loss", "mean query"}
+    assert doc["settings"]["steps"] == 2
+
+
+@pytest.mark.slow
+def test_unlearning_flip_max_is_the_larger_of_both_views(bench):
+    """With flips every score is the larger loss change of an image and its mirror: never
+    below the plain score, above it somewhere."""
+    from genattr.methods.unlearning import UnlearningSpec
+    from genattr.workflows.model_cases import folder_gallery, manifest_cases
+    from genattr.workflows.model_methods import UnlearningMethod
+
+    case = manifest_cases(bench["manifest"], ["disc0"], queries=1)[0]
+    pipe = case.load()
+    source = folder_gallery(bench["gallery"], bench["captions"], RES)
+    (queries,) = case.concepts[0].queries.values()
+    got = {}
+    for flip in (False, True):
+        m = UnlearningMethod(UnlearningSpec(steps=2, samples_per_step=2, flip=flip))
+        m.prepare(pipe, [source, case.exemplars()], None, False)
+        got[flip] = m.scores(pipe, queries, False)
+    assert got[True].shape == got[False].shape == (1, 5)
+    assert (got[True] >= got[False] - 1e-12).all()
+    assert (got[True] > got[False]).any()

@@ -136,6 +136,21 @@ def _friendly_errors(fn):
     return wrapper
 
 
+def _method_options(
+    method: str,
+    kernel: str,
+    proj_dim: int,
+    params: str,
+    output: str,
+    steps: int | None,
+    flip: bool,
+) -> dict[str, Any]:
+    """The settings of a model-based method from the command's options (each method its own)."""
+    if method == "unlearning":
+        return {"params": params, "flip": flip, **({"steps": steps} if steps is not None else {})}
+    return {"kernel": kernel, "proj_dim": proj_dim, "params": params, "output": output}
+
+
 @app.command()
 @_friendly_errors
 def evaluate(
@@ -160,7 +175,7 @@ def evaluate(
         str,
         typer.Option(
             help="features (feature files above), or a method that loads the model behind "
-            "each query: gradient (TRAK / D-TRAK); needs --bench."
+            "each query: gradient (TRAK / D-TRAK) or unlearning (AbU); needs --bench."
         ),
     ] = "features",
     bench: Annotated[
@@ -190,6 +205,12 @@ def evaluate(
         str, typer.Option(help="gradient: cross_attn_kv (Custom Diffusion's) or all.")
     ] = "cross_attn_kv",
     output: Annotated[str, typer.Option(help="gradient: loss, or square_norm (D-TRAK).")] = "loss",
+    steps: Annotated[
+        int | None, typer.Option(help="unlearning: ascent steps (default AbU-like, see docs).")
+    ] = None,
+    flip: Annotated[
+        bool, typer.Option(help="unlearning: AbU's max over a horizontal flip.")
+    ] = False,
 ) -> None:
     """Evaluate attribution on an AbC benchmark with the authors' protocol."""
     from genattr.evaluate import DEFAULT_KS, results_table
@@ -200,7 +221,7 @@ def evaluate(
 
         if bench is None:
             raise GenattrError(f"--method {method} needs --bench world or --bench MANIFEST")
-        options = {"kernel": kernel, "proj_dim": proj_dim, "params": params, "output": output}
+        options = _method_options(method, kernel, proj_dim, params, output, steps, flip)
         evaluation = evaluate_benchmark(
             method, bench, out, gallery=gallery, captions=captions, work=work, models=models,
             queries=queries, device=device, ks=ks_all, progress=sys.stderr.isatty(),
@@ -624,8 +645,8 @@ def attribute(
     method: Annotated[
         str,
         typer.Option(
-            help="features (an --index), or gradient: scores under the model that made the "
-            "images (--model)."
+            help="features (an --index), or gradient / unlearning: scores under the model "
+            "that made the images (--model)."
         ),
     ] = "features",
     model: Annotated[
@@ -650,6 +671,12 @@ def attribute(
     ] = Path("genattr-work"),
     kernel: Annotated[str, typer.Option(help="gradient: cosine or trak.")] = "cosine",
     proj_dim: Annotated[int, typer.Option(help="gradient: projected dimensions.")] = 2048,
+    steps: Annotated[
+        int | None, typer.Option(help="unlearning: ascent steps (default AbU-like, see docs).")
+    ] = None,
+    flip: Annotated[
+        bool, typer.Option(help="unlearning: AbU's max over a horizontal flip.")
+    ] = False,
 ) -> None:
     """Which training images made these images, and how much (calibrated influence)."""
     from genattr.attribution import attributions_table, write_attributions
@@ -674,7 +701,7 @@ def attribute(
         answers = attribute_with_model(
             method, images, model, base=base, gallery=gallery, captions=captions, prompt=prompt,
             work=work, top_k=top_k, device=device, progress=sys.stderr.isatty(),
-            options={"kernel": kernel, "proj_dim": proj_dim},
+            options=_method_options(method, kernel, proj_dim, "cross_attn_kv", "loss", steps, flip),
         )  # fmt: skip
     if format == "table":
         for table in attributions_table(answers):

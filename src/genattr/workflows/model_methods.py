@@ -40,6 +40,12 @@ from genattr.features.embedder import embed_images
 from genattr.features.registry import get_backbone
 from genattr.heads.checkpoint import MapperPair, load_heads
 from genattr.methods import GradientSpec, gradient_scores, projected_gradients
+from genattr.methods.unlearning import (
+    UnlearningSpec,
+    fisher_diagonal,
+    image_losses,
+    unlearning_scores,
+)
 from genattr.progress import progress_bar
 from genattr.store import BackboneInfo, EmbeddingStore
 from genattr.workflows.model_cases import (
@@ -107,7 +113,7 @@ def gradient_store(
     out: str | os.PathLike,
     *,
     batch: int = 64,
-    shard_size: int = 4096,
+    shard_size: int = 1024,
     progress: bool = False,
 ) -> EmbeddingStore:
     """Projected gradients of every image of `source` under `pipe`'s model, as an embedding
@@ -203,10 +209,65 @@ class GradientMethod:
         return {
             "smallest gradient": -np.linalg.norm(self.train, axis=1),
             "self-influence": self_influence.numpy(),
+            "lowest self-influence": -self_influence.numpy(),
         }
 
     def storage_bytes_per_image(self) -> int:
         return 4 * self.spec.proj_dim
+
+
+# -- unlearning ------------------------------------------------------------------------------
+
+
+@dataclass
+class UnlearningMethod:
+    """AbU: unlearn the query (Fisher-preconditioned ascent), score each training image by its
+    loss increase (`genattr.methods.unlearning`). The Fisher diagonal comes from at most
+    `fisher_images` training images (evenly spaced); the training set's latents stay in
+    memory (a world-sized set; SD-scale galleries need a streamed variant)."""
+
+    spec: UnlearningSpec = field(default_factory=UnlearningSpec)
+    fisher_images: int = 256
+    batch: int = 64
+    name: str = "unlearning"
+
+    def prepare(
+        self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
+    ) -> None:
+        self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        lat, txt, flipped = [], [], []
+        for source in train:
+            for _, images, prompts in _batches(source, self.batch):
+                latents, text = encode(pipe, images, prompts)
+                lat.append(latents)
+                txt.append(text)
+                if self.spec.flip:
+                    flipped.append(encode(pipe, images[:, :, ::-1], prompts)[0])
+        self.latents, self.text = torch.cat(lat), torch.cat(txt)
+        self.flipped = torch.cat(flipped) if flipped else None
+        rows = np.linspace(0, len(self.latents) - 1, min(self.fisher_images, len(self.latents)))
+        rows = rows.round().astype(int)
+        unet = pipe.unet
+        self.fisher = fisher_diagonal(
+            unet, self.scheduler, self.latents[rows], self.text[rows], self.spec, progress=progress
+        )
+        views = [self.latents] + ([self.flipped] if self.flipped is not None else [])
+        self.base = np.stack(
+            [image_losses(unet, self.scheduler, v, self.text, self.spec) for v in views]
+        )
+
+    def scores(self, pipe: Any, queries: ImageSet, progress: bool) -> np.ndarray:
+        q_lat, q_txt = encode(pipe, queries.images, queries.prompts)
+        return unlearning_scores(
+            pipe.unet, self.scheduler, self.latents, self.text, q_lat, q_txt, self.fisher,
+            self.spec, self.base, self.flipped, progress=progress,
+        )  # fmt: skip
+
+    def controls(self) -> dict[str, np.ndarray]:
+        return {"lowest loss": -self.base.min(0)}
+
+    def storage_bytes_per_image(self) -> int:
+        return 0
 
 
 # -- feature similarity, on the same queries ------------------------------------------------
@@ -457,6 +518,11 @@ def make_method(name: str, **options: Any) -> ScoringMethod:
         except ValidationError as e:
             raise GenattrError(f"gradient options: {validation_reason(e)}") from None
         return GradientMethod(spec, kernel)
+    if name == "unlearning":
+        try:
+            return UnlearningMethod(UnlearningSpec(**options))
+        except ValidationError as e:
+            raise GenattrError(f"unlearning options: {validation_reason(e)}") from None
     if name == "features":
         return FeatureMethod(**options)
     raise GenattrError(f"--method must be one of {', '.join(METHODS)}, not {name!r}")

@@ -1,0 +1,156 @@
+"""The comparison table of issue 17: raw features, tuned heads, the gradient attributor and
+the unlearning attributor on the same world test queries, each beside its query-blind
+controls and chance, with cost (precomputation, latency per query, storage).
+
+    PYTHONPATH=. .venv/bin/python benchmarks/method_comparison.py --work DIR \
+        --heads DEMO/heads --methods features heads gradient trak unlearning
+
+Single-concept AbC models: the first `--objects` object and `--styles` style test models of
+the shipped world benchmark (benchmark order), `--queries` queries each, spread evenly over
+both prompt types (`select_queries`). The multi-concept models, when their pack exists,
+are evaluated the same way (their fair gallery is the "model" one). One torch thread.
+Results: DIR/results/{method}-{case}.json; the table: DIR/results/table.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from genattr.workflows.model_cases import world_cases, world_gallery
+from genattr.workflows.model_methods import (
+    FeatureMethod,
+    GradientMethod,
+    MethodEvaluation,
+    ScoringMethod,
+    UnlearningMethod,
+    evaluate_method,
+)
+from genattr.world.benchmark import load_benchmark
+
+
+def method(name: str, heads: Path | None) -> ScoringMethod:
+    if name == "features":
+        return FeatureMethod("world-cnn")
+    if name == "heads":
+        if heads is None:
+            raise SystemExit("--methods heads needs --heads DEMO/heads")
+        return FeatureMethod("world-cnn", str(heads / "world-cnn"))
+    if name == "gradient":
+        return GradientMethod()
+    if name == "trak":
+        return GradientMethod(kernel="trak")
+    if name == "unlearning":
+        return UnlearningMethod()
+    raise SystemExit(f"unknown method {name}")
+
+
+def single_concept_models(case: str, n: int) -> list[str]:
+    bench = load_benchmark()
+    return [m["id"] for m in bench.models if m["split"] == "test" and m["case"] == case][:n]
+
+
+def multi_concept_cases(work: Path, queries: int):
+    try:
+        from genattr.world.multiconcept import multiconcept_cases  # type: ignore[import-not-found]
+    except ImportError:
+        return []
+    return multiconcept_cases(work, queries=queries)
+
+
+def row(ev: MethodEvaluation, gallery: str) -> dict:
+    def mean_map(r) -> float:
+        s = r.summary()
+        return sum(v["mAP"] for v in s.values()) / len(s)
+
+    return {
+        "per_type": {p: v["mAP"] for p, v in ev.results[gallery].summary().items()},
+        "R@10": {p: v["recall"]["10"] for p, v in ev.results[gallery].summary().items()},
+        "mAP": mean_map(ev.results[gallery]),
+        "controls": {n: mean_map(r[gallery]) for n, r in ev.controls.items()},
+        "chance": ev.chance[gallery],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--heads", type=Path)
+    ap.add_argument("--methods", nargs="+", default=["features", "gradient"])
+    ap.add_argument("--objects", type=int, default=4)
+    ap.add_argument("--styles", type=int, default=3)
+    ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--cases", nargs="+", default=["object", "style", "multiconcept"])
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(1)
+    out = args.work / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    gallery = world_gallery()
+    case_sets = {
+        "object": lambda: world_cases(
+            args.work, single_concept_models("object", args.objects), args.queries
+        ),
+        "style": lambda: world_cases(
+            args.work, single_concept_models("style", args.styles), args.queries
+        ),
+        "multiconcept": lambda: multi_concept_cases(args.work, args.queries),
+    }
+    for case in args.cases:
+        cases = case_sets[case]()
+        if not cases:
+            logging.info("no %s cases", case)
+            continue
+        for name in args.methods:
+            path = out / f"{name}-{case}.json"
+            if path.is_file():
+                continue
+            t0 = time.perf_counter()
+            ev = evaluate_method(method(name, args.heads), cases, gallery, args.work)
+            doc = {
+                "method": name,
+                "case": case,
+                "models": [c.id for c in cases],
+                "abc": row(ev, "abc"),
+                "model": row(ev, "model"),
+                "seconds": ev.seconds,
+                "storage_bytes_per_image": ev.storage_bytes_per_image,
+                "n_queries": ev.n_queries,
+                "wall_seconds": time.perf_counter() - t0,
+                "full": ev.to_json(),
+            }
+            path.write_text(json.dumps(doc, indent=1))
+            logging.info("%s %s: %s", name, case, json.dumps(doc["abc"]))
+    write_table(out)
+
+
+def write_table(out: Path) -> None:
+    lines = [
+        "| case | gallery | method | mAP (mean over prompt types) | R@10 | best query-blind "
+        "control | chance | precompute s / model | s / query | bytes / image |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in sorted(out.glob("*-*.json")):
+        d = json.loads(path.read_text())
+        models = max(len(d["models"]), 1)
+        for g in ("abc", "model") if d["case"] == "multiconcept" else ("abc",):
+            r = d[g]
+            ctl = max(r["controls"].items(), key=lambda kv: kv[1], default=("-", float("nan")))
+            r10 = sum(r["R@10"].values()) / len(r["R@10"])
+            lines.append(
+                f"| {d['case']} | {g} | {d['method']} | {r['mAP']:.3f} | {r10:.3f} | "
+                f"{ctl[1]:.3f} ({ctl[0]}) | {r['chance']:.4f} | "
+                f"{(d['seconds']['load'] + d['seconds']['prepare']) / models:.0f} | "
+                f"{d['seconds']['per_query']:.2f} | {d['storage_bytes_per_image']} |"
+            )
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
