@@ -278,3 +278,55 @@ def test_multi_concept_errors_and_reuse(tiny, shapes, tmp_path):
     assert with_token(["a clipart of <new1> animals"], "<new3>") == ["a clipart of <new3> animals"]
     with pytest.raises(GenattrError, match="lacks"):
         with_token(["no token"], "<new2>")
+
+
+def test_world_multiconcept_pack_is_consistent():
+    """The shipped multi-concept test case: small, its record matches the world benchmark and
+    the documented deterministic choice, every image is named exactly once."""
+    from genattr.customize.prompts import with_token
+    from genattr.world.benchmark import load_benchmark
+    from genattr.world.clipart import DEFAULT_DATA_DIR
+    from genattr.world.multiconcept import (
+        IMAGES_PER_PROMPT,
+        LAYOUT,
+        MC_IMAGES,
+        MC_META,
+        K,
+        choose_models,
+        load_multiconcept,
+        train_options,
+    )
+
+    size = sum((DEFAULT_DATA_DIR / n.format(size=32)).stat().st_size for n in (MC_IMAGES, MC_META))
+    assert size < 1_000_000
+    mc = load_multiconcept()
+    bench = load_benchmark()
+    by_id = {m["id"]: m for m in bench.models}
+    assert mc.info["k"] == K and mc.info["train"] == train_options(K)
+    assert mc.info["train"]["max_train_steps"] == K * bench.info["train"]["max_train_steps"]
+    chosen = choose_models(bench)
+    assert [m["id"] for m in mc.models] == [m["id"] for m in chosen]
+    assert len(mc.models) == sum(LAYOUT.values())
+    used: list[str] = []
+    covered = np.zeros(len(mc.images), int)
+    for m, spec in zip(mc.models, chosen, strict=True):
+        assert [c["token"] for c in m["concepts"]] == [f"<new{k}>" for k in range(1, K + 1)]
+        assert m["train_steps"] == mc.info["train"]["max_train_steps"]
+        assert sum(c["draws"] for c in m["concepts"]) == 2 * m["train_steps"]  # batch size 2
+        for c, want in zip(m["concepts"], spec["concepts"], strict=True):
+            single = by_id[c["test_model"]]
+            assert c["test_model"] == want["test_model"] and single["split"] == "test"
+            assert single.get("case", single["mode"]) == m["mode"] == c["mode"]
+            assert c["exemplars"] == single["exemplars"]
+            assert c["prompts"] == {
+                p: with_token(v, c["token"]) for p, v in single["prompts"].items()
+            }
+            assert c["token"] in c["train_prompt"] and c["draws"] > 0
+            for ptype, (start, count) in c["synth"].items():
+                assert count == IMAGES_PER_PROMPT * len(c["prompts"][ptype])
+                covered[start : start + count] += 1
+            used.append(c["test_model"])
+    assert len(set(used)) == len(used)  # no exemplar set in two models
+    assert (covered == 1).all()
+    assert mc.images.dtype == np.uint8 and mc.images.shape[1:] == (32, 32, 3)
+    assert mc.images.std() > 10  # images, not blanks
