@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from genattr.workflows.model_cases import world_cases, world_gallery
+from genattr.workflows.model_cases import multiconcept_cases, world_cases, world_gallery
 from genattr.workflows.model_methods import (
     FeatureMethod,
     GradientMethod,
@@ -53,14 +53,6 @@ def method(name: str, heads: Path | None) -> ScoringMethod:
 def single_concept_models(case: str, n: int) -> list[str]:
     bench = load_benchmark()
     return [m["id"] for m in bench.models if m["split"] == "test" and m["case"] == case][:n]
-
-
-def multi_concept_cases(work: Path, queries: int):
-    try:
-        from genattr.world.multiconcept import multiconcept_cases  # type: ignore[import-not-found]
-    except ImportError:
-        return []
-    return multiconcept_cases(work, queries=queries)
 
 
 def row(ev: MethodEvaluation, gallery: str) -> dict:
@@ -99,7 +91,7 @@ def main() -> None:
         "style": lambda: world_cases(
             args.work, single_concept_models("style", args.styles), args.queries
         ),
-        "multiconcept": lambda: multi_concept_cases(args.work, args.queries),
+        "multiconcept": lambda: multiconcept_cases(args.work, queries=args.queries),
     }
     for case in args.cases:
         cases = case_sets[case]()

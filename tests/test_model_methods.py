@@ -218,6 +218,7 @@ def test_stored_gradients_are_the_models_gradients(bench, tmp_path):
         (["--method", "gradient", "--bench", "world", "--proj-dim", "0"], "proj_dim"),
         (["--method", "gradient", "--bench", "world", "--queries", "0"], "--queries"),
         (["--method", "gradient", "--bench", "world", "--models", "nope"], "no world model"),
+        (["--method", "gradient", "--bench", "world-multiconcept", "--models", "x"], "no multi"),
         ([], "needs --gallery-feats"),
     ],
 )
@@ -306,3 +307,21 @@ def test_unlearning_flip_max_is_the_larger_of_both_views(bench):
     assert got[True].shape == got[False].shape == (1, 5)
     assert (got[True] >= got[False] - 1e-12).all()
     assert (got[True] > got[False]).any()
+
+
+def test_multiconcept_cases_read_the_pack():
+    """Each multi-concept model: its K concepts, each with its own exemplars and queries under
+    its own token, queries shared evenly over prompt types."""
+    from genattr.workflows.model_cases import multiconcept_cases
+
+    cases = multiconcept_cases("unused", queries=2)
+    assert len(cases) == 4 and all(len(c.concepts) == 4 for c in cases)
+    for case in cases:
+        tokens = set()
+        for k in case.concepts:
+            assert [len(q) for q in k.queries.values()] == [1, 1]
+            (token,) = {w for w in k.exemplars.prompts[0].split() if w.startswith("<new")}
+            assert all(token in p for q in k.queries.values() for p in q.prompts)
+            tokens.add(token)
+        assert len(tokens) == 4
+        assert len(case.exemplars()) == sum(len(k.exemplars) for k in case.concepts)

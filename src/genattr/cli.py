@@ -180,7 +180,10 @@ def evaluate(
     ] = "features",
     bench: Annotated[
         str | None,
-        typer.Option(help="For --method gradient: 'world' or a make-benchmark manifest.json."),
+        typer.Option(
+            help="Model-based methods: 'world', 'world-multiconcept' or a make-benchmark "
+            "manifest.json."
+        ),
     ] = None,
     gallery: Annotated[
         Path | None, typer.Option(help="Gallery image folder (with --bench MANIFEST).")

@@ -31,6 +31,7 @@ from genattr.errors import GenattrError
 from genattr.world.base import base_model_dir, load_world_base
 from genattr.world.benchmark import build_benchmark, load_benchmark
 from genattr.world.clipart import load_data
+from genattr.world.multiconcept import load_multiconcept, multiconcept_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,50 @@ def world_cases(
         cases.append(
             ModelCase(mid, [concept], _world_loader(mid, Path(work)), m.get("case", m["mode"]))
         )
+    return cases
+
+
+def _multiconcept_loader(model_id: str, work: Path) -> Callable[[], Any]:
+    def load() -> Any:
+        pipe = multiconcept_pipeline(model_id, work / "multiconcept")
+        pipe.genattr_model_key = model_key(work / "multiconcept" / "models" / model_id)
+        return pipe
+
+    return load
+
+
+def multiconcept_cases(
+    work: str | os.PathLike, models: Sequence[str] | None = None, queries: int | None = None
+) -> list[ModelCase]:
+    """The world's multi-concept models (`genattr.world.multiconcept`), each with its K
+    concepts; `queries` per concept. Each loads by rebuilding the model into `work` (once)."""
+    data, bench = load_data(), load_multiconcept()
+    by_id = {m["id"]: m for m in bench.models}
+    chosen = list(models) if models else list(by_id)
+    unknown = [m for m in chosen if m not in by_id]
+    if unknown:
+        raise GenattrError(f"no multi-concept world model named {unknown}")
+    cases = []
+    for mid in chosen:
+        m = by_id[mid]
+        concepts = []
+        for c in m["concepts"]:
+            ex = list(c["exemplars"])
+            cid = f"{mid}/{c['test_model']}"
+            exemplars = ImageSet(
+                data.images[ex], [c["train_prompt"]] * len(ex), [f"{cid}/{i:05d}" for i in ex]
+            )
+            qs = {}
+            for ptype, (start, count) in c["synth"].items():
+                prompts = c["prompts"][ptype]
+                per = count // len(prompts)
+                qs[ptype] = ImageSet(
+                    bench.images[start : start + count],
+                    [prompts[j // per] for j in range(count)],
+                    [f"{cid}/{ptype}/{j:03d}" for j in range(count)],
+                )
+            concepts.append(Concept(cid, c["mode"], exemplars, select_queries(qs, queries)))
+        cases.append(ModelCase(mid, concepts, _multiconcept_loader(mid, Path(work)), "multi"))
     return cases
 
 

@@ -58,6 +58,7 @@ from genattr.workflows.model_cases import (
     image_prompt,
     manifest_cases,
     model_key,
+    multiconcept_cases,
     pipeline_resolution,
     read_square,
     world_cases,
@@ -247,9 +248,13 @@ class UnlearningMethod:
         self.flipped = torch.cat(flipped) if flipped else None
         rows = np.linspace(0, len(self.latents) - 1, min(self.fisher_images, len(self.latents)))
         rows = rows.round().astype(int)
+        fisher_lat, fisher_txt = self.latents[rows], self.text[rows]
+        if self.flipped is not None:  # AbU's Fisher sees the flipped copies too
+            fisher_lat = torch.cat([fisher_lat, self.flipped[rows]])
+            fisher_txt = torch.cat([fisher_txt, fisher_txt])
         unet = pipe.unet
         self.fisher = fisher_diagonal(
-            unet, self.scheduler, self.latents[rows], self.text[rows], self.spec, progress=progress
+            unet, self.scheduler, fisher_lat, fisher_txt, self.spec, progress=progress
         )
         views = [self.latents] + ([self.flipped] if self.flipped is not None else [])
         self.base = np.stack(
@@ -544,19 +549,24 @@ def evaluate_benchmark(
     options: dict[str, Any] | None = None,
 ) -> MethodEvaluation:
     """`genattr evaluate --method M --bench B`: `B` is `world` (the built-in world's test
-    models, rebuilt on demand into `work`) or a make-benchmark `manifest.json` with a gallery
-    folder and its captions. Writes `out` (results.json) and returns the evaluation."""
+    models, rebuilt on demand into `work`), `world-multiconcept` (its multi-concept models:
+    read the "model" gallery) or a make-benchmark `manifest.json` with a gallery folder and
+    its captions. Writes `out` (results.json) and returns the evaluation."""
     resolve_device(device)
     check_output(out, "file")
     scorer = make_method(method, **dict(options or {}))
     work = Path(work) if work is not None else Path(out).parent / "work"
     source: ImageSource
-    if str(bench) == "world":
+    if str(bench) in ("world", "world-multiconcept"):
         if device != "cpu":
             raise GenattrError("the built-in world runs on the CPU; drop --device")
         if gallery is not None:
             raise GenattrError("--gallery is the world's own pre-training set; drop it")
-        cases, source = world_cases(work, models, queries), world_gallery()
+        source = world_gallery()
+        if str(bench) == "world":
+            cases = world_cases(work, models, queries)
+        else:
+            cases = multiconcept_cases(work, models, queries)
     else:
         if gallery is None or captions is None:
             raise GenattrError("--bench MANIFEST needs --gallery DIR and --captions FILE|TEXT")
