@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from genattr.methods.gradient import select_parameters
+from genattr.methods.unlearning import UnlearningSpec, resolved_step_size
 from genattr.workflows.model_cases import multiconcept_cases, world_cases, world_gallery
 from genattr.workflows.model_methods import (
     FeatureMethod,
@@ -31,10 +33,11 @@ from genattr.workflows.model_methods import (
     UnlearningMethod,
     evaluate_method,
 )
+from genattr.world.base import load_world_base
 from genattr.world.benchmark import load_benchmark
 
 
-def method(name: str, heads: Path | None) -> ScoringMethod:
+def method(name: str, heads: Path | None, unlearning_steps: int) -> ScoringMethod:
     if name == "features":
         return FeatureMethod("world-cnn")
     if name == "heads":
@@ -46,8 +49,17 @@ def method(name: str, heads: Path | None) -> ScoringMethod:
     if name == "trak":
         return GradientMethod(kernel="trak")
     if name == "unlearning":
-        return UnlearningMethod()
+        # AbU's 100 steps' first-order movement in fewer, larger steps (unlearning_steps.py)
+        return UnlearningMethod(unlearning_spec(unlearning_steps))
     raise SystemExit(f"unknown method {name}")
+
+
+def unlearning_spec(steps: int) -> UnlearningSpec:
+    """`steps` steps moving as far (first order) as AbU's 100 at its rescaled step size."""
+    unet = load_world_base().unet
+    n_params = sum(p.numel() for _, p in select_parameters(unet, "cross_attn_kv"))
+    eta = resolved_step_size(UnlearningSpec(), n_params)
+    return UnlearningSpec(steps=steps, step_size=eta * 100 / steps)
 
 
 def single_concept_models(case: str, n: int) -> list[str]:
@@ -77,11 +89,14 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=4)
     ap.add_argument("--styles", type=int, default=3)
     ap.add_argument("--queries", type=int, default=8)
+    ap.add_argument("--mc-queries", type=int, default=2, help="per multi-concept concept")
     ap.add_argument("--cases", nargs="+", default=["object", "style", "multiconcept"])
+    ap.add_argument("--results", default="results", help="folder under --work for the JSON")
+    ap.add_argument("--unlearning-steps", type=int, default=10)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(1)
-    out = args.work / "results"
+    out = args.work / args.results
     out.mkdir(parents=True, exist_ok=True)
     gallery = world_gallery()
     case_sets = {
@@ -91,7 +106,7 @@ def main() -> None:
         "style": lambda: world_cases(
             args.work, single_concept_models("style", args.styles), args.queries
         ),
-        "multiconcept": lambda: multiconcept_cases(args.work, queries=args.queries),
+        "multiconcept": lambda: multiconcept_cases(args.work, queries=args.mc_queries),
     }
     for case in args.cases:
         cases = case_sets[case]()
@@ -103,7 +118,8 @@ def main() -> None:
             if path.is_file():
                 continue
             t0 = time.perf_counter()
-            ev = evaluate_method(method(name, args.heads), cases, gallery, args.work)
+            scorer = method(name, args.heads, args.unlearning_steps)
+            ev = evaluate_method(scorer, cases, gallery, args.work)
             doc = {
                 "method": name,
                 "case": case,
@@ -121,27 +137,74 @@ def main() -> None:
     write_table(out)
 
 
+METHOD_ORDER = ["features", "heads", "gradient", "trak", "unlearning"]
+
+
+def _rows(out: Path) -> list[tuple[str, str, dict]]:
+    """(case label, gallery, result doc) in a stable order."""
+    docs = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
+    docs.sort(key=lambda d: (d["case"], METHOD_ORDER.index(d["method"])))
+    rows = []
+    for d in docs:
+        for g in ("abc", "model") if d["case"] == "multiconcept" else ("abc",):
+            label = d["case"] if d["case"] != "multiconcept" else f"multi-concept ({g} gallery)"
+            rows.append((label, g, d))
+    return rows
+
+
 def write_table(out: Path) -> None:
     lines = [
-        "| case | gallery | method | mAP (mean over prompt types) | R@10 | best query-blind "
-        "control | chance | precompute s / model | s / query | bytes / image |",
+        "| case | method | mAP per prompt type | mean mAP | R@10 | best query-blind control "
+        "| chance | precompute s / model | s / query | bytes / image |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for path in sorted(out.glob("*-*.json")):
-        d = json.loads(path.read_text())
+    for label, g, d in _rows(out):
+        r = d[g]
+        ctl = max(r["controls"].items(), key=lambda kv: kv[1], default=("-", float("nan")))
+        r10 = sum(r["R@10"].values()) / len(r["R@10"])
+        per_type = " / ".join(f"{p} {v:.3f}" for p, v in r["per_type"].items())
         models = max(len(d["models"]), 1)
-        for g in ("abc", "model") if d["case"] == "multiconcept" else ("abc",):
-            r = d[g]
-            ctl = max(r["controls"].items(), key=lambda kv: kv[1], default=("-", float("nan")))
-            r10 = sum(r["R@10"].values()) / len(r["R@10"])
-            lines.append(
-                f"| {d['case']} | {g} | {d['method']} | {r['mAP']:.3f} | {r10:.3f} | "
-                f"{ctl[1]:.3f} ({ctl[0]}) | {r['chance']:.4f} | "
-                f"{(d['seconds']['load'] + d['seconds']['prepare']) / models:.0f} | "
-                f"{d['seconds']['per_query']:.2f} | {d['storage_bytes_per_image']} |"
-            )
+        lines.append(
+            f"| {label} | {d['method']} | {per_type} | **{r['mAP']:.3f}** | {r10:.3f} | "
+            f"{ctl[1]:.3f} ({ctl[0]}) | {r['chance']:.4f} | "
+            f"{(d['seconds']['load'] + d['seconds']['prepare']) / models:.0f} | "
+            f"{d['seconds']['per_query']:.2f} | {d['storage_bytes_per_image']} |"
+        )
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(out)
+
+
+def plot(out: Path) -> None:
+    """Bars: each method's mean mAP per case; a tick for its best control; chance dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _rows(out)
+    cases = list(dict.fromkeys(label for label, _, _ in rows))
+    methods = [m for m in METHOD_ORDER if any(d["method"] == m for _, _, d in rows)]
+    fig, ax = plt.subplots(figsize=(2.2 * len(cases) + 2, 3.8))
+    width = 0.8 / max(len(methods), 1)
+    for j, m in enumerate(methods):
+        for i, c in enumerate(cases):
+            hit = [(g, d) for label, g, d in rows if label == c and d["method"] == m]
+            if not hit:
+                continue
+            g, d = hit[0]
+            x = i + (j - (len(methods) - 1) / 2) * width
+            ax.bar(x, d[g]["mAP"], width, color=f"C{j}", label=m if i == 0 else None)
+            ctl = max(d[g]["controls"].values(), default=None)
+            if ctl is not None:
+                ax.plot([x - width / 2, x + width / 2], [ctl, ctl], color="k", lw=2)
+            ax.plot([i - 0.4, i + 0.4], [d[g]["chance"]] * 2, "k--", lw=0.8)
+    ax.set_xticks(range(len(cases)), cases, fontsize=8)
+    ax.set_ylabel("mAP (mean over prompt types)")
+    ax.set_title("same queries for every method; black tick: best query-blind control", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=110)
 
 
 if __name__ == "__main__":
