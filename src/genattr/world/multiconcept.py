@@ -52,8 +52,12 @@ import numpy as np
 from PIL import Image
 
 from genattr.atomic import atomic_path, write_text_atomic
+from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.prompts import with_token
+from genattr.customize.sample import generate_images, sample_config_from_dict
+from genattr.customize.train import Concept, Customizer, config_from_dict
 from genattr.errors import GenattrError
+from genattr.world.base import load_world_base
 from genattr.world.benchmark import WORLD_SAMPLE, WORLD_TRAIN, WorldBenchmark, load_benchmark
 from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data, read_packed
 
@@ -156,8 +160,6 @@ def _exemplar_paths(data: ClipartData, work: Path, concept: dict[str, Any]) -> l
 
 
 def _concepts(data: ClipartData, work: Path, spec: dict[str, Any]) -> list[Any]:
-    from genattr.customize.train import Concept
-
     return [
         Concept(_exemplar_paths(data, work, c), c["mode"], c.get("category"), c["token"])
         for c in spec["concepts"]
@@ -165,12 +167,10 @@ def _concepts(data: ClipartData, work: Path, spec: dict[str, Any]) -> list[Any]:
 
 
 def train_model(
-    customizer: Any, data: ClipartData, work: Path, spec: dict[str, Any], k: int = K
+    customizer: Customizer, data: ClipartData, work: Path, spec: dict[str, Any], k: int = K
 ) -> Any:
     """Tune the customizer's pipeline on the spec's concepts (in place) and save the model to
     `work/models/{id}`; the training statistics."""
-    from genattr.customize.train import config_from_dict
-
     cfg = config_from_dict(train_options(k))
     stats = customizer.train_concepts(_concepts(data, work, spec), cfg)
     customizer.save(
@@ -185,8 +185,6 @@ def sample_concepts(
 ) -> dict[str, dict[str, list[str]]]:
     """Each concept's prompts sampled into `out/{token name}/{prompt type}/`; the image
     paths (relative to `out`) per token and prompt type."""
-    from genattr.customize.sample import sample_config_from_dict
-
     cfg = sample_config_from_dict(sample_options())
     synth: dict[str, dict[str, list[str]]] = {}
     for c in spec["concepts"]:
@@ -200,14 +198,12 @@ def sample_concepts(
 
 
 def _generate(pipe: Any, prompts: list[str], folder: Path, cfg: Any, record: dict) -> list[Path]:
-    from genattr.customize.sample import generate_images
-
     paths, _ = generate_images(pipe, prompts, folder, cfg, record=record)
     return paths
 
 
 def build_model(
-    customizer: Any, data: ClipartData, work: Path, spec: dict[str, Any], k: int = K
+    customizer: Customizer, data: ClipartData, work: Path, spec: dict[str, Any], k: int = K
 ) -> dict[str, Any]:
     """Train, save and sample one multi-concept model; its state record (written last)."""
     for p in (work / "models" / spec["id"], work / "synth" / spec["id"]):
@@ -266,9 +262,6 @@ def build_multiconcept(
     layout: dict[str, int] | None = None,
 ) -> list[dict[str, Any]]:
     """Build (or finish) every multi-concept model in `work`; their state records."""
-    from genattr.customize.train import Customizer
-    from genattr.world.base import load_world_base
-
     work = Path(work)
     data = data or load_data()
     bench = bench or load_benchmark()
@@ -298,9 +291,6 @@ def multiconcept_pipeline(
 ) -> StableDiffusionPipeline:
     """The world base with the multi-concept model `model_id` loaded (every token), rebuilt
     deterministically into `work` (default: the cache) if its folder is absent."""
-    from genattr.customize.loading import load_custom_diffusion
-    from genattr.world.base import load_world_base
-
     work = Path(work) if work is not None else multiconcept_cache_dir()
     folder = work / "models" / model_id
     if not (folder / "pytorch_custom_diffusion_weights.bin").is_file():
