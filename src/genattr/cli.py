@@ -231,7 +231,7 @@ def evaluate(
             options=options,
         )  # fmt: skip
         for line in results_lines(evaluation):
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True)
         console.print(f"results written to {out}")
         return
     from genattr.workflows.evaluate import evaluate_files

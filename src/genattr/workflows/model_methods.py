@@ -499,7 +499,9 @@ def results_lines(evaluation: MethodEvaluation) -> list[str]:
     """One line per (gallery, score): mAP per prompt type, the method's first, then controls."""
     lines = []
     for g in GALLERIES:
-        rows = [(evaluation.method, evaluation.results[g])]
+        kernel = evaluation.settings.get("kernel")
+        label = evaluation.method + (f" ({kernel})" if evaluation.method == "gradient" else "")
+        rows = [(label, evaluation.results[g])]
         rows += [(f"  control: {n}", r[g]) for n, r in evaluation.controls.items()]
         lines.append(f"{g} gallery (chance mAP {evaluation.chance[g]:.4f})")
         for name, r in rows:
