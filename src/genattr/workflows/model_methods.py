@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -47,7 +47,8 @@ from genattr.methods.unlearning import (
     unlearning_scores,
 )
 from genattr.progress import progress_bar
-from genattr.store import BackboneInfo, EmbeddingStore
+from genattr.store import BackboneInfo, EmbeddingStore, ShardedVectors
+from genattr.vectors import read_block
 from genattr.workflows.model_cases import (
     ImageSet,
     ImageSource,
@@ -160,32 +161,26 @@ class GradientMethod:
     TRAK's kernel correction (`genattr.methods.gradient`)."""
 
     spec: GradientSpec = field(default_factory=GradientSpec)
-    kernel: str = "cosine"
+    kernel: Literal["cosine", "trak"] = "cosine"
     batch: int = 64
     name: str = "gradient"
 
     def prepare(
         self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
     ) -> None:
+        """The gallery's gradients from (or into) its store under `work`, memory-mapped; the
+        exemplars' in memory; read as one matrix, block by block."""
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        parts = []
+        parts: list[np.ndarray] = []
         for k, source in enumerate(train):
             if k == 0 and work is not None:  # the gallery: large, shared by every query
-                parts.append(
-                    np.asarray(
-                        gradient_store(
-                            pipe,
-                            source,
-                            self.spec,
-                            work / "gallery",
-                            batch=self.batch,
-                            progress=progress,
-                        ).vectors
-                    )
+                store = gradient_store(
+                    pipe, source, self.spec, work / "gallery", batch=self.batch, progress=progress
                 )
+                parts += store.vectors.shards
             else:
                 parts.append(self._gradients(pipe, source, progress))
-        self.train = np.concatenate(parts)
+        self.train = ShardedVectors(parts, self.spec.proj_dim, np.dtype(np.float32))
 
     def _gradients(self, pipe: Any, source: ImageSource, progress: bool) -> np.ndarray:
         out = []
@@ -200,17 +195,26 @@ class GradientMethod:
 
     def scores(self, pipe: Any, queries: ImageSet, progress: bool) -> np.ndarray:
         q = self._gradients(pipe, queries, progress)
-        return gradient_scores(self.train, q, self.kernel)  # type: ignore[arg-type]
+        return gradient_scores(self.train, q, self.kernel)
 
     def controls(self) -> dict[str, np.ndarray]:
-        phi = torch.from_numpy(self.train).double()
-        gram = phi.T @ phi
+        """Gradient norms and TRAK self-influence phi (Phi^T Phi + lambda I)^-1 phi, read
+        block by block (memory: the proj_dim^2 Gram matrix)."""
+        cpu, n, block = torch.device("cpu"), len(self.train), 65536
+        gram = torch.zeros((self.spec.proj_dim,) * 2, dtype=torch.float64)
+        for s in range(0, n, block):
+            phi = read_block(self.train, s, s + block, cpu).double()
+            gram += phi.T @ phi
         gram += 1e-3 * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=torch.float64)
-        self_influence = (phi * torch.linalg.solve(gram, phi.T).T).sum(1)
+        norms, influence = np.empty(n), np.empty(n)
+        for s in range(0, n, block):
+            phi = read_block(self.train, s, s + block, cpu).double()
+            norms[s : s + len(phi)] = phi.norm(dim=1).numpy()
+            influence[s : s + len(phi)] = (phi * torch.linalg.solve(gram, phi.T).T).sum(1).numpy()
         return {
-            "smallest gradient": -np.linalg.norm(self.train, axis=1),
-            "self-influence": self_influence.numpy(),
-            "lowest self-influence": -self_influence.numpy(),
+            "smallest gradient": -norms,
+            "self-influence": influence,
+            "lowest self-influence": -influence,
         }
 
     def storage_bytes_per_image(self) -> int:
@@ -524,7 +528,7 @@ def make_method(name: str, **options: Any) -> ScoringMethod:
             spec = GradientSpec(**options)
         except ValidationError as e:
             raise GenattrError(f"gradient options: {validation_reason(e)}") from None
-        return GradientMethod(spec, kernel)
+        return GradientMethod(spec, cast(Literal["cosine", "trak"], kernel))
     if name == "unlearning":
         try:
             return UnlearningMethod(UnlearningSpec(**options))
