@@ -68,6 +68,12 @@ def single_concept_models(case: str, n: int) -> list[str]:
     return [m["id"] for m in bench.models if m["split"] == "test" and m["case"] == case][:n]
 
 
+def multi(args: argparse.Namespace, prefix: str) -> list:
+    """The multi-concept models of one mode (their prompt types differ), `--mc-models` only."""
+    cases = multiconcept_cases(args.work, None, args.mc_queries)
+    return [c for c in cases if c.id.startswith(prefix) and c.id in (args.mc_models or [c.id])]
+
+
 def row(ev: MethodEvaluation, gallery: str) -> dict:
     def mean_map(r) -> float:
         s = r.summary()
@@ -91,7 +97,10 @@ def main() -> None:
     ap.add_argument("--styles", type=int, default=3)
     ap.add_argument("--queries", type=int, default=8)
     ap.add_argument("--mc-queries", type=int, default=2, help="per multi-concept concept")
-    ap.add_argument("--cases", nargs="+", default=["object", "style", "multiconcept"])
+    ap.add_argument("--mc-models", nargs="+", help="only these multi-concept models")
+    ap.add_argument(
+        "--cases", nargs="+", default=["object", "style", "multi-object", "multi-style"]
+    )
     ap.add_argument("--results", default="results", help="folder under --work for the JSON")
     ap.add_argument("--unlearning-steps", type=int, default=10)
     ap.add_argument(
@@ -113,7 +122,8 @@ def main() -> None:
         "style": lambda: world_cases(
             args.work, single_concept_models("style", args.styles), args.queries
         ),
-        "multiconcept": lambda: multiconcept_cases(args.work, queries=args.mc_queries),
+        "multi-object": lambda: multi(args, "multi-object"),
+        "multi-style": lambda: multi(args, "multi-style"),
     }
     for case in args.cases:
         cases = case_sets[case]()
@@ -153,8 +163,9 @@ def _rows(out: Path) -> list[tuple[str, str, dict]]:
     docs.sort(key=lambda d: (d["case"], METHOD_ORDER.index(d["method"])))
     rows = []
     for d in docs:
-        for g in ("abc", "model") if d["case"] == "multiconcept" else ("abc",):
-            label = d["case"] if d["case"] != "multiconcept" else f"multi-concept ({g} gallery)"
+        multi = d["case"].startswith("multi")
+        for g in ("abc", "model") if multi else ("abc",):
+            label = f"{d['case']} ({g} gallery)" if multi else d["case"]
             rows.append((label, g, d))
     return rows
 
