@@ -20,6 +20,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from genattr.methods.gradient import select_parameters
@@ -85,6 +86,8 @@ def row(ev: MethodEvaluation, gallery: str) -> dict:
         "mAP": mean_map(ev.results[gallery]),
         "controls": {n: mean_map(r[gallery]) for n, r in ev.controls.items()},
         "chance": ev.chance[gallery],
+        # every query's AP, prompt type by prompt type: the noise behind the mean
+        "ap": [float(a) for r in ev.results[gallery].per_type.values() for a in r.ap],
     }
 
 
@@ -172,7 +175,8 @@ def _rows(out: Path) -> list[tuple[str, str, dict]]:
 
 def write_table(out: Path) -> None:
     lines = [
-        "| case | method | mAP per prompt type | mean mAP | R@10 | best query-blind control "
+        "| case | method | mAP per prompt type | mean mAP (± s.e. over queries) | R@10 "
+        "| best query-blind control "
         "| chance | precompute s / model (1) | s / query | bytes / image |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -181,9 +185,11 @@ def write_table(out: Path) -> None:
         ctl = max(r["controls"].items(), key=lambda kv: kv[1], default=("-", float("nan")))
         r10 = sum(r["R@10"].values()) / len(r["R@10"])
         per_type = " / ".join(f"{p} {v:.3f}" for p, v in r["per_type"].items())
+        aps = r.get("ap")
+        sem = f" ± {np.std(aps, ddof=1) / np.sqrt(len(aps)):.3f}" if aps and len(aps) > 1 else ""
         models = max(len(d["models"]), 1)
         lines.append(
-            f"| {label} | {d['method']} | {per_type} | **{r['mAP']:.3f}** | {r10:.3f} | "
+            f"| {label} | {d['method']} | {per_type} | **{r['mAP']:.3f}**{sem} | {r10:.3f} | "
             f"{ctl[1]:.3f} ({ctl[0]}) | {r['chance']:.4f} | "
             f"{d['seconds']['prepare'] / models:.0f} | "
             f"{d['seconds']['per_query']:.2f} | {d['storage_bytes_per_image']} |"
