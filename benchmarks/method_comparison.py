@@ -163,7 +163,8 @@ METHOD_ORDER = ["features", "heads", "gradient", "trak", "unlearning"]
 def _rows(out: Path) -> list[tuple[str, str, dict]]:
     """(case label, gallery, result doc) in a stable order."""
     docs = [json.loads(p.read_text()) for p in sorted(out.glob("*-*.json"))]
-    docs.sort(key=lambda d: (d["case"], METHOD_ORDER.index(d["method"])))
+    order = ["object", "style", "multi-object", "multi-style"]
+    docs.sort(key=lambda d: (order.index(d["case"]), METHOD_ORDER.index(d["method"])))
     rows = []
     for d in docs:
         multi = d["case"].startswith("multi")
