@@ -325,3 +325,21 @@ def test_multiconcept_cases_read_the_pack():
             tokens.add(token)
         assert len(tokens) == 4
         assert len(case.exemplars()) == sum(len(k.exemplars) for k in case.concepts)
+
+
+@pytest.mark.slow
+def test_attribute_by_unlearning_ranks_the_training_folder(bench, tmp_path):
+    root = bench["root"]
+    query = sorted((root / "bench" / "synth").rglob("box0/samples/*.png"))[0]
+    r = _run(
+        ["attribute", str(query), "--method", "unlearning", "--steps", "2", "--model",
+         str(root / "bench" / "models" / "box0"), "--base", str(root / "sd"),
+         "--gallery", str(bench["gallery"]), "--captions", str(bench["captions"]),
+         "--work", str(tmp_path / "work"), "--top-k", "4", "--format", "json",
+         "--out", str(tmp_path / "a.json")]
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (answer,) = json.loads((tmp_path / "a.json").read_text())
+    scores = [x["similarity"] for x in answer["results"]]
+    assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+    assert "unlearning" in answer["notes"][0]
