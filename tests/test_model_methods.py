@@ -264,9 +264,12 @@ def test_attribute_with_gradients_under_the_model(bench, tmp_path):
         (["--method", "gradient", "--model", "world:object-000", "--device", "tpu"], "tpu"),
         (["--method", "gradient", "--model", "world:nope"], "no world model"),
         ([], "needs --index"),
+        (["--method", "gradient", "--model", "world:object-000"], "q.png: no such image"),
     ],
 )
 def test_bad_attribute_method_options_are_one_line(args, words, tmp_path):
+    if "no such image" not in words:  # a real query, so the option is what is refused
+        _shape_image(tmp_path / "q.png", "disc", (1, 2, 3))
     r = _run(["attribute", str(tmp_path / "q.png"), *args])
     assert r.exit_code == 2, r.output
     assert words in r.output and "Traceback" not in r.output

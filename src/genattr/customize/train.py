@@ -221,6 +221,14 @@ def _plain_example(im: Image.Image, size: int) -> np.ndarray:
     return _to_array(_square(im).resize((size, size), Image.Resampling.BILINEAR))
 
 
+def read_square(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An image file as training sees it without augmentation, (S, S, 3) uint8: RGB, the
+    centre square, resized (bilinear); attribution methods that run the model read it so."""
+    return np.asarray(
+        _square(_open_rgb(Path(path))).resize((size, size), Image.Resampling.BILINEAR)
+    )
+
+
 @dataclass
 class TrainStats:
     steps: int

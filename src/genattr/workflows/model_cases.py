@@ -25,7 +25,7 @@ from PIL import Image
 
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
-from genattr.customize.train import IMAGE_SUFFIXES, read_reg_captions
+from genattr.customize.train import IMAGE_SUFFIXES, read_reg_captions, read_square
 from genattr.data.benchmark import read_manifest
 from genattr.errors import GenattrError
 from genattr.world.base import base_model_dir, load_world_base
@@ -98,25 +98,13 @@ class FolderImages:
 ImageSource = ImageSet | FolderImages
 
 
-def read_square(path: str | os.PathLike, resolution: int) -> np.ndarray:
-    """An image file as (S, S, 3) uint8: centre square, resized (bilinear) when needed."""
-    try:
-        with Image.open(path) as f:
-            im = f.convert("RGB")
-    except (OSError, ValueError) as e:
-        raise GenattrError(f"{path}: not a readable image ({e})") from None
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    if s != resolution:
-        im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)
-    return np.asarray(im)
-
-
 def image_prompt(path: str | os.PathLike) -> str | None:
     """The prompt genattr's sampler wrote into a generated PNG (its `genattr` text chunk)."""
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}).get("genattr")
+    try:
+        with Image.open(path) as im:
+            text = getattr(im, "text", {}).get("genattr")
+    except (OSError, ValueError) as e:
+        raise GenattrError(f"{path}: not a readable image ({e})") from None
     if not text:
         return None
     try:

@@ -32,6 +32,7 @@ from genattr.atomic import check_output
 from genattr.attribution import AttributedImage, Attribution, embed
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
+from genattr.customize.train import read_square
 from genattr.data.official import TestCaseFeatures
 from genattr.devices import resolve_device
 from genattr.errors import GenattrError, validation_reason
@@ -61,7 +62,6 @@ from genattr.workflows.model_cases import (
     model_key,
     multiconcept_cases,
     pipeline_resolution,
-    read_square,
     world_cases,
     world_gallery,
     world_model,
@@ -625,6 +625,9 @@ def attribute_with_model(
     if top_k < 1:
         raise GenattrError(f"--top-k must be at least 1, not {top_k}")
     scorer = make_method(method, **dict(options or {}))
+    missing = [str(p) for p in images if not Path(p).is_file()]
+    if missing:  # before any model is loaded or rebuilt
+        raise GenattrError(f"{missing[0]}: no such image file")
     source: ImageSource
     if model.startswith("world:"):
         if device != "cpu":
