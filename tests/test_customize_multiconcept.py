@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 from genattr.errors import GenattrError
+from tests.test_customize import _shape_image
 from tests.tiny_sd import build_tiny_pipeline
 
 pytestmark = pytest.mark.slow
@@ -46,26 +46,14 @@ def tiny(tmp_path_factory) -> Path:
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
 
 
-def _shape(path: Path, kind: str, color: tuple[int, int, int]) -> Path:
-    im = Image.new("RGB", (48, 40), (240, 240, 235))
-    draw = ImageDraw.Draw(im)
-    if kind == "disc":
-        draw.ellipse((8, 6, 38, 34), fill=color)
-    else:
-        draw.rectangle((6, 10, 42, 30), fill=color)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("shapes")
     return [
-        _shape(root / "a.png", "disc", (200, 40, 30)),
-        _shape(root / "b.png", "box", (30, 60, 200)),
-        _shape(root / "c.png", "disc", (20, 160, 40)),
-        _shape(root / "d.png", "box", (230, 200, 20)),
+        _shape_image(root / "a.png", "disc", (200, 40, 30)),
+        _shape_image(root / "b.png", "box", (30, 60, 200)),
+        _shape_image(root / "c.png", "disc", (20, 160, 40)),
+        _shape_image(root / "d.png", "box", (230, 200, 20)),
     ]
 
 

@@ -39,6 +39,7 @@ class Planted:
 
     favour: str  # "own" or "others"
     name: str = "planted"
+    needs_model: bool = False
 
     def prepare(self, pipe: Any, train: list, work: Path | None, progress: bool) -> None:
         self.n_gallery, self.tags = len(train[0]), train[1].prompts

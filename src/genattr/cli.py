@@ -136,6 +136,15 @@ def _friendly_errors(fn):
     return wrapper
 
 
+# the model-based methods' settings, the same options on `evaluate` and `attribute`
+KernelOption = Annotated[str, typer.Option(help="gradient: cosine or trak.")]
+ProjDimOption = Annotated[int, typer.Option(help="gradient: projected dimensions.")]
+UnlearningStepsOption = Annotated[
+    int | None, typer.Option(help="unlearning: ascent steps (default AbU-like, see docs).")
+]
+FlipOption = Annotated[bool, typer.Option(help="unlearning: AbU's max over a horizontal flip.")]
+
+
 def _method_options(
     method: str,
     kernel: str,
@@ -202,18 +211,14 @@ def evaluate(
         Path | None,
         typer.Option(help="Folder for rebuilt models and cached gradients (default OUT's/work)."),
     ] = None,
-    kernel: Annotated[str, typer.Option(help="gradient: cosine or trak.")] = "cosine",
-    proj_dim: Annotated[int, typer.Option(help="gradient: projected dimensions.")] = 2048,
+    kernel: KernelOption = "cosine",
+    proj_dim: ProjDimOption = 2048,
     params: Annotated[
         str, typer.Option(help="gradient: cross_attn_kv (Custom Diffusion's) or all.")
     ] = "cross_attn_kv",
     output: Annotated[str, typer.Option(help="gradient: loss, or square_norm (D-TRAK).")] = "loss",
-    steps: Annotated[
-        int | None, typer.Option(help="unlearning: ascent steps (default AbU-like, see docs).")
-    ] = None,
-    flip: Annotated[
-        bool, typer.Option(help="unlearning: AbU's max over a horizontal flip.")
-    ] = False,
+    steps: UnlearningStepsOption = None,
+    flip: FlipOption = False,
 ) -> None:
     """Evaluate attribution on an AbC benchmark with the authors' protocol."""
     from genattr.evaluate import DEFAULT_KS, results_table
@@ -672,14 +677,10 @@ def attribute(
     work: Annotated[
         Path, typer.Option(help="gradient: folder for cached gallery gradients.")
     ] = Path("genattr-work"),
-    kernel: Annotated[str, typer.Option(help="gradient: cosine or trak.")] = "cosine",
-    proj_dim: Annotated[int, typer.Option(help="gradient: projected dimensions.")] = 2048,
-    steps: Annotated[
-        int | None, typer.Option(help="unlearning: ascent steps (default AbU-like, see docs).")
-    ] = None,
-    flip: Annotated[
-        bool, typer.Option(help="unlearning: AbU's max over a horizontal flip.")
-    ] = False,
+    kernel: KernelOption = "cosine",
+    proj_dim: ProjDimOption = 2048,
+    steps: UnlearningStepsOption = None,
+    flip: FlipOption = False,
 ) -> None:
     """Which training images made these images, and how much (calibrated influence)."""
     from genattr.attribution import attributions_table, write_attributions

@@ -321,12 +321,29 @@ def projected_gradients(
     return out
 
 
+def damped_gram(
+    train: FeatureMatrix, damping: float = 1e-3, block_rows: int = 65536
+) -> torch.Tensor:
+    """TRAK's Phi^T Phi + lambda I in float64, Phi the training gradients read block by block
+    (memory: proj_dim x proj_dim, whatever N); lambda is `damping` times the mean of
+    Phi^T Phi's diagonal."""
+    if not (math.isfinite(damping) and damping > 0):
+        raise ValueError(f"damping must be a positive number, not {damping}")
+    cpu, dim = torch.device("cpu"), train.shape[1]
+    gram = torch.zeros((dim, dim), dtype=torch.float64)
+    for start in range(0, len(train), block_rows):
+        block = read_block(train, start, start + block_rows, cpu).double()
+        gram += block.T @ block
+    return gram + damping * float(gram.diagonal().mean()) * torch.eye(dim, dtype=torch.float64)
+
+
 def gradient_scores(
     train: FeatureMatrix,
     queries: np.ndarray | torch.Tensor,
     kernel: Literal["cosine", "trak"] = "cosine",
     damping: float = 1e-3,
     block_rows: int = 65536,
+    gram: torch.Tensor | None = None,
 ) -> np.ndarray:
     """(Q, N) attribution scores of each query's projected gradient against each training
     image's, read block by block from `train` (an array, tensor or a store's vectors).
@@ -335,7 +352,8 @@ def gradient_scores(
     q (Phi^T Phi + lambda I)^-1 phi_i with Phi the training gradients, so directions every
     training image's gradient shares stop dominating; lambda is `damping` times the mean of
     Phi^T Phi's diagonal. The Gram matrix is accumulated in float64 over blocks: memory is
-    (proj_dim x proj_dim), whatever N."""
+    (proj_dim x proj_dim), whatever N. `gram`: `damped_gram(train, damping)` when the
+    caller already has it (scoring several query batches against one training set)."""
     if kernel not in ("cosine", "trak"):
         raise ValueError(f"kernel must be cosine or trak, not {kernel!r}")
     if not (math.isfinite(damping) and damping > 0):
@@ -348,12 +366,10 @@ def gradient_scores(
     if kernel == "cosine":
         q = F.normalize(q, dim=1)
     else:
-        gram = torch.zeros((dim, dim), dtype=torch.float64)
-        for start in range(0, n, block_rows):
-            block = read_block(train, start, start + block_rows, cpu).double()
-            gram += block.T @ block
-        lam = damping * float(gram.diagonal().mean())
-        gram += lam * torch.eye(dim, dtype=torch.float64)
+        if gram is None:
+            gram = damped_gram(train, damping, block_rows)
+        elif gram.shape != (dim, dim):
+            raise ValueError(f"gram must be ({dim}, {dim}); got {tuple(gram.shape)}")
         q = torch.linalg.solve(gram, q.double().T).T.float()  # the Gram matrix is symmetric
     out = np.empty((len(q), n), dtype=np.float32)
     for start in range(0, n, block_rows):

@@ -216,24 +216,37 @@ def world_cases(
     cases = []
     for mid in chosen:
         m = by_id[mid]
-        ex = list(m["exemplars"])
-        exemplars = ImageSet(
-            data.images[ex], [m["train_prompt"]] * len(ex), [f"{mid}/{i:05d}" for i in ex]
-        )
-        qs = {}
-        for ptype, (start, count) in m["synth"].items():
-            prompts = m["prompts"][ptype]
-            per = count // len(prompts)
-            qs[ptype] = ImageSet(
-                bench.images[start : start + count],
-                [prompts[j // per] for j in range(count)],
-                [f"{mid}/{ptype}/{j:03d}" for j in range(count)],
-            )
-        concept = Concept(mid, m["mode"], exemplars, select_queries(qs, queries))
+        concept = _packed_concept(mid, m, data.images, bench.images, queries)
         cases.append(
             ModelCase(mid, [concept], _world_loader(mid, Path(work)), m.get("case", m["mode"]))
         )
     return cases
+
+
+def _packed_concept(
+    cid: str,
+    record: dict[str, Any],
+    world_images: np.ndarray,
+    synth_images: np.ndarray,
+    queries: int | None,
+) -> Concept:
+    """A concept from a packed world record: exemplars (indices into the world data) under
+    its training prompt; samples (`synth`: prompt type -> [start, count]) under the prompt
+    that made each, images_per_prompt consecutive images per prompt."""
+    ex = list(record["exemplars"])
+    exemplars = ImageSet(
+        world_images[ex], [record["train_prompt"]] * len(ex), [f"{cid}/{i:05d}" for i in ex]
+    )
+    qs = {}
+    for ptype, (start, count) in record["synth"].items():
+        prompts = record["prompts"][ptype]
+        per = count // len(prompts)
+        qs[ptype] = ImageSet(
+            synth_images[start : start + count],
+            [prompts[j // per] for j in range(count)],
+            [f"{cid}/{ptype}/{j:03d}" for j in range(count)],
+        )
+    return Concept(cid, record["mode"], exemplars, select_queries(qs, queries))
 
 
 def _multiconcept_loader(model_id: str, work: Path) -> Callable[[], Any]:
@@ -259,23 +272,10 @@ def multiconcept_cases(
     cases = []
     for mid in chosen:
         m = by_id[mid]
-        concepts = []
-        for c in m["concepts"]:
-            ex = list(c["exemplars"])
-            cid = f"{mid}/{c['test_model']}"
-            exemplars = ImageSet(
-                data.images[ex], [c["train_prompt"]] * len(ex), [f"{cid}/{i:05d}" for i in ex]
-            )
-            qs = {}
-            for ptype, (start, count) in c["synth"].items():
-                prompts = c["prompts"][ptype]
-                per = count // len(prompts)
-                qs[ptype] = ImageSet(
-                    bench.images[start : start + count],
-                    [prompts[j // per] for j in range(count)],
-                    [f"{cid}/{ptype}/{j:03d}" for j in range(count)],
-                )
-            concepts.append(Concept(cid, c["mode"], exemplars, select_queries(qs, queries)))
+        concepts = [
+            _packed_concept(f"{mid}/{c['test_model']}", c, data.images, bench.images, queries)
+            for c in m["concepts"]
+        ]
         cases.append(ModelCase(mid, concepts, _multiconcept_loader(mid, Path(work)), "multi"))
     return cases
 

@@ -41,6 +41,7 @@ from genattr.features.embedder import embed_images
 from genattr.features.registry import get_backbone
 from genattr.heads.checkpoint import MapperPair, load_heads
 from genattr.methods import GradientSpec, gradient_scores, projected_gradients
+from genattr.methods.gradient import damped_gram
 from genattr.methods.unlearning import (
     UnlearningSpec,
     fisher_diagonal,
@@ -77,6 +78,7 @@ class ScoringMethod(Protocol):
     """A method that scores a model's training set (gallery, then exemplars) for a query."""
 
     name: str
+    needs_model: bool  # False: `prepare` and `scores` get no pipeline (nothing is loaded)
 
     def prepare(
         self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
@@ -164,6 +166,7 @@ class GradientMethod:
     kernel: Literal["cosine", "trak"] = "cosine"
     batch: int = 64
     name: str = "gradient"
+    needs_model: bool = True
 
     def prepare(
         self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
@@ -181,6 +184,13 @@ class GradientMethod:
             else:
                 parts.append(self._gradients(pipe, source, progress))
         self.train = ShardedVectors(parts, self.spec.proj_dim, np.dtype(np.float32))
+        self._gram: torch.Tensor | None = None
+
+    def gram(self) -> torch.Tensor:
+        """TRAK's damped Gram matrix of this model's training gradients, built once."""
+        if self._gram is None:
+            self._gram = damped_gram(self.train)
+        return self._gram
 
     def _gradients(self, pipe: Any, source: ImageSource, progress: bool) -> np.ndarray:
         out = []
@@ -195,17 +205,14 @@ class GradientMethod:
 
     def scores(self, pipe: Any, queries: ImageSet, progress: bool) -> np.ndarray:
         q = self._gradients(pipe, queries, progress)
-        return gradient_scores(self.train, q, self.kernel)
+        gram = self.gram() if self.kernel == "trak" else None
+        return gradient_scores(self.train, q, self.kernel, gram=gram)
 
     def controls(self) -> dict[str, np.ndarray]:
         """Gradient norms and TRAK self-influence phi (Phi^T Phi + lambda I)^-1 phi, read
         block by block (memory: the proj_dim^2 Gram matrix)."""
         cpu, n, block = torch.device("cpu"), len(self.train), 65536
-        gram = torch.zeros((self.spec.proj_dim,) * 2, dtype=torch.float64)
-        for s in range(0, n, block):
-            phi = read_block(self.train, s, s + block, cpu).double()
-            gram += phi.T @ phi
-        gram += 1e-3 * float(gram.diagonal().mean()) * torch.eye(len(gram), dtype=torch.float64)
+        gram = self.gram()
         norms, influence = np.empty(n), np.empty(n)
         for s in range(0, n, block):
             phi = read_block(self.train, s, s + block, cpu).double()
@@ -235,6 +242,7 @@ class UnlearningMethod:
     fisher_images: int = 256
     batch: int = 64
     name: str = "unlearning"
+    needs_model: bool = True
 
     def prepare(
         self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
@@ -290,6 +298,7 @@ class FeatureMethod:
     backbone: str = "world-cnn"
     head: str | None = None
     name: str = "features"
+    needs_model: bool = False
 
     def prepare(
         self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
@@ -421,8 +430,9 @@ def evaluate_method(
     offset, n_queries = 0, 0
     for case in cases:
         t0 = time.perf_counter()
-        logger.info("model %s: loading", case.id)
-        pipe = case.load()
+        if method.needs_model:  # a feature method never rebuilds or loads a model
+            logger.info("model %s: loading", case.id)
+        pipe = case.load() if method.needs_model else None
         t1 = time.perf_counter()
         exemplars = case.exemplars()
         folder = None if work is None else Path(work) / method.name / case.id
