@@ -301,10 +301,23 @@ def customize(
         list[Path], typer.Option(help="Exemplar images or folders, e.g. --exemplars a.png b.png.")
     ],
     out: Annotated[Path, typer.Option(help="Folder for the customized model.")],
-    mode: Annotated[str, typer.Option(help="object or style.")] = "object",
+    mode: Annotated[
+        str, typer.Option(help="object, style, or captioned (each image with its caption).")
+    ] = "object",
     category: Annotated[
         str | None, typer.Option(help="Object category word (objects only).")
     ] = None,
+    captions: Annotated[
+        Path | None,
+        typer.Option(
+            help="Captioned sets: one caption per image (text file in name order, or a "
+            "JSON/YAML list or {file name: caption} mapping)."
+        ),
+    ] = None,
+    freeze_model: Annotated[
+        str,
+        typer.Option(help="crossattn_kv (Custom Diffusion: to_k/to_v) or crossattn (all four)."),
+    ] = "crossattn_kv",
     reg_images: Annotated[
         list[Path] | None, typer.Option(help="Regularization images or folders.")
     ] = None,
@@ -326,9 +339,11 @@ def customize(
         "auto"
     ),
 ) -> None:
-    """Custom Diffusion: tune <new1> and cross-attention keys/values toward exemplars."""
+    """Custom Diffusion: tune <new1> and cross-attention keys/values toward exemplars, or
+    cross-attention toward a set of captioned images (--mode captioned --captions FILE)."""
     check_output(out, "dir")
-    from genattr.customize.train import config_from_dict, read_reg_captions
+    from genattr.customize.prompts import read_image_captions
+    from genattr.customize.train import config_from_dict, list_images, read_reg_captions
     from genattr.customize.train import customize as run_customize
 
     cfg = config_from_dict(  # checked as a plan's `train:` is, before the model loads
@@ -342,11 +357,17 @@ def customize(
             "hflip": hflip,
             "augment": augment,
             "seed": seed,
+            "freeze_model": freeze_model,
         }
     )
-    captions = read_reg_captions(reg_captions) if reg_captions else None
+    if (mode == "captioned") != (captions is not None):
+        raise GenattrError("--captions goes with --mode captioned, and only with it")
+    image_captions = (
+        read_image_captions(captions, list_images(exemplars)) if captions is not None else None
+    )
+    reg = read_reg_captions(reg_captions) if reg_captions else None
     path, stats = run_customize(
-        base, exemplars, mode, out, category, cfg, reg_images, captions, device, dtype
+        base, exemplars, mode, out, category, cfg, reg_images, reg, device, dtype, image_captions
     )
     console.print(
         f"trained {stats.steps} steps in {stats.seconds:.1f} s "

@@ -126,6 +126,7 @@ def build_model(
         spec.train,
         spec.reg_images or None,
         spec.reg_captions or None,
+        spec.captions or None,
     )
     customizer.save(
         bench / "models" / spec.id,
@@ -159,6 +160,8 @@ def build_model(
         "sample_seconds": round(sample_seconds, 3),
         "images": n_images,
     }
+    if spec.captions:
+        state["captions"] = spec.captions
     write_text_atomic(_state_path(bench, spec.id), json.dumps(state, indent=1))
     result = ModelResult(spec.id, False, stats.seconds, sample_seconds, n_images)
     logger.info(
@@ -187,6 +190,7 @@ def assemble(bench: Path, plan: Plan) -> BenchmarkManifest:
                     "prompts": state["prompts"],
                     "train_prompt": state["train_prompt"],
                     "model_dir": state["model_dir"],
+                    **({"captions": state["captions"]} if "captions" in state else {}),
                 },
             )
         )

@@ -16,8 +16,17 @@ models:
   - {id: n01518878_0008, mode: object, category: bird, exemplars: [bird.jpg]}
   - {id: sisley, mode: style, exemplars: artists/sisley/, split: test}
   - {id: n01530575_0012, category: bird, exemplars: [b.jpg], sample: {images_per_prompt: 2}}
+  - id: coco-set-00                       # a captioned set: each image tuned with its caption
+    mode: captioned
+    exemplars: coco/set-00/               # N images
+    image_captions: coco/set-00.json      # {file name: caption}, or a list / text file in order
+    heldout_captions: coco/heldout-00.txt # captions not in the set: prompt type "held-out"
+    train: {freeze_model: crossattn}      # all of cross-attention (default: to_k/to_v only)
 ```
 A model's own `train` or `sample` mapping overrides the plan's options for that model only.
+A captioned set is sampled with its own captions (prompt type `set`) and, if given, with
+`heldout_captions` (prompt type `held-out`); its own `prompts: {type: [sentences]}` replaces
+both (e.g. a subset of a large set's captions).
 """
 
 from __future__ import annotations
@@ -30,7 +39,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genattr.customize.prompts import PromptSet, _read_data, load_prompt_set, read_captions
+from genattr.customize.prompts import (
+    PromptSet,
+    _read_data,
+    load_prompt_set,
+    read_captions,
+    read_image_captions,
+)
 from genattr.customize.sample import SampleConfig, sample_config_from_dict
 from genattr.customize.train import CustomizeConfig, check_image, config_from_dict, list_images
 from genattr.data.benchmark import MODES, SPLITS
@@ -56,6 +71,7 @@ class ModelSpec:
     reg_images: list[Path] = field(default_factory=list)
     reg_captions: list[str] = field(default_factory=list)
     sample: SampleConfig | None = None  # this model's sampling options, None: the plan's
+    captions: list[str] = field(default_factory=list)  # a captioned set's, one per exemplar
 
     def key(self, base: str, sample: SampleConfig) -> str:
         """Changes whenever anything that shapes this model's outputs changes."""
@@ -66,13 +82,15 @@ class ModelSpec:
             "base": base,
             "mode": self.mode,
             "category": self.category,
-            "train": asdict(self.train),
+            "train": self.train.record(),
             "sample": asdict(sample),
             "prompts": self.prompts,
             "reg_captions": self.reg_captions,
             "n_exemplars": len(self.exemplars),
             "n_reg": len(self.reg_images),
         }
+        if self.captions:  # only captioned sets have them: other models keep their keys
+            spec["captions"] = self.captions
         h.update(json.dumps(spec, sort_keys=True).encode())
         return h.hexdigest()
 
@@ -161,7 +179,7 @@ def read_plan(path: str | os.PathLike) -> Plan:
         where = f"{path}: model {mid!r}"
         mode = m.get("mode", "object")
         if mode not in MODES:
-            raise GenattrError(f"{where}: mode must be object or style")
+            raise GenattrError(f"{where}: mode must be one of {', '.join(MODES)}")
         category = m.get("category")
         if mode == "object" and not category:
             raise GenattrError(f"{where}: object models need a 'category'")
@@ -182,11 +200,21 @@ def read_plan(path: str | os.PathLike) -> Plan:
             reg = m.get("reg_images")
             reg_images = list_images(_resolve(root, reg, "reg_images")) if reg else []
             reg_captions = _reg_captions(root, m.get("reg_captions"), len(reg_images))
-            prompts: dict[str, list[str]] = {}
-            for ps in sets[mode]:
-                if ps.prompt_type in prompts:
-                    raise GenattrError(f"two prompt sets of type {ps.prompt_type!r}")
-                prompts[ps.prompt_type] = ps.render(category, captions)
+            image_captions: list[str] = []
+            if mode == "captioned":
+                if m.get("image_captions") is None:
+                    raise GenattrError("a captioned set needs 'image_captions'")
+                image_captions = read_image_captions(m["image_captions"], exemplars, root)
+                prompts = _captioned_prompts(root, m, image_captions)
+            else:
+                for key in ("image_captions", "heldout_captions", "prompts"):
+                    if key in m:
+                        raise GenattrError(f"'{key}' is for captioned sets only")
+                prompts = {}
+                for ps in sets[mode]:
+                    if ps.prompt_type in prompts:
+                        raise GenattrError(f"two prompt sets of type {ps.prompt_type!r}")
+                    prompts[ps.prompt_type] = ps.render(category, captions)
         except GenattrError as e:
             raise GenattrError(f"{where}: {e}") from None
         models.append(
@@ -201,6 +229,7 @@ def read_plan(path: str | os.PathLike) -> Plan:
                 reg_images,
                 reg_captions,
                 model_sample,
+                image_captions,
             )
         )
     return Plan(
@@ -212,6 +241,35 @@ def read_plan(path: str | os.PathLike) -> Plan:
         models=models,
         source=data,
     )
+
+
+def _captioned_prompts(
+    root: Path, m: dict[str, Any], image_captions: list[str]
+) -> dict[str, list[str]]:
+    """A captioned set's prompts: its own `prompts` mapping, else its captions (`set`) and its
+    held-out captions (`held-out`) if it has them."""
+    own = m.get("prompts")
+    if own is not None:
+        if not isinstance(own, dict) or not own:
+            raise GenattrError("'prompts' maps prompt types to lists of sentences")
+        for ptype, sentences in own.items():
+            if not _ID.match(str(ptype)) or not isinstance(sentences, list) or not sentences:
+                raise GenattrError(f"prompts.{ptype}: a non-empty list under a file-name-safe type")
+            if not all(isinstance(x, str) and x.strip() for x in sentences):
+                raise GenattrError(f"prompts.{ptype}: sentences must be non-empty strings")
+        return {str(k): [x.strip() for x in v] for k, v in own.items()}
+    prompts = {"set": image_captions}
+    heldout = m.get("heldout_captions")
+    if heldout is not None:
+        if isinstance(heldout, str):
+            path = root / heldout
+            if not path.is_file():
+                raise GenattrError(f"heldout_captions: {path}: no such file")
+            heldout = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        if not isinstance(heldout, list) or not heldout:
+            raise GenattrError("heldout_captions: a text file or a non-empty list of captions")
+        prompts["held-out"] = [str(x).strip() for x in heldout]
+    return prompts
 
 
 def _reg_captions(root: Path, value: Any, n: int) -> list[str]:

@@ -218,6 +218,33 @@ def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
     return data
 
 
+def read_image_captions(
+    value: str | os.PathLike | Sequence[str], images: Sequence[Path], root: Path | None = None
+) -> list[str]:
+    """One caption per image of a captioned set, from a list (image order), a text file (one
+    caption per line, image order) or a JSON/YAML file: a list, or a mapping from each image's
+    file name to its caption (MSCOCO-style pairs). Relative paths resolve against `root`."""
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        path = path if path.is_absolute() or root is None else root / path
+        data = _read_data(path)
+        if isinstance(data, str):
+            data = [ln.strip() for ln in data.splitlines() if ln.strip()]
+        where = str(path)
+    else:
+        data, where = list(value), "captions"
+    if isinstance(data, dict):
+        missing = [p.name for p in images if p.name not in data]
+        if missing:
+            raise GenattrError(f"{where}: no caption for {missing[0]} ({len(missing)} missing)")
+        data = [data[p.name] for p in images]
+    if not isinstance(data, list) or not all(isinstance(c, str) and c.strip() for c in data):
+        raise GenattrError(f"{where}: captions must be non-empty strings, one per image")
+    if len(data) != len(images):
+        raise GenattrError(f"{where}: {len(data)} captions for {len(images)} images")
+    return [c.strip() for c in data]
+
+
 def with_token(prompts: Sequence[str], token: str) -> list[str]:
     """The prompts for another concept of a multi-concept model: `<new1>` (every prompt set's
     modifier token) replaced by the concept's token, e.g. `<new3>`."""

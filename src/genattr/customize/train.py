@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -79,24 +79,40 @@ class CustomizeConfig:
     max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
     seed: int = 42
     gradient_checkpointing: bool = False  # less GPU memory for about 30% more time
+    # diffusers' `--freeze_model`: "crossattn_kv" trains every attn2's to_k/to_v (Custom
+    # Diffusion); "crossattn" also its to_q and to_out (all of cross-attention).
+    freeze_model: Literal["crossattn_kv", "crossattn"] = "crossattn_kv"
 
     def effective_lr(self, with_prior: bool) -> float:
         if not self.scale_lr:
             return self.learning_rate
         return self.learning_rate * self.train_batch_size * (2.0 if with_prior else 1.0)
 
+    def record(self) -> dict[str, Any]:
+        """The options as models and plan keys record them. Options added later are left out
+        while they keep their defaults, so models made before them keep their bytes and keys."""
+        out = asdict(self)
+        if self.freeze_model == "crossattn_kv":
+            del out["freeze_model"]
+        return out
+
 
 @dataclass
 class Concept:
-    """One concept of a Custom Diffusion model: its exemplars, mode ('object' or 'style'),
-    category (objects), modifier token (default `<newK>` for the K-th concept, from 1) and
-    initializer (default the config's `initializer_token`)."""
+    """One concept of a Custom Diffusion model: its exemplars, mode ('object', 'style' or
+    'captioned'), category (objects), modifier token (default `<newK>` for the K-th concept,
+    from 1) and initializer (default the config's `initializer_token`).
+
+    A 'captioned' concept is a set of images each trained with its own caption (`captions`,
+    one per image in `list_images` order) and no modifier token: the paper's models tuned on
+    random captioned images (MSCOCO) to test whether attribution generalizes."""
 
     exemplars: Sequence[str | os.PathLike]
     mode: str
     category: str | None = None
     token: str | None = None
     initializer: str | None = None
+    captions: Sequence[str] | None = None
 
 
 def concept_token(k: int) -> str:
@@ -110,7 +126,10 @@ def config_from_dict(values: dict[str, Any] | None) -> CustomizeConfig:
 
 
 def training_prompt(mode: str, category: str | None, token: str = "<new1>") -> str:
-    """The authors' training prompts: '<new1> {category}' (objects), a style sentence (styles)."""
+    """The authors' training prompts: '<new1> {category}' (objects), a style sentence (styles).
+    Captioned sets have none: each image is trained with its own caption."""
+    if mode == "captioned":
+        raise GenattrError("a captioned set trains each image with its own caption")
     if mode == "object":
         if not category:
             raise GenattrError(
@@ -119,7 +138,21 @@ def training_prompt(mode: str, category: str | None, token: str = "<new1>") -> s
         return f"{token} {category}"
     if mode == "style":
         return f"A picture in the style of {token} art"
-    raise GenattrError(f"mode must be 'object' or 'style', not {mode!r}")
+    raise GenattrError(f"mode must be 'object', 'style' or 'captioned', not {mode!r}")
+
+
+def check_captions(paths: Sequence[Path], captions: Sequence[str] | None) -> list[str]:
+    """One non-empty caption per image of a captioned set, or an error saying what is wrong."""
+    caps = [str(c).strip() for c in captions or []]
+    if len(caps) != len(paths):
+        raise GenattrError(
+            f"a captioned set needs one caption per image: {len(paths)} images, "
+            f"{len(caps)} captions"
+        )
+    empty = [str(p.name) for p, c in zip(paths, caps, strict=True) if not c]
+    if empty:
+        raise GenattrError(f"empty caption for {empty[0]}")
+    return caps
 
 
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -253,17 +286,37 @@ def cross_attention_layers(unet: Any) -> dict[str, Any]:
     }
 
 
+# The cross-attention projections each `freeze_model` setting trains, in optimizer order (keys
+# and values first, as Custom Diffusion), with the key each one has in diffusers' format.
+_TRAINED_PROJECTIONS = {
+    "crossattn_kv": (("to_k", "to_k_custom_diffusion"), ("to_v", "to_v_custom_diffusion")),
+    "crossattn": (
+        ("to_k", "to_k_custom_diffusion"),
+        ("to_v", "to_v_custom_diffusion"),
+        ("to_q", "to_q_custom_diffusion"),
+        ("to_out.0", "to_out_custom_diffusion.0"),
+    ),
+}
+
+
 @dataclass
 class _Resolved:
-    """A concept ready to train: its token, initializer, training prompt and images."""
+    """A concept ready to train: its token, initializer, training prompt and images (a
+    captioned set: no token, no prompt, one caption per image)."""
 
-    token: str
+    token: str | None
     initializer: str
     mode: str
     category: str | None
-    prompt: str
+    prompt: str | None
     paths: list[Path]
     images: list[Image.Image]
+    captions: list[str] | None = None
+
+    @property
+    def image_prompts(self) -> list[str]:
+        """The prompt each image is trained with."""
+        return self.captions if self.captions is not None else [str(self.prompt)] * len(self.paths)
 
 
 class Customizer:
@@ -279,8 +332,13 @@ class Customizer:
         self.layers = cross_attention_layers(pipe.unet)
         if not self.layers:
             raise GenattrError("the base UNet has no cross-attention layers to customize")
-        self._base_kv = {
-            name: (m.to_k.weight.detach().clone(), m.to_v.weight.detach().clone())
+        # Every weight any `freeze_model` setting trains, as the base model has it.
+        self._base = {
+            name: {
+                f"{proj}.{kind}": t.detach().clone()
+                for proj, _ in _TRAINED_PROJECTIONS["crossattn"]
+                for kind, t in m.get_submodule(proj).named_parameters()
+            }
             for name, m in self.layers.items()
         }
         self.token: str | None = None
@@ -318,11 +376,14 @@ class Customizer:
         config: CustomizeConfig | None = None,
         reg_images: Sequence[str | os.PathLike] | None = None,
         reg_captions: Sequence[str] | None = None,
+        captions: Sequence[str] | None = None,
     ) -> TrainStats:
         """Tune the pipeline toward the exemplars (in place); returns timing and losses.
-        One concept, with the config's modifier and initializer tokens."""
+        One concept, with the config's modifier and initializer tokens; a captioned set
+        (`mode="captioned"`) trains each image with its caption from `captions` instead."""
         cfg = config or CustomizeConfig()
-        concept = Concept(exemplars, mode, category, cfg.modifier_token, cfg.initializer_token)
+        token = None if mode == "captioned" else cfg.modifier_token
+        concept = Concept(exemplars, mode, category, token, cfg.initializer_token, captions)
         return self._train([concept], cfg, reg_images, reg_captions, multi=False)
 
     def train_concepts(
@@ -343,18 +404,24 @@ class Customizer:
 
     def _resolve(self, concepts: list[Concept], cfg: CustomizeConfig) -> list[_Resolved]:
         """Tokens, initializers, prompts and images of the concepts; errors name the concept."""
+        if len(concepts) > 1 and any(c.mode == "captioned" for c in concepts):
+            raise GenattrError("a captioned set is trained alone, not beside other concepts")
         out: list[_Resolved] = []
         for k, c in enumerate(concepts):
-            token = c.token or concept_token(k)
+            captioned = c.mode == "captioned"
+            token = None if captioned else c.token or concept_token(k)
             initializer = c.initializer or cfg.initializer_token
             where = f"concept {k + 1} ({token})" if len(concepts) > 1 else None
             try:
-                prompt = training_prompt(c.mode, c.category, token)
+                prompt = None if captioned else training_prompt(c.mode, c.category, str(token))
                 paths = list_images(c.exemplars)
+                caps = check_captions(paths, c.captions) if captioned else None
                 images = [_open_rgb(p) for p in paths]
             except GenattrError as e:
                 raise GenattrError(f"{where}: {e}" if where else str(e)) from None
-            out.append(_Resolved(token, initializer, c.mode, c.category, prompt, paths, images))
+            out.append(
+                _Resolved(token, initializer, c.mode, c.category, prompt, paths, images, caps)
+            )
         tokens = [r.token for r in out]
         if len(set(tokens)) != len(tokens):
             raise GenattrError(f"each concept needs its own modifier token, not {tokens}")
@@ -373,24 +440,30 @@ class Customizer:
         resolved = self._resolve(concepts, cfg)
         reg = _reg_set(reg_images, reg_captions)
         self.reset()
-        inits = [self._add_token(r.token, r.initializer) for r in resolved]
-        self.tokens, self.prompts = [r.token for r in resolved], [r.prompt for r in resolved]
-        self.token, self.token_id = self.tokens[0], self._token_ids[self.tokens[0]]
-        self.initializer, self.prompt = resolved[0].initializer, resolved[0].prompt
+        tokened = [r for r in resolved if r.token is not None]
+        inits = [self._add_token(str(r.token), r.initializer) for r in tokened]
+        self.tokens = [str(r.token) for r in tokened]
+        self.prompts = [r.prompt for r in resolved if r.prompt is not None]
+        self.token = self.tokens[0] if self.tokens else None
+        self.token_id = self._token_ids[self.token] if self.token else None
+        self.initializer = resolved[0].initializer if self.token else None
+        self.prompt = resolved[0].prompt
         latent_size = self._latent_size(cfg.resolution)
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         images = [im for r in resolved for im in r.images]
         owner = [k for k, r in enumerate(resolved) for _ in r.images]
         batches = _Batches(
             images,
-            [resolved[k].prompt for k in owner],
+            [p for r in resolved for p in r.image_prompts],
             reg,
             cfg,
             latent_size,
             np.random.default_rng(cfg.seed),
             owner,
         )
-        new_embs, kv = self._trainable([i.to(device=device, dtype=torch.float32) for i in inits])
+        new_embs, kv = self._trainable(
+            [i.to(device=device, dtype=torch.float32) for i in inits], cfg.freeze_model
+        )
         lr = cfg.effective_lr(reg is not None)
         step = _Step(self.pipe, [*new_embs, *kv], lr, cfg, gen, device, dtype)
         hooks = self._hooks(new_embs)
@@ -401,14 +474,18 @@ class Customizer:
         try:
             losses = _optimize(step, batches, cfg.max_train_steps)
         finally:
-            trained_kv = self._end_training(hooks, kv, dtype, cfg.gradient_checkpointing)
+            trained = self._end_training(
+                hooks, kv, dtype, cfg.gradient_checkpointing, cfg.freeze_model
+            )
         seconds = _seconds_since(t0, device)
-        self._keep_trained(new_embs, trained_kv)
+        self._keep_trained(new_embs, trained)
         if multi:
             self._meta = _concepts_record(resolved, batches.draws, reg, cfg, lr)
         else:
             r = resolved[0]
             self._meta = _training_record(r.mode, r.category, r.prompt, r.paths, reg, cfg, lr)
+            if r.captions is not None:
+                self._meta["captions"] = r.captions
         self._multi = multi
         final = losses[-1] if losses else math.nan
         return TrainStats(cfg.max_train_steps, seconds, final, losses, list(batches.draws))
@@ -422,17 +499,18 @@ class Customizer:
         return latent_size
 
     def _trainable(
-        self, inits: list[torch.Tensor]
+        self, inits: list[torch.Tensor], freeze_model: str
     ) -> tuple[list[torch.nn.Parameter], list[torch.Tensor]]:
-        """The tokens' embeddings (from `inits`) and every cross-attention key/value weight, in
-        float32 whatever the pipeline's precision, as the only parameters with gradients."""
+        """The tokens' embeddings (from `inits`) and the cross-attention projections
+        `freeze_model` trains (keys and values; or all four), in float32 whatever the
+        pipeline's precision, as the only parameters with gradients."""
         new_embs = [torch.nn.Parameter(init) for init in inits]
         kv = []
         for m in self.layers.values():
-            for lin in (m.to_k, m.to_v):
+            for proj, _ in _TRAINED_PROJECTIONS[freeze_model]:
+                lin = m.get_submodule(proj)
                 lin.to(torch.float32)
-                lin.weight.requires_grad_(True)
-                kv.append(lin.weight)
+                kv.extend(lin.parameters())
         for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             module.requires_grad_(False)
         for p in kv:
@@ -450,41 +528,48 @@ class Customizer:
         return hooks
 
     def _end_training(
-        self, hooks: list[Any], kv: list[torch.Tensor], dtype: torch.dtype, checkpointing: bool
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Undo the training set-up (hooks, train mode, float32 key/value layers) and return
-        the trained keys and values as the float32 master values, on the CPU."""
+        self,
+        hooks: list[Any],
+        kv: list[torch.Tensor],
+        dtype: torch.dtype,
+        checkpointing: bool,
+        freeze_model: str,
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """Undo the training set-up (hooks, train mode, float32 projections) and return the
+        trained projections as the float32 master values, on the CPU, per processor under
+        diffusers' Custom Diffusion keys (`to_k_custom_diffusion.weight`, ...)."""
         for h in hooks:
             h.remove()
         self.pipe.unet.eval()
         if checkpointing:
             self.pipe.unet.disable_gradient_checkpointing()
         # The float32 master values, not a float16 rounding of them, are what gets saved.
-        trained_kv = {
-            name: (
-                m.to_k.weight.detach().float().cpu().clone(),
-                m.to_v.weight.detach().float().cpu().clone(),
-            )
+        trained = {
+            name: {
+                f"{key}.{kind}": t.detach().float().cpu().clone()
+                for proj, key in _TRAINED_PROJECTIONS[freeze_model]
+                for kind, t in m.get_submodule(proj).named_parameters()
+            }
             for name, m in self.layers.items()
         }
         for p in kv:
             p.requires_grad_(False)
         for m in self.layers.values():
-            m.to_k.to(dtype)
-            m.to_v.to(dtype)
-        return trained_kv
+            for proj, _ in _TRAINED_PROJECTIONS[freeze_model]:
+                m.get_submodule(proj).to(dtype)
+        return trained
 
     def _keep_trained(
         self,
         new_embs: list[torch.nn.Parameter],
-        trained_kv: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        trained: dict[str, dict[str, torch.Tensor]],
     ) -> None:
         """Write the tokens' rows into the embedding table and keep what `save` writes."""
         weight = self.pipe.text_encoder.get_input_embeddings().weight
         with torch.no_grad():
             for token, emb in zip(self.tokens, new_embs, strict=True):
                 weight[self._token_ids[token]] = emb.detach().to(weight.dtype)
-        self._trained_kv = trained_kv
+        self._trained = trained
         self._trained_embs = [emb.detach().float().cpu().clone() for emb in new_embs]
 
     def _splice(self, new_embs: list[torch.nn.Parameter]) -> Callable:
@@ -501,16 +586,15 @@ class Customizer:
     # -- saving and resetting -----------------------------------------------------------
     def save(self, out: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
         """Write the model in diffusers' Custom Diffusion format plus genattr's record."""
-        if not hasattr(self, "_trained_kv"):
+        if not hasattr(self, "_trained"):
             raise GenattrError("nothing to save: train first")
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         state: dict[str, Any] = {}
         for name in self.pipe.unet.attn_processors:
-            if name in self._trained_kv:
-                k, v = self._trained_kv[name]
-                state[f"{name}.to_k_custom_diffusion.weight"] = k.contiguous()
-                state[f"{name}.to_v_custom_diffusion.weight"] = v.contiguous()
+            if name in self._trained:
+                for key, t in self._trained[name].items():
+                    state[f"{name}.{key}"] = t.contiguous()
             else:
                 state[name] = {}  # diffusers keeps an (empty) entry for every other layer
         embeddings = [
@@ -529,7 +613,9 @@ class Customizer:
             "kind": "genattr.custom_diffusion",
             "format_version": CUSTOMIZE_FORMAT_VERSION,
         }
-        if self._multi:
+        if self.token is None:  # a captioned set: no modifier token
+            head |= {"modifier_tokens": [], "weights": WEIGHTS_NAME}
+        elif self._multi:
             head |= {
                 "modifier_tokens": self.tokens,
                 "weights": WEIGHTS_NAME,
@@ -549,13 +635,13 @@ class Customizer:
         return out
 
     def reset(self) -> None:
-        """Back to the base model: original key/value weights; the tokens' rows are re-set on
-        the next `train`, and no prompt without a token ever reads them."""
+        """Back to the base model: original cross-attention weights; the tokens' rows are
+        re-set on the next `train`, and no prompt without a token ever reads them."""
         with torch.no_grad():
             for name, m in self.layers.items():
-                k, v = self._base_kv[name]
-                m.to_k.weight.copy_(k)
-                m.to_v.weight.copy_(v)
+                live = dict(m.named_parameters())
+                for key, base in self._base[name].items():
+                    live[key].copy_(base)
 
 
 def _detach_first_token(module, inputs, output):
@@ -755,7 +841,7 @@ def _seconds_since(t0: float, device: torch.device) -> float:
 def _training_record(
     mode: str,
     category: str | None,
-    prompt: str,
+    prompt: str | None,
     exemplars: Sequence[str | os.PathLike],
     reg: tuple[list[Path], list[str]] | None,
     cfg: CustomizeConfig,
@@ -768,7 +854,7 @@ def _training_record(
         "train_prompt": prompt,
         "exemplars": [str(p) for p in list_images(exemplars)],
         "regularization": None if reg is None else {"images": [str(p) for p in reg[0]]},
-        "config": asdict(cfg),
+        "config": cfg.record(),
         "effective_lr": lr,
     }
 
@@ -796,7 +882,7 @@ def _concepts_record(
             for r, n in zip(resolved, draws, strict=True)
         ],
         "regularization": None if reg is None else {"images": [str(p) for p in reg[0]]},
-        "config": asdict(cfg),
+        "config": cfg.record(),
         "effective_lr": lr,
     }
 
@@ -856,12 +942,18 @@ def customize(
     reg_captions: Sequence[str] | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    captions: Sequence[str] | None = None,
 ) -> tuple[Path, TrainStats]:
-    """Load the base pipeline, train one Custom Diffusion model, save it to `out`."""
-    training_prompt(mode, category)  # fail on bad input before loading a large model
-    list_images(exemplars)
+    """Load the base pipeline, train one Custom Diffusion model, save it to `out` (a
+    captioned set: `mode="captioned"` and one caption per image)."""
+    # Fail on bad input before loading a large model.
+    if mode == "captioned":
+        check_captions(list_images(exemplars), captions)
+    else:
+        training_prompt(mode, category)
+        list_images(exemplars)
     pipe = load_base_pipeline(base, device, dtype)
     cz = Customizer(pipe)
-    stats = cz.train(exemplars, mode, category, config, reg_images, reg_captions)
+    stats = cz.train(exemplars, mode, category, config, reg_images, reg_captions, captions)
     cz.save(out, extra={"base": str(base), "train_seconds": round(stats.seconds, 3)})
     return Path(out), stats

@@ -19,7 +19,7 @@ from genattr.atomic import write_text_atomic
 from genattr.errors import GenattrError, validation_reason
 
 MANIFEST_FORMAT_VERSION = 1
-MODES = ("object", "style")
+MODES = ("object", "style", "captioned")  # captioned: a set of images, each with its caption
 SPLITS = ("train", "val", "test")
 
 
@@ -123,7 +123,7 @@ class _ModelEntry(BaseModel):
     exemplars: Annotated[list[str], Field(min_length=1)]
     synth: dict[str, list[str]]
     category: str | None = None
-    mode: Literal["object", "style"] = "object"
+    mode: Literal["object", "style", "captioned"] = "object"
     split: Literal["train", "val", "test"] = "test"
     extra: dict[str, Any] = {}
 
