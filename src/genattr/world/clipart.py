@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -438,6 +439,18 @@ def build_data(
         os.chmod(tmp, 0o644)
     logger.info("%d images written to %s (%s)", len(records), out, info["counts"])
     return out
+
+
+def write_npz_lzma(path: Path, images: np.ndarray) -> None:
+    """An npz (`numpy.load` reads it as any other) compressed with LZMA rather than deflate:
+    a quarter smaller on these samples; a fixed date, so the same images give the same
+    bytes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, images, allow_pickle=False)
+    info = zipfile.ZipInfo("images.npy", date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_LZMA
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(info, buf.getvalue())
 
 
 def read_packed(

@@ -37,12 +37,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import os
 import shutil
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +57,13 @@ from genattr.customize.train import Concept, Customizer, config_from_dict
 from genattr.errors import GenattrError
 from genattr.world.base import load_world_base
 from genattr.world.benchmark import WORLD_SAMPLE, WORLD_TRAIN, WorldBenchmark, load_benchmark
-from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data, read_packed
+from genattr.world.clipart import (
+    DEFAULT_DATA_DIR,
+    ClipartData,
+    load_data,
+    read_packed,
+    write_npz_lzma,
+)
 
 if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
@@ -361,7 +365,7 @@ def pack_multiconcept(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / MC_IMAGES.format(size=size)) as tmp:
-        _write_npz_lzma(tmp, np.stack(images))
+        write_npz_lzma(tmp, np.stack(images))
     meta = {
         "kind": "genattr.world.multiconcept",
         "format_version": MC_FORMAT_VERSION,
@@ -374,18 +378,6 @@ def pack_multiconcept(
     }
     write_text_atomic(out / MC_META.format(size=size), json.dumps(meta, indent=1) + "\n")
     return out
-
-
-def _write_npz_lzma(path: Path, images: np.ndarray) -> None:
-    """An npz (`numpy.load` reads it as any other) compressed with LZMA rather than deflate:
-    a quarter smaller on these samples; a fixed date, so the same images give the same
-    bytes."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, images, allow_pickle=False)
-    info = zipfile.ZipInfo("images.npy", date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_LZMA
-    with zipfile.ZipFile(path, "w") as z:
-        z.writestr(info, buf.getvalue())
 
 
 def load_multiconcept(

@@ -1,0 +1,273 @@
+"""The miniature world's captioned-set test case: the paper's generalization experiment.
+
+The AbC benchmark tunes models on one object or a few images of one artist. The paper's last
+claim is that attribution learned there carries over to models tuned on larger sets of
+random, unrelated captioned images (MSCOCO in the paper). Here: sets of N random clip-art
+images that pre-training never used (the world data's `unused` split) with their captions,
+N in `SIZES`, `MODELS_PER_SIZE` models per N; every image is trained with its own caption and
+no modifier token (`Customizer.train(..., mode="captioned")`, Custom Diffusion's parameters).
+
+The choice (deterministic from `SEED`): one shuffle of the `unused` images; every set, and
+then every model's held-out captions, is cut from it in turn, so no image is in two sets and
+no held-out caption is an image of any set or repeats one of its set's captions.
+Training: `WORLD_TRAIN` with `DRAWS_PER_IMAGE` x N / batch steps (each image drawn as often
+whatever N; 80 steps for N = 4, as a single-object model). Sampling: `WORLD_SAMPLE`, one
+image per prompt, two prompt types of `PROMPTS` prompts each: `set` (the set's captions,
+cycled when N < `PROMPTS`) and `held-out` (captions of other unused images, none in a set:
+"captions of the same kind"). Every sample's ground truth is the whole set: the model it
+came from was tuned on exactly it.
+
+Built with `genattr make-benchmark` (a plan of captioned entries, resumable), then packed
+small into `world_sets{size}.{npz,json}` (samples only, no weights; LZMA inside the npz):
+
+    python -m genattr.world.captioned build WORK [--pack]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from genattr.atomic import atomic_path, write_text_atomic
+from genattr.customize.driver import make_benchmark
+from genattr.data.benchmark import read_manifest
+from genattr.errors import GenattrError
+from genattr.world.base import base_model_dir
+from genattr.world.benchmark import WORLD_SAMPLE, WORLD_TRAIN
+from genattr.world.clipart import (
+    DEFAULT_DATA_DIR,
+    ClipartData,
+    load_data,
+    read_packed,
+    write_npz_lzma,
+)
+
+logger = logging.getLogger(__name__)
+
+SETS_FORMAT_VERSION = 1
+SETS_IMAGES = "world_sets{size}.npz"
+SETS_META = "world_sets{size}.json"
+SEED = 23
+SIZES = (4, 16, 64)
+MODELS_PER_SIZE = 8
+DRAWS_PER_IMAGE = 40  # training draws of each image of a set, whatever its size
+PROMPTS = 8  # prompts per prompt type, one sample each
+POOL = "unused"  # the world data's split pre-training never used
+
+
+def model_id(size: int, j: int) -> str:
+    return f"set{size:03d}-{j}"
+
+
+def train_options(size: int) -> dict[str, Any]:
+    """The world benchmark's training options with as many steps as give every image of a
+    set of `size` images `DRAWS_PER_IMAGE` draws (80 steps for 4 images)."""
+    batch = 2  # CustomizeConfig's train_batch_size, which WORLD_TRAIN keeps
+    return {**WORLD_TRAIN, "max_train_steps": DRAWS_PER_IMAGE * size // batch}
+
+
+def choose_sets(
+    data: ClipartData,
+    sizes: Sequence[int] = SIZES,
+    models_per_size: int = MODELS_PER_SIZE,
+    seed: int = SEED,
+) -> list[dict[str, Any]]:
+    """Every model's set: id, size, image indices into the world data, their captions and
+    the held-out captions (none equal to one of the set's), cut in turn from one seeded
+    shuffle of the unused images."""
+    pool = [int(i) for i in np.random.default_rng(seed).permutation(data.indices(POOL))]
+    need = models_per_size * (sum(sizes) + PROMPTS * len(sizes))
+    if need > len(pool):
+        raise GenattrError(f"{len(pool)} unused images, {need} needed")
+    specs, at = [], 0
+    for size in sizes:
+        for j in range(models_per_size):
+            images = pool[at : at + size]
+            at += size
+            specs.append({"id": model_id(size, j), "size": size, "images": images})
+    rest = iter(pool[at:])
+    for spec in specs:
+        captions = data.captions(spec["images"])
+        # Captions of other images, never one the set itself has (titles repeat in clip-art).
+        fresh = (i for i in rest if data.records[i]["caption"] not in captions)
+        spec["heldout_images"] = list(itertools.islice(fresh, PROMPTS))
+        spec["captions"] = captions
+        spec["prompts"] = {
+            "set": [captions[k % len(captions)] for k in range(PROMPTS)],
+            "held-out": data.captions(spec["heldout_images"]),
+        }
+    return specs
+
+
+def write_plan(
+    data: ClipartData,
+    work: str | os.PathLike,
+    specs: list[dict[str, Any]],
+    base: str | os.PathLike | None = None,
+) -> Path:
+    """The sets' PNGs (named by their index in the world data) and `plan.json` in `work`:
+    captioned entries, as a Stable Diffusion user would write them for MSCOCO pairs."""
+    work = Path(work)
+    entries = []
+    for spec in specs:
+        folder = work / "sets" / spec["id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in spec["images"]:
+            path = folder / f"{i:05d}.png"
+            if not path.is_file():
+                with atomic_path(path) as tmp:
+                    Image.fromarray(data.images[i]).save(tmp, format="PNG")
+        entries.append(
+            {
+                "id": spec["id"],
+                "mode": "captioned",
+                "exemplars": f"sets/{spec['id']}/",
+                "image_captions": spec["captions"],
+                "prompts": spec["prompts"],
+                "train": {"max_train_steps": train_options(spec["size"])["max_train_steps"]},
+                "split": "test",
+            }
+        )
+    plan = {
+        "format_version": 1,
+        "name": f"world-sets{data.images.shape[1]}",
+        "base": str(Path(base or base_model_dir()).resolve()),
+        "device": "cpu",
+        "dtype": "float32",
+        "train": WORLD_TRAIN,
+        "sample": {**WORLD_SAMPLE, "images_per_prompt": 1},
+        "models": entries,
+    }
+    path = work / "plan.json"
+    write_text_atomic(path, json.dumps(plan, indent=1) + "\n")
+    return path
+
+
+def build_sets(
+    work: str | os.PathLike,
+    base: str | os.PathLike | None = None,
+    data: ClipartData | None = None,
+    models: Sequence[str] | None = None,
+    engine: str = "local",
+) -> Path:
+    """Customize and sample every set (or those named) in `work/bench`, resumably."""
+    data = data or load_data()
+    specs = choose_sets(data)
+    if models is not None:
+        unknown = sorted(set(models) - {s["id"] for s in specs})
+        if unknown:
+            raise GenattrError(f"no captioned-set model named {unknown}")
+        specs = [s for s in specs if s["id"] in models]
+    plan = write_plan(data, work, specs, base)
+    make_benchmark(plan, Path(work) / "bench", engine=engine)
+    return Path(work) / "bench"
+
+
+@dataclass
+class CaptionedSets:
+    """The packed test case: samples (N, S, S, 3) uint8 and one record per model (id, size,
+    image indices, captions, prompts, `synth`: prompt type -> [start, count] into `images`)."""
+
+    images: np.ndarray
+    models: list[dict[str, Any]]
+    info: dict[str, Any]
+
+    def sizes(self) -> list[int]:
+        return sorted({m["size"] for m in self.models})
+
+
+def pack_sets(
+    work: str | os.PathLike, out: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32
+) -> Path:
+    """Pack every model of `work/bench` (all must be built) into `out`'s npz + json."""
+    work = Path(work)
+    specs = {s["id"]: s for s in choose_sets(load_data())}
+    manifest = read_manifest(work / "bench" / "manifest.json")
+    missing = sorted(set(specs) - {m.id for m in manifest.models})
+    if missing:
+        raise GenattrError(f"{work}: {len(missing)} model(s) not built, e.g. {missing[0]}")
+    images: list[np.ndarray] = []
+    models = []
+    for m in manifest.models:
+        spec = specs[m.id]
+        synth = {}
+        for ptype, paths in m.synth.items():
+            synth[ptype] = [len(images), len(paths)]
+            for p in paths:
+                with Image.open(work / p) as im:
+                    images.append(np.asarray(im.convert("RGB")))
+        models.append(
+            {
+                "id": m.id,
+                "size": spec["size"],
+                "images": spec["images"],
+                "captions": spec["captions"],
+                "heldout_images": spec["heldout_images"],
+                "prompts": spec["prompts"],
+                "train_steps": train_options(spec["size"])["max_train_steps"],
+                "synth": synth,
+            }
+        )
+    if not images or images[0].shape != (size, size, 3):
+        raise GenattrError(f"{work}: expected {size}x{size} samples")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / SETS_IMAGES.format(size=size)) as tmp:
+        write_npz_lzma(tmp, np.stack(images))
+    meta = {
+        "kind": "genattr.world.captioned_sets",
+        "format_version": SETS_FORMAT_VERSION,
+        "seed": SEED,
+        "sizes": list(SIZES),
+        "models_per_size": MODELS_PER_SIZE,
+        "draws_per_image": DRAWS_PER_IMAGE,
+        "train": WORLD_TRAIN,
+        "sample": {**WORLD_SAMPLE, "images_per_prompt": 1},
+        "models": models,
+    }
+    write_text_atomic(out / SETS_META.format(size=size), json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def load_sets(directory: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32) -> CaptionedSets:
+    """The shipped (or rebuilt) captioned-set test case."""
+    d = Path(directory)
+    meta, images = read_packed(
+        d / SETS_META.format(size=size),
+        d / SETS_IMAGES.format(size=size),
+        SETS_FORMAT_VERSION,
+        f"{d}: no captioned-set test case; run `python -m genattr.world.captioned build`",
+    )
+    models = meta.pop("models")
+    total = sum(n for m in models for _, n in m["synth"].values())
+    if total != len(images):
+        raise GenattrError(f"{d}: {len(images)} images but the models name {total}")
+    return CaptionedSets(images, models, meta)
+
+
+def _main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m genattr.world.captioned")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (resumably) every captioned-set model")
+    b.add_argument("work", type=Path)
+    b.add_argument("--pack", action="store_true", help="then pack into the package's data")
+    b.add_argument("--models", nargs="*")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    build_sets(args.work, models=args.models)
+    if args.pack:
+        print(pack_sets(args.work))
+
+
+if __name__ == "__main__":
+    _main()
