@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -219,12 +219,17 @@ def read_captions(path: str | os.PathLike) -> dict[str, list[str]]:
 
 
 def read_image_captions(
-    value: str | os.PathLike | Sequence[str], images: Sequence[Path], root: Path | None = None
+    value: str | os.PathLike | Sequence[str] | Mapping[str, str],
+    images: Sequence[Path],
+    root: Path | None = None,
 ) -> list[str]:
-    """One caption per image of a captioned set, from a list (image order), a text file (one
-    caption per line, image order) or a JSON/YAML file: a list, or a mapping from each image's
-    file name to its caption (MSCOCO-style pairs). Relative paths resolve against `root`."""
-    if isinstance(value, (str, os.PathLike)):
+    """One caption per image of a captioned set, from a list (image order), a mapping from
+    each image's file name to its caption (MSCOCO-style pairs), or a file holding either (a
+    text file: one caption per line, image order). Relative paths resolve against `root`."""
+    data: Any
+    if isinstance(value, Mapping):
+        data, where = dict(value), "captions"
+    elif isinstance(value, (str, os.PathLike)):
         path = Path(value)
         path = path if path.is_absolute() or root is None else root / path
         data = _read_data(path)

@@ -26,7 +26,13 @@ from genattr.customize.plan import assign_split
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, read_manifest
 from genattr.errors import GenattrError
 from genattr.world.base import GUIDANCE
-from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data, read_packed
+from genattr.world.clipart import (
+    DEFAULT_DATA_DIR,
+    ClipartData,
+    load_data,
+    read_packed,
+    save_png,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +104,8 @@ def write_plan(
     entries = []
     for mid in chosen:
         folder = work / "exemplars" / mid
-        folder.mkdir(parents=True, exist_ok=True)
         for i in held[mid]:
-            path = folder / f"{i:05d}.png"
-            if not path.is_file():
-                with atomic_path(path) as tmp:
-                    Image.fromarray(data.images[i]).save(tmp, format="PNG")
+            save_png(data.images[i], folder / f"{i:05d}.png")
         first = data.records[held[mid][0]]
         case = test_case(first)
         mode = "style" if case == "style" else "object"
@@ -163,28 +165,20 @@ class WorldBenchmark:
         manifest with absolute paths; returns it and the three folders."""
         out = Path(out).resolve()
         dirs = {k: out / k for k in ("pretrain", "exemplars", "synth")}
-
-        def save(arr: np.ndarray, path: Path) -> str:
-            if not path.is_file():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with atomic_path(path) as tmp:
-                    Image.fromarray(arr).save(tmp, format="PNG")
-            return str(path)
-
         for i in data.indices("pretrain"):
-            save(data.images[i], dirs["pretrain"] / f"{i:05d}.png")
+            save_png(data.images[i], dirs["pretrain"] / f"{i:05d}.png")
         models = []
         for m in self.models:
             exemplars = [
-                save(data.images[i], dirs["exemplars"] / m["id"] / f"{i:05d}.png")
+                save_png(data.images[i], dirs["exemplars"] / m["id"] / f"{i:05d}.png")
                 for i in m["exemplars"]
             ]
             synth = {
                 ptype: [
-                    save(self.images[start + k], dirs["synth"] / ptype / m["id"] / f"{k:03d}.png")
+                    save_png(self.images[at + k], dirs["synth"] / ptype / m["id"] / f"{k:03d}.png")
                     for k in range(count)
                 ]
-                for ptype, (start, count) in m["synth"].items()
+                for ptype, (at, count) in m["synth"].items()
             }
             models.append(
                 CustomizedModel(

@@ -40,7 +40,7 @@ from PIL import Image
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.customize.driver import make_benchmark
-from genattr.data.benchmark import read_manifest
+from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, read_manifest
 from genattr.errors import GenattrError
 from genattr.world.base import base_model_dir
 from genattr.world.benchmark import WORLD_SAMPLE, WORLD_TRAIN
@@ -49,6 +49,7 @@ from genattr.world.clipart import (
     ClipartData,
     load_data,
     read_packed,
+    save_png,
     write_npz_lzma,
 )
 
@@ -89,10 +90,11 @@ def choose_sets(
     need = models_per_size * (sum(sizes) + PROMPTS * len(sizes))
     if need > len(pool):
         raise GenattrError(f"{len(pool)} unused images, {need} needed")
-    specs, at = [], 0
+    specs: list[dict[str, Any]] = []
+    at = 0
     for size in sizes:
         for j in range(models_per_size):
-            images = pool[at : at + size]
+            images = sorted(pool[at : at + size])  # the order of their files' names
             at += size
             specs.append({"id": model_id(size, j), "size": size, "images": images})
     rest = iter(pool[at:])
@@ -121,18 +123,16 @@ def write_plan(
     entries = []
     for spec in specs:
         folder = work / "sets" / spec["id"]
-        folder.mkdir(parents=True, exist_ok=True)
         for i in spec["images"]:
-            path = folder / f"{i:05d}.png"
-            if not path.is_file():
-                with atomic_path(path) as tmp:
-                    Image.fromarray(data.images[i]).save(tmp, format="PNG")
+            save_png(data.images[i], folder / f"{i:05d}.png")
         entries.append(
             {
                 "id": spec["id"],
                 "mode": "captioned",
                 "exemplars": f"sets/{spec['id']}/",
-                "image_captions": spec["captions"],
+                "image_captions": {
+                    f"{i:05d}.png": c for i, c in zip(spec["images"], spec["captions"], strict=True)
+                },
                 "prompts": spec["prompts"],
                 "train": {"max_train_steps": train_options(spec["size"])["max_train_steps"]},
                 "split": "test",
@@ -184,6 +184,37 @@ class CaptionedSets:
 
     def sizes(self) -> list[int]:
         return sorted({m["size"] for m in self.models})
+
+    def write_images(
+        self, data: ClipartData, out: str | os.PathLike
+    ) -> tuple[BenchmarkManifest, dict[str, Path]]:
+        """PNG files for the sets' images and the samples, and a genattr manifest (absolute
+        paths, every model a test model of case `set-N`); returns it and the two folders."""
+        out = Path(out).resolve()
+        dirs = {k: out / k for k in ("exemplars", "synth")}
+        models = []
+        for m in self.models:
+            exemplars = [
+                save_png(data.images[i], dirs["exemplars"] / m["id"] / f"{i:05d}.png")
+                for i in m["images"]
+            ]
+            synth = {
+                ptype: [
+                    save_png(self.images[at + k], dirs["synth"] / ptype / m["id"] / f"{k:03d}.png")
+                    for k in range(count)
+                ]
+                for ptype, (at, count) in m["synth"].items()
+            }
+            extra = {"prompts": m["prompts"], "captions": m["captions"], "case": case_name(m)}
+            models.append(
+                CustomizedModel(m["id"], exemplars, synth, None, "captioned", "test", extra)
+            )
+        return BenchmarkManifest("world-sets", models), dirs
+
+
+def case_name(model: dict[str, Any]) -> str:
+    """The test case of a packed set model: `set-N`, one per set size."""
+    return f"set-{model['size']}"
 
 
 def pack_sets(

@@ -441,6 +441,15 @@ def build_data(
     return out
 
 
+def save_png(image: np.ndarray, path: Path) -> str:
+    """Write an (S, S, 3) uint8 image as a PNG unless the file exists (atomic); the path."""
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG")
+    return str(path)
+
+
 def write_npz_lzma(path: Path, images: np.ndarray) -> None:
     """An npz (`numpy.load` reads it as any other) compressed with LZMA rather than deflate:
     a quarter smaller on these samples; a fixed date, so the same images give the same

@@ -62,6 +62,7 @@ from genattr.world.clipart import (
     ClipartData,
     load_data,
     read_packed,
+    save_png,
     write_npz_lzma,
 )
 
@@ -152,14 +153,9 @@ def _key(spec: dict[str, Any], train: dict[str, Any], sample: dict[str, Any]) ->
 
 def _exemplar_paths(data: ClipartData, work: Path, concept: dict[str, Any]) -> list[Path]:
     folder = work / "exemplars" / concept["test_model"]
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in concept["exemplars"]:
-        path = folder / f"{i:05d}.png"
-        if not path.is_file():
-            with atomic_path(path) as tmp:
-                Image.fromarray(data.images[i]).save(tmp, format="PNG")
-        paths.append(path)
+        paths.append(Path(save_png(data.images[i], folder / f"{i:05d}.png")))
     return paths
 
 
