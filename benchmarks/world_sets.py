@@ -11,9 +11,9 @@ model's mean over its queries, with the standard error across models, for:
 - the same on the stricter gallery (every other set's images added as distractors);
 - text-aware features (`genattr.features.text`, `--text` encoder): image features blended
   with the text of captions (gallery) and prompts (queries) at weights `--weights`; weight 1
-  is the prompt alone. Two controls: the same blend with each query's prompt swapped for the
-  prompt of a query of another model of the same N (if the gain stays, it was not this
-  prompt), and text alone with swapped prompts;
+  is the prompt alone (identical captions' exact ties broken at random). Two controls: the
+  same blend with each query's prompt swapped for the prompt of a query of another model of
+  the same N (if the gain stays, it was not this prompt), and text alone with swapped prompts;
 - chance (the exact expected AP of a random ranking, simulated) and membership (a method that
   knows which images the model was tuned on ranks the set first: mAP 1 by construction,
   which is why model-based attributors are not compared on this gallery).
@@ -84,12 +84,19 @@ def text_of(path: str, data, prompts: dict[str, dict[str, list[str]]]) -> str:
     return data.records[int(p.stem)]["caption"]
 
 
+def jittered(text: np.ndarray, seed: int) -> np.ndarray:
+    """Text vectors moved by about 1e-5: identical captions (clip-art titles repeat) would
+    otherwise tie exactly, and the protocol gives ties to the exemplar; this breaks them at
+    random, as a ranking that cannot tell them apart should."""
+    return text + np.random.default_rng(seed).normal(0, 1e-5, text.shape).astype(np.float32)
+
+
 def blend(tc: TestCaseFeatures, gallery, texts, weight: float, shuffle: int | None = None):
     """The test case and gallery in the text-aware space; `shuffle`: each query gets the
     text of a query of another model (a seeded derangement by model)."""
     from genattr.features.text import text_aware
 
-    ex = text_aware(tc.exemplar_feats, texts["exemplars"], weight)
+    ex = text_aware(tc.exemplar_feats, jittered(texts["exemplars"], 1), weight)
     synth = {}
     for p, feats in tc.synth_feats.items():
         t = texts["synth"][p]
@@ -102,7 +109,7 @@ def blend(tc: TestCaseFeatures, gallery, texts, weight: float, shuffle: int | No
             t = t[order]
         synth[p] = torch.from_numpy(text_aware(feats, t, weight))
     case = dataclasses.replace(tc, exemplar_feats=torch.from_numpy(ex), synth_feats=synth)
-    return case, torch.from_numpy(text_aware(gallery, texts["gallery"], weight))
+    return case, torch.from_numpy(text_aware(gallery, jittered(texts["gallery"], 2), weight))
 
 
 def main() -> None:
