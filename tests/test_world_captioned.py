@@ -13,9 +13,9 @@ from PIL import Image
 from genattr.customize.plan import read_plan
 from genattr.world.captioned import (
     DRAWS_PER_IMAGE,
-    MODELS_PER_SIZE,
     PROMPTS,
     SIZES,
+    STAGES,
     build_sets,
     case_name,
     choose_sets,
@@ -30,7 +30,11 @@ def specs(world_data):
 
 
 def test_sets_are_disjoint_unused_images_with_their_captions(world_data, specs):
-    assert [s["size"] for s in specs] == [n for n in SIZES for _ in range(MODELS_PER_SIZE)]
+    assert [s["size"] for s in specs] == [
+        n for st in STAGES for n, k in st.items() for _ in range(k)
+    ]
+    # A later stage leaves the earlier ones as they were.
+    assert choose_sets(world_data, STAGES[:1]) == specs[: sum(STAGES[0].values())]
     used = [i for s in specs for i in s["images"]]
     held = [i for s in specs for i in s["heldout_images"]]
     assert len(set(used)) == len(used) and not set(held) & set(used)  # no image twice
@@ -46,9 +50,10 @@ def test_sets_are_disjoint_unused_images_with_their_captions(world_data, specs):
 
 
 def test_plan_is_what_make_benchmark_reads(world_data, specs, tmp_path):
-    plan = read_plan(write_plan(world_data, tmp_path, specs[::MODELS_PER_SIZE]))
-    assert [m.id for m in plan.models] == [s["id"] for s in specs[::MODELS_PER_SIZE]]
-    for m, s in zip(plan.models, specs[::MODELS_PER_SIZE], strict=True):
+    firsts = [next(s for s in specs if s["size"] == n) for n in SIZES]  # one model per N
+    plan = read_plan(write_plan(world_data, tmp_path, firsts))
+    assert [m.id for m in plan.models] == [s["id"] for s in firsts]
+    for m, s in zip(plan.models, firsts, strict=True):
         assert m.mode == "captioned" and m.split == "test" and m.captions == s["captions"]
         assert m.prompts == s["prompts"]
         assert m.train.max_train_steps * m.train.train_batch_size == DRAWS_PER_IMAGE * s["size"]
@@ -74,8 +79,9 @@ def test_shipped_pack_matches_the_choice(world_data, specs):
 def test_write_images_gives_a_manifest_per_set(world_data, tmp_path):
     sets = load_sets()
     manifest, _dirs = sets.write_images(world_data, tmp_path)
-    m = manifest.models[MODELS_PER_SIZE]  # the first N = 16 model
-    assert m.mode == "captioned" and m.extra["case"] == case_name(sets.models[MODELS_PER_SIZE])
+    k = next(j for j, m in enumerate(sets.models) if m["size"] == 16)
+    m = manifest.models[k]
+    assert m.mode == "captioned" and m.extra["case"] == case_name(sets.models[k]) == "set-16"
     assert len(m.exemplars) == 16 and all(Path(p).is_file() for p in m.exemplars)
     assert set(m.synth) == {"set", "held-out"} and Path(m.synth["set"][0]).is_file()
 

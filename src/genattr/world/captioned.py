@@ -4,12 +4,13 @@ The AbC benchmark tunes models on one object or a few images of one artist. The 
 claim is that attribution learned there carries over to models tuned on larger sets of
 random, unrelated captioned images (MSCOCO in the paper). Here: sets of N random clip-art
 images that pre-training never used (the world data's `unused` split) with their captions,
-N in `SIZES`, `MODELS_PER_SIZE` models per N; every image is trained with its own caption and
-no modifier token (`Customizer.train(..., mode="captioned")`, Custom Diffusion's parameters).
+N in `SIZES` (`STAGES`: 8 models for each of 4, 16 and 64, then 4 for 256); every image is
+trained with its own caption and no modifier token (`Customizer.train(..., mode="captioned")`,
+Custom Diffusion's parameters).
 
-The choice (deterministic from `SEED`): one shuffle of the `unused` images; every set, and
-then every model's held-out captions, is cut from it in turn, so no image is in two sets and
-no held-out caption is an image of any set or repeats one of its set's captions.
+The choice (deterministic from `SEED`): one shuffle of the `unused` images; stage by stage,
+every set, then every model's held-out captions, is cut from it in turn, so no image is in
+two sets and no held-out caption is an image of any set or repeats one of its set's captions.
 Training: `WORLD_TRAIN` with `DRAWS_PER_IMAGE` x N / batch steps (each image drawn as often
 whatever N; 80 steps for N = 4, as a single-object model). Sampling: `WORLD_SAMPLE`, one
 image per prompt, two prompt types of `PROMPTS` prompts each: `set` (the set's captions,
@@ -59,8 +60,11 @@ SETS_FORMAT_VERSION = 1
 SETS_IMAGES = "world_sets{size}.npz"
 SETS_META = "world_sets{size}.json"
 SEED = 23
-SIZES = (4, 16, 64)
-MODELS_PER_SIZE = 8
+# Models per set size, in stages cut one after the other from the shuffled pool (each stage:
+# its sets, then its models' held-out captions). N = 256 came later, from what the first
+# stage left, so the first 24 models stayed as they were built.
+STAGES: tuple[dict[int, int], ...] = ({4: 8, 16: 8, 64: 8}, {256: 4})
+SIZES = tuple(n for stage in STAGES for n in stage)
 DRAWS_PER_IMAGE = 40  # training draws of each image of a set, whatever its size
 PROMPTS = 8  # prompts per prompt type, one sample each
 POOL = "unused"  # the world data's split pre-training never used
@@ -79,35 +83,35 @@ def train_options(size: int) -> dict[str, Any]:
 
 def choose_sets(
     data: ClipartData,
-    sizes: Sequence[int] = SIZES,
-    models_per_size: int = MODELS_PER_SIZE,
+    stages: Sequence[dict[int, int]] = STAGES,
     seed: int = SEED,
 ) -> list[dict[str, Any]]:
-    """Every model's set: id, size, image indices into the world data, their captions and
-    the held-out captions (none equal to one of the set's), cut in turn from one seeded
-    shuffle of the unused images."""
+    """Every model's set: id, size, image indices into the world data (in file-name order),
+    their captions and the held-out captions (none equal to one of the set's), cut in turn
+    from one seeded shuffle of the unused images, stage by stage."""
     pool = [int(i) for i in np.random.default_rng(seed).permutation(data.indices(POOL))]
-    need = models_per_size * (sum(sizes) + PROMPTS * len(sizes))
+    need = sum(k * (n + PROMPTS) for stage in stages for n, k in stage.items())
     if need > len(pool):
         raise GenattrError(f"{len(pool)} unused images, {need} needed")
+    rest = iter(pool)
     specs: list[dict[str, Any]] = []
-    at = 0
-    for size in sizes:
-        for j in range(models_per_size):
-            images = sorted(pool[at : at + size])  # the order of their files' names
-            at += size
-            specs.append({"id": model_id(size, j), "size": size, "images": images})
-    rest = iter(pool[at:])
-    for spec in specs:
-        captions = data.captions(spec["images"])
-        # Captions of other images, never one the set itself has (titles repeat in clip-art).
-        fresh = (i for i in rest if data.records[i]["caption"] not in captions)
-        spec["heldout_images"] = list(itertools.islice(fresh, PROMPTS))
-        spec["captions"] = captions
-        spec["prompts"] = {
-            "set": [captions[k % len(captions)] for k in range(PROMPTS)],
-            "held-out": data.captions(spec["heldout_images"]),
-        }
+    for stage in stages:
+        cut = [
+            {"id": model_id(n, j), "size": n, "images": sorted(itertools.islice(rest, n))}
+            for n, k in stage.items()
+            for j in range(k)
+        ]
+        for spec in cut:
+            captions = data.captions(spec["images"])
+            # Captions of other images, never one the set has (titles repeat in clip-art).
+            fresh = (i for i in rest if data.records[i]["caption"] not in captions)
+            spec["heldout_images"] = list(itertools.islice(fresh, PROMPTS))
+            spec["captions"] = captions
+            spec["prompts"] = {
+                "set": [captions[k % len(captions)] for k in range(PROMPTS)],
+                "held-out": data.captions(spec["heldout_images"]),
+            }
+        specs += cut
     return specs
 
 
@@ -260,7 +264,7 @@ def pack_sets(
         "format_version": SETS_FORMAT_VERSION,
         "seed": SEED,
         "sizes": list(SIZES),
-        "models_per_size": MODELS_PER_SIZE,
+        "stages": [{str(n): k for n, k in stage.items()} for stage in STAGES],
         "draws_per_image": DRAWS_PER_IMAGE,
         "train": WORLD_TRAIN,
         "sample": {**WORLD_SAMPLE, "images_per_prompt": 1},
