@@ -51,9 +51,12 @@ def _pyplot():
     return plt
 
 
-def _table(outcomes: dict, ptypes: Sequence[str], chance: dict, metric: str = "mAP") -> dict:
+def _table(
+    outcomes: dict, ptypes: Sequence[str], chance: dict, metric: str = "mAP", part: str = "abc"
+) -> dict:
     """One row per feature space, head and gallery (the AbC protocol, then its two controls),
-    one column per test case and prompt type: mAP, or Recall@K with metric "R@K"."""
+    one column per test case and prompt type: mAP, or Recall@K with metric "R@K"; of the AbC
+    test cases (`part` "abc") or of the captioned sets ("sets")."""
 
     def row(name: str, head: str, gallery: str, summary: dict, strong: bool = False) -> dict:
         vals = [
@@ -65,30 +68,55 @@ def _table(outcomes: dict, ptypes: Sequence[str], chance: dict, metric: str = "m
 
     rows = []
     for name, o in outcomes.items():
-        for which, res in (("raw", o.raw), ("head", o.head)):
+        raw, head, controls = o.results(part)
+        for which, res in (("raw", raw), ("head", head)):
             label = "none (raw)" if which == "raw" else f"trained {o.head_kind}"
             rows.append(row(name, label, "AbC protocol", res.summary(), which == "head"))
             if metric == "mAP":
                 rows += [
                     row(name, label, k.split(", ", 1)[1], r.summary())
-                    for k, r in o.controls.items()
+                    for k, r in controls.items()
                     if k.startswith(which)
                 ]
     rows.append(row("chance", "", "random ranking", chance))
     return {"rows": rows}
 
 
-def _chance(outcome: Any, gallery_size: int) -> dict:
+def _chance(result: Any, gallery_size: int) -> dict:
     """Expected metrics of a random ranking of exemplars + gallery, per prompt type."""
     out = {}
-    for p, r in outcome.raw.per_type.items():
+    for p, r in result.per_type.items():
         e = r.n_exemplars.astype(float)
         n = e + gallery_size
         out[p] = {
             "mAP": float(np.mean(e / n)),
-            "recall": {str(k): float(np.mean(np.minimum(1.0, k / n))) for k in outcome.raw.ks},
+            "recall": {str(k): float(np.mean(np.minimum(1.0, k / n))) for k in result.ks},
         }
     return out
+
+
+def _sets_plot(outcomes: dict, ptypes: Sequence[str], chance: dict) -> str:
+    """A data URI of mAP against the set size N, one panel per prompt type of the captioned
+    sets: raw features dashed, the head solid, the stricter gallery dotted, chance grey."""
+    plt = _pyplot()
+    kinds = sorted({p.split(": ", 1)[1] for p in ptypes}, key=lambda k: k != "set")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        cols = [p for p in ptypes if p.endswith(f": {kind}")]
+        sizes = [int(p.split(":")[0].split("-")[1]) for p in cols]
+        for c, (name, o) in enumerate(outcomes.items()):
+            for key, ls in (("raw", "--"), ("head", "-"), ("raw, stricter gallery", ":")):
+                summary = o.sets[key].summary()
+                label = f"{name} ({key})"
+                ax.plot(sizes, [summary[p]["mAP"] for p in cols], ls, color=f"C{c}", label=label)
+        ax.plot(sizes, [chance[p]["mAP"] for p in cols], color="grey", lw=1, label="chance")
+        ax.set(xscale="log", yscale="log", xlabel="images in the set (N)", title=kind)
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("mAP (set models)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return _fig_uri(fig)
 
 
 def _recall_curves(outcomes: dict, ptypes: Sequence[str]) -> str:
@@ -163,13 +191,17 @@ def write_demo_report(
     base_grid: Path,
     base_training: str,
     seconds: dict[str, float],
+    sets_manifest: Any,
+    sets_info: dict[str, Any],
 ) -> Path:
     """Write the page; every picture is embedded, so the file can be mailed or archived."""
     first = next(iter(outcomes.values()))
     ptypes = list(first.raw.per_type)
     n_gallery = len(data.indices("pretrain"))
     splits = {s: len(manifest.split(s).models) for s in ("train", "val", "test")}
-    chance = _chance(first, n_gallery)
+    chance = _chance(first.raw, n_gallery)
+    set_ptypes = list(first.sets["raw"].per_type)
+    set_chance = _chance(first.sets["raw"], n_gallery)
     b = outcomes[best]
     cal = {
         k: float("nan")
@@ -191,6 +223,12 @@ def write_demo_report(
         seconds=seconds,
         ptypes=ptypes,
         tables={m: _table(outcomes, ptypes, chance, m) for m in ("mAP", "R@10", "R@100")},
+        set_ptypes=set_ptypes,
+        set_tables={
+            m: _table(outcomes, set_ptypes, set_chance, m, "sets") for m in ("mAP", "R@10")
+        },
+        sets_plot=_sets_plot(outcomes, set_ptypes, set_chance),
+        sets_info=sets_info,
         recall_plot=_recall_curves(outcomes, ptypes),
         head_kinds=", ".join(sorted({o.head_kind for o in outcomes.values()})),
         training_plot=_training_curves(outcomes),
@@ -208,7 +246,10 @@ def write_demo_report(
         ],
         base_training=base_training,
         base_grid=_file_uri(base_grid),
-        models=_model_samples([m for m in manifest.models if m.split == "test"][:6]),
+        models=_model_samples(
+            [m for m in manifest.models if m.split == "test"][:6]
+            + [next(m for m in sets_manifest.models if len(m.exemplars) == n) for n in (4, 16)]
+        ),
     )
     path = Path(path)
     write_text_atomic(path, page)

@@ -96,7 +96,7 @@ def choose_sets(
     rest = iter(pool)
     specs: list[dict[str, Any]] = []
     for stage in stages:
-        cut = [
+        cut: list[dict[str, Any]] = [
             {"id": model_id(n, j), "size": n, "images": sorted(itertools.islice(rest, n))}
             for n, k in stage.items()
             for j in range(k)

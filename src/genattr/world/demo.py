@@ -5,7 +5,9 @@ here, and its AbC benchmark (customized models' samples whose exemplars are know
 unpacks it into PNG files and runs, stage by stage, the same public functions a user runs on
 their own data: extract features for several backbones, train a head per backbone on the
 train models, calibrate it on the val models, evaluate raw features and head on the test
-models, attribute a few test queries, sample the base model, and write `report.html`.
+models and on the captioned-set models (the paper's generalization experiment: does a head
+trained on single exemplars help on models tuned on N random captioned images?), attribute a
+few test queries, sample the base model, and write `report.html`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,7 @@ from genattr.world.base import (
     sample,
 )
 from genattr.world.benchmark import WorldBenchmark, load_benchmark
+from genattr.world.captioned import CaptionedSets, load_sets
 from genattr.world.clipart import ClipartData, load_data
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ DEMO_BACKBONES = ("pixel", "world-cnn")
 CURVE_KS = (1, 2, 3, 5, 10, 20, 50, 100, 200, 500, 1000)
 TABLE_KS = (5, 10, 100)
 PARTS = ("pretrain", "exemplars", "synth")
+SET_PARTS = ("set-exemplars", "set-synth")  # the captioned sets' images and samples
 # Head training settings per head kind, chosen on the val models' mAP with world-cnn features
 # (benchmarks/world_heads.py; BENCHMARKS.md "Session seven"): a full linear map learns most
 # at a small step, a per-channel scale needs a large one.
@@ -93,10 +98,21 @@ class BackboneOutcome:
     seconds: dict[str, float] = field(default_factory=dict)
     head_kind: str = "linear"
     controls: dict[str, EvaluationResult] = field(default_factory=dict)  # "raw, stricter gallery"
+    # The captioned sets, one test case per set size: "raw", "head" and their controls.
+    sets: dict[str, EvaluationResult] = field(default_factory=dict)
 
     def mean_map(self, which: str) -> float:
         res = self.raw if which == "raw" else self.head
         return float(np.mean([v["mAP"] for v in res.summary().values()]))
+
+    def results(
+        self, part: str = "abc"
+    ) -> tuple[EvaluationResult, EvaluationResult, dict[str, EvaluationResult]]:
+        """Raw, head and controls of the AbC test cases ("abc") or of the captioned sets."""
+        if part == "abc":
+            return self.raw, self.head, self.controls
+        controls = {k: r for k, r in self.sets.items() if ", " in k}
+        return self.sets["raw"], self.sets["head"], controls
 
 
 @dataclass
@@ -168,13 +184,16 @@ class _World:
     manifest_path: Path
     dirs: dict[str, Path]
     test: BenchmarkManifest
+    sets: CaptionedSets
+    sets_manifest: BenchmarkManifest
 
     def log_sizes(self) -> None:
         """Say how large the world is."""
         logger.info(
             f"world: {len(self.data.indices('pretrain'))} training images, "
             f"{len(self.manifest.models)} customized models ({len(self.test.models)} for "
-            f"testing), {len(self.bench.images)} samples"
+            f"testing), {len(self.bench.images)} samples; {len(self.sets.models)} models tuned "
+            f"on captioned sets of {self.sets.sizes()} images"
         )
 
 
@@ -184,7 +203,12 @@ def _unpack_world(out: Path) -> _World:
     manifest, dirs = bench.write_images(data, out / "world")
     manifest_path = out / "world" / "manifest.json"
     write_manifest(manifest, manifest_path)
-    return _World(data, bench, manifest, manifest_path, dirs, manifest.split("test"))
+    sets = load_sets()
+    sets_manifest, set_dirs = sets.write_images(data, out / "world" / "sets")
+    write_manifest(sets_manifest, out / "world" / "sets" / "manifest.json")
+    dirs = {**dirs, "set-exemplars": set_dirs["exemplars"], "set-synth": set_dirs["synth"]}
+    test = manifest.split("test")
+    return _World(data, bench, manifest, manifest_path, dirs, test, sets, sets_manifest)
 
 
 def _run_backbone(
@@ -192,7 +216,7 @@ def _run_backbone(
 ) -> BackboneOutcome:
     """Every stage for one feature space: extract, train a head, calibrate, evaluate."""
     t: dict[str, float] = {}
-    stores = {p: out / "stores" / name / p for p in PARTS}
+    stores = {p: out / "stores" / name / p for p in (*PARTS, *SET_PARTS)}
     with _timed(t, "extract"):
         _extract_parts(name, world.dirs, stores, progress)
     head_dir = out / "heads" / name
@@ -204,6 +228,8 @@ def _run_backbone(
     with _timed(t, "evaluate"):
         logger.info(f"{name}: evaluating on the test models")
         raw, mapped, controls = _evaluate(name, stores, world.test, head_dir, out / "results")
+        logger.info(f"{name}: evaluating on the captioned sets")
+        sets = _evaluate_sets(name, stores, world.sets_manifest, head_dir, out / "results")
     plot = cal_path.with_suffix(".reliability.png")
     outcome = BackboneOutcome(
         name,
@@ -216,6 +242,7 @@ def _run_backbone(
         t,
         head,
         controls,
+        sets,
     )
     logger.info(
         f"{name}: test mAP raw {outcome.mean_map('raw'):.3f}, "
@@ -227,8 +254,9 @@ def _run_backbone(
 def _extract_parts(
     name: str, dirs: dict[str, Path], stores: dict[str, Path], progress: bool
 ) -> None:
-    """Features of the pre-training images, the exemplars and the samples, one store each."""
-    for part in PARTS:
+    """Features of the pre-training images, the exemplars, the samples, the captioned sets'
+    images and their samples, one store each."""
+    for part in (*PARTS, *SET_PARTS):
         logger.info(f"{name}: extracting {part}")
         extract(name, dirs[part], stores[part], workers=0, progress=progress)
 
@@ -298,6 +326,11 @@ def _write_report(
         base_grid=base_grid,
         base_training=describe_training(json.loads((base_model_dir() / TRAINING_NAME).read_text())),
         seconds=seconds,
+        sets_manifest=world.sets_manifest,
+        sets_info={
+            "models": Counter(m["size"] for m in world.sets.models),
+            "draws": world.sets.info["draws_per_image"],
+        },
     )
 
 
@@ -308,6 +341,7 @@ def _write_summary(out: Path, best: str, outcomes: dict[str, BackboneOutcome]) -
             "raw": o.raw.summary(),
             "head": o.head.summary(),
             "controls": {k: r.summary() for k, r in o.controls.items()},
+            "sets": {k: r.summary() for k, r in o.sets.items()},
             "calibration": o.calibration.get("heldout", {}),
             "seconds": o.seconds,
         }
@@ -347,14 +381,46 @@ def _evaluate(
     the three CONTROLS of each. Each test case (objects of observed kinds, objects of unobserved
     kinds, styles) is evaluated apart, as the authors' test cases are; prompt types are
     reported as "object: media", "style: gpt", ..."""
-    gallery = EmbeddingStore.open(stores["pretrain"]).vectors
     real, synth = EmbeddingStore.open(stores["exemplars"]), EmbeddingStore.open(stores["synth"])
-    mappers = load_heads(head_dir)[0]
     cases = {
         case: testcase_from_stores(BenchmarkManifest(test.name, models), real, synth)[0]
         for case in CASES
         if (models := [m for m in test.models if m.extra.get("case", m.mode) == case])
     }
+    out = _case_results(stores, real, cases, head_dir)
+    _write_case_results(out, name, results_dir, name)
+    controls = {f"{w}, {c}": r for (w, c), r in out.items() if c is not None}
+    return out[("raw", None)], out[("head", None)], controls
+
+
+def _evaluate_sets(
+    name: str, stores: dict[str, Path], sets, head_dir: Path, results_dir: Path
+) -> dict[str, EvaluationResult]:
+    """The captioned-set models against the pre-training gallery, one test case per set size
+    ("set-16: held-out"), raw and through the head trained on single-exemplar models, with
+    the same CONTROLS (the stricter gallery adds every other set's images); keys "raw",
+    "head", "raw, stricter gallery", ..."""
+    real = EmbeddingStore.open(stores["set-exemplars"])
+    synth = EmbeddingStore.open(stores["set-synth"])
+    by_case: dict[str, list[Any]] = {}
+    for m in sorted(sets.models, key=lambda m: len(m.exemplars)):
+        by_case.setdefault(m.extra["case"], []).append(m)
+    cases = {
+        case: testcase_from_stores(BenchmarkManifest(sets.name, models), real, synth)[0]
+        for case, models in by_case.items()
+    }
+    out = _case_results(stores, real, cases, head_dir)
+    _write_case_results(out, name, results_dir, f"{name}.sets")
+    return {w if c is None else f"{w}, {c}": r for (w, c), r in out.items()}
+
+
+def _case_results(
+    stores: dict[str, Path], real: EmbeddingStore, cases: dict[str, Any], head_dir: Path
+) -> dict[tuple[str, str | None], EvaluationResult]:
+    """Every test case against the pre-training gallery, raw and through the head, plain and
+    under each of the CONTROLS; per (raw|head, control or None), prompt types "case: type"."""
+    gallery = EmbeddingStore.open(stores["pretrain"]).vectors
+    mappers = load_heads(head_dir)[0]
     strict_galleries = {case: stricter_gallery(gallery, real, tc) for case, tc in cases.items()}
     out: dict[tuple[str, str | None], EvaluationResult] = {}
     for which in ("raw", "head"):
@@ -373,13 +439,18 @@ def _evaluate(
                 )
                 per_type.update({f"{case}: {p}": r for p, r in res.per_type.items()})
             out[(which, control)] = EvaluationResult(CURVE_KS, per_type)
+    return out
+
+
+def _write_case_results(
+    out: dict[tuple[str, str | None], EvaluationResult], name: str, results_dir: Path, stem: str
+) -> None:
+    """One results JSON per (raw|head, control): `results/{stem}.{which}[.{control}].json`."""
     results_dir.mkdir(parents=True, exist_ok=True)
     for (which, control), res in out.items():
         suffix = which if control is None else f"{which}.{control.replace(', ', '.')}"
         suffix = suffix.replace(" ", "-")
-        write_results(res, results_dir / f"{name}.{suffix}.json", backbone=name, split="test")
-    controls = {f"{w}, {c}": r for (w, c), r in out.items() if c is not None}
-    return out[("raw", None)], out[("head", None)], controls
+        write_results(res, results_dir / f"{stem}.{suffix}.json", backbone=name, split="test")
 
 
 def _attribute_examples(out: Path, backbone: str, test, n: int) -> tuple[list[Any], list[Any]]:
