@@ -18,6 +18,11 @@ model's mean over its queries, with the standard error across models, for:
   knows which images the model was tuned on ranks the set first: mAP 1 by construction,
   which is why model-based attributors are not compared on this gallery).
 
+And a finer question membership cannot answer: a `set` prompt is the caption of one image of
+the set; does the sample rank that image first among the set's N images? (top-1 within the
+set, image features raw and through the head; chance = own images / N; text alone would
+score 1, since the prompt is that caption.)
+
     .venv/bin/python benchmarks/world_sets.py --demo demo-out [--text minilm] \
         [--weights 0.25 0.5 1.0] [--out sets.json]
 """
@@ -39,6 +44,7 @@ from genattr.evaluate import EvaluationResult, evaluate_protocol
 from genattr.heads.checkpoint import load_heads
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
+from genattr.vectors import embed
 from genattr.world.captioned import load_sets
 from genattr.world.clipart import load_data
 from genattr.world.demo import stricter_gallery
@@ -73,6 +79,27 @@ def per_model(result: EvaluationResult) -> dict[str, dict[str, float]]:
             "models": len(models),
         }
     return out
+
+
+def own_image_first(tc: TestCaseFeatures, models: list, mappers=None) -> tuple[float, float]:
+    """Over the `set` queries: the share whose own image (the one trained with the caption
+    the query was sampled with; every such image if captions repeat) is the most similar of
+    the set's images, and the mean chance of that (own images / N)."""
+    real = mappers.real.eval() if mappers is not None else None
+    synth = mappers.synth.eval() if mappers is not None else None
+    with torch.no_grad():
+        ex = embed(tc.exemplar_feats.float(), real)
+        queries = embed(tc.synth_feats["set"].float(), synth)
+    hits, chance = [], []
+    for q, (mid, path) in enumerate(zip(tc.synth_ids["set"], tc.synth_paths["set"], strict=True)):
+        model = models[mid]
+        prompt = model.extra["prompts"]["set"][int(Path(path).stem)]
+        own = np.array([c == prompt for c in model.extra["captions"]])
+        start, stop = tc.exemplar_chunks[mid]
+        sims = (ex[start:stop] @ queries[q]).numpy()
+        hits.append(sims[own].max() >= sims[~own].max() if (~own).any() else True)
+        chance.append(own.mean())
+    return float(np.mean(hits)), float(np.mean(chance))
 
 
 def text_of(path: str, data, prompts: dict[str, dict[str, list[str]]]) -> str:
@@ -130,6 +157,7 @@ def main() -> None:
         by_size.setdefault(len(m.exemplars), []).append(m)
     n_gallery = len(data.indices("pretrain"))
     rows: dict[str, dict[int, dict]] = {}
+    within: dict[str, dict[int, float]] = {}
     rows["chance"] = {
         n: {p: {"mAP": chance_ap(n_gallery, n), "R@10": float("nan")} for p in ("set", "held-out")}
         for n in by_size
@@ -185,6 +213,10 @@ def main() -> None:
             for label, (g, case, mp, stricter) in runs.items():
                 res = evaluate_protocol(g, case, KS, mappers=mp, exemplars_as_distractors=stricter)
                 rows.setdefault(label, {})[n] = per_model(res)
+            for label, mp in ((f"{name} raw", None), (f"{name} + head", mappers)):
+                top1, chance = own_image_first(tc, models, mp)
+                within.setdefault(label, {})[n] = top1
+                within.setdefault("chance", {})[n] = chance
     sizes = sorted(by_size)
     for metric in ("mAP", "R@10"):
         for ptype in ("set", "held-out"):
@@ -201,13 +233,19 @@ def main() -> None:
                         cell + (f" ± {se:.3f}" if se is not None and np.isfinite(se) else "")
                     )
                 print(f"| {label} | " + " | ".join(cells) + " |")
+    print("\nA `set` sample's own image first among its set's images (share of queries)\n")
+    print("| method | " + " | ".join(f"N={n}" for n in sizes) + " |")
+    print("|---|" + "---|" * len(sizes))
+    for label, per_n in within.items():
+        print(f"| {label} | " + " | ".join(f"{per_n[n]:.3f}" for n in sizes) + " |")
     models_per = {n: len(m) for n, m in by_size.items()}
     print(
         f"\nmodels per N: {models_per}; 8 queries per prompt type per model; "
         f"{time.perf_counter() - t0:.0f} s"
     )
     if args.out:
-        args.out.write_text(json.dumps({"rows": rows, "models_per_size": models_per}, indent=1))
+        doc = {"rows": rows, "own_image_first": within, "models_per_size": models_per}
+        args.out.write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":
