@@ -328,3 +328,11 @@ def test_make_benchmark_with_captioned_sets_resumes(tiny, tmp_path):
     assert "a purple box on grey" in json.dumps(meta)  # sampled with the held-out captions
     info = json.loads((bench / "models" / "set1" / "genattr_customize.json").read_text())
     assert info["config"]["freeze_model"] == "crossattn"
+
+    # Model-based methods read the folder: each exemplar with the caption it was trained with.
+    from genattr.workflows.model_cases import manifest_cases
+
+    case = manifest_cases(bench / "manifest.json", models=["set0"])[0]
+    (concept,) = case.concepts
+    assert concept.exemplars.prompts == CAPTIONS
+    assert concept.queries["held-out"].prompts == ["a purple box on grey", "a yellow disc on grey"]

@@ -322,10 +322,11 @@ def manifest_cases(
         if not model_dir:
             raise GenattrError(f"{manifest}: model {mid} names no model folder")
         ex_paths = [root / p for p in m.exemplars]
-        train_prompt = m.extra.get("train_prompt", "")
+        # Each exemplar with the prompt it was trained with: a captioned set's own captions.
+        train_prompts = m.extra.get("captions") or [m.extra.get("train_prompt", "")] * len(ex_paths)
         exemplars = ImageSet(
             _read_images(ex_paths, resolution),
-            [train_prompt] * len(ex_paths),
+            list(train_prompts),
             [f"{mid}/{p.name}" for p in ex_paths],
         )
         qs = {}
