@@ -9,11 +9,6 @@ model's mean over its queries, with the standard error across models, for:
 
 - raw features and the head trained on single exemplars (the demo's), per backbone;
 - the same on the stricter gallery (every other set's images added as distractors);
-- text-aware features (`genattr.features.text`, `--text` encoder): image features blended
-  with the text of captions (gallery) and prompts (queries) at weights `--weights`; weight 1
-  is the prompt alone (identical captions' exact ties broken at random). Two controls: the
-  same blend with each query's prompt swapped for the prompt of a query of another model of
-  the same N (if the gain stays, it was not this prompt), and text alone with swapped prompts;
 - chance (the exact expected AP of a random ranking, simulated) and membership (a method that
   knows which images the model was tuned on ranks the set first: mAP 1 by construction,
   which is why model-based attributors are not compared on this gallery).
@@ -23,14 +18,14 @@ the set; does the sample rank that image first among the set's N images? (top-1 
 set, image features raw and through the head; chance = own images / N; text alone would
 score 1, since the prompt is that caption.)
 
-    .venv/bin/python benchmarks/world_sets.py --demo demo-out [--text minilm] \
-        [--weights 0.25 0.5 1.0] [--out sets.json]
+Text-aware features on the same sets: `benchmarks/world_text.py --cases set-4 set-16 ...`.
+
+    .venv/bin/python benchmarks/world_sets.py --demo demo-out [--out sets.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -45,7 +40,6 @@ from genattr.heads.checkpoint import load_heads
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
 from genattr.vectors import embed
-from genattr.world.captioned import load_sets
 from genattr.world.clipart import load_data
 from genattr.world.demo import stricter_gallery
 
@@ -102,56 +96,16 @@ def own_image_first(tc: TestCaseFeatures, models: list, mappers=None) -> tuple[f
     return float(np.mean(hits)), float(np.mean(chance))
 
 
-def text_of(path: str, data, prompts: dict[str, dict[str, list[str]]]) -> str:
-    """The text beside an image: a world image's caption (files named by index), or the
-    prompt a sample was made with (synth/{type}/{model}/{k}.png, one image per prompt)."""
-    p = Path(path)
-    if p.parent.parent.parent.name == "synth":
-        return prompts[p.parent.name][p.parent.parent.name][int(p.stem)]
-    return data.records[int(p.stem)]["caption"]
-
-
-def jittered(text: np.ndarray, seed: int) -> np.ndarray:
-    """Text vectors moved by about 1e-5: identical captions (clip-art titles repeat) would
-    otherwise tie exactly, and the protocol gives ties to the exemplar; this breaks them at
-    random, as a ranking that cannot tell them apart should."""
-    return text + np.random.default_rng(seed).normal(0, 1e-5, text.shape).astype(np.float32)
-
-
-def blend(tc: TestCaseFeatures, gallery, texts, weight: float, shuffle: int | None = None):
-    """The test case and gallery in the text-aware space; `shuffle`: each query gets the
-    text of a query of another model (a seeded derangement by model)."""
-    from genattr.features.text import text_aware
-
-    ex = text_aware(tc.exemplar_feats, jittered(texts["exemplars"], 1), weight)
-    synth = {}
-    for p, feats in tc.synth_feats.items():
-        t = texts["synth"][p]
-        if shuffle is not None:
-            ids = np.asarray(tc.synth_ids[p])
-            rng = np.random.default_rng(shuffle)
-            order = rng.permutation(len(ids))
-            while (ids[order] == ids).any():  # never a query of the same model
-                order = rng.permutation(len(ids))
-            t = t[order]
-        synth[p] = torch.from_numpy(text_aware(feats, t, weight))
-    case = dataclasses.replace(tc, exemplar_feats=torch.from_numpy(ex), synth_feats=synth)
-    return case, torch.from_numpy(text_aware(gallery, jittered(texts["gallery"], 2), weight))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", type=Path, required=True)
     ap.add_argument("--backbones", nargs="*", default=["pixel", "world-cnn"])
-    ap.add_argument("--text", default="minilm", help="text encoder; '' to skip text rows")
-    ap.add_argument("--weights", nargs="*", type=float, default=[0.25, 0.5, 1.0])
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    data, sets = load_data(), load_sets()
+    data = load_data()
     manifest = read_manifest(args.demo / "world" / "sets" / "manifest.json")
-    prompts = {m["id"]: m["prompts"] for m in sets.models}
     by_size: dict[int, list] = {}
     for m in manifest.models:
         by_size.setdefault(len(m.exemplars), []).append(m)
@@ -162,24 +116,17 @@ def main() -> None:
         n: {p: {"mAP": chance_ap(n_gallery, n), "R@10": float("nan")} for p in ("set", "held-out")}
         for n in by_size
     }
-    rows["membership (the model's own training set first)"] = {
+    rows["membership oracle (the set first, by construction)"] = {
         n: {p: {"mAP": 1.0, "R@10": min(1.0, 10 / n)} for p in ("set", "held-out")} for n in by_size
     }
-    encoder = None
-    if args.text:
-        from genattr.features.text import load_text_encoder
-
-        encoder = load_text_encoder(args.text)
     for name in args.backbones:
         stores = args.demo / "stores" / name
-        gallery_store = EmbeddingStore.open(stores / "pretrain")
-        gallery = torch.from_numpy(np.asarray(gallery_store.vectors, np.float32))
+        gallery = torch.from_numpy(
+            np.asarray(EmbeddingStore.open(stores / "pretrain").vectors, np.float32)
+        )
         real = EmbeddingStore.open(stores / "set-exemplars")
         synth = EmbeddingStore.open(stores / "set-synth")
         mappers = load_heads(args.demo / "heads" / name)[0]
-        gallery_text = None
-        if encoder is not None:
-            gallery_text = encoder.encode([text_of(p, data, prompts) for p in gallery_store.paths])
         for n, models in sorted(by_size.items()):
             tc = testcase_from_stores(BenchmarkManifest(f"set-{n}", models), real, synth)[0]
             strict = stricter_gallery(gallery, real, tc)
@@ -189,27 +136,6 @@ def main() -> None:
                 f"{name} raw, stricter gallery": (strict, tc, None, True),
                 f"{name} + head, stricter gallery": (strict, tc, mappers, True),
             }
-            if encoder is not None:
-                texts = {
-                    "gallery": gallery_text,
-                    "exemplars": encoder.encode(
-                        [text_of(p, data, prompts) for p in tc.exemplar_paths]
-                    ),
-                    "synth": {
-                        p: encoder.encode([text_of(q, data, prompts) for q in paths])
-                        for p, paths in tc.synth_paths.items()
-                    },
-                }
-                for w in args.weights:
-                    case, g = blend(tc, gallery, texts, w)
-                    label = (
-                        "text only (prompt vs captions)" if w == 1.0 else f"{name} raw + text w={w}"
-                    )
-                    if w == 1.0 and name != args.backbones[0]:
-                        continue  # the same ranking for every backbone
-                    runs[label] = (g, case, None, False)
-                    case, g = blend(tc, gallery, texts, w, shuffle=n)
-                    runs[label + ", prompts swapped across models"] = (g, case, None, False)
             for label, (g, case, mp, stricter) in runs.items():
                 res = evaluate_protocol(g, case, KS, mappers=mp, exemplars_as_distractors=stricter)
                 rows.setdefault(label, {})[n] = per_model(res)

@@ -16,8 +16,9 @@ For the models of `--splits` (test by default) and each test case of `--cases`, 
     nice .venv/bin/python benchmarks/world_text.py --out world-text.json \
         [--cases object unobserved style] [--splits test] [--text-encoder minilm]
 
-`evaluate_case` takes images and texts only, so a new test case (e.g. a captioned set) needs
-only its queries, gallery and exemplars.
+The captioned sets (`genattr.world.captioned`) are the cases `set-4` ... `set-256`: one per
+set size, every model of that size (all are test models; `--splits` does not apply); their
+`set` prompts are the captions of images of the set, word for word.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from genattr.evaluate import EvaluationResult, evaluate_scores
 from genattr.features.registry import get_backbone
 from genattr.features.text import TextEncoder, clean_prompt, load_text_encoder, text_aware
 from genattr.world.benchmark import load_benchmark
+from genattr.world.captioned import case_name, load_sets
 from genattr.world.clipart import load_data
 
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -190,12 +192,24 @@ def evaluate_case(
 def world_cases(
     cases: Sequence[str], splits: Sequence[str]
 ) -> dict[str, tuple[Case, list[str | None]]]:
-    """The world benchmark's test cases: per case, its `Case` and each query's category."""
+    """The world benchmark's test cases, and the captioned sets' (`set-N`, one per set size,
+    `genattr.world.captioned`): per case, its `Case` and each query's category (None for a
+    set, which has none)."""
     data, bench = load_data(), load_benchmark()
     pre = data.indices("pretrain")
     out = {}
+    sets = load_sets() if any(c.startswith("set-") for c in cases) else None
     for name in cases:
-        models = [m for m in bench.models if m["split"] in splits and m.get("case") == name]
+        if sets is not None and name.startswith("set-"):
+            models = [
+                {**m, "exemplars": m["images"], "category": None}
+                for m in sets.models
+                if case_name(m) == name
+            ]
+            images = sets.images
+        else:
+            models = [m for m in bench.models if m["split"] in splits and m.get("case") == name]
+            images = bench.images
         if not models:
             continue
         rows: list[int] = []
@@ -211,7 +225,7 @@ def world_cases(
                 types += [ptype] * count
                 cats += [m.get("category")] * count
         case = Case(
-            bench.images[np.asarray(q_rows)],
+            images[np.asarray(q_rows)],
             prompts,
             np.asarray(ids),
             types,
@@ -227,7 +241,11 @@ def world_cases(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", nargs="+", default=["object", "unobserved", "style"])
+    ap.add_argument(
+        "--cases",
+        nargs="+",
+        default=["object", "unobserved", "style", "set-4", "set-16", "set-64", "set-256"],
+    )
     ap.add_argument("--splits", nargs="+", default=["test"])
     ap.add_argument("--backbones", nargs="+", default=["world-cnn", "pixel"])
     ap.add_argument("--text-encoder", default="minilm")
