@@ -150,6 +150,30 @@ def build_benchmark(
     return manifest
 
 
+def model_pngs(
+    data: ClipartData,
+    samples: np.ndarray,
+    model_id: str,
+    exemplars: list[int],
+    synth: dict[str, list[int]],
+    dirs: dict[str, Path],
+) -> tuple[list[str], dict[str, list[str]]]:
+    """A packed model as PNG files: its exemplars (rows of the world data) under
+    `dirs["exemplars"]/{id}/`, its samples (prompt type -> [first row, count] of `samples`)
+    under `dirs["synth"]/{type}/{id}/`; their paths."""
+    ex = [
+        save_png(data.images[i], dirs["exemplars"] / model_id / f"{i:05d}.png") for i in exemplars
+    ]
+    out = {
+        ptype: [
+            save_png(samples[at + k], dirs["synth"] / ptype / model_id / f"{k:03d}.png")
+            for k in range(count)
+        ]
+        for ptype, (at, count) in synth.items()
+    }
+    return ex, out
+
+
 @dataclass
 class WorldBenchmark:
     """The packed benchmark: synthesized images (N, S, S, 3) uint8 and one record per model."""
@@ -169,17 +193,9 @@ class WorldBenchmark:
             save_png(data.images[i], dirs["pretrain"] / f"{i:05d}.png")
         models = []
         for m in self.models:
-            exemplars = [
-                save_png(data.images[i], dirs["exemplars"] / m["id"] / f"{i:05d}.png")
-                for i in m["exemplars"]
-            ]
-            synth = {
-                ptype: [
-                    save_png(self.images[at + k], dirs["synth"] / ptype / m["id"] / f"{k:03d}.png")
-                    for k in range(count)
-                ]
-                for ptype, (at, count) in m["synth"].items()
-            }
+            exemplars, synth = model_pngs(
+                data, self.images, m["id"], m["exemplars"], m["synth"], dirs
+            )
             models.append(
                 CustomizedModel(
                     m["id"],

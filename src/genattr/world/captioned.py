@@ -39,19 +39,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from genattr.atomic import atomic_path, write_text_atomic
+from genattr.atomic import write_text_atomic
 from genattr.customize.driver import make_benchmark
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, read_manifest
 from genattr.errors import GenattrError
 from genattr.world.base import base_model_dir
-from genattr.world.benchmark import WORLD_SAMPLE, WORLD_TRAIN
+from genattr.world.benchmark import WORLD_SAMPLE, WORLD_TRAIN, model_pngs
 from genattr.world.clipart import (
     DEFAULT_DATA_DIR,
     ClipartData,
     load_data,
     read_packed,
     save_png,
-    write_npz_lzma,
+    write_packed,
 )
 
 logger = logging.getLogger(__name__)
@@ -198,17 +198,7 @@ class CaptionedSets:
         dirs = {k: out / k for k in ("exemplars", "synth")}
         models = []
         for m in self.models:
-            exemplars = [
-                save_png(data.images[i], dirs["exemplars"] / m["id"] / f"{i:05d}.png")
-                for i in m["images"]
-            ]
-            synth = {
-                ptype: [
-                    save_png(self.images[at + k], dirs["synth"] / ptype / m["id"] / f"{k:03d}.png")
-                    for k in range(count)
-                ]
-                for ptype, (at, count) in m["synth"].items()
-            }
+            exemplars, synth = model_pngs(data, self.images, m["id"], m["images"], m["synth"], dirs)
             extra = {"prompts": m["prompts"], "captions": m["captions"], "case": case_name(m)}
             models.append(
                 CustomizedModel(m["id"], exemplars, synth, None, "captioned", "test", extra)
@@ -253,12 +243,6 @@ def pack_sets(
                 "synth": synth,
             }
         )
-    if not images or images[0].shape != (size, size, 3):
-        raise GenattrError(f"{work}: expected {size}x{size} samples")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / SETS_IMAGES.format(size=size)) as tmp:
-        write_npz_lzma(tmp, np.stack(images))
     meta = {
         "kind": "genattr.world.captioned_sets",
         "format_version": SETS_FORMAT_VERSION,
@@ -270,8 +254,9 @@ def pack_sets(
         "sample": {**WORLD_SAMPLE, "images_per_prompt": 1},
         "models": models,
     }
-    write_text_atomic(out / SETS_META.format(size=size), json.dumps(meta, indent=1) + "\n")
-    return out
+    return write_packed(
+        Path(out), SETS_META.format(size=size), SETS_IMAGES.format(size=size), images, meta, size
+    )
 
 
 def load_sets(directory: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32) -> CaptionedSets:

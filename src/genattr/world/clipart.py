@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from genattr.atomic import atomic_path
+from genattr.atomic import atomic_path, write_text_atomic
 from genattr.errors import GenattrError
 
 logger = logging.getLogger(__name__)
@@ -460,6 +460,20 @@ def write_npz_lzma(path: Path, images: np.ndarray) -> None:
     info.compress_type = zipfile.ZIP_LZMA
     with zipfile.ZipFile(path, "w") as z:
         z.writestr(info, buf.getvalue())
+
+
+def write_packed(
+    out: Path, meta_name: str, img_name: str, images: list[np.ndarray], meta: dict, size: int
+) -> Path:
+    """Write a pack of samples: the images, LZMA inside an npz, and the json metadata; `out`
+    is made if absent. Refuses images that are not (size, size, 3)."""
+    if not images or images[0].shape != (size, size, 3):
+        raise GenattrError(f"expected {size}x{size} samples to pack")
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / img_name) as tmp:
+        write_npz_lzma(tmp, np.stack(images))
+    write_text_atomic(out / meta_name, json.dumps(meta, indent=1) + "\n")
+    return out
 
 
 def read_packed(

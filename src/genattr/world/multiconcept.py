@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 from PIL import Image
 
-from genattr.atomic import atomic_path, write_text_atomic
+from genattr.atomic import write_text_atomic
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.prompts import with_token
 from genattr.customize.sample import generate_images, sample_config_from_dict
@@ -63,7 +63,7 @@ from genattr.world.clipart import (
     load_data,
     read_packed,
     save_png,
-    write_npz_lzma,
+    write_packed,
 )
 
 if TYPE_CHECKING:
@@ -356,12 +356,6 @@ def pack_multiconcept(
                 "concepts": concepts,
             }
         )
-    if not images or images[0].shape != (size, size, 3):
-        raise GenattrError(f"{work}: expected {size}x{size} samples")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / MC_IMAGES.format(size=size)) as tmp:
-        write_npz_lzma(tmp, np.stack(images))
     meta = {
         "kind": "genattr.world.multiconcept",
         "format_version": MC_FORMAT_VERSION,
@@ -372,8 +366,9 @@ def pack_multiconcept(
         "sample": sample_options(),
         "models": models,
     }
-    write_text_atomic(out / MC_META.format(size=size), json.dumps(meta, indent=1) + "\n")
-    return out
+    return write_packed(
+        Path(out), MC_META.format(size=size), MC_IMAGES.format(size=size), images, meta, size
+    )
 
 
 def load_multiconcept(
