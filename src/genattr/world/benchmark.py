@@ -30,7 +30,7 @@ from genattr.world.clipart import (
     DEFAULT_DATA_DIR,
     ClipartData,
     load_data,
-    read_packed,
+    read_packed_models,
     save_png,
 )
 
@@ -264,14 +264,11 @@ def load_benchmark(
 ) -> WorldBenchmark:
     """The shipped (or rebuilt) world benchmark."""
     d = Path(directory)
-    meta, images = read_packed(
+    meta, models, images = read_packed_models(
         d / BENCH_META.format(size=size),
         d / BENCH_IMAGES.format(size=size),
         BENCH_FORMAT_VERSION,
         f"{d}: no world benchmark; run `genattr world build`",
+        lambda m: sum(c for _, c in m["synth"].values()),
     )
-    models = meta.pop("models")
-    total = sum(c for m in models for _, c in m["synth"].values())
-    if total != len(images):
-        raise GenattrError(f"{d}: {len(images)} images but the models name {total}")
     return WorldBenchmark(images, models, meta)

@@ -49,7 +49,7 @@ from genattr.world.clipart import (
     DEFAULT_DATA_DIR,
     ClipartData,
     load_data,
-    read_packed,
+    read_packed_models,
     save_png,
     write_packed,
 )
@@ -262,16 +262,13 @@ def pack_sets(
 def load_sets(directory: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32) -> CaptionedSets:
     """The shipped (or rebuilt) captioned-set test case."""
     d = Path(directory)
-    meta, images = read_packed(
+    meta, models, images = read_packed_models(
         d / SETS_META.format(size=size),
         d / SETS_IMAGES.format(size=size),
         SETS_FORMAT_VERSION,
         f"{d}: no captioned-set test case; run `python -m genattr.world.captioned build`",
+        lambda m: sum(c for _, c in m["synth"].values()),
     )
-    models = meta.pop("models")
-    total = sum(n for m in models for _, n in m["synth"].values())
-    if total != len(images):
-        raise GenattrError(f"{d}: {len(images)} images but the models name {total}")
     return CaptionedSets(images, models, meta)
 
 

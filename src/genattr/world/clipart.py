@@ -490,6 +490,23 @@ def read_packed(
         return meta, z["images"]
 
 
+def read_packed_models(
+    meta_path: Path,
+    img_path: Path,
+    version: int,
+    missing: str,
+    samples: Callable[[dict[str, Any]], int],
+) -> tuple[dict[str, Any], list[dict[str, Any]], np.ndarray]:
+    """A pack of models' samples (`read_packed`): its metadata without `models`, the models,
+    and the images, checked to be as many as `samples(model)` adds up to."""
+    meta, images = read_packed(meta_path, img_path, version, missing)
+    models = meta.pop("models")
+    total = sum(samples(m) for m in models)
+    if total != len(images):
+        raise GenattrError(f"{img_path}: {len(images)} images but the models name {total}")
+    return meta, models, images
+
+
 def load_data(directory: str | os.PathLike = DEFAULT_DATA_DIR, size: int = 32) -> ClipartData:
     """The shipped (or rebuilt) world data."""
     d = Path(directory)

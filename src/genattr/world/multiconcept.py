@@ -61,7 +61,7 @@ from genattr.world.clipart import (
     DEFAULT_DATA_DIR,
     ClipartData,
     load_data,
-    read_packed,
+    read_packed_models,
     save_png,
     write_packed,
 )
@@ -376,16 +376,13 @@ def load_multiconcept(
 ) -> MultiConceptBenchmark:
     """The shipped (or rebuilt) multi-concept test case."""
     d = Path(directory)
-    meta, images = read_packed(
+    meta, models, images = read_packed_models(
         d / MC_META.format(size=size),
         d / MC_IMAGES.format(size=size),
         MC_FORMAT_VERSION,
         f"{d}: no multi-concept test case; run `python -m genattr.world.multiconcept build`",
+        lambda m: sum(n for c in m["concepts"] for _, n in c["synth"].values()),
     )
-    models = meta.pop("models")
-    total = sum(n for m in models for c in m["concepts"] for _, n in c["synth"].values())
-    if total != len(images):
-        raise GenattrError(f"{d}: {len(images)} images but the models name {total}")
     return MultiConceptBenchmark(images, models, meta)
 
 
