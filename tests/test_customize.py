@@ -400,18 +400,17 @@ def _assert_same_benchmark(got: dict[str, bytes], want: dict[str, bytes]) -> Non
             assert got[name] == want[name], name  # images, weights, JSON: byte for byte
 
 
-def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_path):
-    plan, ref = planned
-    bench = tmp_path / "run" / "bench"
+def kill_while_second_model_runs(plan: Path, bench: Path, first: str, second: str) -> None:
+    """Run make-benchmark and SIGKILL it once model `first` is complete and `second` has
+    started."""
     proc = subprocess.Popen(
         _cmd(plan, bench), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 240
     try:
-        # Kill once the first model is complete and the second one has started.
         while (
-            not (bench / "state" / "disc0.json").exists()
-            or not (bench / "exemplar" / "box0").exists()
+            not (bench / "state" / f"{first}.json").exists()
+            or not (bench / "exemplar" / second).exists()
         ):
             assert proc.poll() is None, "make-benchmark ended before it could be killed"
             assert time.monotonic() < deadline
@@ -420,6 +419,12 @@ def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_pat
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+
+
+def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_path):
+    plan, ref = planned
+    bench = tmp_path / "run" / "bench"
+    kill_while_second_model_runs(plan, bench, "disc0", "box0")
     assert not (bench / "state" / "box0.json").exists()  # the model in progress is not complete
     assert not (bench / "manifest.json").exists()
 

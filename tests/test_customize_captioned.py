@@ -5,10 +5,7 @@ the trainable layers (`freeze_model`), the saved format, plans and make-benchmar
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -284,7 +281,7 @@ def test_plan_reads_captioned_sets(tiny, tmp_path):
 def test_make_benchmark_with_captioned_sets_resumes(tiny, tmp_path):
     """Killed while the second set trains, resumed: the same benchmark byte for byte as one
     uninterrupted run (bar measured times)."""
-    from tests.test_customize import _assert_same_benchmark
+    from tests.test_customize import _assert_same_benchmark, kill_while_second_model_runs
 
     plan = _write_plan(tmp_path, tiny)
     ref = tmp_path / "ref" / "bench"
@@ -292,21 +289,7 @@ def test_make_benchmark_with_captioned_sets_resumes(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
 
     bench = tmp_path / "run" / "bench"
-    proc = subprocess.Popen(
-        _cmd(plan, bench), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while (
-            not (bench / "state" / "set0.json").exists()
-            or not (bench / "exemplar" / "set1").exists()
-        ):
-            assert proc.poll() is None, "make-benchmark ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+    kill_while_second_model_runs(plan, bench, "set0", "set1")
     assert not (bench / "state" / "set1.json").exists()
     again = subprocess.run(
         _cmd(plan, bench), env=_env(), capture_output=True, text=True, timeout=300
