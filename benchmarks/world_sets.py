@@ -8,7 +8,9 @@ captions of other images of the same kind), mAP and Recall@10 as the mean over m
 model's mean over its queries, with the standard error across models, for:
 
 - raw features and the head trained on single exemplars (the demo's), per backbone;
-- the same on the stricter gallery (every other set's images added as distractors);
+- the same on the stricter gallery (every other set's images added as distractors), and the
+  query-independent control (every query replaced by the mean query: a ranking that ignores
+  which sample was asked about) on both galleries;
 - chance (the exact expected AP of a random ranking, simulated) and membership (a method that
   knows which images the model was tuned on ranks the set first: mAP 1 by construction,
   which is why model-based attributors are not compared on this gallery).
@@ -75,15 +77,23 @@ def per_model(result: EvaluationResult) -> dict[str, dict[str, float]]:
     return out
 
 
-def own_image_first(tc: TestCaseFeatures, models: list, mappers=None) -> tuple[float, float]:
+def own_image_first(
+    tc: TestCaseFeatures, models: list, mappers=None, query_independent: bool = False
+) -> tuple[float, float]:
     """Over the `set` queries: the share whose own image (the one trained with the caption
     the query was sampled with; every such image if captions repeat) is the most similar of
-    the set's images, and the mean chance of that (own images / N)."""
+    the set's images, and the mean chance of that (own images / N). `query_independent`:
+    every query replaced by the mean of its model's `set` queries (the control)."""
     real = mappers.real.eval() if mappers is not None else None
     synth = mappers.synth.eval() if mappers is not None else None
     with torch.no_grad():
         ex = embed(tc.exemplar_feats.float(), real)
         queries = embed(tc.synth_feats["set"].float(), synth)
+    if query_independent:
+        ids = torch.as_tensor(tc.synth_ids["set"])
+        for mid in ids.unique():
+            rows = ids == mid
+            queries[rows] = torch.nn.functional.normalize(queries[rows].mean(0), dim=0)
     hits, chance = [], []
     for q, (mid, path) in enumerate(zip(tc.synth_ids["set"], tc.synth_paths["set"], strict=True)):
         model = models[mid]
@@ -130,17 +140,25 @@ def main() -> None:
         for n, models in sorted(by_size.items()):
             tc = testcase_from_stores(BenchmarkManifest(f"set-{n}", models), real, synth)[0]
             strict = stricter_gallery(gallery, real, tc)
-            runs = {
-                f"{name} raw": (gallery, tc, None, False),
-                f"{name} + head (single exemplars)": (gallery, tc, mappers, False),
-                f"{name} raw, stricter gallery": (strict, tc, None, True),
-                f"{name} + head, stricter gallery": (strict, tc, mappers, True),
+            runs = {  # gallery, mappers, stricter gallery, query-independent
+                f"{name} raw": (gallery, None, False, False),
+                f"{name} + head (single exemplars)": (gallery, mappers, False, False),
+                f"{name} raw, stricter gallery": (strict, None, True, False),
+                f"{name} + head, stricter gallery": (strict, mappers, True, False),
+                f"{name} raw, query-independent": (gallery, None, False, True),
+                f"{name} raw, query-independent, stricter gallery": (strict, None, True, True),
             }
-            for label, (g, case, mp, stricter) in runs.items():
-                res = evaluate_protocol(g, case, KS, mappers=mp, exemplars_as_distractors=stricter)
+            for label, (g, mp, stricter, qi) in runs.items():
+                res = evaluate_protocol(
+                    g, tc, KS, mappers=mp, exemplars_as_distractors=stricter, query_independent=qi
+                )
                 rows.setdefault(label, {})[n] = per_model(res)
-            for label, mp in ((f"{name} raw", None), (f"{name} + head", mappers)):
-                top1, chance = own_image_first(tc, models, mp)
+            for label, mp, qi in (
+                (f"{name} raw", None, False),
+                (f"{name} + head", mappers, False),
+                (f"{name} raw, query-independent", None, True),
+            ):
+                top1, chance = own_image_first(tc, models, mp, qi)
                 within.setdefault(label, {})[n] = top1
                 within.setdefault("chance", {})[n] = chance
     sizes = sorted(by_size)

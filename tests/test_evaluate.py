@@ -195,3 +195,20 @@ def test_scores_of_the_wrong_shape_or_not_finite_are_refused():
     bad[3, 7] = float("nan")
     with pytest.raises(GenattrError, match="NaN"):
         evaluate_scores(bad, torch.zeros(q, e), tc)
+
+
+def test_expected_random_ap_is_the_mean_ap_of_random_rankings() -> None:
+    from genattr.evaluate import expected_random_ap
+
+    rng = np.random.default_rng(0)
+    for e, n in [(1, 40), (3, 7), (5, 60), (12, 30)]:
+        aps = []
+        for _ in range(20000):
+            ranks = np.sort(rng.choice(n, e, replace=False)) + 1
+            aps.append(np.mean(np.arange(1, e + 1) / ranks))
+        # 20,000 draws: the simulated mean is within 4 standard errors.
+        se = np.std(aps) / np.sqrt(len(aps))
+        assert abs(expected_random_ap(e, n) - np.mean(aps)) < 4 * se, (e, n)
+    assert expected_random_ap(7, 7) == pytest.approx(1.0)
+    assert expected_random_ap(1, 1161) == pytest.approx(np.sum(1 / np.arange(1, 1162)) / 1161)
+    assert expected_random_ap(1, 1161) > 7 * (1 / 1161)  # e/n understates it for few relevant

@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from genattr.cli import app
+from genattr.evaluate import expected_random_ap
 from genattr.workflows.model_cases import Concept, ImageSet, ModelCase, select_queries
 from genattr.workflows.model_methods import evaluate_method
 from tests.test_customize import _shape_image
@@ -87,8 +88,9 @@ def test_planted_scores_give_the_protocols_numbers():
     np.testing.assert_allclose(ap[ids == 2], 1.0)
     assert own.controls["noise"]["abc"].summary()["a"]["mAP"] < 0.5
     assert set(own.controls) == {"noise", "mean query"}
-    assert own.chance["abc"] == pytest.approx(2 / 22)
-    assert own.chance["model"] == pytest.approx((2 / 24 + 2 / 24 + 2 / 22) / 3)
+    assert own.chance["abc"] == pytest.approx(expected_random_ap(2, 22))
+    model_chance = [expected_random_ap(2, 24), expected_random_ap(2, 24), expected_random_ap(2, 22)]
+    assert own.chance["model"] == pytest.approx(np.mean(model_chance))
 
 
 def test_select_queries_spreads_evenly():
@@ -166,7 +168,7 @@ def test_evaluate_gradient_on_a_make_benchmark_folder(bench, tmp_path):
         "mean query",
     }
     assert set(doc["model_gallery"]) == set(doc["results"])
-    assert doc["chance"]["abc"] == pytest.approx(1 / 5)
+    assert doc["chance"]["abc"] == pytest.approx(expected_random_ap(1, 5))
     assert doc["storage_bytes_per_image"] == 256
     assert pq.read_table(tmp_path / doc["queries_file"]).num_rows == 4
     (ptype,) = doc["results"]  # the plan's one prompt set

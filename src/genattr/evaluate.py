@@ -76,6 +76,17 @@ class EvaluationResult:
         return out
 
 
+def expected_random_ap(n_relevant: int | np.ndarray, n_total: int | np.ndarray) -> np.ndarray:
+    """The expected AP of a uniformly random ranking of `n_total` items of which `n_relevant`
+    are relevant: (1/n)((e-1)/(n-1)(n - H_n) + H_n), H_n the n-th harmonic number (Bestgen,
+    2015). Far above e/n for few relevant items: 1/n of the mean 1/rank is H_n/n, not 1/n."""
+    e = np.asarray(n_relevant, np.float64)
+    n = np.asarray(n_total, np.float64)
+    h = np.vectorize(lambda k: float(np.sum(1.0 / np.arange(1, int(k) + 1))))(n)
+    ratio = np.where(n > 1, (e - 1) / np.maximum(n - 1, 1), 0.0)
+    return (ratio * (n - h) + h) / n
+
+
 def _count_dense(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """(B, G) scores, (B, E) thresholds -> (B, E) counts of scores > threshold."""
     return torch.stack(

@@ -18,6 +18,7 @@ import numpy as np
 from markupsafe import Markup
 
 from genattr.atomic import write_text_atomic
+from genattr.evaluate import expected_random_ap
 from genattr.report.attribution_html import STYLE, TEMPLATES, attribution_section, img_tag
 
 PAGE_STYLE = STYLE + (
@@ -89,7 +90,7 @@ def _chance(result: Any, gallery_size: int) -> dict:
         e = r.n_exemplars.astype(float)
         n = e + gallery_size
         out[p] = {
-            "mAP": float(np.mean(e / n)),
+            "mAP": float(np.mean(expected_random_ap(e, n))),
             "recall": {str(k): float(np.mean(np.minimum(1.0, k / n))) for k in result.ks},
         }
     return out

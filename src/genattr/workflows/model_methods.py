@@ -36,7 +36,13 @@ from genattr.customize.train import read_square
 from genattr.data.official import TestCaseFeatures
 from genattr.devices import resolve_device
 from genattr.errors import GenattrError, validation_reason
-from genattr.evaluate import DEFAULT_KS, EvaluationResult, evaluate_scores, write_results
+from genattr.evaluate import (
+    DEFAULT_KS,
+    EvaluationResult,
+    evaluate_scores,
+    expected_random_ap,
+    write_results,
+)
 from genattr.features.embedder import embed_images
 from genattr.features.registry import get_backbone
 from genattr.heads.checkpoint import MapperPair, load_heads
@@ -480,13 +486,14 @@ def evaluate_method(
 
 
 def _chance(cases: Sequence[ModelCase], n_gallery: int) -> dict[str, float]:
-    """Expected AP of a random ranking, averaged over concepts: |E| / (gallery size)."""
+    """Expected AP of a random ranking (`expected_random_ap`), averaged over concepts."""
     abc, model = [], []
     for case in cases:
         n_model = sum(len(k.exemplars) for k in case.concepts)
         for k in case.concepts:
-            abc.append(len(k.exemplars) / (n_gallery + len(k.exemplars)))
-            model.append(len(k.exemplars) / (n_gallery + n_model))
+            e = len(k.exemplars)
+            abc.append(float(expected_random_ap(e, n_gallery + e)))
+            model.append(float(expected_random_ap(e, n_gallery + n_model)))
     return {"abc": float(np.mean(abc)), "model": float(np.mean(model))}
 
 
