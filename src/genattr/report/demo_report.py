@@ -98,7 +98,8 @@ def _chance(result: Any, gallery_size: int) -> dict:
 
 def _sets_plot(outcomes: dict, ptypes: Sequence[str], chance: dict) -> str:
     """A data URI of mAP against the set size N, one panel per prompt type of the captioned
-    sets: raw features dashed, the head solid, the stricter gallery dotted, chance grey."""
+    sets: raw features dashed, the head solid, the query-independent control dotted (a
+    method must stay above it), chance grey."""
     plt = _pyplot()
     kinds = sorted({p.split(": ", 1)[1] for p in ptypes}, key=lambda k: k != "set")
     fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.2), squeeze=False)
@@ -106,7 +107,7 @@ def _sets_plot(outcomes: dict, ptypes: Sequence[str], chance: dict) -> str:
         cols = [p for p in ptypes if p.endswith(f": {kind}")]
         sizes = [int(p.split(":")[0].split("-")[1]) for p in cols]
         for c, (name, o) in enumerate(outcomes.items()):
-            for key, ls in (("raw", "--"), ("head", "-"), ("raw, stricter gallery", ":")):
+            for key, ls in (("raw", "--"), ("head", "-"), ("raw, query-independent", ":")):
                 summary = o.sets[key].summary()
                 label = f"{name} ({key})"
                 ax.plot(sizes, [summary[p]["mAP"] for p in cols], ls, color=f"C{c}", label=label)
