@@ -22,7 +22,8 @@ score 1, since the prompt is that caption.)
 
 Text-aware features on the same sets: `benchmarks/world_text.py --cases set-4 set-16 ...`.
 
-    .venv/bin/python benchmarks/world_sets.py --demo demo-out [--out sets.json]
+    .venv/bin/python benchmarks/world_sets.py --demo demo-out [--out sets.json] \
+        [--figure docs/world/sets-vs-n.png]
 """
 
 from __future__ import annotations
@@ -106,11 +107,80 @@ def own_image_first(
     return float(np.mean(hits)), float(np.mean(chance))
 
 
+def figure(rows: dict, within: dict, sizes: list[int], backbones: list[str], path: Path) -> None:
+    """mAP against N on both galleries (`set` prompts; each method beside its query-independent
+    control and chance) and the within-set question, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = (("AbC gallery", ""), ("stricter gallery", ", stricter gallery"))
+    for ax, (title, suffix) in zip(axes[:2], panels, strict=True):
+        for c, name in enumerate(backbones):
+            styles = (("raw", "--"), ("+ head", "-"), ("raw, query-independent", ":"))
+            for what, ls in styles:
+                key = (
+                    f"{name} {what}{suffix}"
+                    if what != "+ head"
+                    else (
+                        f"{name} + head (single exemplars)"
+                        if not suffix
+                        else f"{name} + head{suffix}"
+                    )
+                )
+                ys = [rows[key][n]["set"]["mAP"] for n in sizes]
+                ax.plot(sizes, ys, ls, color=f"C{c}", label=f"{name} {what}")
+        if not suffix:
+            ax.plot(
+                sizes,
+                [rows["chance"][n]["set"]["mAP"] for n in sizes],
+                color="grey",
+                lw=1,
+                label="chance",
+            )
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="images in the set (N)",
+            ylabel="mAP",
+            title=f"{title}, set prompts",
+        )
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    ax = axes[2]
+    for c, name in enumerate(backbones):
+        for what, ls in (("raw", "--"), ("+ head", "-"), ("raw, query-independent", ":")):
+            ax.plot(
+                sizes,
+                [within[f"{name} {what}"][n] for n in sizes],
+                ls,
+                color=f"C{c}",
+                label=f"{name} {what}",
+            )
+    ax.plot(sizes, [within["chance"][n] for n in sizes], color="grey", lw=1, label="chance")
+    ax.set(
+        xscale="log",
+        xlabel="images in the set (N)",
+        ylim=(0, 1),
+        ylabel="own image first",
+        title="which image of the set",
+    )
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", type=Path, required=True)
     ap.add_argument("--backbones", nargs="*", default=["pixel", "world-cnn"])
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--figure", type=Path, help="PNG: mAP against N beside the controls")
     args = ap.parse_args()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -187,6 +257,8 @@ def main() -> None:
         f"\nmodels per N: {models_per}; 8 queries per prompt type per model; "
         f"{time.perf_counter() - t0:.0f} s"
     )
+    if args.figure:
+        figure(rows, within, sizes, args.backbones, args.figure)
     if args.out:
         doc = {"rows": rows, "own_image_first": within, "models_per_size": models_per}
         args.out.write_text(json.dumps(doc, indent=1))
