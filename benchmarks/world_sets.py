@@ -38,7 +38,7 @@ import torch
 
 from genattr.data.benchmark import BenchmarkManifest, read_manifest
 from genattr.data.official import TestCaseFeatures
-from genattr.evaluate import EvaluationResult, evaluate_protocol
+from genattr.evaluate import EvaluationResult, evaluate_protocol, expected_random_ap
 from genattr.heads.checkpoint import load_heads
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
@@ -107,7 +107,9 @@ def own_image_first(
     return float(np.mean(hits)), float(np.mean(chance))
 
 
-def figure(rows: dict, within: dict, sizes: list[int], backbones: list[str], path: Path) -> None:
+def figure(
+    rows: dict, within: dict, sizes: list[int], backbones: list[str], strict_n: int, path: Path
+) -> None:
     """mAP against N on both galleries (`set` prompts; each method beside its query-independent
     control and chance) and the within-set question, one panel each."""
     import matplotlib
@@ -132,14 +134,12 @@ def figure(rows: dict, within: dict, sizes: list[int], backbones: list[str], pat
                 )
                 ys = [rows[key][n]["set"]["mAP"] for n in sizes]
                 ax.plot(sizes, ys, ls, color=f"C{c}", label=f"{name} {what}")
-        if not suffix:
-            ax.plot(
-                sizes,
-                [rows["chance"][n]["set"]["mAP"] for n in sizes],
-                color="grey",
-                lw=1,
-                label="chance",
-            )
+        chance = (
+            [float(expected_random_ap(n, strict_n)) for n in sizes]
+            if suffix
+            else [rows["chance"][n]["set"]["mAP"] for n in sizes]
+        )
+        ax.plot(sizes, chance, color="grey", lw=1, label="chance")
         ax.set(
             xscale="log",
             yscale="log",
@@ -258,7 +258,8 @@ def main() -> None:
         f"{time.perf_counter() - t0:.0f} s"
     )
     if args.figure:
-        figure(rows, within, sizes, args.backbones, args.figure)
+        strict_n = n_gallery + sum(len(m.exemplars) for m in manifest.models)
+        figure(rows, within, sizes, args.backbones, strict_n, args.figure)
     if args.out:
         doc = {"rows": rows, "own_image_first": within, "models_per_size": models_per}
         args.out.write_text(json.dumps(doc, indent=1))
