@@ -123,15 +123,7 @@ def figure(
         for c, name in enumerate(backbones):
             styles = (("raw", "--"), ("+ head", "-"), ("raw, query-independent", ":"))
             for what, ls in styles:
-                key = (
-                    f"{name} {what}{suffix}"
-                    if what != "+ head"
-                    else (
-                        f"{name} + head (single exemplars)"
-                        if not suffix
-                        else f"{name} + head{suffix}"
-                    )
-                )
+                key = f"{name} {what}{suffix}"
                 ys = [rows[key][n]["set"]["mAP"] for n in sizes]
                 ax.plot(sizes, ys, ls, color=f"C{c}", label=f"{name} {what}")
         chance = (
@@ -212,7 +204,7 @@ def main() -> None:
             strict = stricter_gallery(gallery, real, tc)
             runs = {  # gallery, mappers, stricter gallery, query-independent
                 f"{name} raw": (gallery, None, False, False),
-                f"{name} + head (single exemplars)": (gallery, mappers, False, False),
+                f"{name} + head": (gallery, mappers, False, False),
                 f"{name} raw, stricter gallery": (strict, None, True, False),
                 f"{name} + head, stricter gallery": (strict, mappers, True, False),
                 f"{name} raw, query-independent": (gallery, None, False, True),

@@ -114,6 +114,15 @@ SERVE_GALLERY = 40  # world images in the web service's test index
 
 
 @pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny Stable-Diffusion-shaped pipeline folder (tests/tiny_sd.py), one per test module:
+    modules write models and benchmarks beside their own copy."""
+    from tests.tiny_sd import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
+
+
+@pytest.fixture(scope="module")
 def world_data():
     """The shipped clip-art world (images and records)."""
     from genattr.world.clipart import load_data

@@ -20,7 +20,6 @@ from typer.testing import CliRunner
 from genattr.cli import app
 from genattr.data import read_abc_json, read_manifest
 from genattr.errors import GenattrError
-from tests.tiny_sd import build_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 RES = 32  # tiny pipeline: 32 px images, 16 px latents
@@ -29,11 +28,6 @@ RES = 32  # tiny pipeline: 32 px images, 16 px latents
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
 
 
 def _shape_image(path: Path, kind: str, color: tuple[int, int, int]) -> Path:

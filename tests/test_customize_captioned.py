@@ -17,7 +17,6 @@ from genattr.cli import app
 from genattr.data import read_manifest
 from genattr.errors import GenattrError
 from tests.test_customize import RES, _cmd, _env, _files, _render, _shape_image
-from tests.tiny_sd import build_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 
@@ -27,11 +26,6 @@ CAPTIONS = ["a red disc on grey", "a blue box on grey", "a green disc on grey"]
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import torch
 
 from genattr.errors import GenattrError
 from tests.test_customize import _shape_image
-from tests.tiny_sd import build_tiny_pipeline
 
 pytestmark = pytest.mark.slow
 RES = 32
@@ -39,11 +38,6 @@ PINNED_TORCH = "2.13.0+cpu"
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from genattr.methods.gradient import (
     select_parameters,
     spec_timesteps,
 )
-from tests.tiny_sd import build_tiny_pipeline
 
 KV = re.compile(r"\.attn2\.to_[kv]\.weight$")
 
@@ -31,11 +30,6 @@ KV = re.compile(r"\.attn2\.to_[kv]\.weight$")
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,17 +18,11 @@ from genattr.methods import (
     unlearning_scores,
 )
 from genattr.methods.gradient import derived_seed, fixed_noises, spec_timesteps
-from tests.tiny_sd import build_tiny_pipeline
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "sd")
 
 
 @pytest.fixture(scope="module")

@@ -117,3 +117,23 @@ class ClsToken(torch.nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.encoder(pixel_values=pixel_values).last_hidden_state[:, 0]
+
+
+def clip_tower_config(directory: Path, tower: str) -> dict[str, Any]:
+    """`{"config": ...}` for loading one tower ("text" or "vision") of a full CLIP checkpoint,
+    which keeps `projection_dim` at its top level where transformers does not carry it into
+    the tower config it derives (it would assume 512); {} for a tower-only checkpoint."""
+    import transformers
+
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise GenattrError(f"{directory}/config.json: unreadable config ({e})") from e
+    if model_type != "clip":
+        return {}
+    full = transformers.CLIPConfig.from_pretrained(directory)
+    config = getattr(full, f"{tower}_config")
+    if full.projection_dim is None:
+        raise GenattrError(f"{directory}/config.json: a CLIP checkpoint without projection_dim")
+    config.projection_dim = full.projection_dim
+    return {"config": config}

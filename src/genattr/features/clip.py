@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 
-from genattr.errors import GenattrError
-from genattr.features._hf import hf_backbone, load_pretrained
+from genattr.features._hf import clip_tower_config, hf_backbone, load_pretrained
 from genattr.features.preprocess import CLIP_MEAN, CLIP_STD, ImagePreprocess
 from genattr.features.registry import Backbone, register_backbone
 
@@ -30,22 +28,6 @@ class ClipImageEncoder(torch.nn.Module):
         return self.vision(pixel_values=pixel_values).image_embeds
 
 
-def _vision_config(directory: Path) -> dict:
-    """A full CLIP checkpoint keeps `projection_dim` at its top level, which transformers does
-    not carry into the vision config it derives (it would assume 512); pass it explicitly."""
-    import transformers
-
-    if json.loads((directory / "config.json").read_text()).get("model_type") != "clip":
-        return {}
-    full = transformers.CLIPConfig.from_pretrained(directory)
-    vision = full.vision_config
-    assert isinstance(vision, transformers.CLIPVisionConfig)  # CLIPConfig builds it from a dict
-    if full.projection_dim is None:
-        raise GenattrError(f"{directory}/config.json: a CLIP checkpoint without projection_dim")
-    vision.projection_dim = full.projection_dim
-    return {"config": vision}
-
-
 @register_backbone("clip-vit-b32", dim=512, preprocess=PREPROCESS)
 def clip_vit_b32(
     weights: str | os.PathLike | None = None,
@@ -61,7 +43,7 @@ def clip_vit_b32(
             directory,
             backbone="clip-vit-b32",
             model_types=("clip", "clip_vision_model"),
-            **_vision_config(directory),
+            **clip_tower_config(directory, "vision"),
         )
         return ClipImageEncoder(vision), vision.config.projection_dim
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from genattr.errors import GenattrError
-from genattr.features._hf import _quiet_transformers, load_pretrained
+from genattr.features._hf import _quiet_transformers, clip_tower_config, load_pretrained
 from genattr.features.weights import hf_hub_cache, hf_weight_files, weights_id
 from genattr.progress import progress_bar
 
@@ -195,22 +195,6 @@ def _sentence_transformer(name: str, folder: Path, device: str) -> TextEncoder:
     return TextEncoder(name, int(dim), weights_id(files), str(folder), embed)
 
 
-def _text_config(folder: Path) -> dict[str, Any]:
-    """A full CLIP checkpoint keeps `projection_dim` at its top level, which transformers does
-    not carry into the text config it derives (it would assume 512); pass it explicitly."""
-    import transformers
-
-    if _model_type(folder / "config.json") != "clip":
-        return {}
-    full = transformers.CLIPConfig.from_pretrained(folder)
-    text = full.text_config
-    assert isinstance(text, transformers.CLIPTextConfig)  # CLIPConfig builds it from a dict
-    if full.projection_dim is None:
-        raise GenattrError(f"{folder}/config.json: a CLIP checkpoint without projection_dim")
-    text.projection_dim = full.projection_dim
-    return {"config": text}
-
-
 def _clip_text(name: str, folder: Path, device: str) -> TextEncoder:
     from transformers import AutoTokenizer
 
@@ -222,7 +206,7 @@ def _clip_text(name: str, folder: Path, device: str) -> TextEncoder:
         folder,
         backbone=name,
         model_types=CLIP_MODEL_TYPES,
-        **_text_config(folder),
+        **clip_tower_config(folder, "text"),
     )
     torch.nn.Module.to(model, device).eval()  # transformers' typing of `.to` rejects a str
     try:
