@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; GPU users install a CUDA build into .venv first (README).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-kernels lint bench clean
 
 $(BIN)/genattr: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ test: setup
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The suite under the default CPU kernels and a second family (scripts/test_kernel_families.sh).
+test-kernels: setup
+	scripts/test_kernel_families.sh
 
 bench: setup
 	$(BIN)/python benchmarks/eval_speed.py

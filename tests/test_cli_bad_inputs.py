@@ -117,6 +117,24 @@ def manifest(d: Path, name: str, mutate) -> Path:
     return p
 
 
+def plan(d: Path, name: str, model: dict | None = None, **top) -> Path:
+    """A make-benchmark plan over the kit's images, changed at the top level or in its model."""
+    entry = {"id": "m0", "category": "drawing", "exemplars": [str(d / "train" / "img_000.png")]}
+    doc = {"base": str(d / "no-model"), "prompt_sets": {"object": ["media"]},
+           "models": [{**entry, **(model or {})}], **top}  # fmt: skip
+    p = d / "bad" / name
+    p.parent.mkdir(exist_ok=True)
+    p.write_text(json.dumps(doc))
+    return p
+
+
+def make_benchmark(plan_path: Path, o: Path) -> list:
+    return ["make-benchmark", "--plan", plan_path, "--out", o]
+
+
+# An output under /proc: its parent exists but nothing can be created there, whoever runs.
+PROC_OUT = Path("/proc/genattr-out/result")
+
 # Each case: a function of the kit folder and an output path -> (argv, words in the error).
 CASES = {
     # -- train-head -----------------------------------------------------------------------
@@ -195,9 +213,63 @@ CASES = {
     "evaluate float synth_ids": lambda d, o: (
         ["evaluate", "--gallery-feats", pth(d, "gallery.pth"), "--test-feats",
          pth(d, "test_float_ids.pth"), "--out", o], "integers"),
+    "evaluate gallery feats that are text": lambda d, o: (
+        ["evaluate", "--gallery-feats", text_file(d, "g.pth", "hello world\n"), "--test-feats",
+         pth(d, "test.pth"), "--out", o], "not a torch.save file"),
+    "evaluate test feats that are a table": lambda d, o: (
+        ["evaluate", "--gallery-feats", pth(d, "gallery.pth"), "--test-feats",
+         text_file(d, "t.pth", "a,b,c\n1,2,3\n"), "--out", o], "not a torch.save file"),
+    "evaluate mapper that is a table": lambda d, o: (
+        ["evaluate", "--gallery-feats", pth(d, "gallery.pth"), "--test-feats",
+         pth(d, "test.pth"), "--mapper", text_file(d, "m2.pth", "a,b,c\n1,2,3\n"),
+         "--out", o], "not a torch.save file"),
     "evaluate --device tpu": lambda d, o: (
         ["evaluate", "--gallery-feats", d / "store_train", "--test-feats", d / "store_train",
          "--device", "tpu", "--out", o], "tpu"),
+    # -- outputs that cannot be created -----------------------------------------------------
+    "evaluate --out under /proc": lambda d, o: (
+        ["evaluate", "--gallery-feats", pth(d, "gallery.pth"), "--test-feats",
+         pth(d, "test.pth"), "--out", PROC_OUT], "cannot create"),
+    "attribute --out under /proc": lambda d, o: (
+        ["attribute", d / "synth" / "m10_0.png", "--index", d / "index", "--format", "json",
+         "--out", PROC_OUT], "cannot create"),
+    "calibrate --out under /proc": lambda d, o: (
+        ["calibrate", *stores(d), "--out", PROC_OUT], "cannot create"),
+    "train-head --out under /proc": lambda d, o: (
+        ["train-head", *stores(d), "--out", PROC_OUT], "cannot create"),
+    "index --out under /proc": lambda d, o: (
+        ["index", "build", "--store", d / "store_train", "--out", PROC_OUT], "cannot create"),
+    "extract --out under /proc": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--out", PROC_OUT],
+        "cannot create"),
+    "make-benchmark --out under /proc": lambda d, o: (
+        make_benchmark(plan(d, "good.json"), PROC_OUT), "cannot create"),
+    # -- make-benchmark plans: every field typed, the base model loaded before any file ------
+    "plan split fractions not numbers": lambda d, o: (
+        make_benchmark(plan(d, "p1.json", split={"train": "most"}), o), "split.train"),
+    "plan split a list": lambda d, o: (
+        make_benchmark(plan(d, "p2.json", split=[0.5, 0.5]), o), "split"),
+    "plan split fraction above 1": lambda d, o: (
+        make_benchmark(plan(d, "p3.json", split={"train": 2, "val": -1}), o), "split.train"),
+    "plan train section a list": lambda d, o: (
+        make_benchmark(plan(d, "p4.json", train=[1]), o), "train"),
+    "plan sample section a number": lambda d, o: (
+        make_benchmark(plan(d, "p5.json", sample=5), o), "sample"),
+    "plan prompt_sets a list": lambda d, o: (
+        make_benchmark(plan(d, "p6.json", prompt_sets=["media"]), o), "prompt_sets"),
+    "plan prompt_sets of an unknown mode": lambda d, o: (
+        make_benchmark(plan(d, "p7.json", prompt_sets={"objects": ["media"]}), o),
+        "prompt_sets"),
+    "plan model train a list": lambda d, o: (
+        make_benchmark(plan(d, "p8.json", {"train": [1]}), o), "model 'm0': train"),
+    "plan model category a list": lambda d, o: (
+        make_benchmark(plan(d, "p9.json", {"category": ["dog"]}), o), "category"),
+    "plan model with a misspelt key": lambda d, o: (
+        make_benchmark(plan(d, "p10.json", {"smaple": {}}), o), "smaple"),
+    "plan model not a mapping": lambda d, o: (
+        make_benchmark(plan(d, "p11.json", models=[5]), o), "model 0: must be a mapping"),
+    "plan base model that cannot load": lambda d, o: (
+        make_benchmark(plan(d, "good.json"), o), "base model"),
     # -- commands that make models, benchmarks and heads ----------------------------------
     "customize --out is a file": lambda d, o: (
         ["customize", "--base", d / "no-model", "--exemplars", d / "train" / "img_000.png",
@@ -208,6 +280,10 @@ CASES = {
     # -- serve ----------------------------------------------------------------------------
     "serve --max-upload-mb nan": lambda d, o: (
         ["serve", "--index", d / "index", "--max-upload-mb", "nan"], "max-upload-mb"),
+    "serve --threads -3": lambda d, o: (
+        ["serve", "--index", d / "index", "--threads", "-3"], "--threads must be at least 1"),
+    "serve --threads 0": lambda d, o: (
+        ["serve", "--index", d / "index", "--threads", "0"], "--threads must be at least 1"),
     "serve --device cuda without CUDA": lambda d, o: (
         ["serve", "--index", d / "index", "--device", "cuda"], "cuda"),
     # -- extract --------------------------------------------------------------------------
@@ -220,6 +296,15 @@ CASES = {
     "extract --device cuda without CUDA": lambda d, o: (
         ["extract", "--features", "pixel", "--images", d / "train", "--device", "cuda",
          "--out", o], "cuda"),
+    "extract --threads -3": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--threads", "-3",
+         "--out", o], "--threads must be at least 1"),
+    "extract --threads 0": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--threads", "0",
+         "--out", o], "--threads must be at least 1"),
+    "extract --workers -2": lambda d, o: (
+        ["extract", "--features", "pixel", "--images", d / "train", "--workers", "-2",
+         "--out", o], "--workers must be 0 or more"),
     "extract --out is a file": lambda d, o: (
         ["extract", "--features", "pixel", "--images", d / "train", "--out",
          text_file(d, "c_file")], "c_file"),
@@ -230,6 +315,8 @@ CASES = {
 def test_bad_input_is_one_line_and_exit_2(kit, tmp_path, case):
     if "without CUDA" in case and torch.cuda.is_available():
         pytest.skip("CUDA is present here")
+    if "/proc" in case and not Path("/proc/self").is_dir():
+        pytest.skip("no /proc on this system")
     out = tmp_path / "out"
     argv, words = CASES[case](kit, out)
     before = {p for p in kit.rglob("*")}

@@ -18,21 +18,15 @@ from tests.test_customize import _shape_image
 pytestmark = pytest.mark.slow
 RES = 32
 
-# sha256 of the files a single-concept model saves on the tiny pipeline (`_single` below),
-# recorded with the code before multi-concept training existed (torch 2.x, CPU, one thread).
-SINGLE_OBJECT = {
-    "<new1>.bin": "821ead22d9a8090f2f51076459814a292d39682de7847cb3e28b469c63a1d778",
-    "pytorch_custom_diffusion_weights.bin": (
-        "0f5b798e4aafff6ec0802d99d85e56fa4ed7673fcf079cc3b6b04b9a747ad6f5"
-    ),
-}
-SINGLE_STYLE_WITH_REG = {
-    "<new1>.bin": "bc16603e9331f5d5bfe40107d97032ae85ddc35d33e63762960aa299917e4db2",
-    "pytorch_custom_diffusion_weights.bin": (
-        "0063f8ad51a42dc115a5a35cf751474bd8e3263fd123d55a6852fe615654c4cf"
-    ),
-}
-PINNED_TORCH = "2.13.0+cpu"
+# The files a single-concept model saves on the tiny pipeline (`train_single_models` below),
+# recorded with the code before multi-concept training existed (torch 2.13.0+cpu, AVX2 kernels,
+# one thread). Other kernel families round their sums differently (benchmarks/
+# kernel_family_drift.py), so the weights are compared within DRIFT_TOLERANCE of the largest
+# value of each tensor. Measured on one AVX2 machine: the non-vector kernels drift 3.4e-4 (all
+# three libraries switched) and 9.5e-4 (torch's alone); one training step fewer or more moves
+# the worst tensor 0.11-0.12. The tolerance sits 10x above the first and 10x below the second.
+RECORDED_SINGLE = Path(__file__).parent / "fixtures" / "single_concept"
+DRIFT_TOLERANCE = 1e-2
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,15 +34,18 @@ def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
 
 
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory) -> list[Path]:
-    root = tmp_path_factory.mktemp("shapes")
+def shape_images(root: Path) -> list[Path]:
     return [
         _shape_image(root / "a.png", "disc", (200, 40, 30)),
         _shape_image(root / "b.png", "box", (30, 60, 200)),
         _shape_image(root / "c.png", "disc", (20, 160, 40)),
         _shape_image(root / "d.png", "box", (230, 200, 20)),
     ]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> list[Path]:
+    return shape_images(tmp_path_factory.mktemp("shapes"))
 
 
 def _config(**kw):
@@ -58,11 +55,16 @@ def _config(**kw):
     return CustomizeConfig(**{**base, **kw})
 
 
+WEIGHTS = "pytorch_custom_diffusion_weights.bin"
+
+
 def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.bin")}
 
 
-def _single(tiny: Path, shapes: list[Path], out: Path, concepts: bool = False) -> None:
+def train_single_models(
+    tiny: Path, shapes: list[Path], out: Path, concepts: bool = False, steps: int = 6
+) -> None:
     """The recorded single-concept models: an object model, then (same Customizer) a style
     model with a regularization image; `concepts` trains them with `train_concepts`."""
     from genattr.customize.pipeline import load_base_pipeline
@@ -70,16 +72,41 @@ def _single(tiny: Path, shapes: list[Path], out: Path, concepts: bool = False) -
 
     cz = Customizer(load_base_pipeline(tiny, "cpu", "float32"))
     ex = shapes[:2]
+    cfg = _config(max_train_steps=steps)
     if concepts:
-        cz.train_concepts([Concept(ex, "object", "dog")], _config())
+        cz.train_concepts([Concept(ex, "object", "dog")], cfg)
     else:
-        cz.train(ex, "object", "dog", _config())
+        cz.train(ex, "object", "dog", cfg)
     cz.save(out / "obj")
     if concepts:
-        cz.train_concepts([Concept(ex, "style")], _config(), [ex[1]], ["a photo"])
+        cz.train_concepts([Concept(ex, "style")], cfg, [ex[1]], ["a photo"])
     else:
-        cz.train(ex, "style", None, _config(), [ex[1]], ["a photo"])
+        cz.train(ex, "style", None, cfg, [ex[1]], ["a photo"])
     cz.save(out / "sty")
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A saved file's tensors (diffusers also saves empty entries for the untrained attn1)."""
+    obj = torch.load(path, weights_only=True)
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def single_concept_drift(folder: Path) -> dict[str, dict[str, float]]:
+    """Per saved tensor, the largest difference from the recorded model (`abs`) and the same
+    over the largest recorded value of that tensor (`rel`)."""
+    drift = {}
+    for name in ("obj", "sty"):
+        for f in sorted((RECORDED_SINGLE / name).glob("*.bin")):
+            want = _tensors(f)
+            got = _tensors(folder / name / f.name)
+            assert got.keys() == want.keys(), (name, f.name)
+            for k, w in want.items():
+                diff = float((got[k].double() - w.double()).abs().max())
+                drift[f"{name}/{f.name}/{k}"] = {
+                    "abs": diff,
+                    "rel": diff / float(w.double().abs().max()),
+                }
+    return drift
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +143,21 @@ def _render(pipe, prompt: str) -> np.ndarray:
 
 
 def test_single_concept_bytes_unchanged(tiny, shapes, tmp_path):
-    """`train` is `train_concepts` with one concept, draw for draw: the same weight bytes, and
-    (on the torch build they were recorded with) the bytes of the code before it existed."""
-    _single(tiny, shapes, tmp_path / "train")
-    _single(tiny, shapes, tmp_path / "concepts", concepts=True)
+    """`train` is `train_concepts` with one concept, draw for draw: the same weight bytes on
+    this machine, and the weights of the code before it existed (within the drift between CPU
+    kernel families)."""
+    train_single_models(tiny, shapes, tmp_path / "train")
+    train_single_models(tiny, shapes, tmp_path / "concepts", concepts=True)
     for name in ("obj", "sty"):
         got = _hashes(tmp_path / "train" / name)
         assert got == _hashes(tmp_path / "concepts" / name), name
         assert set(got) == {"<new1>.bin", "pytorch_custom_diffusion_weights.bin"}
     info = json.loads((tmp_path / "train" / "obj" / "genattr_customize.json").read_text())
     assert info["modifier_token"] == "<new1>" and "concepts" not in info  # the old record
-    if torch.__version__ != PINNED_TORCH:
-        pytest.skip(f"hashes recorded on torch {PINNED_TORCH}, this is {torch.__version__}")
-    assert _hashes(tmp_path / "train" / "obj") == SINGLE_OBJECT
-    assert _hashes(tmp_path / "train" / "sty") == SINGLE_STYLE_WITH_REG
+    drift = single_concept_drift(tmp_path / "train")
+    assert len(drift) == 2 * (1 + len(_tensors(RECORDED_SINGLE / "obj" / WEIGHTS)))
+    worst = max(drift, key=lambda k: drift[k]["rel"])
+    assert drift[worst]["rel"] <= DRIFT_TOLERANCE, (worst, drift[worst])
 
 
 def test_multi_concept_saves_every_token_in_diffusers_format(multi):

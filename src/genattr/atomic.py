@@ -48,15 +48,33 @@ def check_output(
     path: str | os.PathLike, kind: Literal["dir", "file"], flag: str = "--out"
 ) -> Path:
     """Refuse an output path that cannot be written, before any work: a file where a folder is
-    wanted or the reverse, or a parent that is not a writable folder. Creates nothing."""
+    wanted or the reverse, or a parent that is not a writable folder. Leaves nothing behind."""
     out = Path(path)
     if kind == "dir" and out.exists() and not out.is_dir():
         raise GenattrError(f"{flag} {out}: exists and is a file, not a folder")
     if kind == "file" and out.is_dir():
         raise GenattrError(f"{flag} {out}: is a folder; give a file name")
-    base = _nearest_existing(out if kind == "dir" else out.parent)
+    want = out if kind == "dir" else out.parent
+    base = _nearest_existing(want)
     if not base.is_dir():
         raise GenattrError(f"{flag} {out}: {base} is a file, not a folder")
     if not os.access(base, os.W_OK | os.X_OK):
         raise GenattrError(f"{flag} {out}: cannot write under {base}")
+    _probe_writable(base, folders=base != want, what=f"{flag} {out}")
     return out
+
+
+def _probe_writable(base: Path, folders: bool, what: str) -> None:
+    """Create and remove one entry in `base` (a folder when folders must be made under it):
+    os.access cannot see read-only mounts, pseudo file systems (/proc, /sys) or root's
+    bypassed permissions, but a real creation fails on all of them."""
+    try:
+        if folders:
+            os.rmdir(tempfile.mkdtemp(prefix=".genattr-probe.", dir=base))
+        else:
+            fd, name = tempfile.mkstemp(prefix=".genattr-probe.", dir=base)
+            os.close(fd)
+            os.unlink(name)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise GenattrError(f"{what}: cannot create anything under {base} ({reason})") from None

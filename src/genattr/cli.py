@@ -17,7 +17,7 @@ from rich.table import Table
 from typer.core import TyperCommand
 
 from genattr.atomic import check_output
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, check_count
 
 
 class _ListOptionsCommand(TyperCommand):
@@ -285,7 +285,8 @@ def _set_threads(threads: int | None) -> None:
     """torch's intra-op threads for this command, when `--threads` is given."""
     import torch
 
-    if threads:
+    if threads is not None:
+        check_count(threads, "--threads", minimum=1)
         torch.set_num_threads(threads)
 
 

@@ -17,3 +17,11 @@ def validation_reason(e: ValidationError) -> str:
     err = e.errors()[0]
     where = ".".join(str(part) for part in err["loc"])
     return f"{where}: {err['msg']}" if where else err["msg"]
+
+
+def check_count(value: int, option: str, minimum: int) -> None:
+    """A count option (threads, workers, ...) below its minimum is bad input, said in one line;
+    checked where the option comes in, before anything is created."""
+    if value < minimum:
+        least = "0 or more" if minimum == 0 else f"at least {minimum}"
+        raise GenattrError(f"{option} must be {least}, got {value}")

@@ -287,17 +287,25 @@ def make_benchmark(
     plan_path = Path(plan_path)
     plan = read_plan(plan_path)
     bench = Path(out).resolve()
+    created = not bench.exists()
     bench.mkdir(parents=True, exist_ok=True)
     write_text_atomic(bench / "plan.json", json.dumps(plan.source, indent=1, default=str))
     device = device or plan.device
     dtype = dtype or plan.dtype
     t0 = time.perf_counter()
-    if engine == "local":
-        results = _local(bench, plan, device, dtype)
-    else:
-        if gpus_per_model is None:
-            gpus_per_model = 0.0 if device == "cpu" else 1.0
-        results = _ray(bench, plan_path, plan, device, dtype, ray_address, gpus_per_model)
+    try:
+        if engine == "local":
+            results = _local(bench, plan, device, dtype)
+        else:
+            if gpus_per_model is None:
+                gpus_per_model = 0.0 if device == "cpu" else 1.0
+            results = _ray(bench, plan_path, plan, device, dtype, ray_address, gpus_per_model)
+    except GenattrError:
+        # Refused before any model was finished (a base model that does not load, ...):
+        # a folder this run made holds nothing worth resuming.
+        if created and not any((bench / "state").glob("*.json")):
+            shutil.rmtree(bench, ignore_errors=True)
+        raise
     manifest = assemble(bench, plan)
     built = [r for r in results if not r.skipped]
     wall = time.perf_counter() - t0

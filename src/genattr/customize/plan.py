@@ -24,6 +24,8 @@ models:
     train: {freeze_model: crossattn}      # all of cross-attention (default: to_k/to_v only)
 ```
 A model's own `train` or `sample` mapping overrides the plan's options for that model only.
+Every key and the type of every value are checked when the plan is read (`PlanDocument`), so
+a misspelt key or a value of the wrong shape stops the plan before any model loads.
 A captioned set is sampled with its own captions (prompt type `set`) and, if given, with
 `heldout_captions` (prompt type `held-out`); its own `prompts: {type: [sentences]}` replaces
 both (e.g. a subset of a large set's captions).
@@ -37,7 +39,9 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.customize.prompts import (
     PromptSet,
@@ -49,12 +53,56 @@ from genattr.customize.prompts import (
 from genattr.customize.sample import SampleConfig, sample_config_from_dict
 from genattr.customize.train import CustomizeConfig, check_image, config_from_dict, list_images
 from genattr.data.benchmark import MODES, SPLITS
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, validation_reason
 
 PLAN_FORMAT_VERSION = 1
 DEFAULT_PROMPT_SETS = {"object": ["media", "captions"], "style": ["style-scene", "style-object"]}
 DEFAULT_SPLIT = {"train": 0.8, "val": 0.1, "test": 0.1}
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+Paths = str | list[str]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Options = dict[str, Any] | None  # the values are typed by CustomizeConfig / SampleConfig
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors (a misspelt `smaple:` is not silently ignored); YAML numbers
+    # are accepted where a name is expected (`id: 001`).
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class PlanModelEntry(_Strict):
+    """One entry of a plan's `models` list, as written (paths not yet resolved)."""
+
+    id: str
+    mode: str = "object"
+    category: str | None = None
+    exemplars: Paths
+    split: str | None = None
+    train: Options = None
+    sample: Options = None
+    reg_images: Paths | None = None
+    reg_captions: Paths | None = None
+    image_captions: Paths | dict[str, str] | None = None
+    heldout_captions: Paths | None = None
+    prompts: dict[str, list[str]] | None = None
+
+
+class PlanDocument(_Strict):
+    """The shape of a whole plan file: every field's type, checked in one place."""
+
+    format_version: int = PLAN_FORMAT_VERSION
+    name: str | None = None
+    base: str
+    device: str = "auto"
+    dtype: str = "auto"
+    train: Options = None
+    sample: Options = None
+    split: dict[str, Fraction] | None = None
+    prompt_sets: dict[str, list[str]] | None = None
+    captions: Paths | None = None
+    models: list[PlanModelEntry]
 
 
 @dataclass
@@ -124,142 +172,170 @@ def _resolve(root: Path, value: Any, what: str) -> list[Path]:
     return [p if p.is_absolute() else root / p for p in map(Path, items)]
 
 
+def _document(path: Path, data: Any) -> PlanDocument:
+    if not isinstance(data, dict):
+        raise GenattrError(f"{path}: a plan is a mapping")
+    version = data.get("format_version", PLAN_FORMAT_VERSION)
+    if version != PLAN_FORMAT_VERSION:
+        raise GenattrError(f"{path}: format_version {version!r} is not supported")
+    if not isinstance(data.get("base"), str) or not data["base"]:
+        raise GenattrError(f"{path}: 'base' (the pretrained model) is required")
+    if not isinstance(data.get("models"), list) or not data["models"]:
+        raise GenattrError(f"{path}: 'models' must be a non-empty list")
+    try:
+        return PlanDocument.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = err["loc"]
+        if len(loc) < 2 or loc[0] != "models" or not isinstance(loc[1], int):
+            raise GenattrError(f"{path}: {validation_reason(e)}") from None
+        entry = data["models"][loc[1]]
+        name = entry.get("id") if isinstance(entry, dict) else None
+        where = f"model {name!r}" if isinstance(name, str) else f"model {loc[1]}"
+        if len(loc) == 2:
+            raise GenattrError(f"{path}: {where}: must be a mapping") from None
+        field = ".".join(str(part) for part in loc[2:])
+        raise GenattrError(f"{path}: {where}: {field}: {err['msg']}") from None
+
+
 def read_plan(path: str | os.PathLike) -> Plan:
     """Parse and check a plan; every error names the plan and the model."""
     path = Path(path)
     if path.suffix.lower() not in (".yaml", ".yml", ".json"):
         raise GenattrError(f"{path}: a plan is a .yaml or .json file")
     data = _read_data(path)
-    if not isinstance(data, dict):
-        raise GenattrError(f"{path}: a plan is a mapping")
-    version = data.get("format_version", PLAN_FORMAT_VERSION)
-    if version != PLAN_FORMAT_VERSION:
-        raise GenattrError(f"{path}: format_version {version!r} is not supported")
+    doc = _document(path, data)
     root = path.resolve().parent
-    base = data.get("base")
-    if not isinstance(base, str) or not base:
-        raise GenattrError(f"{path}: 'base' (the pretrained model) is required")
+    base = doc.base
     if not Path(base).is_absolute() and (root / base).exists():
         base = str(root / base)
-    train_defaults = data.get("train") or {}
-    sample_defaults = data.get("sample") or {}
-    sample = sample_config_from_dict(sample_defaults)
-    fractions = data.get("split") or DEFAULT_SPLIT
-    if not isinstance(fractions, dict) or set(fractions) - set(SPLITS):
+    train_defaults = doc.train or {}
+    sample_defaults = doc.sample or {}
+    try:
+        sample = sample_config_from_dict(sample_defaults)
+    except GenattrError as e:
+        raise GenattrError(f"{path}: sample: {e}") from None
+    fractions = doc.split or DEFAULT_SPLIT
+    if set(fractions) - set(SPLITS):
         raise GenattrError(f"{path}: 'split' maps {SPLITS} to fractions")
-    if abs(sum(float(v) for v in fractions.values()) - 1.0) > 1e-6:
+    if abs(sum(fractions.values()) - 1.0) > 1e-6:
         raise GenattrError(f"{path}: split fractions must add up to 1")
-    set_names = {**DEFAULT_PROMPT_SETS, **(data.get("prompt_sets") or {})}
+    set_names = {**DEFAULT_PROMPT_SETS, **(doc.prompt_sets or {})}
+    if set(set_names) - set(MODES):
+        raise GenattrError(f"{path}: 'prompt_sets' maps modes ({', '.join(MODES)}) to lists")
     sets: dict[str, list[PromptSet]] = {}
     for mode in MODES:
-        names = set_names.get(mode, [])
-        if not isinstance(names, list):
-            raise GenattrError(f"{path}: prompt_sets.{mode} must be a list")
-        sets[mode] = [
-            load_prompt_set(n if not str(n).endswith((".json", ".yaml", ".yml")) else root / n)
-            for n in names
-        ]
+        try:
+            sets[mode] = [
+                load_prompt_set(n if not n.endswith((".json", ".yaml", ".yml")) else root / n)
+                for n in set_names.get(mode, [])
+            ]
+        except GenattrError as e:
+            raise GenattrError(f"{path}: prompt_sets.{mode}: {e}") from None
     captions = None
-    if data.get("captions"):
-        captions = read_captions(_resolve(root, data["captions"], "captions")[0])
-    models_raw = data.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise GenattrError(f"{path}: 'models' must be a non-empty list")
+    if doc.captions:
+        try:
+            captions = read_captions(_resolve(root, doc.captions, "captions")[0])
+        except GenattrError as e:
+            raise GenattrError(f"{path}: captions: {e}") from None
     models, seen = [], set()
-    for i, m in enumerate(models_raw):
+    for i, m in enumerate(doc.models):
         where = f"{path}: model {i}"
-        if not isinstance(m, dict):
-            raise GenattrError(f"{where}: must be a mapping")
-        mid = str(m.get("id", ""))
+        mid = m.id
         if not _ID.match(mid):
             raise GenattrError(f"{where}: 'id' must be a file-name-safe string, not {mid!r}")
         if mid in seen:
             raise GenattrError(f"{where}: duplicate id {mid!r}")
         seen.add(mid)
         where = f"{path}: model {mid!r}"
-        mode = m.get("mode", "object")
-        if mode not in MODES:
-            raise GenattrError(f"{where}: mode must be one of {', '.join(MODES)}")
-        category = m.get("category")
-        if mode == "object" and not category:
-            raise GenattrError(f"{where}: object models need a 'category'")
-        split = m.get("split") or assign_split(mid, {k: float(v) for k, v in fractions.items()})
-        if split not in SPLITS:
-            raise GenattrError(f"{where}: split must be one of {SPLITS}")
         try:
-            exemplars = list_images(_resolve(root, m.get("exemplars"), f"{where}: exemplars"))
-            for p in exemplars:
-                check_image(p)  # a bad file stops the plan now, not hours into the run
-            train = config_from_dict({**train_defaults, **(m.get("train") or {})})
-            own_sample = m.get("sample")
-            if own_sample is not None and not isinstance(own_sample, dict):
-                raise GenattrError("'sample' must be a mapping of sampling options")
-            model_sample = (
-                sample_config_from_dict({**sample_defaults, **own_sample}) if own_sample else None
+            models.append(
+                _model_spec(root, m, train_defaults, sample_defaults, fractions, sets, captions)
             )
-            reg = m.get("reg_images")
-            reg_images = list_images(_resolve(root, reg, "reg_images")) if reg else []
-            reg_captions = _reg_captions(root, m.get("reg_captions"), len(reg_images))
-            image_captions: list[str] = []
-            if mode == "captioned":
-                if m.get("image_captions") is None:
-                    raise GenattrError("a captioned set needs 'image_captions'")
-                image_captions = read_image_captions(m["image_captions"], exemplars, root)
-                prompts = _captioned_prompts(root, m, image_captions)
-            else:
-                for key in ("image_captions", "heldout_captions", "prompts"):
-                    if key in m:
-                        raise GenattrError(f"'{key}' is for captioned sets only")
-                prompts = {}
-                for ps in sets[mode]:
-                    if ps.prompt_type in prompts:
-                        raise GenattrError(f"two prompt sets of type {ps.prompt_type!r}")
-                    prompts[ps.prompt_type] = ps.render(category, captions)
         except GenattrError as e:
             raise GenattrError(f"{where}: {e}") from None
-        models.append(
-            ModelSpec(
-                mid,
-                mode,
-                category,
-                exemplars,
-                split,
-                train,
-                prompts,
-                reg_images,
-                reg_captions,
-                model_sample,
-                image_captions,
-            )
-        )
     return Plan(
-        name=str(data.get("name", path.stem)),
+        name=doc.name or path.stem,
         base=base,
-        device=str(data.get("device", "auto")),
-        dtype=str(data.get("dtype", "auto")),
+        device=doc.device,
+        dtype=doc.dtype,
         sample=sample,
         models=models,
         source=data,
     )
 
 
+def _model_spec(
+    root: Path,
+    m: PlanModelEntry,
+    train_defaults: dict[str, Any],
+    sample_defaults: dict[str, Any],
+    fractions: dict[str, float],
+    sets: dict[str, list[PromptSet]],
+    captions: dict[str, list[str]] | None,
+) -> ModelSpec:
+    """One entry of the plan, resolved: exemplars listed and opened, options typed, prompts."""
+    if m.mode not in MODES:
+        raise GenattrError(f"mode must be one of {', '.join(MODES)}")
+    if m.mode == "object" and not m.category:
+        raise GenattrError("object models need a 'category'")
+    split = m.split or assign_split(m.id, fractions)
+    if split not in SPLITS:
+        raise GenattrError(f"split must be one of {SPLITS}")
+    exemplars = list_images(_resolve(root, m.exemplars, "exemplars"))
+    for p in exemplars:
+        check_image(p)  # a bad file stops the plan now, not hours into the run
+    train = config_from_dict({**train_defaults, **(m.train or {})})
+    model_sample = sample_config_from_dict({**sample_defaults, **m.sample}) if m.sample else None
+    reg_images = list_images(_resolve(root, m.reg_images, "reg_images")) if m.reg_images else []
+    reg_captions = _reg_captions(root, m.reg_captions, len(reg_images))
+    image_captions: list[str] = []
+    if m.mode == "captioned":
+        if m.image_captions is None:
+            raise GenattrError("a captioned set needs 'image_captions'")
+        image_captions = read_image_captions(m.image_captions, exemplars, root)
+        prompts = _captioned_prompts(root, m, image_captions)
+    else:
+        for key in ("image_captions", "heldout_captions", "prompts"):
+            if key in m.model_fields_set:
+                raise GenattrError(f"'{key}' is for captioned sets only")
+        prompts = {}
+        for ps in sets[m.mode]:
+            if ps.prompt_type in prompts:
+                raise GenattrError(f"two prompt sets of type {ps.prompt_type!r}")
+            prompts[ps.prompt_type] = ps.render(m.category, captions)
+    return ModelSpec(
+        m.id,
+        m.mode,
+        m.category,
+        exemplars,
+        split,
+        train,
+        prompts,
+        reg_images,
+        reg_captions,
+        model_sample,
+        image_captions,
+    )
+
+
 def _captioned_prompts(
-    root: Path, m: dict[str, Any], image_captions: list[str]
+    root: Path, m: PlanModelEntry, image_captions: list[str]
 ) -> dict[str, list[str]]:
     """A captioned set's prompts: its own `prompts` mapping, else its captions (`set`) and its
     held-out captions (`held-out`) if it has them."""
-    own = m.get("prompts")
+    own = m.prompts
     if own is not None:
-        if not isinstance(own, dict) or not own:
+        if not own:
             raise GenattrError("'prompts' maps prompt types to lists of sentences")
         for ptype, sentences in own.items():
-            if not _ID.match(str(ptype)) or not isinstance(sentences, list) or not sentences:
+            if not _ID.match(ptype) or not sentences:
                 raise GenattrError(f"prompts.{ptype}: a non-empty list under a file-name-safe type")
-            if not all(isinstance(x, str) and x.strip() for x in sentences):
+            if not all(x.strip() for x in sentences):
                 raise GenattrError(f"prompts.{ptype}: sentences must be non-empty strings")
-        return {str(k): [x.strip() for x in v] for k, v in own.items()}
+        return {k: [x.strip() for x in v] for k, v in own.items()}
     prompts = {"set": image_captions}
-    heldout = m.get("heldout_captions")
+    heldout = m.heldout_captions
     if heldout is not None:
         if isinstance(heldout, str):
             path = root / heldout
@@ -272,7 +348,7 @@ def _captioned_prompts(
     return prompts
 
 
-def _reg_captions(root: Path, value: Any, n: int) -> list[str]:
+def _reg_captions(root: Path, value: Paths | None, n: int) -> list[str]:
     if n == 0:
         if value:
             raise GenattrError("reg_captions given without reg_images")
@@ -280,7 +356,7 @@ def _reg_captions(root: Path, value: Any, n: int) -> list[str]:
     if value is None:
         raise GenattrError("reg_images need reg_captions (a file, a list, or one prompt)")
     if isinstance(value, list):
-        caps = [str(v) for v in value]
+        caps = list(value)
     elif (root / str(value)).is_file():
         caps = [ln.strip() for ln in (root / str(value)).read_text().splitlines() if ln.strip()]
     else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import zipfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,9 +131,10 @@ def load_torch_dict(path: str | os.PathLike, what: str) -> dict:
             if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except Exception as e:  # a foreign file fails anywhere in the unpickler (KeyError, ...)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, pickle.UnpicklingError) and reason.startswith("Weights only load"):
+        foreign = not isinstance(e, RuntimeError | OSError | EOFError)
+        if foreign or (isinstance(e, pickle.UnpicklingError) and "Weights only" in reason):
             reason = "not a torch.save file, or one holding more than tensors"
         raise GenattrError(f"{path}: cannot read as a torch {what} file ({reason})") from None
     if not isinstance(obj, dict):

@@ -31,15 +31,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from genattr.atomic import check_output
 from genattr.data.images import DEFAULT_MAX_PIXELS
 from genattr.data.sources import open_source, with_views
-from genattr.errors import GenattrError
+from genattr.errors import GenattrError, check_count
 from genattr.features.augment import AUGMENTATIONS, Augmenter
 from genattr.features.decode import DEFAULT_MAX_FILE_MB, ItemDecoder, reference_shape
 from genattr.features.embedder import (
@@ -232,6 +232,12 @@ def extract(
         raise GenattrError(f"store dtype must be fp32 or fp16, got {store_dtype!r}")
     if batch_size < 1 or shard_size < 1:
         raise GenattrError("--batch-size and --shard-size must be positive")
+    if workers is not None:
+        check_count(workers, "--workers", minimum=0)
+    if threads is not None:
+        check_count(threads, "--threads", minimum=1)
+    if concurrency is not None:
+        check_count(concurrency, "--concurrency", minimum=1)
     if engine == "local" and device.startswith("cuda") and not torch.cuda.is_available():
         raise GenattrError("--device cuda was asked for, but torch sees no CUDA device")
     if device not in ("cpu",) and not device.startswith("cuda"):
@@ -244,8 +250,7 @@ def extract(
         max_file_mb <= 0
     ):
         raise GenattrError(f"--max-file-mb must be a positive number, got {max_file_mb!r}")
-    out = Path(out)
-
+    out = check_output(out, "dir")
     if (augment is None) != (views == 1) or views < 1:
         raise GenattrError("--augment and --views go together: e.g. --augment mild --views 4")
     augmenter = None
