@@ -193,6 +193,14 @@ def test_top_k_out_of_range(client, world_data, tiny_index, top_k):
     assert client.get("/healthz").status_code == 200
 
 
+def test_two_image_fields_are_refused(client, world_data, tiny_index):
+    one = world_png(world_data, int(tiny_index[2][0]))
+    files = [("image", ("a.png", one)), ("image", ("b.png", one))]
+    r = client.post("/attribute", files=files)
+    assert r.status_code == 422 and "2 'image' fields" in r.json()["detail"]
+    assert client.post("/attribute", files=files[:1]).status_code == 200
+
+
 def test_malformed_requests(client):
     assert client.post("/attribute").status_code == 422  # no image at all
     r = client.post("/attribute", json={"image": "x"})

@@ -29,7 +29,13 @@ from genattr.data.images import decoded_bytes, load_rgb, open_image, to_rgb
 from genattr.errors import GenattrError
 from genattr.serve.app import Limits, check_listen, create_app
 from genattr.serve.budget import Busy, ByteBudget, trim_heap
-from tests.server_process import constant_png, free_port, status_mb
+from tests.server_process import (
+    constant_png,
+    decode_peak,
+    free_port,
+    ico_wrapping,
+    status_mb,
+)
 
 MB = 2**20
 
@@ -139,30 +145,8 @@ def test_work_side_leaves_smaller_images_alone_and_shrinks_larger_ones():
 def decode_peaks_mb(kinds: list[str], width: int, height: int, work_side: int) -> list:
     """(peak RSS above the start of decoding, `decoded_bytes`' bound) in MB for a constant
     PNG of each kind, measured in a fresh process (VmHWM, reset before each)."""
-    code = f"""
-from genattr.data.images import decoded_bytes, load_rgb, open_image
-from genattr.serve.budget import trim_heap
-from tests.server_process import constant_png
-def status(field):
-    return [int(x.split()[1]) for x in open("/proc/self/status") if x.startswith(field)][0]
-for kind in {kinds!r}:
-    data = constant_png({width}, {height}, kind)
-    bound = decoded_bytes(open_image(data), {work_side})
-    trim_heap()
-    start = status("VmRSS")
-    open("/proc/self/clear_refs", "w").write("5")
-    load_rgb(data, max_work_side={work_side})
-    print((status("VmHWM") - start) / 1024, bound / 2**20)
-"""
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-        cwd=Path(__file__).parents[1],  # where `tests` imports from
-    )
-    return [tuple(map(float, line.split())) for line in out.stdout.splitlines()]
+    peaks = [decode_peak(constant_png(width, height, kind), work_side) for kind in kinds]
+    return [(m["peak_mb"], m["reserved_mb"]) for m in peaks]
 
 
 def test_decoding_stays_within_its_estimate():
@@ -174,6 +158,38 @@ def test_decoding_stays_within_its_estimate():
     for kind, (peak, bound) in zip(kinds, decode_peaks_mb(kinds, width, height, 512), strict=True):
         decoded = width * height * (2 if kind == "gray16" else 4) / MB
         assert peak < bound < 1.5 * decoded + 16, (kind, peak, bound)
+
+
+def test_webp_and_one_strip_tiff_decoding_stays_within_the_reservation():
+    """libwebp holds ~4 full-size buffers at its peak, libtiff a second one for a one-strip
+    TIFF: what they reserve covers it (the worst legal WebP once peaked at 1.9x its
+    reservation). At a quarter of the largest legal size, as the figures scale with pixels."""
+    for name, kind in (("webp", "RGBA"), ("tiff", "RGBA")):
+        options = (
+            {"lossless": True}
+            if name == "webp"
+            else {"compression": "tiff_adobe_deflate", "strip_size": 2**31 - 1}
+        )
+        data = encoded(Image.new(kind, (8192, 2730), (9, 9, 9, 9)), name.upper(), **options)
+        m = decode_peak(data)
+        decoded = 8192 * 2730 * 4 / MB
+        print(f"{name}: peak +{m['peak_mb']:.0f} MB, reserved {m['reserved_mb']:.0f} MB")
+        assert m["peak_mb"] <= m["reserved_mb"], (name, m)
+        assert m["peak_mb"] > (3 if name == "webp" else 1.5) * decoded, (name, m)  # real peak
+
+
+def test_every_accepted_format_opens_without_decoding():
+    """The header check reads the header only, for every format the service accepts; formats
+    whose opening decodes (ICO) are refused before that."""
+    for fmt in images.UPLOAD_FORMATS:
+        mode = "RGB" if fmt not in ("GIF",) else "P"
+        data = encoded(Image.new(mode, (4096, 2048)), fmt)
+        image = open_image(data, formats=images.UPLOAD_FORMATS)
+        assert image.format == fmt and image._im is None, fmt  # no pixel decoded yet
+    ico = ico_wrapping(encoded(Image.new("RGB", (64, 64))))
+    assert Image.open(io.BytesIO(ico))._im is not None  # Pillow decodes ICO when opening
+    with pytest.raises(images.ImageDecodeError, match="accepted format"):
+        open_image(ico, formats=images.UPLOAD_FORMATS)
 
 
 # -- the byte budget -------------------------------------------------------------------------
@@ -274,7 +290,7 @@ def test_trim_heap_runs():
         ({"default_top_k": 0}, "--top-k"),
         ({"max_top_k": -1}, "--max-top-k"),
         ({"default_top_k": 50, "max_top_k": 10}, "--max-top-k"),
-        ({"max_decoded_bytes": 0}, "max_decoded_bytes"),
+        ({"max_decoded_bytes": 0}, "--max-decode-mb"),
         ({"max_work_side": 2.5}, "max_work_side"),
         ({"min_side": 100, "max_side": 50}, "min_side"),
     ],
@@ -358,9 +374,12 @@ def start_server(index, calibrator, limits: str, log: Path) -> tuple[subprocess.
         time.sleep(0.2)
 
 
-def burst(url: str, pid: int, worst: bytes, normal: bytes, n: int, timeout: float) -> dict:
-    """`n` worst uploads at once while a normal client posts small images and checks health;
-    the server's RSS (VmHWM reset when idle) and everyone's latencies."""
+def burst(
+    url: str, pid: int, worst: bytes, normal: bytes, n: int, timeout: float, seconds: float = 0
+) -> dict:
+    """`n` worst uploads at once (each sent again as soon as it is answered, for `seconds`)
+    while a normal client posts small images and checks health; the server's RSS (VmHWM reset
+    when idle) and everyone's latencies."""
     sampled: list[float] = []
     stop = threading.Event()
 
@@ -378,9 +397,12 @@ def burst(url: str, pid: int, worst: bytes, normal: bytes, n: int, timeout: floa
             normal_latency: list[float] = []
             statuses: list[int] = []
 
-            async def one_worst(i: int) -> int:
-                r = await heavy.post("/attribute", files={"image": (f"w{i}.png", worst)})
-                return r.status_code
+            async def one_worst(i: int) -> list[int]:
+                got: list[int] = []
+                while not got or time.perf_counter() < t0 + seconds:
+                    r = await heavy.post("/attribute", files={"image": (f"w{i}.png", worst)})
+                    got.append(r.status_code)
+                return got
 
             async def normal_client() -> None:
                 await asyncio.sleep(0.2)
@@ -394,7 +416,8 @@ def burst(url: str, pid: int, worst: bytes, normal: bytes, n: int, timeout: floa
 
             t0 = time.perf_counter()
             side_task = asyncio.create_task(normal_client())
-            worst_statuses = await asyncio.gather(*(one_worst(i) for i in range(n)))
+            each = await asyncio.gather(*(one_worst(i) for i in range(n)))
+            worst_statuses = [status for statuses in each for status in statuses]
             wall = time.perf_counter() - t0
             done.set()
             await side_task
@@ -424,12 +447,14 @@ def burst(url: str, pid: int, worst: bytes, normal: bytes, n: int, timeout: floa
     }
 
 
-def server_burst(tiny_index, world_data, tmp_path, limits: str, worst: bytes, n: int) -> dict:
+def server_burst(
+    tiny_index, world_data, tmp_path, limits: str, worst: bytes, n: int, seconds: float = 0
+) -> dict:
     index, cal, rows = tiny_index
     normal = encoded(Image.fromarray(world_data.images[int(rows[1])]))
     proc, url = start_server(index, cal, limits, tmp_path / "server.log")
     try:
-        return burst(url, proc.pid, worst, normal, n, timeout=600)
+        return burst(url, proc.pid, worst, normal, n, timeout=600, seconds=seconds)
     finally:
         proc.terminate()
         try:
@@ -477,3 +502,37 @@ def test_burst_of_16_worst_legal_uploads_stays_under_1_5_gb(tiny_index, world_da
     result = server_burst(tiny_index, world_data, tmp_path, "Limits()", worst, 16)
     assert_kept_answering(result, 16, max_latency=30.0)
     assert result["peak_above_idle"] < 1536, result
+
+
+def test_uploads_that_decode_when_opened_do_not_hold_up_others(tiny_index, world_data, tmp_path):
+    """Sixteen ICO files, each wrapping the largest legal 16-bit PNG (Pillow decodes it when
+    the ICO is merely opened: 1.7 s and ~360 MB each, in the header-check threads), sent at
+    once: refused from their header, and normal requests keep their usual latency (they
+    waited 39-40 s behind them before)."""
+    ico = ico_wrapping(constant_png(16383, 5461, "gray16"))
+    result = server_burst(tiny_index, world_data, tmp_path, "Limits()", ico, 16, seconds=4)
+    latency = result["normal_latency"]
+    print(
+        f"16 ICO uploads in flight for 4 s ({len(result['worst_statuses'])} sent): "
+        f"{len(latency)} normal requests, max {max(latency, default=0):.2f} s"
+    )
+    assert set(result["worst_statuses"]) == {422} and len(result["worst_statuses"]) >= 16
+    assert latency and set(result["normal_statuses"]) == {200}
+    assert max(latency) < 1.0, latency
+    assert result["peak_above_idle"] < 128, result
+
+
+def test_uploads_over_the_decode_budget_are_refused_not_granted(tiny_index, world_data):
+    """An upload whose decoding needs more than the budget's share for large images is
+    refused with what it would take, instead of being granted the whole share and going past
+    it; the same pixels as a PNG (a quarter of the memory) are answered."""
+    index, cal, _ = tiny_index
+    limits = Limits(max_decoded_bytes=64 * MB, max_work_side=256)
+    pixels = Image.new("RGB", (4096, 2048), (200, 30, 40))
+    with TestClient(create_app(index, cal, limits=limits)) as client:
+        webp = encoded(pixels, "WEBP", lossless=True)
+        r = client.post("/attribute", files={"image": ("w.webp", webp)})
+        assert r.status_code == 422 and "--max-decode-mb" in r.json()["detail"], r.text
+        r = client.post("/attribute", files={"image": ("w.png", encoded(pixels))})
+        assert r.status_code == 200, r.text
+        assert client.get("/healthz").json()["memory"]["peak"] <= 64 * MB

@@ -534,10 +534,11 @@ def extract(
     resumed = f", resumed after {r.resumed_from}" if r.resumed_from else ""
     why = ", ".join(f"{n} {reason}" for reason, n in r.skipped.items())
     skipped = f"{r.skipped_total} skipped ({why}; see {out / 'skipped.parquet'}), " if why else ""
+    done_now = r.extracted + r.failed_now
+    rate = f"{r.images_per_second:.1f} images/s" if done_now else "nothing new to extract"
     console.print(
         f"{out}: {r.store.count} vectors ({r.extracted} new{resumed}), "
-        f"{r.failed_total} failed (see {out / 'failed.parquet'}), {skipped}"
-        f"{r.images_per_second:.1f} images/s",
+        f"{r.failed_total} failed (see {out / 'failed.parquet'}), {skipped}{rate}",
         highlight=False,
         soft_wrap=True,
     )
@@ -751,6 +752,9 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest upload accepted (MB).")] = 20.0,
+    max_decode_mb: Annotated[
+        float, typer.Option(help="Memory all uploads may hold while decoded at once (MB).")
+    ] = 768.0,
     top_k: Annotated[int, typer.Option(help="Training images listed by default.")] = 20,
     max_top_k: Annotated[int, typer.Option(help="Largest top_k a request may ask.")] = 100,
     threads: Annotated[int | None, typer.Option(help="Torch threads for the model.")] = None,
@@ -763,10 +767,14 @@ def serve(
     from genattr.serve.world_index import demo_index, world_cache_dir
 
     _set_threads(threads)
-    if not math.isfinite(max_upload_mb) or max_upload_mb <= 0:
-        raise GenattrError(f"--max-upload-mb must be a positive number, not {max_upload_mb}")
+    for option, value in (("--max-upload-mb", max_upload_mb), ("--max-decode-mb", max_decode_mb)):
+        if not math.isfinite(value) or value <= 0:
+            raise GenattrError(f"{option} must be a positive number, not {value}")
     limits = Limits(
-        max_upload_bytes=int(max_upload_mb * 2**20), default_top_k=top_k, max_top_k=max_top_k
+        max_upload_bytes=int(max_upload_mb * 2**20),
+        default_top_k=top_k,
+        max_top_k=max_top_k,
+        max_decoded_bytes=int(max_decode_mb * 2**20),
     )
     if index is None:
         found = demo_index()

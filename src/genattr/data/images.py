@@ -55,9 +55,16 @@ STRIP_BYTES = 2 * 2**20
 # Formats whose decoding does not look at Pillow's pixel limit again after `open` (their
 # plugins do not call its check while loading), so threads decode them at the same time.
 _LOAD_WITHOUT_LIMITS = ("PNG", "JPEG", "BMP", "PPM")
-# Decoding some formats holds a second full-size buffer besides the image (libtiff's strip,
-# WebP's frame): `decoded_bytes` counts them twice.
-_BUFFERED_FORMATS = ("TIFF", "WEBP", "MPO", "ICO", "ICNS", "PSD", "SGI", "TGA")
+# Full-size buffers decoding holds at its peak, in units of the decoded image, where the
+# decoder keeps its own besides the image (measured by benchmarks/decode_peaks.py at 89 M
+# pixels): libwebp's canvas, its output and Pillow's copy of it (3.8x); libtiff's strip when
+# a TIFF is one strip (1.9x). `decoded_bytes` counts them; other formats decode in place.
+_DECODER_COPIES = {"WEBP": 4, "TIFF": 2, "MPO": 2, "ICO": 2, "ICNS": 2, "PSD": 2, "SGI": 2}
+# What the web service accepts: formats whose `Image.open` reads the header only. Others do
+# real work when merely opened (Pillow's ICO reader decodes the embedded image, EPS scans the
+# whole file), so a header check of theirs would be a full decode outside the memory budget.
+# (JPEG's reader opens MPO files too.)
+UPLOAD_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "PPM", "TIFF", "WEBP")
 
 
 class ImageDecodeError(Exception):
@@ -199,21 +206,20 @@ def work_factor(size: tuple[int, int], max_work_side: int | None) -> int:
 
 def decoded_bytes(image: Image.Image, max_work_side: int | None = None) -> int:
     """A bound on the memory `decode_rgb(image, max_work_side=...)` holds at its peak, from
-    the header alone: the decoded pixels (twice for formats whose decoder keeps its own
-    buffer; a JPEG at its reduced DCT scale), the RGB result, a strip's temporaries, and the
-    metadata already read (PNG text chunks can hold 64 MB)."""
+    the header alone: the decoded pixels (times the decoder's own full-size buffers,
+    `_DECODER_COPIES`; a JPEG at its reduced DCT scale), the RGB result, a strip's
+    temporaries, and the metadata already read (PNG text chunks can hold 64 MB)."""
     w, h = image.size
     if image.format == "JPEG":
         scale = _jpeg_scale((w, h), max_work_side)
         w, h = -(-w // scale), -(-h // scale)
-    decoded = w * h * _storage_bytes(image.mode)
-    if image.format in _BUFFERED_FORMATS:
-        decoded *= 2
+    pixels = w * h * _storage_bytes(image.mode)
+    decoded = pixels * _DECODER_COPIES.get(str(image.format), 1)
     f = work_factor((w, h), max_work_side)
     result = -(-w // f) * -(-h // f) * 4
     # A strip's copies: cropped, RGBA, white, composited, RGB (the whole image when small).
     temporaries = 5 * min(h, _strip_rows(w, f)) * w * 4
-    slack = decoded // 32 + 2 * 2**20  # the decoder's row buffers, allocator rounding (measured)
+    slack = pixels // 16 + 4 * 2**20  # the decoder's row buffers, allocator rounding (measured)
     return decoded + slack + result + temporaries + _info_bytes(image)
 
 
@@ -275,9 +281,11 @@ def open_image(
     *,
     min_side: int = 1,
     max_side: int | None = None,
+    formats: tuple[str, ...] | None = None,
 ) -> Image.Image:
     """Open a path, encoded bytes or a binary file and check its header; no pixel is decoded
-    yet (`decode_rgb` does that). Raises ImageDecodeError as `load_rgb` does."""
+    yet (`decode_rgb` does that) when its format is one of `UPLOAD_FORMATS`. `formats` limits
+    what is recognised (None: all of Pillow's). Raises ImageDecodeError as `load_rgb` does."""
     fp: BinaryIO
     if isinstance(source, bytes):
         fp = io.BytesIO(source)
@@ -296,7 +304,13 @@ def open_image(
     if empty:
         raise ImageDecodeError("empty file")
     with _decode_errors(), _pillow_limits(max_pixels):
-        image = Image.open(fp)
+        try:
+            image = Image.open(fp, formats=formats)
+        except UnidentifiedImageError:
+            if formats is None:
+                raise
+            accepted = ", ".join(formats)
+            raise ImageDecodeError(f"not an image in an accepted format ({accepted})") from None
         w, h = image.size
         if min(w, h) < min_side:
             raise ImageDecodeError(f"too small: {w}x{h} pixels (at least {min_side} a side)")

@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from genattr.attribution import Attributor
 from genattr.data.images import (
     DEFAULT_MAX_PIXELS,
+    UPLOAD_FORMATS,
     ImageDecodeError,
     decode_rgb,
     decoded_bytes,
@@ -62,6 +63,7 @@ _OPTION = {
     "max_upload_bytes": "the upload limit (--max-upload-mb)",
     "default_top_k": "--top-k",
     "max_top_k": "--max-top-k",
+    "max_decoded_bytes": "--max-decode-mb",
 }
 
 
@@ -78,8 +80,10 @@ class Limits:
     default_top_k: int = 20
     max_top_k: int = 100
     # Bytes all uploads being decoded or waiting for their batch may hold at once, as
-    # `decoded_bytes` counts them; the worst legal upload (89 M pixels of 16-bit RGBA PNG)
-    # needs ~380 MB. BENCHMARKS.md, "Service memory under hostile uploads".
+    # `decoded_bytes` counts them; the worst legal PNG (89 M pixels of 16-bit RGBA) needs
+    # ~380 MB. An upload that needs more than the share for large ones (7/8) is refused:
+    # WebP above ~44 M pixels, one-strip TIFF above ~82 M. BENCHMARKS.md, "Service memory
+    # under hostile uploads".
     max_decoded_bytes: int = 768 * 2**20
     # Longer sides are shrunk (by an integer factor) as they are decoded: backbones take at
     # most 518 px, and images up to this size are embedded exactly as `genattr attribute` does.
@@ -250,6 +254,12 @@ class Service:
         answered in a batch. UploadRefused for an unusable image, Busy or QueueFull when the
         service is full."""
         cost, size = await self._in_thread(None, self._probe, file, name)
+        if cost > self.budget.large_total:  # granting it would break the bound
+            raise UploadRefused(
+                f"{name}: {size[0]}x{size[1]} pixels in this format take ~{cost / 2**20:.0f} MB "
+                f"to decode, more than this service decodes at once "
+                f"({self.budget.large_total / 2**20:.0f} MB; --max-decode-mb raises it)"
+            )
         hold = await self.budget.acquire(cost)
         try:
             image = await self._in_thread(hold, self._decode, file, name, hold.large)
@@ -278,7 +288,13 @@ class Service:
         """Bytes decoding the upload will hold at its peak, and its size: header only."""
         lim = self.limits
         try:
-            image = open_image(file, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side)
+            image = open_image(
+                file,
+                lim.max_pixels,
+                min_side=lim.min_side,
+                max_side=lim.max_side,
+                formats=UPLOAD_FORMATS,
+            )
         except ImageDecodeError as e:
             reason = str(e)
         else:
@@ -288,7 +304,13 @@ class Service:
     def _decode(self, file: BinaryIO, name: str, large: bool) -> Image.Image:
         lim = self.limits
         try:
-            image = open_image(file, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side)
+            image = open_image(
+                file,
+                lim.max_pixels,
+                min_side=lim.min_side,
+                max_side=lim.max_side,
+                formats=UPLOAD_FORMATS,
+            )
             rgb = decode_rgb(image, lim.max_pixels, max_work_side=lim.max_work_side)
         except ImageDecodeError as e:
             reason = str(e)  # raised below, outside this block: its frames hold the pixels
@@ -474,6 +496,9 @@ def create_app(
     ) -> AttributeResponse:
         """The generated image's top-K training images with similarity and influence."""
         svc = loaded(request)
+        fields = (await request.form()).getlist("image")  # parsed once already: cached
+        if len(fields) > 1:
+            raise HTTPException(422, f"one image per request, got {len(fields)} 'image' fields")
         k = top_k if top_k is not None else top_k_query
         k = min(limits.default_top_k, svc.max_top_k) if k is None else k
         if not 1 <= k <= svc.max_top_k:
