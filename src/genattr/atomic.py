@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -17,9 +18,36 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
+# Errors of the disk, not of genattr: a full disk, a quota, a failing device.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+# Free space under which a failed write is taken for a full disk (the failed file still
+# holds what it wrote when this is checked).
+_NEARLY_FULL = 16 * 2**20
+
+
+def _disk_error(e: BaseException, path: Path) -> OSError | None:
+    """The OSError (with errno and file name) a failed write of `path` really was, when the
+    writer's own error hides it: numpy's short write ("N requested and M written", no errno),
+    torch's zip writer ("unexpected pos"), safetensors' SafetensorError, or an errno with no
+    file name (pyarrow)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        if e.errno in DISK_ERRNOS and not e.filename:
+            return OSError(e.errno, os.strerror(e.errno), str(path))
+        return None
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return None
+    if st.f_bavail * st.f_frsize < _NEARLY_FULL:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
+    A write that fails because the disk is full raises OSError(ENOSPC) naming `path`, whatever
+    library wrote it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,6 +57,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
+    except Exception as e:
+        disk = _disk_error(e, path)
+        if disk is None:
+            raise
+        raise disk from e
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
-from genattr.atomic import check_output
+from genattr.atomic import DISK_ERRNOS, check_output
 from genattr.errors import GenattrError, check_count
 
 
@@ -86,7 +86,7 @@ def _console_logging() -> None:
 
 
 # the environment's refusals, not genattr's bugs: said in one line like bad input
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}
+_ENVIRONMENT_ERRNOS = {*DISK_ERRNOS, errno.EROFS, errno.EACCES, errno.EPERM}
 _debug = {"on": False}
 
 
