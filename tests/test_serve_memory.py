@@ -6,6 +6,7 @@ RSS above idle stays under a bound and other requests keep being answered."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -536,3 +537,51 @@ def test_uploads_over_the_decode_budget_are_refused_not_granted(tiny_index, worl
         r = client.post("/attribute", files={"image": ("w.png", encoded(pixels))})
         assert r.status_code == 200, r.text
         assert client.get("/healthz").json()["memory"]["peak"] <= 64 * MB
+
+
+def test_half_open_connections_are_shed_while_normal_requests_are_served(
+    tiny_index, world_data, tmp_path
+):
+    """500 connections that stop halfway (250 in the request head, 250 in a body they
+    announced) while a normal client keeps asking: it is answered as usual, and every
+    half-open connection is closed by the server after the timeouts (the body ones with
+    408); before, they held their sockets for ever."""
+    index, cal, rows = tiny_index
+    normal = encoded(Image.fromarray(world_data.images[int(rows[1])]))
+    limits = "Limits(header_timeout=2, body_timeout=2)"
+    proc, url = start_server(index, cal, limits, tmp_path / "server.log")
+    port = int(url.rsplit(":", 1)[1])
+    head = b"POST /attribute HTTP/1.1\r\nHost: x\r\n"
+    body = (
+        b"POST /attribute HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+        b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n"
+    )
+    try:
+        socks = []
+        for i in range(500):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(head if i % 2 == 0 else body)
+            socks.append(s)
+        t0, latency = time.monotonic(), []
+        with httpx.Client(base_url=url, timeout=30) as client:
+            while time.monotonic() < t0 + 1.5:
+                t = time.perf_counter()
+                r = client.post("/attribute", files={"image": ("n.png", normal)})
+                latency.append(time.perf_counter() - t)
+                assert r.status_code == 200, r.text
+        answers = []
+        for s in socks:  # the server closes each: EOF, after a 408 for the body ones
+            s.settimeout(max(1.0, t0 + 15 - time.monotonic()))
+            got = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(65536):
+                    got += chunk
+            answers.append(got.split(b"\r\n", 1)[0])
+            s.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(f"{len(latency)} normal requests among 500 half-open, max {max(latency):.2f} s")
+    assert max(latency) < 1.0, latency
+    assert answers[0::2] == [b""] * 250
+    assert all(a.startswith(b"HTTP/1.1 408") for a in answers[1::2]), set(answers[1::2])

@@ -88,6 +88,11 @@ class Limits:
     # Longer sides are shrunk (by an integer factor) as they are decoded: backbones take at
     # most 518 px, and images up to this size are embedded exactly as `genattr attribute` does.
     max_work_side: int = 2048
+    # Seconds a connection may take to send a request's head (from opening, or from its last
+    # answer), and may go without sending a byte of a body it announced: half-sent requests
+    # are dropped (408 for a body) instead of holding their sockets and tasks for ever.
+    header_timeout: int = 10
+    body_timeout: int = 30
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -383,10 +388,11 @@ def _percent(share: float | None) -> float | None:
 class BodyLimit:
     """Refuse request bodies over `max_bytes` with 413, whether they announce their length
     (refused before reading) or stream it (refused when the count passes the limit), so an
-    oversized upload is never spooled to disk whole."""
+    oversized upload is never spooled to disk whole; and bodies that stall for `timeout`
+    seconds with 408."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -396,12 +402,20 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             await _too_large(self.max_bytes)(scope, receive, send)
             return
-        seen = 0
+        seen, complete = 0, False
 
         async def counted():
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: waiting for a disconnect may take any time
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                raise HTTPException(
+                    408, f"request body stalled: nothing received for {self.timeout:g} s"
+                ) from None
             seen += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if seen > self.max_bytes:
                 raise HTTPException(413, _too_large_text(self.max_bytes))
             return message
@@ -468,7 +482,11 @@ def create_app(
         summary="Which training images made this generated image, and how much?",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=limits.max_upload_bytes + MULTIPART_SLACK,
+        timeout=limits.body_timeout,
+    )
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -605,8 +623,39 @@ def serve(
     check_listen(host, port)
     if index_path is None:
         index_path = default_world_index()
-    svc = Service(index_path, calibrator_path, limits or Limits(), weights, device)
-    uvicorn.run(create_app(service=svc), host=host, port=port)
+    limits = limits or Limits()
+    svc = Service(index_path, calibrator_path, limits, weights, device)
+    uvicorn.run(create_app(service=svc), host=host, port=port, http=_with_header_deadline(limits))
+
+
+def _with_header_deadline(limits: Limits) -> type:
+    """uvicorn's h11 protocol, closing connections that do not send a whole request head
+    within `limits.header_timeout` seconds of opening or of their last answer. uvicorn bounds
+    idle keep-alive connections but not ones that trickle a head byte by byte."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadline(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            self.loop.call_later(limits.header_timeout, self._drop_without_head, self.cycle)
+
+        def _drop_without_head(self, cycle: object) -> None:
+            # a new request's head arrived meanwhile: its cycle replaced this one
+            if self.cycle is cycle and not self.transport.is_closing():
+                try:
+                    self.timeout_keep_alive_handler()  # uvicorn's own way to close
+                except h11.LocalProtocolError:  # h11 midway through a head: just close
+                    self.transport.close()
+
+    return HeaderDeadline
 
 
 def check_listen(host: str, port: int) -> None:
