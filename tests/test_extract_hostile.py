@@ -400,4 +400,39 @@ def test_cli_summary_counts_the_skipped(tmp_path):
     )
     assert res.exit_code == 0, res.output
     assert "1 vectors" in res.output and "1 failed" in res.output
-    assert "3 skipped (1 hidden, 2 not an image" in res.output
+    assert "3 skipped (1 hidden, 2 not an image" in res.output and "images/s" in res.output
+    again = CliRunner().invoke(
+        app, [*args, "--workers", "0", "--no-progress", "--max-file-mb", "0.05"]
+    )
+    assert again.exit_code == 0 and "nothing new to extract" in again.output, again.output
+    assert "nan" not in again.output
+
+
+def test_names_that_are_not_utf8_reopen_from_the_store_and_the_index(tmp_path):
+    """A name whose bytes are not UTF-8 is recorded printable (\\xNN) and kept as its bytes:
+    the store, the index built from it and the service's thumbnails open the real file."""
+    from genattr.search.index import AttributionIndex
+    from genattr.serve.gallery import Gallery
+    from genattr.workflows.index import build_index_from_store
+
+    root = tmp_path / "imgs"
+    root.mkdir()
+    (root / "plain.png").write_bytes(_encoded(0, "PNG"))
+    with open(os.fsencode(root) + b"/caf\xe9.png", "wb") as f:
+        f.write(_encoded(1, "PNG"))
+    for lst in (None, tmp_path / "list.txt"):
+        if lst is not None:  # the same names through a list file (bytes as written)
+            lst.write_bytes(b"imgs/caf\xe9.png\nimgs/plain.png\n")
+        out = tmp_path / ("store" if lst is None else "store_list")
+        _run(root if lst is None else lst, out)
+        store = EmbeddingStore.open(out)
+        assert [p.endswith("caf\\xe9.png") for p in store.paths] == [True, False]
+        files = store.file_paths
+        assert os.fsencode(files[0]).endswith(b"/caf\xe9.png") and os.path.isfile(files[0])
+        assert files[1] == store.paths[1]  # ordinary names as recorded
+        np.testing.assert_allclose(store.vectors[0], _pixel_vec(_encoded(1, "PNG")), atol=1e-6)
+    build_index_from_store(tmp_path / "store", tmp_path / "index")
+    index = AttributionIndex.load(tmp_path / "index")
+    assert index.file_paths() == EmbeddingStore.open(tmp_path / "store").file_paths
+    gallery = Gallery(*index.metadata(), files=index.file_paths())
+    assert all(gallery.thumbnail(row) is not None for row in range(2))

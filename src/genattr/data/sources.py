@@ -76,6 +76,25 @@ def display_name(name: str) -> str:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
+# The metadata column that keeps a file name's own bytes where the printable `path` had to
+# escape them (not UTF-8): what stores and indexes open the file with.
+PATH_BYTES = "path_bytes"
+
+
+def path_bytes_column(files: list[str]) -> list[bytes | None] | None:
+    """`os.fsencode` of each file whose name is not printable as it is (`display_name` escapes
+    it), None for the others; None altogether for ordinary collections."""
+    raw = [None if display_name(f) == f else os.fsencode(f) for f in files]
+    return None if all(b is None for b in raw) else raw
+
+
+def openable_paths(paths: list[str], raw: list[bytes | None] | None) -> list[str]:
+    """Paths to open: the file system's own name where it was kept, else the recorded path."""
+    if raw is None:
+        return list(paths)
+    return [p if b is None else os.fsdecode(b) for p, b in zip(paths, raw, strict=True)]
+
+
 def _file_kind(mode: int) -> str:
     for test, kind in (
         (stat.S_ISFIFO, "FIFO"),
@@ -387,7 +406,14 @@ def folder_source(folder: str | os.PathLike, exclude: str | os.PathLike | None =
     )
     src.prefailed = {i: walk.failed[r] for i, r in enumerate(rels) if r in walk.failed}
     _mark_duplicates(src.ids, src.prefailed)  # two names that print the same
+    _keep_path_bytes(src)
     return src
+
+
+def _keep_path_bytes(src: ImageSource) -> None:
+    raw = path_bytes_column(src.files)
+    if raw is not None:
+        src.columns[PATH_BYTES] = raw
 
 
 def _resolver(base: Path, root: str | os.PathLike | None):
@@ -414,6 +440,7 @@ def list_source(list_file: str | os.PathLike, root: str | os.PathLike | None = N
     names = [display_name(p) for p in written]
     src = ImageSource("list", str(list_file), names, list(names), [resolve(p) for p in written])
     _mark_duplicates(src.ids, src.prefailed)
+    _keep_path_bytes(src)
     return src
 
 

@@ -41,6 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import atomic_path, write_text_atomic
+from genattr.data.sources import PATH_BYTES, openable_paths, path_bytes_column
 from genattr.errors import GenattrError, validation_reason
 from genattr.heads.checkpoint import MapperPair, load_heads
 from genattr.heads.networks import head_in_out
@@ -205,6 +206,7 @@ def build_index(
     head_dir: str | os.PathLike | None = None,
     ids: list[str] | None = None,
     paths: list[str] | None = None,
+    files: list[str] | None = None,
     provenance: dict | None = None,
     train_size: int | None = None,
     seed: int = 0,
@@ -227,8 +229,8 @@ def build_index(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _build(vectors, out, spec, out_dim, head, head_dir, ids, paths, provenance,
-                      train_size, seed, shard_rows or 0, budget, progress)  # fmt: skip
+        return _build(vectors, out, spec, out_dim, head, head_dir, ids, paths, files,
+                      provenance, train_size, seed, shard_rows or 0, budget, progress)  # fmt: skip
     except BaseException:
         if created:  # a failed first build leaves nothing behind
             shutil.rmtree(out, ignore_errors=True)
@@ -244,6 +246,7 @@ def _build(
     head_dir: str | os.PathLike | None,
     ids: list[str] | None,
     paths: list[str] | None,
+    files: list[str] | None,
     provenance: dict | None,
     train_size: int | None,
     seed: int,
@@ -291,7 +294,7 @@ def _build(
     shutil.rmtree(build_dir, ignore_errors=True)
     if head_dir is not None:
         shutil.copytree(head_dir, out / "head", dirs_exist_ok=True)
-    _write_metadata(out / "metadata.parquet", n, ids, paths)
+    _write_metadata(out / "metadata.parquet", n, ids, paths, files)
     doc = {
         "kind": "genattr.index",
         "format_version": INDEX_FORMAT_VERSION,
@@ -306,13 +309,21 @@ def _build(
     return AttributionIndex.load(out)
 
 
-def _write_metadata(path: Path, n: int, ids: list[str] | None, paths: list[str] | None) -> None:
+def _write_metadata(
+    path: Path, n: int, ids: list[str] | None, paths: list[str] | None, files: list[str] | None
+) -> None:
+    """ids and printable paths; where `files` (what to open) holds a name that is not UTF-8,
+    its bytes too (`path_bytes`)."""
     ids = [str(i) for i in range(n)] if ids is None else [str(i) for i in ids]
     paths = [""] * n if paths is None else [str(p) for p in paths]
-    if len(ids) != n or len(paths) != n:
+    if len(ids) != n or len(paths) != n or (files is not None and len(files) != n):
         raise GenattrError(f"{len(ids)} ids and {len(paths)} paths for {n} gallery vectors")
+    table = pa.table({"id": ids, "path": paths})
+    raw = None if files is None else path_bytes_column(files)
+    if raw is not None:
+        table = table.append_column(PATH_BYTES, pa.array(raw, pa.binary()))
     with atomic_path(path) as tmp:
-        pq.write_table(pa.table({"id": ids, "path": paths}), tmp)
+        pq.write_table(table, tmp)
 
 
 def _head_out_dim(head: MapperPair) -> int:
@@ -382,8 +393,14 @@ class AttributionIndex:
 
     def metadata(self) -> tuple[list[str], list[str]]:
         """Gallery ids and paths, in row order."""
-        table = pq.read_table(self.path / "metadata.parquet")
+        table = pq.read_table(self.path / "metadata.parquet", columns=["id", "path"])
         return table.column("id").to_pylist(), table.column("path").to_pylist()
+
+    def file_paths(self) -> list[str]:
+        """Paths to open each gallery image with (names that are not UTF-8 by their bytes)."""
+        table = pq.read_table(self.path / "metadata.parquet")
+        raw = table.column(PATH_BYTES).to_pylist() if PATH_BYTES in table.column_names else None
+        return openable_paths(table.column("path").to_pylist(), raw)
 
     def head(self) -> MapperPair | None:
         """The head the gallery was mapped with (queries go through its synth side)."""

@@ -225,7 +225,7 @@ class Service:
         )
         self.index, self.calibrator = self.attributor.index, self.attributor.calibrator
         self.backbone, self.head = self.attributor.backbone, self.attributor.head
-        self.gallery = Gallery(*self.attributor.gallery)
+        self.gallery = Gallery(*self.attributor.gallery, files=self.index.file_paths())
         self.index_path = str(index_path)
         self.examples = world_examples(self.gallery)
         self.max_top_k = min(limits.max_top_k, self.index.count)

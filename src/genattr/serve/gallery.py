@@ -47,10 +47,18 @@ def _encode(image, fmt: str) -> Thumbnail:
 
 
 class Gallery:
-    """Gallery rows of one index: ids and recorded paths, with captions and thumbnails."""
+    """Gallery rows of one index: ids and recorded paths, with captions and thumbnails
+    (read from `files`, the paths to open, where names are not UTF-8; default `paths`)."""
 
-    def __init__(self, ids: list[str], paths: list[str], max_pixels: int | None = None) -> None:
+    def __init__(
+        self,
+        ids: list[str],
+        paths: list[str],
+        max_pixels: int | None = None,
+        files: list[str] | None = None,
+    ) -> None:
         self.ids, self.paths = ids, paths
+        self.files = paths if files is None else files
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
         self._rows = {id_: row for row, id_ in enumerate(ids)}
         self._world: dict[int, ClipartData] = {}  # shipped world data by image size
@@ -97,7 +105,7 @@ class Gallery:
 
         try:
             # a huge file is shrunk as it is decoded, not held whole to be thumbnailed
-            image = load_rgb(path, self.max_pixels, max_work_side=4 * THUMBNAIL_SIDE)
+            image = load_rgb(self.files[row], self.max_pixels, max_work_side=4 * THUMBNAIL_SIDE)
         except ImageDecodeError:
             return None
         image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genattr.atomic import atomic_path, write_text_atomic
+from genattr.data.sources import PATH_BYTES, openable_paths
 from genattr.errors import GenattrError, validation_reason
 
 STORE_FORMAT_VERSION = 1
@@ -393,6 +394,22 @@ class EmbeddingStore:
     @property
     def paths(self) -> list[str]:
         return self.metadata(["path"]).column("path").to_pylist()
+
+    @property
+    def file_paths(self) -> list[str]:
+        """Paths to open each row's file with: `paths`, except where extraction kept a name's
+        own bytes (`path_bytes`: file names that are not UTF-8, which `path` prints escaped)."""
+        out: list[str] = []
+        for entry in self._info["shards"]:
+            p = self.metadata_path(int(entry["index"]))
+            try:
+                has_raw = PATH_BYTES in pq.read_schema(p).names
+                t = pq.read_table(p, columns=["path", PATH_BYTES] if has_raw else ["path"])
+            except (OSError, pa.ArrowException) as e:
+                raise GenattrError(f"{p}: cannot read metadata ({e})") from None
+            raw = t.column(PATH_BYTES).to_pylist() if has_raw else None
+            out += openable_paths(t.column("path").to_pylist(), raw)
+        return out
 
     # ---- writing ---------------------------------------------------------------------------
     @contextlib.contextmanager

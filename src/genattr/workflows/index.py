@@ -61,6 +61,7 @@ def build_index_from_store(
         head_dir=head_dir,
         ids=[i for x in stores for i in x.ids],
         paths=[p for x in stores for p in x.paths],
+        files=[f for x in stores for f in x.file_paths],
         provenance=provenance,
         progress=progress,
     )
