@@ -2,16 +2,17 @@
 
 Starts `genattr serve` (a subprocess, torch at 1 thread) over the world gallery's index as
 `genattr serve` with no arguments serves it (built once into the cache), waits until it is
-idle, then fires --concurrency simultaneous uploads of the worst image the default limits
-accept: a constant PNG at the largest pixel count allowed (16384 x 5461 = 89.5 M pixels, under
-Pillow's 89.48 M limit and the 16384 px side limit), 16 bits per channel, a few hundred KB
-compressed. Meanwhile a normal client keeps posting a 32 px world image (and GET /healthz)
+idle, then fires --concurrency simultaneous uploads of one of the worst images the default
+limits accept, per format (tests/server_process.py, `HOSTILE_UPLOADS`): one colour at the
+largest pixel count allowed (16383 x 5461 = 89.5 M pixels, under Pillow's 89.48 M limit and
+WebP's 16383 px side), a few hundred KB compressed, or 20 MB of a format stored raw; and an
+ICO wrapping the worst 16-bit PNG (refused by format). One burst per --upload. Meanwhile a normal client keeps posting a 32 px world image (and GET /healthz)
 one request after another. Reports, from /proc/<pid>/status of the server: idle RSS, peak RSS
 (VmHWM, reset when idle) and RSS after the burst; the burst's wall time and statuses; the
 normal requests' latencies during the burst.
 
     PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/serve_memory.py \
-        [--kind gray16|rgba16] [--concurrency 16]
+        [--upload png-gray16 webp-lossless-rgba ico-png-gray16 ...] [--concurrency 16]
 
 --src DIR runs the server from another copy of the package (its `src` folder), e.g. the
 code before the memory budget (commit 82858db) for a before/after comparison:
@@ -38,14 +39,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from tests.server_process import PNG_KINDS, constant_png, free_port, status_mb
+from tests.server_process import HOSTILE_UPLOADS, free_port, status_mb
 
 from genattr.calibrate import Calibrator, save_calibrator
 from genattr.serve.world_index import default_world_index
 from genattr.world.clipart import load_data
 
 MB = 2**20
-WORST_SIZE = (16384, 5461)  # the most pixels the default limits allow (16384 a side)
 
 
 def reset_peak(pid: int) -> None:
@@ -213,7 +213,10 @@ def measure(args, cmd: list[str], env: dict, tmp: Path, worst: bytes, normal: by
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kind", choices=sorted(PNG_KINDS), default="gray16")
+    ap.add_argument(
+        "--upload", nargs="+", choices=sorted(HOSTILE_UPLOADS), default=["png-gray16"],
+        help="worst uploads to send, one burst each (tests/server_process.py)",
+    )  # fmt: skip
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--index", default=None, help="default: as `genattr serve` with no --index")
     ap.add_argument("--src", default=None, help="run the server from this src/ folder")
@@ -227,26 +230,35 @@ def main() -> None:
     buf = io.BytesIO()
     Image.fromarray(data.images[int(data.indices("unused")[0])]).save(buf, format="PNG")
     normal = buf.getvalue()
-    worst = constant_png(*WORST_SIZE, args.kind)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if args.src:
         env["PYTHONPATH"] = os.pathsep.join([args.src, env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "genattr.cli", "serve", "--index", index]
     cmd += ["--calibrator", str(tmp / "calibrator.json"), "--threads", "1"]
-    report = {
-        "server": args.src or "this checkout",
-        "index": index,
-        "upload": {
-            "kind": args.kind,
-            "size": list(WORST_SIZE),
-            "pixels": WORST_SIZE[0] * WORST_SIZE[1],
-            "bytes": len(worst),
-        },
-        "concurrency": args.concurrency,
-        **measure(args, cmd, env, tmp, worst, normal),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-    print(json.dumps(report, indent=1))
+    rows = []
+    for name in args.upload:
+        worst = HOSTILE_UPLOADS[name]()
+        m = measure(args, cmd, env, tmp, worst, normal)
+        report = {
+            "server": args.src or "this checkout",
+            "index": index,
+            "upload": {"name": name, "bytes": len(worst)},
+            "concurrency": args.concurrency,
+            **m,
+            "load_average": [round(x, 2) for x in os.getloadavg()],
+        }
+        print(json.dumps(report, indent=1), flush=True)
+        statuses = ", ".join(f"{n} x {s}" for s, n in sorted(m["worst_statuses"].items()))
+        rows.append(
+            f"| {name} | {len(worst) / 1e3:,.0f} KB | {statuses} | {m['idle_rss_mb']} MB | "
+            f"{m['peak_above_idle_mb']} MB | {m['burst_wall_s']} s | "
+            f"{m['normal_requests_during_burst']} | {m['normal_latency_ms']['p50']} / "
+            f"{m['normal_latency_ms']['max']} ms |"
+        )
+    print("| upload | file | statuses | idle RSS | peak above idle | burst | normal requests "
+          "| their latency p50 / max |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

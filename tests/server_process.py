@@ -124,3 +124,11 @@ def decode_peak(data: bytes, work_side: int = 2048) -> dict:
             cwd=Path(__file__).parents[1],
         )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# Uploads the service refuses from their header although Pillow could read them, with the
+# worst accepted ones: what `benchmarks/serve_memory.py` sends.
+HOSTILE_UPLOADS = {
+    **WORST_UPLOADS,
+    "ico-png-gray16": lambda: ico_wrapping(constant_png(*WORST_SIZE, "gray16")),
+}
