@@ -6,10 +6,11 @@ idle, then fires --concurrency simultaneous uploads of one of the worst images t
 limits accept, per format (tests/server_process.py, `HOSTILE_UPLOADS`): one colour at the
 largest pixel count allowed (16383 x 5461 = 89.5 M pixels, under Pillow's 89.48 M limit and
 WebP's 16383 px side), a few hundred KB compressed, or 20 MB of a format stored raw; and an
-ICO wrapping the worst 16-bit PNG (refused by format). One burst per --upload. Meanwhile a normal client keeps posting a 32 px world image (and GET /healthz)
-one request after another. Reports, from /proc/<pid>/status of the server: idle RSS, peak RSS
-(VmHWM, reset when idle) and RSS after the burst; the burst's wall time and statuses; the
-normal requests' latencies during the burst.
+ICO wrapping the worst 16-bit PNG (refused by format). One burst per --upload. Meanwhile a
+normal client keeps posting a 32 px world image (and GET /healthz) one request after another.
+Reports, from /proc/<pid>/status of the server: idle RSS, peak RSS (VmHWM, reset when idle)
+and RSS after the burst; the burst's wall time and statuses; the normal requests' latencies
+during the burst.
 
     PYTHONPATH=. nice -n 10 .venv/bin/python benchmarks/serve_memory.py \
         [--upload png-gray16 webp-lossless-rgba ico-png-gray16 ...] [--concurrency 16]

@@ -13,7 +13,7 @@ from PIL import Image
 
 from genattr.errors import GenattrError
 from genattr.features import get_backbone
-from genattr.features.extract import extract
+from genattr.features.extract import choose_workers, extract
 from genattr.store import EmbeddingStore, convert
 
 
@@ -232,6 +232,41 @@ def test_workers_and_inline_decoding_agree(tmp_path):
     assert a.store.ids == b.store.ids and a.store.num_shards == b.store.num_shards == 3
     np.testing.assert_array_equal(np.asarray(a.store.vectors), np.asarray(b.store.vectors))
     assert _failed(tmp_path / "a") == _failed(tmp_path / "b") and len(_failed(tmp_path / "a")) == 1
+
+
+def test_chosen_workers_take_over_after_the_first_batch(tmp_path, monkeypatch):
+    """workers=None: the first batch decodes inline, timed; the rest runs with the workers
+    chosen (forced to 2 here), and the store is the one inline decoding makes."""
+    import genattr.features.extract as ex
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for k in range(13):
+        _rand_image(k, (40 + k, 30)).save(src / f"{k:02d}.png")
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    seen = []
+    monkeypatch.setattr(ex, "choose_workers", lambda *a: seen.append(a) or 2)
+    a = extract("pixel", src, tmp_path / "a", workers=0, batch_size=4, shard_size=5)
+    b = extract("pixel", src, tmp_path / "b", workers=None, batch_size=4, shard_size=5)
+    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1] > 0  # both sides timed
+    assert a.store.ids == b.store.ids and a.store.num_shards == b.store.num_shards == 3
+    np.testing.assert_array_equal(np.asarray(a.store.vectors), np.asarray(b.store.vectors))
+    assert _failed(tmp_path / "a") == _failed(tmp_path / "b")
+
+
+@pytest.mark.parametrize(
+    ("decode_ms", "model_ms", "cores", "device", "workers"),
+    [
+        (1.5, 13.0, 2, "cpu", 0),  # 32 px PNGs beside EfficientNet-Lite0 on 2 cores (measured)
+        (20.0, 13.0, 2, "cpu", 1),  # photo-sized JPEGs: decoding is the bottleneck
+        (1.5, 13.0, 16, "cpu", 0),  # many cores, cheap decoding: the model keeps them
+        (20.0, 13.0, 16, "cpu", 2),  # more workers would starve the model
+        (5.0, 1.0, 16, "cuda", 4),  # a GPU's model is fast and uses no core
+        (0.1, 1.0, 16, "cuda", 1),  # even cheap decoding overlaps the GPU's work
+    ],
+)
+def test_decode_workers_follow_the_measured_costs(decode_ms, model_ms, cores, device, workers):
+    assert choose_workers(decode_ms / 1e3, model_ms / 1e3, cores, device) == workers
 
 
 def test_fp16_store_and_bf16_compute(tmp_path):

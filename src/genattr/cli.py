@@ -136,6 +136,21 @@ def _friendly_errors(fn):
     return wrapper
 
 
+def _batch_work(fn):
+    """A batch command: the C allocator keeps freed memory for the next batch instead of
+    mapping and faulting it in again (`genattr.alloc`). Not for `serve`, whose memory must
+    go back after a burst."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from genattr.alloc import tune_for_batch_work
+
+        tune_for_batch_work()
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 # the model-based methods' settings, the same options on `evaluate` and `attribute`
 KernelOption = Annotated[str, typer.Option(help="gradient: cosine or trak.")]
 ProjDimOption = Annotated[int, typer.Option(help="gradient: projected dimensions.")]
@@ -162,6 +177,7 @@ def _method_options(
 
 @app.command()
 @_friendly_errors
+@_batch_work
 def evaluate(
     out: Annotated[Path, typer.Option(help="results.json; per-query table goes beside it.")],
     gallery_feats: Annotated[
@@ -254,6 +270,7 @@ def evaluate(
 
 @app.command()
 @_friendly_errors
+@_batch_work
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("demo-out"),
     features: Annotated[
@@ -296,6 +313,7 @@ def _log(msg: str) -> None:
 
 @app.command()
 @_friendly_errors
+@_batch_work
 def customize(
     base: Annotated[str, typer.Option(help="Stable Diffusion 1.x: HF id (cache) or folder.")],
     exemplars: Annotated[
@@ -378,6 +396,7 @@ def customize(
 
 @app.command()
 @_friendly_errors
+@_batch_work
 def generate(
     model: Annotated[Path, typer.Option(help="Customized model folder.")],
     prompts: Annotated[
@@ -437,6 +456,7 @@ def generate(
 
 @app.command("make-benchmark")
 @_friendly_errors
+@_batch_work
 def make_benchmark(
     plan: Annotated[Path, typer.Option(help="Plan (.yaml or .json): models and prompt sets.")],
     out: Annotated[Path, typer.Option(help="Benchmark folder (resumed if it exists).")],
@@ -464,6 +484,7 @@ def make_benchmark(
 
 @app.command()
 @_friendly_errors
+@_batch_work
 def extract(
     features: Annotated[str, typer.Option(help="Backbone name (see genattr.features).")],
     images: Annotated[
@@ -474,7 +495,8 @@ def extract(
     weights: Annotated[str | None, typer.Option(help="Weights path or id.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     workers: Annotated[
-        int | None, typer.Option(help="Decode processes (default: spare cores, 0 = inline).")
+        int | None,
+        typer.Option(help="Decode processes (default: chosen from the first batch; 0 = inline)."),
     ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Compute precision: fp32, fp16 or bf16.")] = "fp32",
@@ -546,6 +568,7 @@ def extract(
 
 @app.command("train-head")
 @_friendly_errors
+@_batch_work
 def train_head(
     bench: Annotated[Path, typer.Option(help="Benchmark manifest (train/val splits by model).")],
     store_real: Annotated[Path, typer.Option(help="Store with the exemplar (real) images.")],
@@ -602,6 +625,7 @@ def train_head(
 
 @app.command()
 @_friendly_errors
+@_batch_work
 def calibrate(
     bench: Annotated[Path, typer.Option(help="Benchmark manifest; its val models are used.")],
     store_real: Annotated[Path, typer.Option(help="Store with the exemplar (real) images.")],
@@ -634,6 +658,7 @@ app.add_typer(index_app, name="index")
 
 @index_app.command("build")
 @_friendly_errors
+@_batch_work
 def index_build(
     store: Annotated[
         list[Path],
@@ -660,6 +685,7 @@ def index_build(
 
 @app.command()
 @_friendly_errors
+@_batch_work
 def attribute(
     images: Annotated[list[Path], typer.Argument(help="Generated images to attribute.")],
     index: Annotated[
@@ -837,6 +863,7 @@ app.add_typer(world_app, name="world")
 
 @world_app.command("build-data")
 @_friendly_errors
+@_batch_work
 def world_build_data(
     source: Annotated[
         Path, typer.Option(help="Extracted openclipart-png (`dpkg-deb -x openclipart-png_*.deb`).")
@@ -862,6 +889,7 @@ def world_build_data(
 
 @world_app.command("build")
 @_friendly_errors
+@_batch_work
 def world_build(
     source: Annotated[
         Path, typer.Option(help="Extracted openclipart-png (`dpkg-deb -x openclipart-png_*.deb`).")
@@ -897,6 +925,7 @@ def world_build(
 
 @world_app.command("build-benchmark")
 @_friendly_errors
+@_batch_work
 def world_build_benchmark(
     work: Annotated[Path, typer.Option(help="Work folder (the benchmark resumes there).")],
     out: Annotated[
@@ -921,6 +950,7 @@ def world_build_benchmark(
 
 @world_app.command("train-encoder")
 @_friendly_errors
+@_batch_work
 def world_train_encoder(
     run: Annotated[Path, typer.Option(help="Run folder (resumed from its last checkpoint).")],
     out: Annotated[
@@ -969,6 +999,7 @@ def world_train_encoder(
 
 @world_app.command("train-base")
 @_friendly_errors
+@_batch_work
 def world_train_base(
     out: Annotated[Path, typer.Option(help="Run folder (resumed from its last checkpoint).")],
     steps: Annotated[int, typer.Option(help="Total steps (counting resumed ones).")] = 20000,
@@ -1019,6 +1050,7 @@ def world_train_base(
 
 @world_app.command("quality")
 @_friendly_errors
+@_batch_work
 def world_quality(
     pipeline: Annotated[Path, typer.Option(help="A world pipeline (e.g. RUN/pipeline).")],
     out: Annotated[Path | None, typer.Option(help="Write the figures here (JSON).")] = None,
