@@ -98,23 +98,31 @@ def start_server(cmd: list[str], env: dict, log_path: Path) -> tuple[subprocess.
     return proc, url
 
 
-async def burst(url: str, worst: bytes, normal: bytes, concurrency: int, timeout: float):
-    """`concurrency` worst uploads at once; a normal client posting and checking health one
-    request after another until they are all answered. Statuses and latencies."""
+async def burst(
+    url: str, worst: bytes, normal: bytes, concurrency: int, timeout: float, min_seconds: float
+):
+    """`concurrency` worst uploads at once (for at least `min_seconds`); a normal client
+    posting and checking health one request after another until they are all answered.
+    Statuses and latencies."""
     done = asyncio.Event()
     normal_lat: list[float] = []
     health_lat: list[float] = []
     normal_errors: list[str] = []
 
-    async def heavy(http: httpx.AsyncClient, i: int) -> tuple[int, float, str]:
-        t0 = time.perf_counter()
-        try:
-            r = await http.post(
-                "/attribute", files={"image": (f"worst{i}.png", worst, "image/png")}
-            )
-            return r.status_code, time.perf_counter() - t0, r.text[:200]
-        except httpx.HTTPError as e:
-            return -1, time.perf_counter() - t0, repr(e)
+    async def heavy(http: httpx.AsyncClient, i: int) -> list[tuple[int, float, str]]:
+        """One slot of the burst: the worst upload, sent again as soon as it is answered
+        until `min_seconds` have passed (refused uploads come back at once)."""
+        sent: list[tuple[int, float, str]] = []
+        while not sent or time.perf_counter() < start + min_seconds:
+            t0 = time.perf_counter()
+            try:
+                r = await http.post(
+                    "/attribute", files={"image": (f"worst{i}.png", worst, "image/png")}
+                )
+                sent.append((r.status_code, time.perf_counter() - t0, r.text[:200]))
+            except httpx.HTTPError as e:
+                sent.append((-1, time.perf_counter() - t0, repr(e)))
+        return sent
 
     async def normal_client(http: httpx.AsyncClient) -> None:
         await asyncio.sleep(0.3)  # the burst is in the server by then
@@ -141,10 +149,11 @@ async def burst(url: str, worst: bytes, normal: bytes, concurrency: int, timeout
         httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as http,
         httpx.AsyncClient(base_url=url, timeout=timeout) as side,
     ):
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         side_task = asyncio.create_task(normal_client(side))
-        results = await asyncio.gather(*(heavy(http, i) for i in range(concurrency)))
-        wall = time.perf_counter() - t0
+        slots = await asyncio.gather(*(heavy(http, i) for i in range(concurrency)))
+        results = [r for slot in slots for r in slot]
+        wall = time.perf_counter() - start
         done.set()
         await side_task
     return results, wall, normal_lat, health_lat, normal_errors
@@ -167,7 +176,7 @@ def measure(args, cmd: list[str], env: dict, tmp: Path, worst: bytes, normal: by
         sampler = Sampler(proc.pid)
         sampler.start()
         results, wall, normal_lat, health_lat, normal_errors = asyncio.run(
-            burst(url, worst, normal, args.concurrency, args.timeout)
+            burst(url, worst, normal, args.concurrency, args.timeout, args.min_seconds)
         )
         sampler.stop.set()
         sampler.join()
@@ -222,6 +231,9 @@ def main() -> None:
     ap.add_argument("--index", default=None, help="default: as `genattr serve` with no --index")
     ap.add_argument("--src", default=None, help="run the server from this src/ folder")
     ap.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    ap.add_argument(
+        "--min-seconds", type=float, default=5.0, help="keep every slot of the burst busy so long"
+    )
     args = ap.parse_args()
 
     index = args.index or str(default_world_index())

@@ -44,6 +44,7 @@ from typing import Any
 
 from genattr.data.benchmark import read_benchmark
 from genattr.data.images import IMAGE_EXTENSIONS
+from genattr.data.names import PATH_BYTES, display_name, path_bytes_column
 from genattr.errors import GenattrError
 
 SOURCE_KINDS = ("folder", "list", "tar", "abc_json")
@@ -62,37 +63,6 @@ SKIP_OUTPUT = "the output store"
 
 class ItemRefused(Exception):
     """An item that is not read at all (not a regular file, too large); str(e) is the reason."""
-
-
-def display_name(name: str) -> str:
-    """A printable, valid-UTF-8 form of a file name: undecodable bytes become \\xNN.
-
-    The identity for every name that is valid UTF-8, so ids of ordinary folders do not change.
-    """
-    try:
-        name.encode("utf-8")
-        return name
-    except UnicodeEncodeError:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-# The metadata column that keeps a file name's own bytes where the printable `path` had to
-# escape them (not UTF-8): what stores and indexes open the file with.
-PATH_BYTES = "path_bytes"
-
-
-def path_bytes_column(files: list[str]) -> list[bytes | None] | None:
-    """`os.fsencode` of each file whose name is not printable as it is (`display_name` escapes
-    it), None for the others; None altogether for ordinary collections."""
-    raw = [None if display_name(f) == f else os.fsencode(f) for f in files]
-    return None if all(b is None for b in raw) else raw
-
-
-def openable_paths(paths: list[str], raw: list[bytes | None] | None) -> list[str]:
-    """Paths to open: the file system's own name where it was kept, else the recorded path."""
-    if raw is None:
-        return list(paths)
-    return [p if b is None else os.fsdecode(b) for p, b in zip(paths, raw, strict=True)]
 
 
 def _file_kind(mode: int) -> str:

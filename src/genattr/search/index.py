@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from genattr.atomic import atomic_path, write_text_atomic
-from genattr.data.sources import PATH_BYTES, openable_paths, path_bytes_column
+from genattr.data.names import PATH_BYTES, openable_paths, path_bytes_column
 from genattr.errors import GenattrError, validation_reason
 from genattr.heads.checkpoint import MapperPair, load_heads
 from genattr.heads.networks import head_in_out

@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -33,8 +32,6 @@ from urllib.parse import quote
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, Field
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from genattr.attribution import Attributor
 from genattr.data.images import (
@@ -51,7 +48,24 @@ from genattr.serve.batcher import MicroBatcher, QueueFull
 from genattr.serve.budget import Busy, ByteBudget, Hold, trim_heap
 from genattr.serve.examples import world_examples
 from genattr.serve.gallery import Gallery
+from genattr.serve.http import (
+    BodyLimit,
+    check_listen,
+    spooled_size,
+    too_large_text,
+    with_header_deadline,
+)
+from genattr.serve.schemas import (
+    About,
+    AttributeResponse,
+    ExampleQuery,
+    Health,
+    MemoryBudget,
+    TrainingImage,
+)
 from genattr.serve.world_index import default_world_index
+
+__all__ = ["Limits", "Service", "check_listen", "create_app", "serve"]
 
 if TYPE_CHECKING:
     from genattr.attribution import Attribution
@@ -108,81 +122,6 @@ class Limits:
             raise GenattrError(
                 f"--top-k {self.default_top_k} is more than --max-top-k {self.max_top_k}"
             )
-
-
-class TrainingImage(BaseModel):
-    rank: int = Field(description="1 for the most similar training image")
-    id: str = Field(description="gallery id; its thumbnail is GET /images/{id}")
-    path: str = Field(description="where the index says the training image came from")
-    caption: str | None = Field(description="the image's caption, where the gallery has one")
-    similarity: float = Field(description="cosine similarity in the (head-mapped) feature space")
-    influence: float | None = Field(
-        description="percent of the generated image's influence (over the whole gallery); "
-        "null without a calibrator"
-    )
-    thumbnail: str = Field(description="URL of the thumbnail")
-    display_side: int = Field(
-        description="suggested display size in px: side ~ sqrt(influence), as the HTML report"
-    )
-
-
-class AttributeResponse(BaseModel):
-    query: str = Field(description="the uploaded file's name")
-    width: int
-    height: int
-    top_k: int
-    results: list[TrainingImage]
-    remaining: float | None = Field(
-        description="percent of influence outside the top K; null without a calibrator"
-    )
-    estimated: bool = Field(
-        description="true when the index is approximate (IVF): candidates, and so the "
-        "normalisation of influence, are estimates"
-    )
-    calibrated: bool
-    notes: list[str]
-
-
-class ExampleQuery(BaseModel):
-    index: int
-    label: str = Field(description="the test model, its test case and the sample's prompt")
-    image: str = Field(description="URL of the sample (PNG)")
-    exemplar_ids: list[str] = Field(description="gallery ids of its true training images")
-
-
-class About(BaseModel):
-    """What the service serves, for the page's header and for clients."""
-
-    images: int = Field(description="gallery images in the index")
-    index: str = Field(description="the index folder")
-    index_kind: str
-    backbone: str
-    weights_id: str
-    head: str | None = Field(description="the head's kind, null for raw features")
-    calibrator: dict[str, float] | None = Field(description="inv_tau and bias, or null")
-    examples: list[ExampleQuery] = Field(
-        description="test samples of the world's benchmark whose exemplars are in the gallery"
-    )
-
-
-class MemoryBudget(BaseModel):
-    total: int = Field(description="bytes uploads being decoded or answered may hold at once")
-    used: int = Field(description="bytes held now")
-    peak: int = Field(description="most bytes held at once since the service started")
-    waiting: int = Field(description="uploads waiting for memory now")
-    granted: int = Field(description="uploads granted memory so far")
-    waited: int = Field(description="of those, how many had to wait")
-
-
-class Health(BaseModel):
-    status: str
-    images: int
-    backbone: str
-    index_kind: str
-    calibrated: bool
-    batches: int
-    requests: int
-    memory: MemoryBudget
 
 
 @dataclass
@@ -385,60 +324,6 @@ def _percent(share: float | None) -> float | None:
     return None if share is None else 100.0 * share
 
 
-class BodyLimit:
-    """Refuse request bodies over `max_bytes` with 413, whether they announce their length
-    (refused before reading) or stream it (refused when the count passes the limit), so an
-    oversized upload is never spooled to disk whole; and bodies that stall for `timeout`
-    seconds with 408."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
-        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await _too_large(self.max_bytes)(scope, receive, send)
-            return
-        seen, complete = 0, False
-
-        async def counted():
-            nonlocal seen, complete
-            if complete:  # after the body: waiting for a disconnect may take any time
-                return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), self.timeout)
-            except TimeoutError:
-                raise HTTPException(
-                    408, f"request body stalled: nothing received for {self.timeout:g} s"
-                ) from None
-            seen += len(message.get("body", b""))
-            complete = not message.get("more_body", False)
-            if seen > self.max_bytes:
-                raise HTTPException(413, _too_large_text(self.max_bytes))
-            return message
-
-        await self.app(scope, counted, send)
-
-
-def _too_large_text(max_bytes: int) -> str:
-    return f"upload too large: the limit is {max_bytes:,} bytes"
-
-
-def _too_large(max_bytes: int) -> JSONResponse:
-    return JSONResponse({"detail": _too_large_text(max_bytes)}, status_code=413)
-
-
-def _spooled_size(upload: UploadFile) -> int:
-    """Bytes in an upload whose size the form parser did not record (seeking a spooled
-    file reads nothing)."""
-    size = upload.file.seek(0, os.SEEK_END)
-    upload.file.seek(0)
-    return size
-
-
 def _package_text(name: str) -> str:
     return resources.files("genattr.serve").joinpath(name).read_text(encoding="utf-8")
 
@@ -521,9 +406,9 @@ def create_app(
         k = min(limits.default_top_k, svc.max_top_k) if k is None else k
         if not 1 <= k <= svc.max_top_k:
             raise HTTPException(422, f"top_k must be between 1 and {svc.max_top_k}, got {k}")
-        size = image.size if image.size is not None else _spooled_size(image)
+        size = image.size if image.size is not None else spooled_size(image)
         if size > limits.max_upload_bytes:
-            raise HTTPException(413, _too_large_text(limits.max_upload_bytes))
+            raise HTTPException(413, too_large_text(limits.max_upload_bytes))
         try:
             return await svc.attribute_upload(image.file, image.filename or "upload", k)
         except UploadRefused as e:
@@ -625,54 +510,9 @@ def serve(
         index_path = default_world_index()
     limits = limits or Limits()
     svc = Service(index_path, calibrator_path, limits, weights, device)
-    uvicorn.run(create_app(service=svc), host=host, port=port, http=_with_header_deadline(limits))
-
-
-def _with_header_deadline(limits: Limits) -> type:
-    """uvicorn's h11 protocol, closing connections that do not send a whole request head
-    within `limits.header_timeout` seconds of opening or of their last answer. uvicorn bounds
-    idle keep-alive connections but not ones that trickle a head byte by byte."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeaderDeadline(H11Protocol):
-        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
-            super().connection_made(transport)
-            self._arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._arm()
-
-        def _arm(self) -> None:
-            self.loop.call_later(limits.header_timeout, self._drop_without_head, self.cycle)
-
-        def _drop_without_head(self, cycle: object) -> None:
-            # a new request's head arrived meanwhile: its cycle replaced this one
-            if self.cycle is cycle and not self.transport.is_closing():
-                try:
-                    self.timeout_keep_alive_handler()  # uvicorn's own way to close
-                except h11.LocalProtocolError:  # h11 midway through a head: just close
-                    self.transport.close()
-
-    return HeaderDeadline
-
-
-def check_listen(host: str, port: int) -> None:
-    """GenattrError unless a server could listen on host:port now (binds and closes a
-    socket, as uvicorn will)."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise GenattrError(f"--port must be between 1 and 65535, got {port!r}")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise GenattrError(
-            f"--host {host!r}: not an address this machine can resolve ({e})"
-        ) from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(address)
-        except OSError as e:
-            raise GenattrError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    uvicorn.run(
+        create_app(service=svc),
+        host=host,
+        port=port,
+        http=with_header_deadline(limits.header_timeout),
+    )

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from genattr.atomic import atomic_path, write_text_atomic
-from genattr.data.sources import PATH_BYTES, openable_paths
+from genattr.data.names import PATH_BYTES, openable_paths
 from genattr.errors import GenattrError, validation_reason
 
 STORE_FORMAT_VERSION = 1
