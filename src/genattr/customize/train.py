@@ -35,11 +35,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import Field
 
 from genattr.atomic import atomic_path
 from genattr.customize.pipeline import load_base_pipeline
+from genattr.data.images import ImageDecodeError, load_converted, open_image
+from genattr.data.sources import folder_images
 from genattr.errors import GenattrError
 from genattr.options import options_from_mapping
 
@@ -53,7 +55,6 @@ if TYPE_CHECKING:
 WEIGHTS_NAME = "pytorch_custom_diffusion_weights.bin"
 INFO_NAME = "genattr_customize.json"
 CUSTOMIZE_FORMAT_VERSION = 1
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _SMALL_PREFIXES = ("a far away ", "very small ")
 _LARGE_PREFIXES = ("zoomed in ", "close up ")
 
@@ -156,14 +157,12 @@ def check_captions(paths: Sequence[Path], captions: Sequence[str] | None) -> lis
 
 
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files from paths and folders (a folder gives its images in name order)."""
+    """Image files from paths and folders (a folder gives its images as every command lists
+    a folder: `genattr.data.sources.folder_images`)."""
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise GenattrError(f"{p}: folder has no images")
-            out.extend(found)
+            out.extend(map(Path, folder_images(p).files))
         elif p.is_file():
             out.append(p)
         else:
@@ -174,19 +173,18 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def _open_rgb(path: Path) -> Image.Image:
+    """An image as training reads it, with extraction's guards (`load_converted`)."""
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
+        return load_converted(path)
+    except ImageDecodeError as e:
         raise GenattrError(f"{path}: not a readable image ({e})") from None
 
 
 def check_image(path: Path) -> None:
     """Raise a GenattrError naming the file unless it is a readable image (header check)."""
     try:
-        with Image.open(path) as im:
-            im.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        open_image(path)
+    except ImageDecodeError as e:
         raise GenattrError(f"{path}: not a readable image ({e})") from None
 
 

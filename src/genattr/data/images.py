@@ -364,3 +364,16 @@ def load_rgb(
     """
     image = open_image(source, max_pixels, min_side=min_side, max_side=max_side)
     return decode_rgb(image, max_pixels, max_work_side=max_work_side)
+
+
+def load_converted(
+    source: str | os.PathLike | bytes | BinaryIO, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """Open with `open_image`'s guards (empty, unreadable, decompression bombs), then
+    Pillow's plain `convert("RGB")`: alpha dropped, not composited, as the reference training
+    scripts (Custom Diffusion's) read their images. Raises ImageDecodeError."""
+    image = open_image(source, max_pixels)
+    with _decode_errors():
+        with _pillow_limits(max_pixels):
+            image.load()
+        return image.convert("RGB")

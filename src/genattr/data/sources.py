@@ -587,3 +587,19 @@ def open_source(
     if _is_image_name(s):
         raise GenattrError(f"{s}: is an image; pass its folder or a text file listing images")
     return list_source(s, root)
+
+
+def folder_images(folder: str | os.PathLike) -> ImageSource:
+    """A folder's images as every command lists them (`folder_source`: recursive, recognised
+    by content, hidden entries skipped, sorted by id), for commands that need every one of
+    them (training sets, galleries scored by the model): an entry that cannot be an image, or
+    an empty folder, is an error naming it."""
+    if not os.path.isdir(folder):
+        raise GenattrError(f"{display_name(str(folder))}: no such folder")
+    src = folder_source(folder)
+    if src.prefailed:
+        i, reason = next(iter(sorted(src.prefailed.items())))
+        raise GenattrError(f"{src.paths[i]}: {reason}")
+    if not len(src):
+        raise GenattrError(f"{display_name(str(folder))}: folder has no images")
+    return src

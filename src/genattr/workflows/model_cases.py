@@ -25,8 +25,9 @@ from PIL import Image
 
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
-from genattr.customize.train import IMAGE_SUFFIXES, read_reg_captions, read_square
+from genattr.customize.train import read_reg_captions, read_square
 from genattr.data.benchmark import read_manifest
+from genattr.data.sources import folder_images
 from genattr.errors import GenattrError
 from genattr.world.base import base_model_dir, load_world_base
 from genattr.world.benchmark import build_benchmark, load_benchmark
@@ -66,16 +67,13 @@ class ImageSet:
 
 
 class FolderImages:
-    """A gallery folder read lazily (name order), each image squared and resized to
-    `resolution` as Custom Diffusion's training does, each with its caption."""
+    """A gallery folder read lazily (listed and named as `genattr extract` lists it), each
+    image squared and resized to `resolution` as Custom Diffusion's training does, each with
+    its caption."""
 
     def __init__(self, folder: str | os.PathLike, captions: Sequence[str], resolution: int):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise GenattrError(f"{folder}: no such folder")
-        self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
-            raise GenattrError(f"{folder}: folder has no images")
+        listed = folder_images(folder)  # what extraction lists in the same folder, same ids
+        self.paths = [Path(f) for f in listed.files]
         caps = list(captions)
         if len(caps) == 1:
             caps = caps * len(self.paths)
@@ -85,7 +83,7 @@ class FolderImages:
                 "name order, or one for all)"
             )
         self.prompts, self.resolution = caps, resolution
-        self.ids = [p.name for p in self.paths]
+        self.ids = listed.ids
 
     def __len__(self) -> int:
         return len(self.paths)
