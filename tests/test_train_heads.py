@@ -9,6 +9,7 @@ from genattr.heads.checkpoint import load_heads
 from genattr.heads.train import (
     PairedFeatures,
     TrainConfig,
+    _pick,
     nt_xent_multi_positive,
     save_heads,
     train_heads,
@@ -99,16 +100,29 @@ def test_other_heads_train_and_are_repeatable(planted, head):
 
 
 def test_views_axis_is_used(planted):
+    """With a views axis every step draws one view per row: the heads learn from both views
+    (they differ from heads trained where the second view repeats the first), and both views
+    are drawn about equally."""
     _, split = planted
     base = PairedFeatures.from_testcase(split["train"])
-    views = PairedFeatures(
-        torch.stack([base.exemplars, base.exemplars + 0.1 * torch.randn_like(base.exemplars)]),
-        base.exemplar_chunks,
-        torch.stack([base.synth, base.synth]),
-        base.synth_model,
-    )
-    result = train_heads(views, TrainConfig(epochs=1, batch_size=64))
-    assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
+    noise = 0.5 * torch.randn(base.exemplars.shape, generator=torch.Generator().manual_seed(1))
+
+    def trained(second: torch.Tensor):
+        views = PairedFeatures(
+            torch.stack([base.exemplars, second]),
+            base.exemplar_chunks,
+            torch.stack([base.synth, base.synth]),
+            base.synth_model,
+        )
+        result = train_heads(views, TrainConfig(epochs=1, batch_size=64, seed=0))
+        assert len(result.history) == 1 and np.isfinite(result.history[0]["loss"])
+        return result.mappers.real.state_dict()
+
+    repeated, noisy = trained(base.exemplars), trained(base.exemplars + noise)
+    assert any(not torch.equal(repeated[k], noisy[k]) for k in repeated)
+    x = torch.stack([torch.zeros(1000, 2), torch.ones(1000, 2)])
+    picked = _pick(x, torch.arange(1000), torch.Generator().manual_seed(0))
+    assert picked.shape == (1000, 2) and 400 < int(picked[:, 0].sum()) < 600
 
 
 def test_nt_xent_prefers_positives():
