@@ -29,7 +29,7 @@ from genattr.heads.train import TrainConfig
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
 from genattr.workflows.train_head import train_heads_from_stores
-from genattr.world.demo import stricter_gallery
+from genattr.workflows.demo import stricter_gallery
 
 
 def case_maps(

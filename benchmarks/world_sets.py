@@ -44,7 +44,7 @@ from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
 from genattr.vectors import embed
 from genattr.world.clipart import load_data
-from genattr.world.demo import stricter_gallery
+from genattr.workflows.demo import stricter_gallery
 
 KS = (10,)
 

@@ -7,8 +7,11 @@ from pathlib import Path
 import genattr
 
 PACKAGE = Path(genattr.__file__).parent
-LOWER = ("data", "features", "store", "heads", "search", "calibrate", "evaluate", "vectors")
-UPPER = ("workflows", "serve", "world", "report", "cli")
+# docs/architecture.md's layers: algorithms, customization and the world below; the layer
+# that opens files and wires stages, the shells and the reports above.
+LOWER = ("data", "features", "store", "heads", "search", "calibrate", "evaluate", "vectors",
+         "methods", "customize", "attribution", "world")  # fmt: skip
+UPPER = ("workflows", "serve", "report", "cli")
 
 
 def _module_name(path: Path) -> str:

@@ -5,10 +5,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from genattr.attribution import AttributedImage, Attribution, attribute, write_attributions
+from genattr.attribution import AttributedImage, Attribution, attribute
 from genattr.calibrate import Calibrator
 from genattr.errors import GenattrError
 from genattr.features import get_backbone
+from genattr.report.attributions import write_attributions
 from genattr.search.index import build_index
 
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from genattr.cli import app
 from genattr.evaluate import expected_random_ap
-from genattr.world.demo import DEMO_BACKBONES
+from genattr.workflows.demo import DEMO_BACKBONES
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -10,7 +10,6 @@ influence, is exact (with a flat index; IVF candidates are approximate and say s
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -18,9 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from rich.table import Table
 
-from genattr.atomic import write_text_atomic
 from genattr.calibrate import Calibrator, load_calibrator
 from genattr.data.images import ImageDecodeError, load_rgb
 from genattr.devices import resolve_device
@@ -28,7 +25,6 @@ from genattr.errors import GenattrError
 from genattr.features.embedder import embed_images
 from genattr.features.registry import Backbone, get_backbone
 from genattr.heads.checkpoint import MapperPair
-from genattr.report.attribution_html import render_attributions
 from genattr.search.index import AttributionIndex
 from genattr.vectors import embed
 
@@ -254,32 +250,3 @@ def attribute_vectors(
                 notes.append("influence normalised over approximate (IVF) candidates: estimated")
         answers.append(Attribution(name, results, remaining, exact and p is not None, notes))
     return answers
-
-
-def attributions_table(answers: Sequence[Attribution]):
-    tables = []
-    for a in answers:
-        t = Table(title=f"{a.query}: the training images it leans on")
-        for col in ("rank", "id", "path", "similarity", "influence"):
-            t.add_column(
-                col, justify="right" if col in ("rank", "similarity", "influence") else "left"
-            )
-        for r in a.results:
-            infl = "–" if r.influence is None else f"{100 * r.influence:.2f} %"
-            t.add_row(str(r.rank), r.id, r.path, f"{r.similarity:.4f}", infl)
-        if a.remaining_influence is not None:
-            t.caption = (
-                f"influence outside the top {len(a.results)}: {100 * a.remaining_influence:.2f} %"
-            )
-        tables.append(t)
-    return tables
-
-
-def write_attributions(answers: Sequence[Attribution], fmt: str, out: str | os.PathLike) -> None:
-    """json: one object per query; html: the query beside thumbnails sized by influence."""
-    if fmt == "json":
-        write_text_atomic(out, json.dumps([a.to_json() for a in answers], indent=2) + "\n")
-    elif fmt == "html":
-        write_text_atomic(out, render_attributions(answers))
-    else:
-        raise GenattrError(f"unknown format {fmt!r}; choose json or html")

@@ -282,7 +282,7 @@ def demo(
 ) -> None:
     """Attribution end to end on the built-in miniature world; writes OUT/report.html."""
     check_output(out, "dir")
-    from genattr.world.demo import DEMO_BACKBONES, run_demo
+    from genattr.workflows.demo import DEMO_BACKBONES, run_demo
 
     console.print(
         "[bold]genattr demo[/]: the miniature clip-art world: extract features, train heads, "
@@ -732,7 +732,7 @@ def attribute(
     flip: FlipOption = False,
 ) -> None:
     """Which training images made these images, and how much (calibrated influence)."""
-    from genattr.attribution import attributions_table, write_attributions
+    from genattr.report.attributions import attributions_table, write_attributions
 
     if format not in ("table", "json", "html"):
         raise GenattrError(f"--format must be table, json or html, not {format!r}")
