@@ -71,6 +71,9 @@ if TYPE_CHECKING:
     from genattr.attribution import Attribution
 
 MULTIPART_SLACK = 64 * 1024  # form framing and the top_k field around the image itself
+# Images with more pixels decode in the large images' threads even when they take little
+# memory (a 89 M pixel JPEG decoded at 1/8 scale: 25 MB, but ~0.3 s of CPU).
+HEAVY_PIXELS = 4_000_000
 T = TypeVar("T")
 # What each Limits field is called on `genattr serve`'s command line, for its errors.
 _OPTION = {
@@ -173,10 +176,11 @@ class Service:
         )
         self.budget = ByteBudget(limits.max_decoded_bytes)
         self.budget.on_idle.append(self._trim_when_idle)
-        # Decoding threads, beside the batcher's (the model): large images in one pool,
-        # headers and small images in another, so that ordinary uploads never wait for a
-        # thread behind huge ones. The budget, not the thread count, bounds their memory.
-        self.decode_threads = decode_threads or max(2, min(4, os.cpu_count() or 1))
+        # Decoding threads, beside the batcher's (the model): large images (by memory or by
+        # pixels to decode) in one pool, headers and small images in another, so that
+        # ordinary uploads never wait for a thread behind huge ones; the large pool leaves a
+        # core to the rest. The budget, not the thread count, bounds their memory.
+        self.decode_threads = decode_threads or max(1, min(4, (os.cpu_count() or 1) - 1))
         self._pools: dict[bool, ThreadPoolExecutor] = {}
         self._large_since_trim = False
 
@@ -197,7 +201,7 @@ class Service:
         """One upload: its header read, its memory reserved, decoded to working size, then
         answered in a batch. UploadRefused for an unusable image, Busy or QueueFull when the
         service is full."""
-        cost, size = await self._in_thread(None, self._probe, file, name)
+        cost, size = await self._in_thread(None, False, self._probe, file, name)
         if cost > self.budget.large_total:  # granting it would break the bound
             raise UploadRefused(
                 f"{name}: {size[0]}x{size[1]} pixels in this format take ~{cost / 2**20:.0f} MB "
@@ -205,20 +209,20 @@ class Service:
                 f"({self.budget.large_total / 2**20:.0f} MB; --max-decode-mb raises it)"
             )
         hold = await self.budget.acquire(cost)
+        heavy = hold.large or size[0] * size[1] > HEAVY_PIXELS
         try:
-            image = await self._in_thread(hold, self._decode, file, name, hold.large)
+            image = await self._in_thread(hold, heavy, self._decode, file, name, heavy)
             hold.shrink_to(image.width * image.height * 4)  # Pillow keeps RGB in 4 bytes
             return await self.batcher.submit(Upload(image, size, name, top_k))
         finally:
             hold.release()
 
-    async def _in_thread(self, hold: Hold | None, fn: Callable[..., T], *args) -> T:
-        """`fn(*args)` in a decoding thread (the large images' pool for a large `hold`).
-        Should the request be cancelled meanwhile, the thread runs to its end, and the
-        memory it holds stays reserved until then."""
+    async def _in_thread(self, hold: Hold | None, heavy: bool, fn: Callable[..., T], *args) -> T:
+        """`fn(*args)` in a decoding thread: the large images' pool when `heavy`. Should the
+        request be cancelled meanwhile, the thread runs to its end, and the memory it holds
+        stays reserved until then."""
         assert self._pools, "the service is not started"
-        pool = self._pools[hold is not None and hold.large]
-        future = asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        future = asyncio.get_running_loop().run_in_executor(self._pools[heavy], fn, *args)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
@@ -245,7 +249,7 @@ class Service:
             return decoded_bytes(image, lim.max_work_side), image.size
         raise UploadRefused(f"{name}: not a usable image: {reason}")
 
-    def _decode(self, file: BinaryIO, name: str, large: bool) -> Image.Image:
+    def _decode(self, file: BinaryIO, name: str, heavy: bool) -> Image.Image:
         lim = self.limits
         try:
             image = open_image(
@@ -260,7 +264,7 @@ class Service:
             reason = str(e)  # raised below, outside this block: its frames hold the pixels
         else:
             del image
-            if large:  # the full-size pixels are freed: hand their pages back now, and
+            if heavy:  # the full-size pixels are freed: hand their pages back now, and
                 trim_heap()  # again when the burst is over (`_trim_when_idle`)
                 self._large_since_trim = True
             return rgb
