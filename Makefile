@@ -10,7 +10,7 @@ TORCH ?= torch==2.13.0
 $(BIN)/genattr: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[all,dev]"
 	touch $(BIN)/genattr
 
 setup: $(BIN)/genattr

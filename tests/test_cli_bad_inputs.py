@@ -413,3 +413,28 @@ def test_extract_onto_a_full_disk_is_one_line_and_resumes(kit, tmp_path, monkeyp
     a, b = es.EmbeddingStore.open(out), es.EmbeddingStore.open(whole)
     assert a.ids == b.ids and a.count == N_GALLERY
     np.testing.assert_array_equal(np.asarray(a.vectors), np.asarray(b.vectors))
+
+
+@pytest.mark.parametrize(
+    ("module", "extra", "argv"),
+    [
+        ("fastapi", "serve", ["serve", "--index", "nowhere"]),
+        ("diffusers", "customize", ["world", "quality", "--pipeline", "."]),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, module, extra, argv):
+    """As if the extra were not installed (the module blocked in a fresh process)."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; sys.argv = ['genattr', *{argv!r}]; "
+        "from genattr.cli import app; app()"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "[transformers]" not in ln]
+    assert lines == [
+        f"error: this needs {module}, from genattr's '{extra}' extra: "
+        f"pip install 'genattr[{extra}]'"
+    ], r.stderr

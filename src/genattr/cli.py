@@ -13,11 +13,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperCommand
 
 from genattr.atomic import DISK_ERRNOS, check_output
-from genattr.errors import GenattrError, check_count
+from genattr.errors import GenattrError, check_count, missing_extra
 
 
 class _ListOptionsCommand(TyperCommand):
@@ -113,21 +114,31 @@ def _friendly_errors(fn):
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
         except GenattrError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
         except Exception as e:
             if _debug["on"]:
                 raise
+            extra = missing_extra(e) if isinstance(e, ImportError) else None
+            if extra is not None:
+                err_console.print(
+                    f"[bold red]error:[/] {escape(extra)}", highlight=False, soft_wrap=True
+                )
+                raise typer.Exit(2) from None
             if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
                 where = f"{e.filename}: " if e.filename else ""
                 err_console.print(
-                    f"[bold red]error:[/] {where}{e.strerror}", highlight=False, soft_wrap=True
+                    f"[bold red]error:[/] {escape(where + str(e.strerror))}",
+                    highlight=False,
+                    soft_wrap=True,
                 )
                 raise typer.Exit(2) from None
             first = str(e).splitlines()[0] if str(e) else ""
             err_console.print(
                 f"[bold red]internal error[/] (a bug in genattr, please report it): "
-                f"{type(e).__name__}: {first}\nrerun with --debug for the traceback",
+                f"{type(e).__name__}: {escape(first)}\nrerun with --debug for the traceback",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -25,3 +25,30 @@ def check_count(value: int, option: str, minimum: int) -> None:
     if value < minimum:
         least = "0 or more" if minimum == 0 else f"at least {minimum}"
         raise GenattrError(f"{option} must be {least}, got {value}")
+
+
+# The package extra (pyproject.toml) that installs each optional top-level module.
+EXTRA_OF_MODULE = {
+    "faiss": "index",
+    "diffusers": "customize",
+    "accelerate": "customize",
+    "sentence_transformers": "text",
+    "matplotlib": "plots",
+    "fastapi": "serve",
+    "starlette": "serve",
+    "uvicorn": "serve",
+    "h11": "serve",
+    "multipart": "serve",
+    "python_multipart": "serve",
+    "ray": "ray",
+}
+
+
+def missing_extra(e: ImportError) -> str | None:
+    """The one line to say when an optional module is not installed, or None when `e` is not
+    about one of genattr's extras."""
+    top = (getattr(e, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(top)
+    if extra is None:
+        return None
+    return f"this needs {top}, from genattr's '{extra}' extra: pip install 'genattr[{extra}]'"
