@@ -28,8 +28,8 @@ from genattr.heads.checkpoint import load_heads
 from genattr.heads.train import TrainConfig
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
-from genattr.workflows.train_head import train_heads_from_stores
 from genattr.workflows.demo import stricter_gallery
+from genattr.workflows.train_head import train_heads_from_stores
 
 
 def case_maps(

@@ -43,8 +43,8 @@ from genattr.heads.checkpoint import load_heads
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
 from genattr.vectors import embed
-from genattr.world.clipart import load_data
 from genattr.workflows.demo import stricter_gallery
+from genattr.world.clipart import load_data
 
 KS = (10,)
 
