@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' recip
 
 
 def main() -> None:
-    from tests.test_customize_multiconcept import (
+    from tests.support import (
         RECORDED_SINGLE,
         shape_images,
         single_concept_drift,

@@ -11,20 +11,7 @@ from genattr.errors import GenattrError
 from genattr.features import get_backbone
 from genattr.report.attributions import write_attributions
 from genattr.search.index import build_index
-
-
-def drawing(seed: int, size: int = 64) -> Image.Image:
-    """A small picture of random coloured shapes: distinct per seed, like clip-art."""
-    rng = np.random.default_rng(seed)
-    im = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 255, 3)))
-    draw = ImageDraw.Draw(im)
-    for _ in range(4):
-        x0, y0 = rng.integers(0, size - 16, 2)
-        w, h = rng.integers(8, 40, 2)
-        box = [int(x0), int(y0), int(x0 + w), int(y0 + h)]
-        fill = tuple(int(c) for c in rng.integers(0, 255, 3))
-        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=fill)
-    return im
+from tests.support import drawing
 
 
 @pytest.fixture(scope="module")

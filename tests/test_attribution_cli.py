@@ -12,7 +12,7 @@ from genattr.cli import app
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, write_manifest
 from genattr.heads.checkpoint import write_head_folder
 from tests.conftest import random_mappers
-from tests.test_attribute import drawing
+from tests.support import drawing
 
 runner = CliRunner()
 

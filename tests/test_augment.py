@@ -7,7 +7,7 @@ from genattr.features.augment import Augmenter
 from genattr.features.extract import extract
 from genattr.store import join
 from genattr.workflows.train_head import training_pairs_from_stores
-from tests.test_attribute import drawing
+from tests.support import drawing
 
 
 def test_augmenter_is_seeded_and_changes_the_image():

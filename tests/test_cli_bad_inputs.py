@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from genattr.cli import app
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel, write_manifest
 from genattr.data.official import save_gallery_pth, save_testcase_pth
+from tests.support import drawing
 from tests.synthetic import make_synthetic_benchmark
-from tests.test_attribute import drawing
 
 runner = CliRunner()
 N_GALLERY = 60

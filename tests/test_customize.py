@@ -4,25 +4,31 @@ sampling, and make-benchmark killed mid-plan then resumed."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from typer.testing import CliRunner
 
 from genattr.cli import app
 from genattr.data import read_abc_json, read_manifest
 from genattr.errors import GenattrError
+from tests.support import (
+    RES,
+    assert_same_benchmark,
+    bench_files,
+    kill_while_second_model_runs,
+    make_benchmark_cmd,
+    render,
+    shape_image,
+    subprocess_env,
+)
 
 pytestmark = pytest.mark.slow
-RES = 32  # tiny pipeline: 32 px images, 16 px latents
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -30,24 +36,12 @@ def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
 
 
-def _shape_image(path: Path, kind: str, color: tuple[int, int, int]) -> Path:
-    im = Image.new("RGB", (48, 40), (240, 240, 235))
-    draw = ImageDraw.Draw(im)
-    if kind == "disc":
-        draw.ellipse((8, 6, 38, 34), fill=color)
-    else:
-        draw.rectangle((6, 10, 42, 30), fill=color)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im.save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def exemplars(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("exemplars")
     return [
-        _shape_image(root / "a.png", "disc", (200, 40, 30)),
-        _shape_image(root / "b.png", "box", (30, 60, 200)),
+        shape_image(root / "a.png", "disc", (200, 40, 30)),
+        shape_image(root / "b.png", "box", (30, 60, 200)),
     ]
 
 
@@ -56,13 +50,6 @@ def _config(**kw):
 
     base = dict(resolution=RES, max_train_steps=6, learning_rate=2e-3, initializer_token="dog")
     return CustomizeConfig(**{**base, **kw})
-
-
-def _render(pipe, prompt: str = "a photo of <new1> dog") -> np.ndarray:
-    gen = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt, num_inference_steps=3, generator=gen, output_type="np", height=RES, width=RES
-    ).images
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +124,15 @@ def test_reload_with_plain_diffusers_and_with_genattr(trained, tiny):
     from genattr.customize.loading import load_custom_diffusion
     from genattr.customize.pipeline import load_base_pipeline
 
-    want = _render(trained["pipe"])
+    want = render(trained["pipe"])
     base = load_base_pipeline(tiny, "cpu", "float32")
-    base_out = _render(base)
+    base_out = render(base)
     assert np.abs(want - base_out).max() > 1e-3  # the customization changes the outputs
 
     # genattr's loader installs the processors and checks them.
     report = load_custom_diffusion(base, trained["dir"])
     assert report.tokens == ["<new1>"] and len(report.layers) == len(trained["cz"].layers)
-    np.testing.assert_allclose(_render(base), want, atol=1e-5)
+    np.testing.assert_allclose(render(base), want, atol=1e-5)
 
     # Plain diffusers, the documented route (with the pipeline passed; see NOTES on #9320).
     d = StableDiffusionPipeline.from_pretrained(tiny, safety_checker=None)
@@ -154,7 +141,7 @@ def test_reload_with_plain_diffusers_and_with_genattr(trained, tiny):
         trained["dir"], weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=d
     )
     d.load_textual_inversion(trained["dir"], weight_name="<new1>.bin")
-    np.testing.assert_allclose(_render(d), want, atol=1e-5)
+    np.testing.assert_allclose(render(d), want, atol=1e-5)
 
 
 def test_loader_accepts_plain_unet_keys(trained, tiny, tmp_path):
@@ -178,7 +165,7 @@ def test_loader_accepts_plain_unet_keys(trained, tiny, tmp_path):
     torch.save({f"unet.{k}": v for k, v in plain.items()}, tmp_path / "m" / "delta.bin")
     (tmp_path / "m" / "<new1>.bin").write_bytes((trained["dir"] / "<new1>.bin").read_bytes())
     load_custom_diffusion(base, tmp_path / "m", weight_name="delta.bin")
-    np.testing.assert_allclose(_render(base), _render(trained["pipe"]), atol=1e-5)
+    np.testing.assert_allclose(render(base), render(trained["pipe"]), atol=1e-5)
 
 
 def test_loader_refuses_what_did_not_take_effect(trained, tiny, monkeypatch):
@@ -230,7 +217,7 @@ def test_reduced_precision_path(tiny, exemplars, tmp_path, dtype):
     assert {v.dtype for v in state.values() if isinstance(v, torch.Tensor)} == {torch.float32}
     other = load_base_pipeline(tiny, "cpu", dtype)
     load_custom_diffusion(other, tmp_path / "m")
-    got = _render(other)
+    got = render(other)
     assert np.isfinite(got).all() and got.shape == (1, RES, RES, 3)
 
 
@@ -311,10 +298,10 @@ def test_cli_customize_and_generate(tiny, exemplars, tmp_path):
 
 def _write_plan(root: Path, tiny: Path) -> Path:
     ex = root / "ex"
-    _shape_image(ex / "disc.png", "disc", (200, 40, 30))
-    _shape_image(ex / "box.png", "box", (20, 160, 60))
-    _shape_image(ex / "artist" / "1.png", "disc", (90, 30, 160))
-    _shape_image(ex / "artist" / "2.png", "box", (150, 120, 20))
+    shape_image(ex / "disc.png", "disc", (200, 40, 30))
+    shape_image(ex / "box.png", "box", (20, 160, 60))
+    shape_image(ex / "artist" / "1.png", "disc", (90, 30, 160))
+    shape_image(ex / "artist" / "2.png", "box", (150, 120, 20))
     (root / "captions.json").write_text(
         json.dumps({"*": ["A <new1> {category} at dawn", "Two <new1> {category}s on a table"]})
     )
@@ -344,75 +331,22 @@ def _write_plan(root: Path, tiny: Path) -> Path:
     return path
 
 
-def _cmd(plan: Path, out: Path) -> list[str]:
-    code = "from genattr.cli import app; app()"
-    return [sys.executable, "-c", code, "make-benchmark", "--plan", str(plan), "--out", str(out)]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    return env
-
-
-def _files(bench: Path) -> dict[str, bytes]:
-    skip = {"plan.json"}
-    return {
-        str(p.relative_to(bench)): p.read_bytes()
-        for p in sorted(bench.rglob("*"))
-        if p.is_file() and p.name not in skip and not p.name.startswith(".")
-    }
-
-
-def _same_but_times(a: bytes, b: bytes) -> bool:
-    """Records agree on everything but the measured times."""
-    da, db = json.loads(a), json.loads(b)
-    for d in (da, db):
-        for k in ("train_seconds", "sample_seconds"):
-            d.pop(k, None)
-    return da == db
-
-
 @pytest.fixture(scope="module")
 def planned(tiny, tmp_path_factory):
     """A three-model plan and its benchmark made by one uninterrupted run."""
     root = tmp_path_factory.mktemp("plan")
     plan = _write_plan(root, tiny)
     ref = root / "ref" / "bench"
-    done = subprocess.run(_cmd(plan, ref), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        make_benchmark_cmd(plan, ref),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "s per model" in done.stderr and "images/s" in done.stderr
     return plan, ref
-
-
-def _assert_same_benchmark(got: dict[str, bytes], want: dict[str, bytes]) -> None:
-    assert set(got) == set(want)
-    for name in want:
-        if name.startswith("state/") or name.endswith("genattr_customize.json"):
-            assert _same_but_times(got[name], want[name]), name
-        else:
-            assert got[name] == want[name], name  # images, weights, JSON: byte for byte
-
-
-def kill_while_second_model_runs(plan: Path, bench: Path, first: str, second: str) -> None:
-    """Run make-benchmark and SIGKILL it once model `first` is complete and `second` has
-    started."""
-    proc = subprocess.Popen(
-        _cmd(plan, bench), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    deadline = time.monotonic() + 240
-    try:
-        while (
-            not (bench / "state" / f"{first}.json").exists()
-            or not (bench / "exemplar" / second).exists()
-        ):
-            assert proc.poll() is None, "make-benchmark ended before it could be killed"
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
 
 
 def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_path):
@@ -423,14 +357,18 @@ def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_pat
     assert not (bench / "manifest.json").exists()
 
     again = subprocess.run(
-        _cmd(plan, bench), env=_env(), capture_output=True, text=True, timeout=300
+        make_benchmark_cmd(plan, bench),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "model disc0: complete, skipped" in again.stderr
     assert "model box0 (object, box): training" in again.stderr
 
-    got = _files(bench)
-    _assert_same_benchmark(got, _files(ref))
+    got = bench_files(bench)
+    assert_same_benchmark(got, bench_files(ref))
 
     # What was written: the authors' layout, genattr's manifest, splits by model.
     manifest = read_manifest(bench / "manifest.json")
@@ -457,10 +395,14 @@ def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_pat
 
     # A third run finds everything complete and changes nothing.
     third = subprocess.run(
-        _cmd(plan, bench), env=_env(), capture_output=True, text=True, timeout=300
+        make_benchmark_cmd(plan, bench),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert third.returncode == 0 and "all 3 model(s) were complete" in third.stderr
-    assert _files(bench) == got
+    assert bench_files(bench) == got
 
 
 def test_bad_plan_is_a_clear_error(tmp_path):
@@ -486,11 +428,11 @@ def test_ray_engine_gives_the_same_benchmark(planned, tmp_path):
     pytest.importorskip("ray")
     plan, ref = planned
     bench = tmp_path / "ray" / "bench"
-    cmd = [*_cmd(plan, bench), "--engine", "ray"]
-    env = _env() | {"RAY_USAGE_STATS_ENABLED": "0"}
+    cmd = [*make_benchmark_cmd(plan, bench), "--engine", "ray"]
+    env = subprocess_env() | {"RAY_USAGE_STATS_ENABLED": "0"}
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    _assert_same_benchmark(_files(bench), _files(ref))
+    assert_same_benchmark(bench_files(bench), bench_files(ref))
 
 
 def test_ray_engine_without_ray_is_a_clear_error(tiny, tmp_path, monkeypatch):

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from genattr.cli import app
 from genattr.data import read_manifest
 from genattr.errors import GenattrError
-from tests.test_customize import RES, _cmd, _env, _files, _render, _shape_image
+from tests.support import RES, bench_files, make_benchmark_cmd, render, shape_image, subprocess_env
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +32,9 @@ def one_thread(one_torch_thread):
 def images(tmp_path_factory) -> list[Path]:
     root = tmp_path_factory.mktemp("set")
     return [
-        _shape_image(root / "0.png", "disc", (200, 40, 30)),
-        _shape_image(root / "1.png", "box", (30, 60, 200)),
-        _shape_image(root / "2.png", "disc", (30, 170, 60)),
+        shape_image(root / "0.png", "disc", (200, 40, 30)),
+        shape_image(root / "1.png", "box", (30, 60, 200)),
+        shape_image(root / "2.png", "disc", (30, 170, 60)),
     ]
 
 
@@ -116,12 +116,12 @@ def test_trained_layers_saved_reloaded_and_reset(tiny, images, tmp_path, freeze_
     assert info["config"].get("freeze_model", "crossattn_kv") == freeze_model
 
     prompt = CAPTIONS[0]
-    trained = _render(cz.pipe, prompt)
+    trained = render(cz.pipe, prompt)
     other = load_base_pipeline(tiny, "cpu", "float32")
-    base_render = _render(other, prompt)
+    base_render = render(other, prompt)
     report = load_custom_diffusion(other, out)
     assert report.tokens == []
-    np.testing.assert_allclose(_render(other, prompt), trained, atol=1e-5)
+    np.testing.assert_allclose(render(other, prompt), trained, atol=1e-5)
     assert np.abs(trained - base_render).max() > 1e-3  # the tuning changed the outputs
 
     cz.reset()
@@ -204,7 +204,7 @@ def _write_plan(root: Path, tiny: Path) -> Path:
         for i, (kind, color) in enumerate(
             [("disc", (200, 40, 30)), ("box", (30, 60, 200)), ("disc", (30, 170, 60))]
         ):
-            _shape_image(root / f"set{s}" / f"img{i}.png", kind, color if s == 0 else color[::-1])
+            shape_image(root / f"set{s}" / f"img{i}.png", kind, color if s == 0 else color[::-1])
     (root / "set0.json").write_text(json.dumps({f"img{i}.png": c for i, c in enumerate(CAPTIONS)}))
     (root / "heldout.txt").write_text("a purple box on grey\na yellow disc on grey\n")
     plan = {
@@ -275,22 +275,32 @@ def test_plan_reads_captioned_sets(tiny, tmp_path):
 def test_make_benchmark_with_captioned_sets_resumes(tiny, tmp_path):
     """Killed while the second set trains, resumed: the same benchmark byte for byte as one
     uninterrupted run (bar measured times)."""
-    from tests.test_customize import _assert_same_benchmark, kill_while_second_model_runs
+    from tests.support import assert_same_benchmark, kill_while_second_model_runs
 
     plan = _write_plan(tmp_path, tiny)
     ref = tmp_path / "ref" / "bench"
-    done = subprocess.run(_cmd(plan, ref), env=_env(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        make_benchmark_cmd(plan, ref),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
     bench = tmp_path / "run" / "bench"
     kill_while_second_model_runs(plan, bench, "set0", "set1")
     assert not (bench / "state" / "set1.json").exists()
     again = subprocess.run(
-        _cmd(plan, bench), env=_env(), capture_output=True, text=True, timeout=300
+        make_benchmark_cmd(plan, bench),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "model set0: complete, skipped" in again.stderr
-    _assert_same_benchmark(_files(bench), _files(ref))
+    assert_same_benchmark(bench_files(bench), bench_files(ref))
 
     manifest = read_manifest(bench / "manifest.json")
     set0, set1 = manifest.models

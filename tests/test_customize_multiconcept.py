@@ -13,20 +13,19 @@ import pytest
 import torch
 
 from genattr.errors import GenattrError
-from tests.test_customize import _shape_image
+from tests.support import (
+    DRIFT_TOLERANCE,
+    RECORDED_SINGLE,
+    customize_config,
+    render,
+    shape_images,
+    single_concept_drift,
+    tensors_in,
+    train_single_models,
+)
 
 pytestmark = pytest.mark.slow
-RES = 32
-
-# The files a single-concept model saves on the tiny pipeline (`train_single_models` below),
-# recorded with the code before multi-concept training existed (torch 2.13.0+cpu, AVX2 kernels,
-# one thread). Other kernel families round their sums differently (benchmarks/
-# kernel_family_drift.py), so the weights are compared within DRIFT_TOLERANCE of the largest
-# value of each tensor. Measured on one AVX2 machine: the non-vector kernels drift 3.4e-4 (all
-# three libraries switched) and 9.5e-4 (torch's alone); one training step fewer or more moves
-# the worst tensor 0.11-0.12. The tolerance sits 10x above the first and 10x below the second.
-RECORDED_SINGLE = Path(__file__).parent / "fixtures" / "single_concept"
-DRIFT_TOLERANCE = 1e-2
+_config = customize_config
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -34,25 +33,9 @@ def one_thread(one_torch_thread):
     """Every test here runs with one torch thread (see conftest)."""
 
 
-def shape_images(root: Path) -> list[Path]:
-    return [
-        _shape_image(root / "a.png", "disc", (200, 40, 30)),
-        _shape_image(root / "b.png", "box", (30, 60, 200)),
-        _shape_image(root / "c.png", "disc", (20, 160, 40)),
-        _shape_image(root / "d.png", "box", (230, 200, 20)),
-    ]
-
-
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> list[Path]:
     return shape_images(tmp_path_factory.mktemp("shapes"))
-
-
-def _config(**kw):
-    from genattr.customize.train import CustomizeConfig
-
-    base = dict(resolution=RES, max_train_steps=6, learning_rate=2e-3, initializer_token="dog")
-    return CustomizeConfig(**{**base, **kw})
 
 
 WEIGHTS = "pytorch_custom_diffusion_weights.bin"
@@ -60,53 +43,6 @@ WEIGHTS = "pytorch_custom_diffusion_weights.bin"
 
 def _hashes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.glob("*.bin")}
-
-
-def train_single_models(
-    tiny: Path, shapes: list[Path], out: Path, concepts: bool = False, steps: int = 6
-) -> None:
-    """The recorded single-concept models: an object model, then (same Customizer) a style
-    model with a regularization image; `concepts` trains them with `train_concepts`."""
-    from genattr.customize.pipeline import load_base_pipeline
-    from genattr.customize.train import Concept, Customizer
-
-    cz = Customizer(load_base_pipeline(tiny, "cpu", "float32"))
-    ex = shapes[:2]
-    cfg = _config(max_train_steps=steps)
-    if concepts:
-        cz.train_concepts([Concept(ex, "object", "dog")], cfg)
-    else:
-        cz.train(ex, "object", "dog", cfg)
-    cz.save(out / "obj")
-    if concepts:
-        cz.train_concepts([Concept(ex, "style")], cfg, [ex[1]], ["a photo"])
-    else:
-        cz.train(ex, "style", None, cfg, [ex[1]], ["a photo"])
-    cz.save(out / "sty")
-
-
-def _tensors(path: Path) -> dict[str, torch.Tensor]:
-    """A saved file's tensors (diffusers also saves empty entries for the untrained attn1)."""
-    obj = torch.load(path, weights_only=True)
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def single_concept_drift(folder: Path) -> dict[str, dict[str, float]]:
-    """Per saved tensor, the largest difference from the recorded model (`abs`) and the same
-    over the largest recorded value of that tensor (`rel`)."""
-    drift = {}
-    for name in ("obj", "sty"):
-        for f in sorted((RECORDED_SINGLE / name).glob("*.bin")):
-            want = _tensors(f)
-            got = _tensors(folder / name / f.name)
-            assert got.keys() == want.keys(), (name, f.name)
-            for k, w in want.items():
-                diff = float((got[k].double() - w.double()).abs().max())
-                drift[f"{name}/{f.name}/{k}"] = {
-                    "abs": diff,
-                    "rel": diff / float(w.double().abs().max()),
-                }
-    return drift
 
 
 @pytest.fixture(scope="module")
@@ -135,13 +71,6 @@ def _text_states(pipe, prompts: list[str]) -> torch.Tensor:
         return pipe.text_encoder(torch.tensor(ids.input_ids))[0]
 
 
-def _render(pipe, prompt: str) -> np.ndarray:
-    gen = torch.Generator().manual_seed(0)
-    return pipe(
-        prompt, num_inference_steps=3, generator=gen, output_type="np", height=RES, width=RES
-    ).images
-
-
 def test_single_concept_bytes_unchanged(tiny, shapes, tmp_path):
     """`train` is `train_concepts` with one concept, draw for draw: the same weight bytes on
     this machine, and the weights of the code before it existed (within the drift between CPU
@@ -155,7 +84,7 @@ def test_single_concept_bytes_unchanged(tiny, shapes, tmp_path):
     info = json.loads((tmp_path / "train" / "obj" / "genattr_customize.json").read_text())
     assert info["modifier_token"] == "<new1>" and "concepts" not in info  # the old record
     drift = single_concept_drift(tmp_path / "train")
-    assert len(drift) == 2 * (1 + len(_tensors(RECORDED_SINGLE / "obj" / WEIGHTS)))
+    assert len(drift) == 2 * (1 + len(tensors_in(RECORDED_SINGLE / "obj" / WEIGHTS)))
     worst = max(drift, key=lambda k: drift[k]["rel"])
     assert drift[worst]["rel"] <= DRIFT_TOLERANCE, (worst, drift[worst])
 
@@ -233,7 +162,7 @@ def test_multi_concept_loads_every_token(multi, tiny):
     assert report.tokens == ["<new1>", "<new2>", "<new3>"]
     for k in (1, 2, 3):
         prompt = f"a photo of <new{k}> dog"
-        np.testing.assert_allclose(_render(base, prompt), _render(multi["pipe"], prompt), atol=1e-5)
+        np.testing.assert_allclose(render(base, prompt), render(multi["pipe"], prompt), atol=1e-5)
 
 
 def test_tokens_load_in_number_order_and_from_safetensors_bytes(multi, tiny, tmp_path):

@@ -14,8 +14,8 @@ from genattr.features.embedder import embed_images, model_device
 from genattr.features.extract import extract
 from genattr.vectors import embed
 from tests.conftest import random_mappers
+from tests.support import drawing
 from tests.synthetic import make_synthetic_benchmark
-from tests.test_attribute import drawing
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])]

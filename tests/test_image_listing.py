@@ -13,7 +13,7 @@ from genattr.customize.train import _open_rgb, check_image, list_images, read_sq
 from genattr.errors import GenattrError
 from genattr.features.extract import extract
 from genattr.workflows.model_cases import FolderImages
-from tests.test_serve import png_header
+from tests.support import png_header
 
 
 def _image(path: Path, seed: int) -> None:

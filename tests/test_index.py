@@ -9,17 +9,7 @@ from genattr.errors import GenattrError
 from genattr.search.exact import topk_exact
 from genattr.search.index import AttributionIndex, build_index, choose_index, parse_size
 from tests.conftest import random_mappers
-
-
-def clustered(n, dim, seed=0):
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((64, dim))
-    x = centers[rng.integers(0, 64, n)] + 0.4 * rng.standard_normal((n, dim))
-    return x.astype(np.float32)
-
-
-def normed(x):
-    return torch.nn.functional.normalize(torch.as_tensor(x), dim=-1)
+from tests.support import clustered, normed
 
 
 def test_choose_index_follows_size_and_budget():

@@ -12,7 +12,7 @@ from genattr.errors import GenattrError
 from genattr.search.exact import topk_exact
 from genattr.search.index import AttributionIndex, build_index, choose_index, parse_size
 from genattr.store import BackboneInfo, EmbeddingStore
-from tests.test_index import clustered, normed
+from tests.support import clustered, normed
 
 
 @pytest.fixture(scope="module")

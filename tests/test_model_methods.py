@@ -19,7 +19,7 @@ from genattr.cli import app
 from genattr.evaluate import expected_random_ap
 from genattr.workflows.model_cases import Concept, ImageSet, ModelCase, select_queries
 from genattr.workflows.model_methods import evaluate_method
-from tests.test_customize import _shape_image
+from tests.support import shape_image
 from tests.tiny_sd import build_tiny_pipeline
 
 RES = 32
@@ -115,8 +115,8 @@ def bench(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mm")
     tiny = build_tiny_pipeline(root / "sd")
     ex = root / "ex"
-    _shape_image(ex / "disc.png", "disc", (200, 40, 30))
-    _shape_image(ex / "box.png", "box", (20, 160, 60))
+    shape_image(ex / "disc.png", "disc", (200, 40, 30))
+    shape_image(ex / "box.png", "box", (20, 160, 60))
     (root / "captions.json").write_text(json.dumps({"*": ["A <new1> {category} at dawn"]}))
     plan = {
         "name": "mini",
@@ -140,7 +140,7 @@ def bench(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     gallery.mkdir()
     colours = [(10, 10, 10), (250, 250, 0), (0, 200, 200), (120, 120, 120)]
     for i, c in enumerate(colours):
-        _shape_image(gallery / f"{i}.png", "box" if i % 2 else "disc", c)
+        shape_image(gallery / f"{i}.png", "box" if i % 2 else "disc", c)
     (root / "captions.txt").write_text("\n".join(f"a shape number {i}" for i in range(4)))
     return {"manifest": root / "bench" / "manifest.json", "gallery": gallery,
             "captions": root / "captions.txt", "root": root}  # fmt: skip
@@ -272,7 +272,7 @@ def test_attribute_with_gradients_under_the_model(bench, tmp_path):
 )
 def test_bad_attribute_method_options_are_one_line(args, words, tmp_path):
     if "no such image" not in words:  # a real query, so the option is what is refused
-        _shape_image(tmp_path / "q.png", "disc", (1, 2, 3))
+        shape_image(tmp_path / "q.png", "disc", (1, 2, 3))
     r = _run(["attribute", str(tmp_path / "q.png"), *args])
     assert r.exit_code == 2, r.output
     assert words in r.output and "Traceback" not in r.output

@@ -8,9 +8,7 @@ import asyncio
 import io
 import re
 import socket
-import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from genattr.serve.batcher import MicroBatcher
 from genattr.serve.gallery import Gallery, world_path
 from genattr.serve.world_index import default_world_index
 from tests.conftest import SERVE_GALLERY as N_GALLERY
-from tests.test_attribute import drawing
+from tests.support import drawing, png_header
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 MAX_UPLOAD = 200_000
@@ -48,19 +46,6 @@ def world_png(world_data, row: int, side: int = 32) -> bytes:
     return png(
         Image.fromarray(world_data.images[row]).resize((side, side), Image.Resampling.NEAREST)
     )
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height (1-bit grey) with almost no data: only the header
-    says how big it is, so a check that decodes pixels first would be the one to blow up."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def post(client, data: bytes, name: str = "q.png", **params):

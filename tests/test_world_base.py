@@ -17,22 +17,10 @@ import torch
 from PIL import Image
 
 from genattr.world.base import BaseConfig, BaseTrainer, list_checkpoints
+from tests.support import WORLD_TINY
 
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "size": 16,
-    "block_out_channels": [8, 16],
-    "attention_head_dim": 8,
-    "text_dim": 16,
-    "text_layers": 1,
-    "text_heads": 2,
-    "max_length": 12,
-    "batch_size": 4,
-    "warmup_steps": 2,
-    "grid_size": 4,
-    "grid_steps": 2,
-}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,7 +53,7 @@ def _trainer(out: Path, npz: Path) -> BaseTrainer:
 
 
 def _cfg() -> BaseConfig:
-    return BaseConfig.from_dict(TINY)
+    return BaseConfig.from_dict(WORLD_TINY)
 
 
 def _same_state(a: BaseTrainer, b: BaseTrainer) -> None:
@@ -84,7 +72,7 @@ def _same_state(a: BaseTrainer, b: BaseTrainer) -> None:
 def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, tiny_data) -> None:
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
-    args = [str(killed), str(tiny_data), "100000", "2", json.dumps(TINY)]
+    args = [str(killed), str(tiny_data), "100000", "2", json.dumps(WORLD_TINY)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "genattr.world.base", *args],
         env=env,

@@ -21,7 +21,7 @@ from genattr.world.benchmark import (
     pack_benchmark,
 )
 from genattr.world.clipart import ClipartData
-from tests.test_world_base import TINY
+from tests.support import WORLD_TINY
 
 pytestmark = pytest.mark.slow
 
@@ -56,7 +56,7 @@ def tiny_world() -> ClipartData:
 def test_world_benchmark_is_built_packed_and_resumed(tmp_path) -> None:
     data = tiny_world()
     pre = data.indices("pretrain")
-    cfg = BaseConfig.from_dict(TINY)
+    cfg = BaseConfig.from_dict(WORLD_TINY)
     trainer = BaseTrainer(tmp_path / "run", data.images[pre], data.captions(pre), cfg)
     trainer.train_step()
     base = trainer.save_pipeline(tmp_path / "base")
