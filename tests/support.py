@@ -235,3 +235,14 @@ WORLD_TINY = {
     "grid_size": 4,
     "grid_steps": 2,
 }
+
+
+def run_make_benchmark(plan: Path, out: Path) -> subprocess.CompletedProcess:
+    """`genattr make-benchmark` to its end in a fresh interpreter; its output captured."""
+    return subprocess.run(
+        make_benchmark_cmd(plan, out),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -24,6 +24,7 @@ from tests.support import (
     kill_while_second_model_runs,
     make_benchmark_cmd,
     render,
+    run_make_benchmark,
     shape_image,
     subprocess_env,
 )
@@ -337,13 +338,7 @@ def planned(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("plan")
     plan = _write_plan(root, tiny)
     ref = root / "ref" / "bench"
-    done = subprocess.run(
-        make_benchmark_cmd(plan, ref),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_make_benchmark(plan, ref)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "s per model" in done.stderr and "images/s" in done.stderr
     return plan, ref
@@ -356,13 +351,7 @@ def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_pat
     assert not (bench / "state" / "box0.json").exists()  # the model in progress is not complete
     assert not (bench / "manifest.json").exists()
 
-    again = subprocess.run(
-        make_benchmark_cmd(plan, bench),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_make_benchmark(plan, bench)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "model disc0: complete, skipped" in again.stderr
     assert "model box0 (object, box): training" in again.stderr
@@ -394,13 +383,7 @@ def test_make_benchmark_killed_and_resumed_equals_uninterrupted(planned, tmp_pat
     assert len(val.models[0].synth["media"]) == 2 * len(disc.synth["media"])
 
     # A third run finds everything complete and changes nothing.
-    third = subprocess.run(
-        make_benchmark_cmd(plan, bench),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    third = run_make_benchmark(plan, bench)
     assert third.returncode == 0 and "all 3 model(s) were complete" in third.stderr
     assert bench_files(bench) == got
 

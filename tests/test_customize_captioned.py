@@ -5,7 +5,6 @@ the trainable layers (`freeze_model`), the saved format, plans and make-benchmar
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,15 @@ from typer.testing import CliRunner
 from genattr.cli import app
 from genattr.data import read_manifest
 from genattr.errors import GenattrError
-from tests.support import RES, bench_files, make_benchmark_cmd, render, shape_image, subprocess_env
+from tests.support import (
+    RES,
+    assert_same_benchmark,
+    bench_files,
+    kill_while_second_model_runs,
+    render,
+    run_make_benchmark,
+    shape_image,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -275,29 +282,15 @@ def test_plan_reads_captioned_sets(tiny, tmp_path):
 def test_make_benchmark_with_captioned_sets_resumes(tiny, tmp_path):
     """Killed while the second set trains, resumed: the same benchmark byte for byte as one
     uninterrupted run (bar measured times)."""
-    from tests.support import assert_same_benchmark, kill_while_second_model_runs
-
     plan = _write_plan(tmp_path, tiny)
     ref = tmp_path / "ref" / "bench"
-    done = subprocess.run(
-        make_benchmark_cmd(plan, ref),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_make_benchmark(plan, ref)
     assert done.returncode == 0, done.stderr[-2000:]
 
     bench = tmp_path / "run" / "bench"
     kill_while_second_model_runs(plan, bench, "set0", "set1")
     assert not (bench / "state" / "set1.json").exists()
-    again = subprocess.run(
-        make_benchmark_cmd(plan, bench),
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    again = run_make_benchmark(plan, bench)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "model set0: complete, skipped" in again.stderr
     assert_same_benchmark(bench_files(bench), bench_files(ref))

@@ -19,6 +19,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -31,15 +33,17 @@ BATCH_SETTINGS = {M_MMAP_MAX: 0, M_TRIM_THRESHOLD: 2**31 - 1, M_TOP_PAD: 256 * 2
 _applied: dict[str, bool] = {"batch": False}
 
 
-def _mallopt():
-    name = ctypes.util.find_library("c")
-    if name is None:
+def glibc_function(name: str, argtypes: list, restype: Any) -> Callable[..., Any] | None:
+    """glibc's function `name` with its C signature, or None where the C library has none
+    (musl, macOS)."""
+    lib = ctypes.util.find_library("c")
+    if lib is None:
         return None
     try:
-        fn = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):  # not glibc
+        fn = getattr(ctypes.CDLL(lib), name)
+    except (OSError, AttributeError):
         return None
-    fn.argtypes, fn.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    fn.argtypes, fn.restype = argtypes, restype
     return fn
 
 
@@ -48,7 +52,7 @@ def tune_for_batch_work() -> bool:
     where it took effect (glibc), False elsewhere. Idempotent; process-wide."""
     if _applied["batch"]:
         return True
-    mallopt = _mallopt()
+    mallopt = glibc_function("mallopt", [ctypes.c_int, ctypes.c_int], ctypes.c_int)
     if mallopt is None:
         return False
     ok = all(mallopt(param, value) == 1 for param, value in BATCH_SETTINGS.items())

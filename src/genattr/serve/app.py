@@ -232,17 +232,19 @@ class Service:
                 future.add_done_callback(lambda _: kept.release())
             raise
 
+    def _open(self, file: BinaryIO) -> Image.Image:
+        """The upload opened, header checked against the limits; no pixel decoded yet."""
+        lim = self.limits
+        return open_image(
+            file, lim.max_pixels, min_side=lim.min_side, max_side=lim.max_side,
+            formats=UPLOAD_FORMATS,
+        )  # fmt: skip
+
     def _probe(self, file: BinaryIO, name: str) -> tuple[int, tuple[int, int]]:
         """Bytes decoding the upload will hold at its peak, and its size: header only."""
         lim = self.limits
         try:
-            image = open_image(
-                file,
-                lim.max_pixels,
-                min_side=lim.min_side,
-                max_side=lim.max_side,
-                formats=UPLOAD_FORMATS,
-            )
+            image = self._open(file)
         except ImageDecodeError as e:
             reason = str(e)
         else:
@@ -252,13 +254,7 @@ class Service:
     def _decode(self, file: BinaryIO, name: str, heavy: bool) -> Image.Image:
         lim = self.limits
         try:
-            image = open_image(
-                file,
-                lim.max_pixels,
-                min_side=lim.min_side,
-                max_side=lim.max_side,
-                formats=UPLOAD_FORMATS,
-            )
+            image = self._open(file)
             rgb = decode_rgb(image, lim.max_pixels, max_work_side=lim.max_work_side)
         except ImageDecodeError as e:
             reason = str(e)  # raised below, outside this block: its frames hold the pixels

@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import ctypes.util
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from genattr.alloc import glibc_function
 
 
 class Busy(Exception):
@@ -170,19 +171,7 @@ class ByteBudget:
         }
 
 
-def _libc_trim():
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        fn = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
-    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
-    return fn
-
-
-_MALLOC_TRIM = _libc_trim()
+_MALLOC_TRIM = glibc_function("malloc_trim", [ctypes.c_size_t], ctypes.c_int)
 
 
 def trim_heap() -> bool:
