@@ -45,7 +45,7 @@ def build_in_child(store: Path, out: Path, kind: str, budget: str) -> dict:
     """Build in a child process; peak RssAnon sampled here, VmHWM read at the end."""
     code = (
         "import json, sys, time, torch; torch.set_num_threads(1)\n"
-        "from genattr.search.index import build_index_from_store\n"
+        "from genattr.workflows.index import build_index_from_store\n"
         "t = time.perf_counter()\n"
         "build_index_from_store(sys.argv[1], sys.argv[2], kind=sys.argv[3], "
         "memory_budget=sys.argv[4])\n"

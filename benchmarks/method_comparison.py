@@ -139,7 +139,7 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             scorer = method(name, args.heads, args.unlearning_steps, args.unlearning_scale)
-            ev = evaluate_method(scorer, cases, gallery, args.work)
+            ev = evaluate_method(scorer, cases, gallery, work=args.work)
             doc = {
                 "method": name,
                 "case": case,

@@ -273,7 +273,14 @@ def evaluate(
     if head is not None and head not in ("linear", "channel", "mlp"):
         raise GenattrError(f"--head must be linear, channel or mlp, not {head!r}")
     result = evaluate_files(
-        gallery_feats, test_feats, out, mapper, head, ks_all, device, progress=sys.stderr.isatty()
+        gallery_feats,
+        test_feats,
+        out,
+        mapper=mapper,
+        head=head,
+        ks=ks_all,
+        device=device,
+        progress=sys.stderr.isatty(),
     )
     console.print(results_table(result, title=f"AbC evaluation: {test_feats.name}"))
     console.print(f"results written to {out}")
@@ -618,7 +625,13 @@ def train_head(
         "train-head",
     )  # fmt: skip
     result = train_heads_from_stores(
-        bench, store_real, store_synth, out, config, distractors, progress=sys.stderr.isatty()
+        bench,
+        store_real,
+        store_synth,
+        out,
+        config,
+        distractors=distractors,
+        progress=sys.stderr.isatty(),
     )
     last = result.history[-1] if result.history else {}
     best = next((h for h in result.history if h["epoch"] == result.best_epoch), {})
@@ -651,7 +664,14 @@ def calibrate(
     from genattr.workflows.calibrate import calibrate_from_stores
 
     cal = calibrate_from_stores(
-        bench, store_real, store_synth, distractors, out, head, top_l, heldout_fraction
+        bench,
+        store_real,
+        store_synth,
+        distractors,
+        out,
+        head=head,
+        top_l=top_l,
+        heldout_fraction=heldout_fraction,
     )
     console.print(f"inv_tau {cal.inv_tau:.3f}, bias {cal.bias:.3f} (b = {cal.b:.5f})")
     held = cal.fit_report.get("heldout")
@@ -687,7 +707,12 @@ def index_build(
     from genattr.workflows.index import build_index_from_store
 
     index = build_index_from_store(
-        store if len(store) > 1 else store[0], out, head, kind, memory_budget, progress
+        store if len(store) > 1 else store[0],
+        out,
+        head=head,
+        kind=kind,
+        memory_budget=memory_budget,
+        progress=progress,
     )
     console.print(
         f"{index.spec.kind} index ({index.spec.factory}) over {index.count:,} images: {out}/"

@@ -36,13 +36,25 @@ def calibrate_from_stores(
     store_synth: str | os.PathLike,
     distractors: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     head: str | os.PathLike | None = None,
     top_l: int = 100,
     heldout_fraction: float = 0.3,
     seed: int = 0,
 ) -> Calibrator:
     """`genattr calibrate`: fit on the manifest's val models, report on a held-out share of
-    them (split by model), write calibrator.json and a reliability plot beside it."""
+    them (split by model), write calibrator.json and a reliability plot beside it.
+
+    Args:
+        bench: the benchmark manifest (its val models are used).
+        store_real, store_synth, distractors: embedding stores of the exemplars, the
+            synthesized images and the distractor training images.
+        out: calibrator.json to write.
+        head: a head folder from `train-head` (None: raw features).
+        top_l: candidates per query (shrunk to the gallery when it is smaller).
+        heldout_fraction: share of the val models held out for the report.
+        seed: the held-out split's seed.
+    """
     if top_l < 2:
         raise GenattrError(
             f"--top-l must be at least 2 (an exemplar and a distractor), not {top_l}"

@@ -19,15 +19,25 @@ def evaluate_files(
     gallery_feats: str | os.PathLike,
     test_feats: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     mapper: str | os.PathLike | None = None,
     head: str | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     device: str = "cpu",
     progress: bool = False,
 ) -> EvaluationResult:
-    """`genattr evaluate`: features in (the authors' `.pth` files or genattr embedding store
-    directories, which must share a backbone), results.json + parquet out. `mapper` is the
-    authors' mapper `.pth` or a genattr head folder (checked against a store when given)."""
+    """`genattr evaluate`: features in, results.json + parquet out.
+
+    Args:
+        gallery_feats, test_feats: the authors' `.pth` files or genattr embedding store
+            folders (stores must share a backbone).
+        out: results.json; the per-query table goes beside it.
+        mapper: the authors' mapper `.pth` or a genattr head folder (checked against a store).
+        head: the mapper's kind when the file does not say (linear, channel, mlp).
+        ks: the Recall@K cut-offs.
+        device: where the protocol's matrix products run.
+        progress: draw a progress bar.
+    """
     resolve_device(device)
     check_output(out, "file")
     stores = {}

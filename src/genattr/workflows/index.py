@@ -16,13 +16,23 @@ from genattr.workflows.artifacts import head_folder, open_head_for
 def build_index_from_store(
     store: str | os.PathLike | Sequence[str | os.PathLike],
     out: str | os.PathLike,
+    *,
     head: str | os.PathLike | None = None,
     kind: str = "auto",
     memory_budget: str | int = "4GB",
     progress: bool = False,
 ) -> AttributionIndex:
     """`genattr index build`: index one store's vectors, or several stores' of one backbone as
-    one gallery (in the order given), recording the backbone and the head."""
+    one gallery (in the order given), recording the backbone and the head.
+
+    Args:
+        store: one store folder, or several of one backbone.
+        out: the index folder to write.
+        head: a head folder from `train-head` (the gallery is mapped through its real side).
+        kind: auto, flat, ivf, ivfpq, ivf-ondisk or ivfpq-ondisk.
+        memory_budget: RAM the index may use (e.g. "4GB"), for `auto` and the build.
+        progress: draw a progress bar.
+    """
     paths = [store] if isinstance(store, (str, os.PathLike)) else list(store)
     if not paths:
         raise GenattrError("no store to index")

@@ -422,11 +422,22 @@ def evaluate_method(
     method: ScoringMethod,
     cases: Sequence[ModelCase],
     gallery: ImageSource,
+    *,
     work: str | os.PathLike | None = None,
     ks: Sequence[int] = DEFAULT_KS,
     progress: bool = False,
 ) -> MethodEvaluation:
-    """Run `method` on every model of `cases` and evaluate it, its controls beside it."""
+    """Run `method` on every model of `cases` and evaluate it, its controls beside it.
+
+    Args:
+        method: the scoring method (gradients, unlearning, features...).
+        cases: the customized models and their queries.
+        gallery: the training images every model shares.
+        work: where methods keep what they compute per model (gradient stores, rebuilt
+            models); None: a temporary folder.
+        ks: the Recall@K cut-offs.
+        progress: draw progress bars.
+    """
     if not cases:
         raise GenattrError("no models to evaluate")
     ptypes = list(dict.fromkeys(p for c in cases for k in c.concepts for p in k.queries))
@@ -595,7 +606,7 @@ def evaluate_benchmark(
             raise GenattrError("--bench MANIFEST needs --gallery DIR and --captions FILE|TEXT")
         cases = manifest_cases(bench, models, queries, device=device, split="test")
         source = folder_gallery(gallery, captions, bench_resolution(bench))
-    evaluation = evaluate_method(scorer, cases, source, work, ks, progress)
+    evaluation = evaluate_method(scorer, cases, source, work=work, ks=ks, progress=progress)
     evaluation.settings = {
         "bench": str(bench),
         "models": [c.id for c in cases],

@@ -57,10 +57,21 @@ def train_heads_from_stores(
     store_synth: str | os.PathLike,
     out: str | os.PathLike,
     config: TrainConfig,
+    *,
     distractors: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> TrainResult:
-    """`genattr train-head`: train on the manifest's train models, stop early on its val models."""
+    """`genattr train-head`: train on the manifest's train models, stop early on its val models.
+
+    Args:
+        bench: the benchmark manifest (train and val models).
+        store_real, store_synth: embedding stores of the exemplars and synthesized images.
+        out: the head folder to write.
+        config: the training options (checked again here).
+        distractors: a store of distractor training images for the candidates (and the
+            stricter validation), if any.
+        progress: draw a progress bar.
+    """
     config = options_from_mapping(TrainConfig, asdict(config), "train-head")
     check_output(out, "dir")
     manifest = read_benchmark(bench)
