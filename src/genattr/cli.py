@@ -465,7 +465,7 @@ def generate(
             "width": size,
         }
     )
-    _paths, stats = run_generate(model, texts, out, cfg, base, device, dtype)
+    _paths, stats = run_generate(model, texts, out, cfg, base=base, device=device, dtype=dtype)
     console.print(
         f"{stats.images} images in {stats.seconds:.1f} s ({stats.images_per_second:.2f} "
         f"images/s) written to {out}"
@@ -492,7 +492,15 @@ def make_benchmark(
     check_output(out, "dir")
     from genattr.customize.driver import make_benchmark as run_make
 
-    manifest, _results = run_make(plan, out, engine, device, dtype, ray_address, gpus_per_model)
+    manifest, _results = run_make(
+        plan,
+        out,
+        engine=engine,
+        device=device,
+        dtype=dtype,
+        ray_address=ray_address,
+        gpus_per_model=gpus_per_model,
+    )
     counts = {s: len(manifest.split(s).models) for s in ("train", "val", "test")}
     console.print(
         f"benchmark {manifest.name!r}: {len(manifest.models)} models "
@@ -849,7 +857,9 @@ def serve(
                 f"(indexed once, in {world_cache_dir()}; run `genattr demo` first for a "
                 "trained head and calibrated influence)"
             )
-    run_serve(index, calibrator, host, port, limits, weights, device)
+    run_serve(
+        index, calibrator, host=host, port=port, limits=limits, weights=weights, device=device
+    )
 
 
 head_app = _Typer(

@@ -275,13 +275,23 @@ def _ray(
 def make_benchmark(
     plan_path: str | os.PathLike,
     out: str | os.PathLike,
+    *,
     engine: str = "local",
     device: str | None = None,
     dtype: str | None = None,
     ray_address: str | None = None,
     gpus_per_model: float | None = None,
 ) -> tuple[BenchmarkManifest, list[ModelResult]]:
-    """Build (or finish) the benchmark of a plan in `out`; returns the manifest and timings."""
+    """Build (or finish) the benchmark of a plan in `out`; returns the manifest and timings.
+
+    Args:
+        plan_path: the plan (.yaml or .json; see `genattr.customize.plan`).
+        out: the benchmark folder, resumed if it exists.
+        engine: local (in this process) or ray (one task per model).
+        device, dtype: override the plan's.
+        ray_address: a Ray cluster's address (None: a local Ray).
+        gpus_per_model: GPUs per Ray task (None: 1, or 0 on the CPU).
+    """
     if engine not in ENGINES:
         raise GenattrError(f"--engine must be one of {ENGINES}, not {engine!r}")
     plan_path = Path(plan_path)

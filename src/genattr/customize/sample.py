@@ -177,11 +177,21 @@ def generate(
     prompts: Sequence[str],
     out_dir: str | os.PathLike,
     config: SampleConfig | None = None,
+    *,
     base: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
 ) -> tuple[list[Path], SampleStats]:
-    """Load the base model, install the Custom Diffusion model (checked), sample the prompts."""
+    """Load the base model, install the Custom Diffusion model (checked), sample the prompts.
+
+    Args:
+        model_dir: a customized model's folder (`genattr customize`).
+        prompts: sentences, each sampled `config.images_per_prompt` times.
+        out_dir: where 00000.png ... and generation.json go.
+        config: the sampling options (default `SampleConfig()`).
+        base: the base model (default: the one the model records).
+        device, dtype: auto, or as `load_base_pipeline` takes them.
+    """
     info = read_model_info(model_dir)
     base = base or info.get("base")
     if not base:

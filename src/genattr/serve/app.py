@@ -494,6 +494,7 @@ def create_app(
 def serve(
     index_path: str | os.PathLike | None = None,
     calibrator_path: str | os.PathLike | None = None,
+    *,
     host: str = "127.0.0.1",
     port: int = 8000,
     limits: Limits | None = None,
