@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from genattr.data.files import sniff_image
 from genattr.data.sources import (
     SKIP_HIDDEN,
     SKIP_NOT_IMAGE,
@@ -30,7 +31,6 @@ from genattr.data.sources import (
     ImageSource,
     display_name,
     open_source,
-    sniff_image,
 )
 from genattr.errors import GenattrError
 from genattr.features import decode as decode_module

@@ -35,7 +35,6 @@ import glob
 import hashlib
 import os
 import re
-import stat
 import tarfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,6 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from genattr.data.benchmark import read_benchmark
+from genattr.data.files import (
+    ItemRefused,
+    not_regular_reason,
+    read_regular_file,
+    sniff_file,
+    too_large_reason,
+)
 from genattr.data.images import IMAGE_EXTENSIONS
 from genattr.data.names import PATH_BYTES, display_name, path_bytes_column
 from genattr.errors import GenattrError
@@ -53,109 +59,10 @@ _MAX_CAPTION_BYTES = 1 << 20  # a caption member is read at listing time: bounde
 # what a folder or tar calls an image by name: the decoder's formats, plus other spellings of
 # JPEG and the formats Pillow reads that images.py does not list
 IMAGE_NAME_EXTENSIONS = (*IMAGE_EXTENSIONS, ".jfif", ".jpe", ".jif", ".ico", ".pbm", ".pnm")
-_SNIFF_BYTES = 32
-_BMP_HEADER_SIZES = (12, 16, 40, 52, 56, 64, 108, 124)  # BITMAPCOREHEADER .. BITMAPV5HEADER
 SKIP_HIDDEN = "hidden"
 SKIP_NOT_IMAGE = "not an image"
 SKIP_WALKED = "folder already walked (a symlink loop or a second link to it)"
 SKIP_OUTPUT = "the output store"
-
-
-class ItemRefused(Exception):
-    """An item that is not read at all (not a regular file, too large); str(e) is the reason."""
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISFIFO, "FIFO"),
-        (stat.S_ISSOCK, "socket"),
-        (stat.S_ISCHR, "character device"),
-        (stat.S_ISBLK, "block device"),
-        (stat.S_ISDIR, "folder"),
-    ):
-        if test(mode):
-            return kind
-    return f"mode {stat.S_IFMT(mode):o}"
-
-
-def _not_regular(mode: int) -> str:
-    return f"not a regular file ({_file_kind(mode)})"
-
-
-def _too_large(size: int, max_bytes: int) -> str:
-    return (
-        f"larger than {max_bytes / 2**20:.4g} MB ({size} bytes); "
-        "raise the limit (--max-file-mb) to read it"
-    )
-
-
-def _open_regular(path: str) -> int:
-    """A file descriptor for a regular file, or ItemRefused; never blocks on a FIFO.
-
-    The path is checked with os.stat before it is opened (opening a device can have effects),
-    and the open file again with fstat (it may have been replaced in between); O_NONBLOCK makes
-    the open of a FIFO return at once instead of waiting for a writer.
-    """
-    mode = os.stat(path).st_mode
-    if not stat.S_ISREG(mode):
-        raise ItemRefused(_not_regular(mode))
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
-    fd = os.open(path, flags | getattr(os, "O_BINARY", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ItemRefused(_not_regular(mode))
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def read_regular_file(path: str, max_bytes: int | None = None) -> bytes:
-    """The bytes of regular file `path`: ItemRefused for anything else or for more than
-    `max_bytes` (checked on the size before reading, and by reading at most one byte more)."""
-    fd = _open_regular(path)
-    with open(fd, "rb", closefd=True) as f:
-        if max_bytes is None:
-            return f.read()
-        size = os.fstat(f.fileno()).st_size
-        if size > max_bytes:
-            raise ItemRefused(_too_large(size, max_bytes))
-        data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:  # grew since the stat
-        raise ItemRefused(_too_large(len(data), max_bytes))
-    return data
-
-
-def sniff_image(head: bytes) -> str | None:
-    """The image format whose signature `head` (a file's first bytes) starts with, or None."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head[:6] in (b"GIF87a", b"GIF89a"):
-        return "GIF"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    if head[:4] in (b"II*\0", b"MM\0*"):
-        return "TIFF"
-    if (
-        head[:2] == b"BM"
-        and len(head) >= 18
-        and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES
-    ):
-        return "BMP"
-    # ICONDIR: reserved 0, type 1, count > 0; first entry's reserved byte 0, planes 0 or 1
-    ico = head[:4] == b"\0\0\1\0" and len(head) >= 12 and head[4:6] != b"\0\0"
-    if ico and head[9] == 0 and head[10:12] in (b"\0\0", b"\1\0"):
-        return "ICO"
-    return None
-
-
-def _sniff_file(path: str) -> str | None:
-    fd = _open_regular(path)
-    with open(fd, "rb", closefd=True) as f:
-        return sniff_image(f.read(_SNIFF_BYTES))
 
 
 @dataclass
@@ -195,7 +102,7 @@ class ImageSource:
             return read_regular_file(self.files[i], max_bytes)
         assert self.sizes is not None, "a tar source records both offsets and sizes"
         if max_bytes is not None and self.sizes[i] > max_bytes:
-            raise ItemRefused(_too_large(self.sizes[i], max_bytes))
+            raise ItemRefused(too_large_reason(self.sizes[i], max_bytes))
         with open(self.files[i], "rb") as f:
             f.seek(self.offsets[i])
             data = f.read(self.sizes[i])
@@ -320,7 +227,7 @@ class _FolderWalk:
             self.item(rel)
             return
         try:
-            fmt = _sniff_file(path)
+            fmt = sniff_file(path)
         except ItemRefused as e:  # replaced by a FIFO since the listing
             self.skip(rel, str(e))
             return
@@ -345,7 +252,7 @@ class _FolderWalk:
                 self.bad(rel, name, f"symlink that cannot be followed: {err.strerror or err}")
                 return
             raise
-        self.bad(rel, name, _not_regular(mode))
+        self.bad(rel, name, not_regular_reason(mode))
 
 
 def folder_source(folder: str | os.PathLike, exclude: str | os.PathLike | None = None):

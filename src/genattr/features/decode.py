@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from genattr.data.files import ItemRefused
 from genattr.data.images import ImageDecodeError, load_rgb
-from genattr.data.sources import ItemRefused
 
 DEFAULT_MAX_FILE_MB = 256.0  # a file above this is a failure row, not read
 
