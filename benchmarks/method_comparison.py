@@ -25,14 +25,13 @@ import torch
 
 from genattr.methods.gradient import select_parameters
 from genattr.methods.unlearning import UnlearningSpec, resolved_step_size
+from genattr.workflows.method_runs import MethodEvaluation, evaluate_method
 from genattr.workflows.model_cases import multiconcept_cases, world_cases, world_gallery
 from genattr.workflows.model_methods import (
     FeatureMethod,
     GradientMethod,
-    MethodEvaluation,
     ScoringMethod,
     UnlearningMethod,
-    evaluate_method,
 )
 from genattr.world.base import load_world_base
 from genattr.world.benchmark import load_benchmark

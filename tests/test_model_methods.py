@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 from genattr.cli import app
 from genattr.evaluate import expected_random_ap
+from genattr.workflows.method_runs import evaluate_method
 from genattr.workflows.model_cases import Concept, ImageSet, ModelCase, select_queries
-from genattr.workflows.model_methods import evaluate_method
 from tests.support import shape_image
 from tests.tiny_sd import build_tiny_pipeline
 

@@ -252,7 +252,7 @@ def evaluate(
 
     ks_all = tuple(ks) if ks else DEFAULT_KS
     if method != "features":
-        from genattr.workflows.model_methods import evaluate_benchmark, results_lines
+        from genattr.workflows.method_runs import evaluate_benchmark, results_lines
 
         if bench is None:
             raise GenattrError(f"--method {method} needs --bench world or --bench MANIFEST")
@@ -791,7 +791,7 @@ def attribute(
             raise GenattrError("--method features needs --index DIR")
         answers = run_attribute(images, index, calibrator, top_k, weights=weights, device=device)
     else:
-        from genattr.workflows.model_methods import attribute_with_model
+        from genattr.workflows.method_runs import attribute_with_model
 
         if model is None:
             raise GenattrError(f"--method {method} needs --model DIR or --model world:ID")
