@@ -210,8 +210,9 @@ def sd_pipeline(root: Path, small: bool, device: str):
 
 
 def check_diffusion(rows, root: Path, device: str, small: bool) -> None:
+    from genattr.customize.config import CustomizeConfig
     from genattr.customize.sample import SampleConfig, generate_images
-    from genattr.customize.train import CustomizeConfig, Customizer
+    from genattr.customize.train import Customizer
 
     pipe = sd_pipeline(root, small, device)
     res = 128 if small else 512

@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 
 from genattr.customize import Customizer
+from genattr.customize.config import config_from_dict
 from genattr.customize.prompts import load_prompt_set
-from genattr.customize.train import config_from_dict
 from genattr.world.base import load_world_base, sample
 from genattr.world.benchmark import WORLD_PROMPT_SETS, WORLD_TRAIN, object_category
 from genattr.world.clipart import load_data

@@ -168,7 +168,7 @@ def shape_images(root: Path) -> list[Path]:
 
 def customize_config(**kw):
     """Custom Diffusion options for the tiny pipeline: 6 steps at 32 px, lr 2e-3."""
-    from genattr.customize.train import CustomizeConfig
+    from genattr.customize.config import CustomizeConfig
 
     base = dict(resolution=RES, max_train_steps=6, learning_rate=2e-3, initializer_token="dog")
     return CustomizeConfig(**{**base, **kw})
@@ -179,8 +179,9 @@ def train_single_models(
 ) -> None:
     """The recorded single-concept models: an object model, then (same Customizer) a style
     model with a regularization image; `concepts` trains them with `train_concepts`."""
+    from genattr.customize.config import Concept
     from genattr.customize.pipeline import load_base_pipeline
-    from genattr.customize.train import Concept, Customizer
+    from genattr.customize.train import Customizer
 
     cz = Customizer(load_base_pipeline(tiny, "cpu", "float32"))
     ex = shapes[:2]

@@ -47,7 +47,7 @@ def exemplars(tmp_path_factory) -> list[Path]:
 
 
 def _config(**kw):
-    from genattr.customize.train import CustomizeConfig
+    from genattr.customize.config import CustomizeConfig
 
     base = dict(resolution=RES, max_train_steps=6, learning_rate=2e-3, initializer_token="dog")
     return CustomizeConfig(**{**base, **kw})

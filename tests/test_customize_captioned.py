@@ -46,7 +46,7 @@ def images(tmp_path_factory) -> list[Path]:
 
 
 def _config(**kw):
-    from genattr.customize.train import CustomizeConfig
+    from genattr.customize.config import CustomizeConfig
 
     base = dict(resolution=RES, max_train_steps=6, learning_rate=2e-3, augment=False, hflip=False)
     return CustomizeConfig(**{**base, **kw})
@@ -138,7 +138,7 @@ def test_trained_layers_saved_reloaded_and_reset(tiny, images, tmp_path, freeze_
 def test_object_models_keep_their_records(tiny, images, tmp_path):
     """The new option stays out of records at its default: models made before it keep their
     bytes (test_customize_multiconcept pins the weights) and their plan keys."""
-    from genattr.customize.train import CustomizeConfig
+    from genattr.customize.config import CustomizeConfig
 
     assert "freeze_model" not in CustomizeConfig().record()
     assert CustomizeConfig(freeze_model="crossattn").record()["freeze_model"] == "crossattn"

@@ -48,8 +48,9 @@ def _hashes(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def multi(tiny, shapes, tmp_path_factory):
     """A three-concept model (two objects, one style) and the pipeline it was trained in."""
+    from genattr.customize.config import Concept
     from genattr.customize.pipeline import load_base_pipeline
-    from genattr.customize.train import Concept, Customizer
+    from genattr.customize.train import Customizer
 
     pipe = load_base_pipeline(tiny, "cpu", "float32")
     cz = Customizer(pipe)
@@ -194,9 +195,10 @@ def test_tokens_load_in_number_order_and_from_safetensors_bytes(multi, tiny, tmp
 
 
 def test_multi_concept_errors_and_reuse(tiny, shapes, tmp_path):
+    from genattr.customize.config import Concept
     from genattr.customize.pipeline import load_base_pipeline
     from genattr.customize.prompts import with_token
-    from genattr.customize.train import Concept, Customizer
+    from genattr.customize.train import Customizer
 
     cz = Customizer(load_base_pipeline(tiny, "cpu", "float32"))
     with pytest.raises(GenattrError, match="no concepts"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from genattr.customize.train import _open_rgb, check_image, list_images, read_square
+from genattr.customize.examples import check_image, list_images, open_training_image, read_square
 from genattr.errors import GenattrError
 from genattr.features.extract import extract
 from genattr.workflows.model_cases import FolderImages
@@ -50,7 +50,7 @@ def test_model_path_reads_with_extractions_guards(folder, tmp_path):
     bomb.write_bytes(png_header(20000, 20000))  # 400 M pixels claimed in a few bytes
     r = extract("pixel", folder, tmp_path / "store", workers=0)
     assert r.failed_total == 1  # extraction records it
-    for read in (_open_rgb, check_image, lambda p: read_square(p, 16)):
+    for read in (open_training_image, check_image, lambda p: read_square(p, 16)):
         with pytest.raises(GenattrError, match="decompression bomb"):
             read(bomb)
     gallery = FolderImages(folder, ["a caption"], 16)

@@ -379,9 +379,11 @@ def customize(
     """Custom Diffusion: tune <new1> and cross-attention keys/values toward exemplars, or
     cross-attention toward a set of captioned images (--mode captioned --captions FILE)."""
     check_output(out, "dir")
+    from genattr.customize.config import config_from_dict
+    from genattr.customize.examples import list_images
     from genattr.customize.prompts import read_image_captions
-    from genattr.customize.train import config_from_dict, list_images, read_reg_captions
     from genattr.customize.train import customize as run_customize
+    from genattr.customize.train import read_reg_captions
 
     cfg = config_from_dict(  # checked as a plan's `train:` is, before the model loads
         {

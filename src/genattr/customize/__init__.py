@@ -2,6 +2,7 @@
 the driver that makes whole benchmarks. Heavy libraries (torch, diffusers, ray) load only
 inside the functions that use them."""
 
+from genattr.customize.config import Concept, CustomizeConfig, training_prompt
 from genattr.customize.prompts import (
     MODIFIER_TOKEN,
     PromptSet,
@@ -12,13 +13,7 @@ from genattr.customize.prompts import (
     with_article,
     with_token,
 )
-from genattr.customize.train import (
-    Concept,
-    CustomizeConfig,
-    Customizer,
-    customize,
-    training_prompt,
-)
+from genattr.customize.train import Customizer, customize
 
 __all__ = [
     "MODIFIER_TOKEN",

@@ -43,6 +43,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from genattr.customize.config import CustomizeConfig, config_from_dict
+from genattr.customize.examples import check_image, list_images
 from genattr.customize.prompts import (
     PromptSet,
     _read_data,
@@ -51,7 +53,6 @@ from genattr.customize.prompts import (
     read_image_captions,
 )
 from genattr.customize.sample import SampleConfig, sample_config_from_dict
-from genattr.customize.train import CustomizeConfig, check_image, config_from_dict, list_images
 from genattr.data.benchmark import MODES, SPLITS
 from genattr.errors import GenattrError, validation_reason
 

@@ -23,9 +23,9 @@ from PIL.PngImagePlugin import PngInfo
 from pydantic import Field
 
 from genattr.atomic import atomic_path, write_text_atomic
+from genattr.customize.config import INFO_NAME
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
-from genattr.customize.train import INFO_NAME
 from genattr.errors import GenattrError
 from genattr.options import options_from_mapping
 

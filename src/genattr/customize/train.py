@@ -20,7 +20,6 @@ each concept: `concepts`).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
@@ -28,235 +27,44 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from pydantic import Field
 
 from genattr.atomic import atomic_path
+from genattr.customize.config import (
+    CUSTOMIZE_FORMAT_VERSION,
+    INFO_NAME,
+    WEIGHTS_NAME,
+    Concept,
+    CustomizeConfig,
+    check_captions,
+    concept_token,
+    training_prompt,
+)
+from genattr.customize.examples import (
+    list_images,
+    open_training_image,
+)
+from genattr.customize.loop import (
+    Batches,
+    Step,
+    detach_first_token,
+    optimize,
+    seconds_since,
+)
 from genattr.customize.pipeline import load_base_pipeline
-from genattr.data.images import ImageDecodeError, load_converted, open_image
-from genattr.data.sources import folder_images
 from genattr.errors import GenattrError
-from genattr.options import options_from_mapping
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
         StableDiffusionPipeline,
-    )
-
-WEIGHTS_NAME = "pytorch_custom_diffusion_weights.bin"
-INFO_NAME = "genattr_customize.json"
-CUSTOMIZE_FORMAT_VERSION = 1
-_SMALL_PREFIXES = ("a far away ", "very small ")
-_LARGE_PREFIXES = ("zoomed in ", "close up ")
-
-
-@dataclass
-class CustomizeConfig:
-    """Custom Diffusion's defaults (diffusers `train_custom_diffusion.py` and its README)."""
-
-    modifier_token: str = "<new1>"
-    initializer_token: str = "ktn"  # a rare CLIP token, Custom Diffusion's default
-    learning_rate: Annotated[float, Field(gt=0)] = 1e-5
-    scale_lr: bool = True  # lr x batch size (x2 with regularisation), as `--scale_lr`
-    train_batch_size: Annotated[int, Field(ge=1)] = 2
-    max_train_steps: Annotated[int, Field(ge=1)] = 250
-    resolution: Annotated[int, Field(ge=8)] = 512
-    hflip: bool = True
-    augment: bool = True  # random rescale with a loss mask and "far away"/"close up" prompts
-    prior_loss_weight: Annotated[float, Field(ge=0)] = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
-    seed: int = 42
-    gradient_checkpointing: bool = False  # less GPU memory for about 30% more time
-    # diffusers' `--freeze_model`: "crossattn_kv" trains every attn2's to_k/to_v (Custom
-    # Diffusion); "crossattn" also its to_q and to_out (all of cross-attention).
-    freeze_model: Literal["crossattn_kv", "crossattn"] = "crossattn_kv"
-
-    def effective_lr(self, with_prior: bool) -> float:
-        if not self.scale_lr:
-            return self.learning_rate
-        return self.learning_rate * self.train_batch_size * (2.0 if with_prior else 1.0)
-
-    def record(self) -> dict[str, Any]:
-        """The options as models and plan keys record them. Options added later are left out
-        while they keep their defaults, so models made before them keep their bytes and keys."""
-        out = asdict(self)
-        if self.freeze_model == "crossattn_kv":
-            del out["freeze_model"]
-        return out
-
-
-@dataclass
-class Concept:
-    """One concept of a Custom Diffusion model: its exemplars, mode ('object', 'style' or
-    'captioned'), category (objects), modifier token (default `<newK>` for the K-th concept,
-    from 1) and initializer (default the config's `initializer_token`).
-
-    A 'captioned' concept is a set of images each trained with its own caption (`captions`,
-    one per image in `list_images` order) and no modifier token: the paper's models tuned on
-    random captioned images (MSCOCO) to test whether attribution generalizes."""
-
-    exemplars: Sequence[str | os.PathLike]
-    mode: str
-    category: str | None = None
-    token: str | None = None
-    initializer: str | None = None
-    captions: Sequence[str] | None = None
-
-
-def concept_token(k: int) -> str:
-    """The modifier token of the k-th concept (0-based): `<new1>`, `<new2>`, ..."""
-    return f"<new{k + 1}>"
-
-
-def config_from_dict(values: dict[str, Any] | None) -> CustomizeConfig:
-    """A config from a plan's `train:` mapping; unknown keys and ill-typed values are errors."""
-    return options_from_mapping(CustomizeConfig, values, "training")
-
-
-def training_prompt(mode: str, category: str | None, token: str = "<new1>") -> str:
-    """The authors' training prompts: '<new1> {category}' (objects), a style sentence (styles).
-    Captioned sets have none: each image is trained with its own caption."""
-    if mode == "captioned":
-        raise GenattrError("a captioned set trains each image with its own caption")
-    if mode == "object":
-        if not category:
-            raise GenattrError(
-                f"object models need a --category (the training prompt is '{token} CATEGORY')"
-            )
-        return f"{token} {category}"
-    if mode == "style":
-        return f"A picture in the style of {token} art"
-    raise GenattrError(f"mode must be 'object', 'style' or 'captioned', not {mode!r}")
-
-
-def check_captions(paths: Sequence[Path], captions: Sequence[str] | None) -> list[str]:
-    """One non-empty caption per image of a captioned set, or an error saying what is wrong."""
-    caps = [str(c).strip() for c in captions or []]
-    if len(caps) != len(paths):
-        raise GenattrError(
-            f"a captioned set needs one caption per image: {len(paths)} images, "
-            f"{len(caps)} captions"
-        )
-    empty = [str(p.name) for p, c in zip(paths, caps, strict=True) if not c]
-    if empty:
-        raise GenattrError(f"empty caption for {empty[0]}")
-    return caps
-
-
-def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files from paths and folders (a folder gives its images as every command lists
-    a folder: `genattr.data.sources.folder_images`)."""
-    out: list[Path] = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out.extend(map(Path, folder_images(p).files))
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise GenattrError(f"{p}: no such file or folder")
-    if not out:
-        raise GenattrError("no exemplar images given")
-    return out
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    """An image as training reads it, with extraction's guards (`load_converted`)."""
-    try:
-        return load_converted(path)
-    except ImageDecodeError as e:
-        raise GenattrError(f"{path}: not a readable image ({e})") from None
-
-
-def check_image(path: Path) -> None:
-    """Raise a GenattrError naming the file unless it is a readable image (header check)."""
-    try:
-        open_image(path)
-    except ImageDecodeError as e:
-        raise GenattrError(f"{path}: not a readable image ({e})") from None
-
-
-def _square(im: Image.Image) -> Image.Image:
-    w, h = im.size
-    s = min(w, h)
-    left, top = (w - s) // 2, (h - s) // 2
-    return im.crop((left, top, left + s, top + s))
-
-
-def _to_array(im: Image.Image) -> np.ndarray:
-    return np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-
-
-def augment_example(
-    im: Image.Image,
-    size: int,
-    latent_size: int,
-    rng: np.random.Generator,
-    hflip: bool,
-    augment: bool,
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """Custom Diffusion's augmentation: the exemplar rescaled to a random size and either placed
-    on a blank canvas (small) or cropped (large). Returns the image (HWC, [-1, 1]), the loss mask
-    at latent resolution (only where the image is) and the prompt prefix that names the scale."""
-    im = _square(im)
-    if hflip and rng.random() < 0.5:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    scale = size
-    if augment:
-        if rng.random() < 0.66:
-            scale = int(rng.integers(size // 3, size + 1))
-        else:
-            scale = int(rng.integers(int(1.2 * size), int(1.4 * size)))
-    arr = _to_array(im.resize((scale, scale), Image.Resampling.BILINEAR))
-    factor = size // latent_size
-    if scale >= size:
-        top, left = (int(rng.integers(0, scale - size + 1)) for _ in range(2))
-        image = arr[top : top + size, left : left + size]
-        mask = np.ones((latent_size, latent_size), np.float32)
-    else:
-        top, left = (int(rng.integers(0, size - scale + 1)) for _ in range(2))
-        image = np.zeros((size, size, 3), np.float32)
-        image[top : top + scale, left : left + scale] = arr
-        mask = np.zeros((latent_size, latent_size), np.float32)
-        # One latent pixel in from the border: the edge of the pasted image is blurred by the VAE.
-        mask[
-            top // factor + 1 : (top + scale) // factor - 1,
-            left // factor + 1 : (left + scale) // factor - 1,
-        ] = 1.0
-        if not mask.any():
-            mask[
-                top // factor : (top + scale) // factor + 1,
-                left // factor : (left + scale) // factor + 1,
-            ] = 1.0
-    prefix = ""
-    if scale < 0.6 * size:
-        prefix = _SMALL_PREFIXES[int(rng.integers(0, 2))]
-    elif scale > size:
-        prefix = _LARGE_PREFIXES[int(rng.integers(0, 2))]
-    return image, mask, prefix
-
-
-def _plain_example(im: Image.Image, size: int) -> np.ndarray:
-    return _to_array(_square(im).resize((size, size), Image.Resampling.BILINEAR))
-
-
-def read_square(path: str | os.PathLike, size: int) -> np.ndarray:
-    """An image file as training sees it without augmentation, (S, S, 3) uint8: RGB, the
-    centre square, resized (bilinear); attribution methods that run the model read it so."""
-    return np.asarray(
-        _square(_open_rgb(Path(path))).resize((size, size), Image.Resampling.BILINEAR)
     )
 
 
@@ -414,7 +222,7 @@ class Customizer:
                 prompt = None if captioned else training_prompt(c.mode, c.category, str(token))
                 paths = list_images(c.exemplars)
                 caps = check_captions(paths, c.captions) if captioned else None
-                images = [_open_rgb(p) for p in paths]
+                images = [open_training_image(p) for p in paths]
             except GenattrError as e:
                 raise GenattrError(f"{where}: {e}" if where else str(e)) from None
             out.append(
@@ -450,7 +258,7 @@ class Customizer:
         gen = torch.Generator(device=device).manual_seed(cfg.seed)
         images = [im for r in resolved for im in r.images]
         owner = [k for k, r in enumerate(resolved) for _ in r.images]
-        batches = _Batches(
+        batches = Batches(
             images,
             [p for r in resolved for p in r.image_prompts],
             reg,
@@ -463,19 +271,19 @@ class Customizer:
             [i.to(device=device, dtype=torch.float32) for i in inits], cfg.freeze_model
         )
         lr = cfg.effective_lr(reg is not None)
-        step = _Step(self.pipe, [*new_embs, *kv], lr, cfg, gen, device, dtype)
+        step = Step(self.pipe, [*new_embs, *kv], lr, cfg, gen, device, dtype)
         hooks = self._hooks(new_embs)
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         t0 = time.perf_counter()
         try:
-            losses = _optimize(step, batches, cfg.max_train_steps)
+            losses = optimize(step, batches, cfg.max_train_steps)
         finally:
             trained = self._end_training(
                 hooks, kv, dtype, cfg.gradient_checkpointing, cfg.freeze_model
             )
-        seconds = _seconds_since(t0, device)
+        seconds = seconds_since(t0, device)
         self._keep_trained(new_embs, trained)
         if multi:
             self._meta = _concepts_record(resolved, batches.draws, reg, cfg, lr)
@@ -521,8 +329,8 @@ class Customizer:
         embeddings = self.pipe.text_encoder.get_input_embeddings()
         hooks = [embeddings.register_forward_hook(self._splice(new_embs))]
         for m in self.layers.values():
-            hooks.append(m.to_k.register_forward_hook(_detach_first_token))
-            hooks.append(m.to_v.register_forward_hook(_detach_first_token))
+            hooks.append(m.to_k.register_forward_hook(detach_first_token))
+            hooks.append(m.to_v.register_forward_hook(detach_first_token))
         return hooks
 
     def _end_training(
@@ -640,200 +448,6 @@ class Customizer:
                 live = dict(m.named_parameters())
                 for key, base in self._base[name].items():
                     live[key].copy_(base)
-
-
-def _detach_first_token(module, inputs, output):
-    """Custom Diffusion leaves the start-of-text token's key/value out of the gradient."""
-    return torch.cat([output[:, :1].detach(), output[:, 1:]], dim=1)
-
-
-class _Cycler:
-    """Indices in shuffled passes, so every exemplar is seen equally often."""
-
-    def __init__(self, n: int, rng: np.random.Generator) -> None:
-        self.n, self.rng = n, rng
-        self.queue: list[int] = []
-
-    def take(self, k: int) -> list[int]:
-        out: list[int] = []
-        while len(out) < k:
-            if not self.queue:
-                self.queue = list(self.rng.permutation(self.n))
-            out.append(int(self.queue.pop()))
-        return out
-
-
-@dataclass
-class _Batch:
-    """One step's examples: images (HWC, [-1, 1]), loss masks and prompts, the first `n_inst`
-    of them exemplars, the rest regularization images."""
-
-    pix: list[np.ndarray]
-    masks: list[np.ndarray]
-    prompts: list[str]
-    n_inst: int
-
-
-class _Batches:
-    """Each step's examples, drawn from one random stream: augmented exemplars (of all
-    concepts, each with its concept's prompt) in shuffled passes, then as many plain
-    regularization images. `draws` counts the exemplars drawn per concept."""
-
-    def __init__(
-        self,
-        images: list[Image.Image],
-        prompts: list[str],
-        reg: tuple[list[Path], list[str]] | None,
-        cfg: CustomizeConfig,
-        latent_size: int,
-        rng: np.random.Generator,
-        owner: list[int],
-    ) -> None:
-        self.images, self.prompts, self.reg, self.cfg = images, prompts, reg, cfg
-        self.latent_size, self.rng, self.owner = latent_size, rng, owner
-        self.order = _Cycler(len(images), rng)
-        self.reg_order = _Cycler(len(reg[0]), rng) if reg else None
-        self.draws = [0] * (max(owner) + 1)
-
-    def next(self) -> _Batch:
-        """The next step's batch (exemplars first)."""
-        cfg, size, latent_size = self.cfg, self.cfg.resolution, self.latent_size
-        pix, masks, prompts = [], [], []
-        for i in self.order.take(cfg.train_batch_size):
-            example, example_mask, prefix = augment_example(
-                self.images[i], size, latent_size, self.rng, cfg.hflip, cfg.augment
-            )
-            pix.append(example)
-            masks.append(example_mask)
-            prompts.append(prefix + self.prompts[i])
-            self.draws[self.owner[i]] += 1
-        n_inst = len(pix)
-        if self.reg is not None and self.reg_order is not None:
-            for i in self.reg_order.take(cfg.train_batch_size):
-                pix.append(_plain_example(_open_rgb(self.reg[0][i]), size))
-                masks.append(np.ones((latent_size, latent_size), np.float32))
-                prompts.append(self.reg[1][i])
-        return _Batch(pix, masks, prompts, n_inst)
-
-
-class _Step:
-    """One optimizer step of Custom Diffusion: encode a batch, noise it, predict, take the
-    masked loss, update (with fp16 loss scaling and gradient clipping)."""
-
-    def __init__(
-        self,
-        pipe: StableDiffusionPipeline,
-        params: list[torch.Tensor],
-        lr: float,
-        cfg: CustomizeConfig,
-        gen: torch.Generator,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        from diffusers import DDPMScheduler
-
-        self.pipe, self.params, self.cfg, self.gen = pipe, params, cfg, gen
-        self.device, self.dtype = device, dtype
-        self.noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.opt = torch.optim.AdamW(
-            params,
-            lr=lr,
-            betas=(cfg.adam_beta1, cfg.adam_beta2),
-            weight_decay=cfg.adam_weight_decay,
-            eps=cfg.adam_epsilon,
-        )
-        self.autocast = (
-            torch.autocast(device_type=device.type, dtype=dtype)
-            if dtype != torch.float32
-            else contextlib.nullcontext()
-        )
-        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    def __call__(self, batch: _Batch) -> float:
-        """Train on `batch`; its loss."""
-        x, mask, ids = self._tensors(batch)
-        noisy, t, target = self._noised(x)
-        with self.autocast:
-            cond = self.pipe.text_encoder(ids)[0]
-            pred = self.pipe.unet(noisy, t, cond).sample
-        loss = self._loss(pred, target, mask, batch.n_inst, len(batch.pix))
-        self._update(loss)
-        return float(loss.detach())
-
-    def _tensors(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The batch as model inputs: images (NCHW), loss masks (N1HW), prompt token ids."""
-        tok, device = self.pipe.tokenizer, self.device
-        x = torch.from_numpy(np.stack(batch.pix)).permute(0, 3, 1, 2).to(device, self.dtype)
-        mask = torch.from_numpy(np.stack(batch.masks))[:, None].to(device)
-        ids = tok(
-            batch.prompts,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        return x, mask, ids
-
-    def _noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Diffusion's forward process on the images' latents: the noisy latents, timesteps
-        and the UNet's target (latents, noise, timesteps drawn in that order)."""
-        vae, noise_sched, gen = self.pipe.vae, self.noise_sched, self.gen
-        with torch.no_grad():
-            latents = vae.encode(x).latent_dist.sample(generator=gen)
-            latents = latents * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen, device=self.device, dtype=latents.dtype)
-        t = torch.randint(
-            0,
-            noise_sched.config.num_train_timesteps,
-            (latents.shape[0],),
-            generator=gen,
-            device=self.device,
-        ).long()
-        noisy = noise_sched.add_noise(latents, noise, t)
-        if noise_sched.config.prediction_type == "v_prediction":
-            target = noise_sched.get_velocity(latents, noise, t)
-        else:
-            target = noise
-        return noisy, t, target
-
-    def _loss(
-        self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, n_inst: int, n: int
-    ) -> torch.Tensor:
-        """The masked exemplar loss plus the weighted prior loss on regularization images."""
-        err = F.mse_loss(pred.float(), target.float(), reduction="none")
-        # As diffusers' script: summed over latent channels, averaged over masked
-        # pixels (so this term weighs 4x a plain mean next to the prior loss).
-        inst = err[:n_inst] * mask[:n_inst]
-        loss = (inst.sum((1, 2, 3)) / mask[:n_inst].sum((1, 2, 3))).mean()
-        if n_inst < n:
-            loss = loss + self.cfg.prior_loss_weight * err[n_inst:].mean()
-        return loss
-
-    def _update(self, loss: torch.Tensor) -> None:
-        """Backpropagate `loss` (scaled for fp16), clip the gradients, step the optimizer."""
-        self.opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-
-
-def _optimize(step: _Step, batches: _Batches, steps: int) -> list[float]:
-    """`steps` training steps, logging the loss ten times along the way; the losses."""
-    losses: list[float] = []
-    for i in range(steps):
-        losses.append(step(batches.next()))
-        if (i + 1) % max(1, steps // 10) == 0:
-            logger.info("  step %d/%d loss %.4f", i + 1, steps, losses[-1])
-    return losses
-
-
-def _seconds_since(t0: float, device: torch.device) -> float:
-    """Seconds since `t0` (`time.perf_counter`), once the GPU's queued work has finished."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
 
 
 def _training_record(

@@ -21,9 +21,9 @@ import torch
 
 from genattr.atomic import check_output
 from genattr.attribution import AttributedImage, Attribution
+from genattr.customize.examples import read_square
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
-from genattr.customize.train import read_square
 from genattr.data.official import TestCaseFeatures
 from genattr.devices import resolve_device
 from genattr.errors import GenattrError

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from genattr.customize.examples import read_square
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
-from genattr.customize.train import read_reg_captions, read_square
+from genattr.customize.train import read_reg_captions
 from genattr.data.benchmark import read_manifest
 from genattr.data.sources import folder_images
 from genattr.errors import GenattrError

@@ -50,10 +50,11 @@ import numpy as np
 from PIL import Image
 
 from genattr.atomic import write_text_atomic
+from genattr.customize.config import Concept, config_from_dict
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.prompts import with_token
 from genattr.customize.sample import generate_images, sample_config_from_dict
-from genattr.customize.train import Concept, Customizer, config_from_dict
+from genattr.customize.train import Customizer
 from genattr.errors import GenattrError
 from genattr.world.base import load_world_base
 from genattr.world.benchmark import WORLD_SAMPLE, WORLD_TRAIN, WorldBenchmark, load_benchmark
