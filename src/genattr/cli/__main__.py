@@ -1,0 +1,5 @@
+"""`python -m genattr.cli`."""
+
+from genattr.cli import app
+
+app()
