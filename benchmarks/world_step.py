@@ -16,8 +16,9 @@ import time
 
 import torch
 
-from genattr.world.base import BaseConfig, BaseTrainer
+from genattr.world.base import BaseConfig
 from genattr.world.clipart import load_data
+from genattr.world.training import BaseTrainer
 
 
 def seconds_per_step(

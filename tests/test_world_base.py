@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from genattr.world.base import BaseConfig, BaseTrainer, list_checkpoints
+from genattr.world.base import BaseConfig
+from genattr.world.training import BaseTrainer, list_checkpoints
 from tests.support import WORLD_TINY
 
 pytestmark = pytest.mark.slow
@@ -71,10 +72,10 @@ def _same_state(a: BaseTrainer, b: BaseTrainer) -> None:
 
 def test_killed_run_resumes_to_the_uninterrupted_state(tmp_path, tiny_data) -> None:
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"}
     args = [str(killed), str(tiny_data), "100000", "2", json.dumps(WORLD_TINY)]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genattr.world.base", *args],
+        [sys.executable, "-m", "tests.world_base_run", *args],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -169,7 +170,8 @@ def test_resumed_run_changes_training_options_and_keeps_their_history(tmp_path, 
 
 
 def test_min_snr_weights_follow_the_noise_level() -> None:
-    from genattr.world.base import loss_weights, make_scheduler
+    from genattr.world.base import make_scheduler
+    from genattr.world.training import loss_weights
 
     sched = make_scheduler()
     t = torch.arange(0, 1000, 37)

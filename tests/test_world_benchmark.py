@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from genattr.customize.prompts import load_prompt_set
-from genattr.world.base import BaseConfig, BaseTrainer
+from genattr.world.base import BaseConfig
 from genattr.world.benchmark import (
     WORLD_PROMPT_SETS,
     build_benchmark,
@@ -21,6 +21,7 @@ from genattr.world.benchmark import (
     pack_benchmark,
 )
 from genattr.world.clipart import ClipartData
+from genattr.world.training import BaseTrainer
 from tests.support import WORLD_TINY
 
 pytestmark = pytest.mark.slow

@@ -186,7 +186,7 @@ def world_train_base(
     check_output(out, "dir")
     import json
 
-    from genattr.world.base import train_base
+    from genattr.world.training import train_base
 
     changes = {}
     for item in set_ or []:

@@ -14,9 +14,10 @@ import logging
 import os
 from pathlib import Path
 
-from genattr.world.base import BaseConfig, base_model_dir, export_base, train_base
+from genattr.world.base import BaseConfig, base_model_dir
 from genattr.world.benchmark import build_benchmark, pack_benchmark
 from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, build_data, load_data
+from genattr.world.training import export_base, train_base
 
 logger = logging.getLogger(__name__)
 
