@@ -21,6 +21,7 @@ from genattr.errors import GenattrError
 @_friendly_errors
 @_batch_work
 def customize(
+    *,
     base: Annotated[str, typer.Option(help="Stable Diffusion 1.x: HF id (cache) or folder.")],
     exemplars: Annotated[
         list[Path], typer.Option(help="Exemplar images or folders, e.g. --exemplars a.png b.png.")
@@ -106,6 +107,7 @@ def customize(
 @_friendly_errors
 @_batch_work
 def generate(
+    *,
     model: Annotated[Path, typer.Option(help="Customized model folder.")],
     prompts: Annotated[
         str, typer.Option(help="Prompt set: media, captions, style-scene, style-object, or a file.")
@@ -166,6 +168,7 @@ def generate(
 @_friendly_errors
 @_batch_work
 def make_benchmark(
+    *,
     plan: Annotated[Path, typer.Option(help="Plan (.yaml or .json): models and prompt sets.")],
     out: Annotated[Path, typer.Option(help="Benchmark folder (resumed if it exists).")],
     engine: Annotated[str, typer.Option(help="local (in-process) or ray (one task/model).")] = (

@@ -29,6 +29,7 @@ from genattr.errors import GenattrError
 @_friendly_errors
 @_batch_work
 def evaluate(
+    *,
     out: Annotated[Path, typer.Option(help="results.json; per-query table goes beside it.")],
     gallery_feats: Annotated[
         Path | None,
@@ -129,6 +130,7 @@ def evaluate(
 @_friendly_errors
 @_batch_work
 def demo(
+    *,
     out: Annotated[Path, typer.Option(help="Folder for the demo's files.")] = Path("demo-out"),
     features: Annotated[
         list[str] | None,
@@ -159,6 +161,7 @@ def demo(
 @_friendly_errors
 @_batch_work
 def extract(
+    *,
     features: Annotated[str, typer.Option(help="Backbone name (see genattr.features).")],
     images: Annotated[
         str,
@@ -243,6 +246,7 @@ def extract(
 @_friendly_errors
 @_batch_work
 def train_head(
+    *,
     bench: Annotated[Path, typer.Option(help="Benchmark manifest (train/val splits by model).")],
     store_real: Annotated[Path, typer.Option(help="Store with the exemplar (real) images.")],
     store_synth: Annotated[Path, typer.Option(help="Store with the synthesized images.")],
@@ -306,6 +310,7 @@ def train_head(
 @_friendly_errors
 @_batch_work
 def calibrate(
+    *,
     bench: Annotated[Path, typer.Option(help="Benchmark manifest; its val models are used.")],
     store_real: Annotated[Path, typer.Option(help="Store with the exemplar (real) images.")],
     store_synth: Annotated[Path, typer.Option(help="Store with the synthesized images.")],
@@ -346,6 +351,7 @@ app.add_typer(index_app, name="index")
 @_friendly_errors
 @_batch_work
 def index_build(
+    *,
     store: Annotated[
         list[Path],
         typer.Option(help="Embedding store(s) of the training images: --store a b."),
@@ -378,6 +384,7 @@ def index_build(
 @_friendly_errors
 @_batch_work
 def attribute(
+    *,
     images: Annotated[list[Path], typer.Argument(help="Generated images to attribute.")],
     index: Annotated[
         Path | None, typer.Option(help="Index directory from `genattr index build`.")
@@ -465,6 +472,7 @@ app.add_typer(head_app, name="head")
 @head_app.command("import")
 @_friendly_errors
 def head_import(
+    *,
     mapper: Annotated[Path, typer.Option(help="The authors' mapper .pth.")],
     out: Annotated[Path, typer.Option(help="Head directory to write.")],
     head: Annotated[str | None, typer.Option(help="linear|channel|mlp; read if omitted.")] = None,
@@ -483,6 +491,7 @@ def head_import(
 @head_app.command("export")
 @_friendly_errors
 def head_export(
+    *,
     head: Annotated[Path, typer.Option(help="Head directory from train-head.")],
     out: Annotated[Path, typer.Option(help="The authors' mapper .pth to write.")],
 ) -> None:

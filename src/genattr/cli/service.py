@@ -20,6 +20,7 @@ from genattr.errors import GenattrError
 @app.command()
 @_friendly_errors
 def serve(
+    *,
     index: Annotated[
         Path | None,
         typer.Option(help="Index directory (default: the miniature world's, built once)."),

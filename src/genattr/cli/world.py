@@ -29,6 +29,7 @@ app.add_typer(world_app, name="world")
 @_friendly_errors
 @_batch_work
 def world_build_data(
+    *,
     source: Annotated[
         Path, typer.Option(help="Extracted openclipart-png (`dpkg-deb -x openclipart-png_*.deb`).")
     ],
@@ -55,6 +56,7 @@ def world_build_data(
 @_friendly_errors
 @_batch_work
 def world_build(
+    *,
     source: Annotated[
         Path, typer.Option(help="Extracted openclipart-png (`dpkg-deb -x openclipart-png_*.deb`).")
     ],
@@ -91,6 +93,7 @@ def world_build(
 @_friendly_errors
 @_batch_work
 def world_build_benchmark(
+    *,
     work: Annotated[Path, typer.Option(help="Work folder (the benchmark resumes there).")],
     out: Annotated[
         Path | None, typer.Option(help="World data folder (default: the shipped one).")
@@ -116,6 +119,7 @@ def world_build_benchmark(
 @_friendly_errors
 @_batch_work
 def world_train_encoder(
+    *,
     run: Annotated[Path, typer.Option(help="Run folder (resumed from its last checkpoint).")],
     out: Annotated[
         Path | None, typer.Option(help="Weights file to write when done (default: RUN/...).")
@@ -165,6 +169,7 @@ def world_train_encoder(
 @_friendly_errors
 @_batch_work
 def world_train_base(
+    *,
     out: Annotated[Path, typer.Option(help="Run folder (resumed from its last checkpoint).")],
     steps: Annotated[int, typer.Option(help="Total steps (counting resumed ones).")] = 20000,
     max_minutes: Annotated[
@@ -216,6 +221,7 @@ def world_train_base(
 @_friendly_errors
 @_batch_work
 def world_quality(
+    *,
     pipeline: Annotated[Path, typer.Option(help="A world pipeline (e.g. RUN/pipeline).")],
     out: Annotated[Path | None, typer.Option(help="Write the figures here (JSON).")] = None,
     n: Annotated[int, typer.Option(help="Samples (captions of pre-training images).")] = 64,
