@@ -242,7 +242,9 @@ def test_world_pipeline_is_customized_and_sampled(tmp_path, tiny_data) -> None:
     ex = tmp_path / "ex.png"
     Image.fromarray(np.full((16, 16, 3), 30, np.uint8)).save(ex)
     cfg = CustomizeConfig(resolution=16, max_train_steps=2, train_batch_size=1, learning_rate=1e-2)
-    model, stats = run_customize(base, [ex], "object", tmp_path / "cd", "box", cfg, device="cpu")
+    model, stats = run_customize(
+        base, [ex], "object", tmp_path / "cd", "box", config=cfg, device="cpu"
+    )
     assert stats.steps == 2 and np.isfinite(stats.final_loss)
     sc = SampleConfig(steps=3, images_per_prompt=2, guidance_scale=2.0)
     paths, _ = generate(model, ["a clipart of a <new1> box"], tmp_path / "out", sc, device="cpu")

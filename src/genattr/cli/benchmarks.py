@@ -95,7 +95,17 @@ def customize(
     )
     reg = read_reg_captions(reg_captions) if reg_captions else None
     path, stats = run_customize(
-        base, exemplars, mode, out, category, cfg, reg_images, reg, device, dtype, image_captions
+        base,
+        exemplars,
+        mode,
+        out,
+        category,
+        config=cfg,
+        reg_images=reg_images,
+        reg_captions=reg,
+        device=device,
+        dtype=dtype,
+        captions=image_captions,
     )
     console.print(
         f"trained {stats.steps} steps in {stats.seconds:.1f} s "

@@ -549,6 +549,7 @@ def customize(
     mode: str,
     out: str | os.PathLike,
     category: str | None = None,
+    *,
     config: CustomizeConfig | None = None,
     reg_images: Sequence[str | os.PathLike] | None = None,
     reg_captions: Sequence[str] | None = None,

@@ -343,6 +343,7 @@ def gradient_scores(
     kernel: Literal["cosine", "trak"] = "cosine",
     damping: float = 1e-3,
     block_rows: int = 65536,
+    *,
     gram: torch.Tensor | None = None,
 ) -> np.ndarray:
     """(Q, N) attribution scores of each query's projected gradient against each training

@@ -65,6 +65,7 @@ def build_world_index(
     head: str | os.PathLike | None = None,
     rows: Sequence[int] | None = None,
     data=None,
+    *,
     batch_size: int = 64,
     progress: bool = False,
 ) -> AttributionIndex:

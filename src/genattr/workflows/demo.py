@@ -130,6 +130,7 @@ def run_demo(
     head: str = "linear",
     epochs: int = 30,
     n_queries: int = 6,
+    *,
     progress: bool = True,
 ) -> DemoResult:
     """Run every stage into `out` (reusing finished stores) and write `out/report.html`.

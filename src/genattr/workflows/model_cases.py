@@ -292,6 +292,7 @@ def manifest_cases(
     queries: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    *,
     split: str | None = None,
 ) -> list[ModelCase]:
     """The models of a `genattr make-benchmark` folder: its manifest names each model's folder,

@@ -140,6 +140,7 @@ def build_benchmark(
     data: ClipartData | None = None,
     engine: str = "local",
     models: list[str] | None = None,
+    *,
     train: dict[str, Any] | None = None,
     sample: dict[str, Any] | None = None,
 ) -> BenchmarkManifest:

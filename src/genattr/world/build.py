@@ -37,6 +37,7 @@ def build_world(
     out: str | os.PathLike = DEFAULT_DATA_DIR,
     base_steps: int = 20000,
     base_minutes: float | None = None,
+    *,
     config: BaseConfig | None = None,
     engine: str = "local",
 ) -> bool:

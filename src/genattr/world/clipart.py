@@ -202,6 +202,7 @@ def choose_holdout(
     n_objects: int = 64,
     n_styles: int = 24,
     groups: Iterable[str] = CURATED_GROUPS,
+    *,
     max_group: int = 200,
     min_left: int = 10,
     style_sizes: tuple[int, int] = (5, 40),
@@ -256,6 +257,7 @@ def extend_holdout(
     n_objects: int = 304,
     n_unobserved: int = 64,
     groups: Iterable[str] = CURATED_GROUPS,
+    *,
     style_sizes: tuple[int, int] = (3, 40),
 ) -> None:
     """More held-out sets from images pre-training never used, in place; pre-training and the

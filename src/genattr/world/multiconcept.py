@@ -258,6 +258,7 @@ def build_multiconcept(
     data: ClipartData | None = None,
     bench: WorldBenchmark | None = None,
     models: Sequence[str] | None = None,
+    *,
     seed: int = SEED,
     k: int = K,
     layout: dict[str, int] | None = None,
@@ -322,6 +323,7 @@ def pack_multiconcept(
     size: int = 32,
     seed: int = SEED,
     k: int = K,
+    *,
     layout: dict[str, int] | None = None,
 ) -> Path:
     """Pack the complete models of `work` into `out`'s npz + json."""

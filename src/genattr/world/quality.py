@@ -106,6 +106,7 @@ def denoising_error(
     captions: list[str],
     mean_image: np.ndarray,
     timesteps: tuple[int, ...] = (300, 500, 700, 900),
+    *,
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """One-step image prediction error (pixels in [-1, 1], clipped) per noise level, and the

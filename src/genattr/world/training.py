@@ -410,6 +410,7 @@ def train_base(
     steps: int = 20000,
     config: BaseConfig | None = None,
     checkpoint_seconds: float = 300.0,
+    *,
     max_seconds: float | None = None,
     changes: dict[str, Any] | None = None,
 ) -> TrainReport:
