@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch; GPU users install a CUDA build into .venv first (README).
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-kernels lint bench clean
+.PHONY: setup demo test test-fast test-kernels lint bench clean
 
 $(BIN)/genattr: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: setup
 	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/mypy
 	$(BIN)/pytest
+
+# The unit tests a developer runs after every change (under 2 minutes): everything not
+# marked slow. `make test` (CI) stays the whole suite.
+test-fast: setup
+	$(BIN)/pytest -m "not slow" -q
 
 # The suite under the default CPU kernels and a second family (scripts/test_kernel_families.sh).
 test-kernels: setup

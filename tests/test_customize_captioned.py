@@ -69,22 +69,23 @@ def _changed(pipe, before) -> set[str]:
 
 
 def test_each_image_is_trained_with_its_own_caption(tiny, images, monkeypatch):
-    from genattr.customize import train as train_mod
+    from genattr.customize import loop
+    from genattr.customize.examples import read_square
 
     seen: list[tuple[np.ndarray, str]] = []
-    real_next = train_mod._Batches.next
+    real_next = loop.Batches.next
 
     def spy(self):
         batch = real_next(self)
         seen.extend(zip(batch.pix, batch.prompts, strict=True))
         return batch
 
-    monkeypatch.setattr(train_mod._Batches, "next", spy)
+    monkeypatch.setattr(loop.Batches, "next", spy)
     cz, _before, n_tokens, stats = _train(tiny, images)
     assert len(cz.pipe.tokenizer) == n_tokens and cz.token is None  # no modifier token
     assert stats.steps == 6 and np.isfinite(stats.losses).all()
     # Without augmentation an example is its image, exactly: its prompt must be its caption.
-    plain = [train_mod.read_square(p, RES) for p in images]
+    plain = [read_square(p, RES) for p in images]
     assert len(seen) == 12
     for pix, prompt in seen:
         (i,) = [
