@@ -36,6 +36,7 @@ def _faults(mode: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_batch_setting_reuses_freed_blocks_instead_of_faulting_them_in():
     plain, tuned = _faults("plain"), _faults("tuned")

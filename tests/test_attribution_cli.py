@@ -14,6 +14,8 @@ from genattr.heads.checkpoint import write_head_folder
 from tests.conftest import random_mappers
 from tests.support import drawing
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or a shared kit: seconds each
+
 runner = CliRunner()
 
 

@@ -186,6 +186,7 @@ def test_bad_gallery_and_mapper(bench_files):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_real_process_exit_code(bench_files):
     _, d = bench_files
     (d / "junk.pth").write_bytes(b"not a torch file at all")

@@ -22,6 +22,8 @@ from genattr.data.official import save_gallery_pth, save_testcase_pth
 from tests.support import drawing
 from tests.synthetic import make_synthetic_benchmark
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or a shared kit: seconds each
+
 runner = CliRunner()
 N_GALLERY = 60
 

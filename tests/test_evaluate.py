@@ -197,6 +197,7 @@ def test_scores_of_the_wrong_shape_or_not_finite_are_refused():
         evaluate_scores(bad, torch.zeros(q, e), tc)
 
 
+@pytest.mark.slow
 def test_expected_random_ap_is_the_mean_ap_of_random_rankings() -> None:
     from genattr.evaluate import expected_random_ap
 

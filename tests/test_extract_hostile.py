@@ -38,7 +38,10 @@ from genattr.features import get_backbone
 from genattr.features.extract import extract
 from genattr.store import EmbeddingStore
 
-pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and symlinks")
+pytestmark = [
+    pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and symlinks"),
+    pytest.mark.slow,  # extraction in subprocesses: seconds each
+]
 
 SCRIPT = """
 import json, sys

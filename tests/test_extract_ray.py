@@ -17,6 +17,8 @@ from genattr.features.extract import extract
 from genattr.features.registry import Backbone
 from genattr.store import EmbeddingStore
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or a shared kit: seconds each
+
 
 @pytest.fixture(scope="module")
 def local_ray():

@@ -24,6 +24,8 @@ import sys, time, torch
 from genattr.features import get_backbone
 from genattr.features.extract import extract
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or a shared kit: seconds each
+
 class Slow(torch.nn.Module):
     def forward(self, x):
         time.sleep(float(sys.argv[3]))

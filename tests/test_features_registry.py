@@ -60,6 +60,7 @@ def test_unknown_backbone() -> None:
         get_backbone("resnet-9000")
 
 
+@pytest.mark.slow
 def test_importing_features_does_not_import_transformers() -> None:
     import subprocess
     import sys

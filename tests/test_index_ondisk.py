@@ -98,6 +98,7 @@ def test_a_killed_build_is_not_taken_for_a_complete_one(store, tmp_path, monkeyp
         AttributionIndex.load(out)
 
 
+@pytest.mark.slow
 def test_cli_builds_an_on_disk_index(store, tmp_path):
     from typer.testing import CliRunner
 

@@ -169,6 +169,7 @@ def _fingerprint(seed: int) -> dict[str, str]:
     return {k: hashlib.sha256(v).hexdigest() for k, v in parts.items()}
 
 
+@pytest.mark.slow
 def test_same_seed_same_noises_and_projection_in_a_fresh_process():
     code = (
         "import json; from tests.test_methods_gradient import _fingerprint; "

@@ -134,6 +134,7 @@ def test_weights_flags_and_mode_come_back_bit_for_bit(model):
     assert all(torch.equal(now[k], v) for k, v in state.items())
 
 
+@pytest.mark.slow
 def test_scores_are_loss_changes_with_the_flip_max_and_repeat_exactly(model):
     unet, sched, gallery, text = model
     flipped = gallery.flip(-1)
@@ -196,6 +197,7 @@ def test_bad_inputs_get_clear_errors(model):
         fisher_diagonal(unet, sched, g[:0], t[:0], spec)
 
 
+@pytest.mark.slow
 def test_planted_image_is_found_by_unlearning_a_query_near_it(tiny):
     """Fine-tune the tiny UNet's key/value weights on image A (its prompt) among 7 unrelated
     images; unlearning a query near A (A plus noise of std 0.1) must raise A's loss most, and

@@ -22,6 +22,8 @@ from genattr.workflows.model_cases import Concept, ImageSet, ModelCase, select_q
 from tests.support import shape_image
 from tests.tiny_sd import build_tiny_pipeline
 
+pytestmark = pytest.mark.slow  # subprocesses, servers or a shared kit: seconds each
+
 RES = 32
 
 

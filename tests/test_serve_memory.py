@@ -151,6 +151,7 @@ def decode_peaks_mb(kinds: list[str], width: int, height: int, work_side: int) -
     return [(m["peak_mb"], m["reserved_mb"]) for m in peaks]
 
 
+@pytest.mark.slow
 def test_decoding_stays_within_its_estimate():
     """16-bit grey used to take ~30 bytes a pixel at its peak (float64 copies), 16-bit RGBA
     ~19 (alpha compositing at full size); now the decoded pixels, a strip and the result,
@@ -162,6 +163,7 @@ def test_decoding_stays_within_its_estimate():
         assert peak < bound < 1.5 * decoded + 16, (kind, peak, bound)
 
 
+@pytest.mark.slow
 def test_webp_and_one_strip_tiff_decoding_stays_within_the_reservation():
     """libwebp holds ~4 full-size buffers at its peak, libtiff a second one for a one-strip
     TIFF: what they reserve covers it (the worst legal WebP once peaked at 1.9x its
@@ -292,6 +294,7 @@ print(json.dumps({"held_mb": held / 1024, "after_mb": rss() / 1024, "trimmed": t
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
 def test_trim_heap_gives_freed_heap_pages_back():
     """Freed blocks below the heap's top stay in the process until trimmed (measured here:
@@ -504,6 +507,7 @@ def assert_kept_answering(result: dict, n: int, max_latency: float) -> None:
     assert result["memory"]["used"] == 0 and result["memory"]["waiting"] == 0
 
 
+@pytest.mark.slow
 def test_scaled_burst_of_worst_uploads_stays_within_the_budget(tiny_index, world_data, tmp_path):
     """Limits scaled down 16 times (4096 x 1365 pixels, a 48 MB budget): 16 uploads of the
     worst image those limits accept (16-bit RGBA, 22 MB decoded each; ~450 MB at once before
@@ -530,6 +534,7 @@ def test_burst_of_16_worst_legal_uploads_stays_under_1_5_gb(tiny_index, world_da
     assert result["peak_above_idle"] < 1536, result
 
 
+@pytest.mark.slow
 def test_uploads_that_decode_when_opened_do_not_hold_up_others(tiny_index, world_data, tmp_path):
     """Sixteen ICO files, each wrapping the largest legal 16-bit PNG (Pillow decodes it when
     the ICO is merely opened: 1.7 s and ~360 MB each, in the header-check threads), sent at
@@ -564,6 +569,7 @@ def test_uploads_over_the_decode_budget_are_refused_not_granted(tiny_index, worl
         assert client.get("/healthz").json()["memory"]["peak"] <= 64 * MB
 
 
+@pytest.mark.slow
 def test_half_open_connections_are_shed_while_normal_requests_are_served(
     tiny_index, world_data, tmp_path
 ):

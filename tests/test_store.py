@@ -193,6 +193,7 @@ def test_a_failed_shard_write_commits_nothing(tmp_path, monkeypatch):
     assert EmbeddingStore.open(tmp_path / "s").count == 2
 
 
+@pytest.mark.slow
 def test_one_writer_at_a_time(tmp_path):
     store = _store_with(tmp_path, [np.zeros((1, 2))])
     other = EmbeddingStore.open(tmp_path / "s")
