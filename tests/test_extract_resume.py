@@ -17,14 +17,14 @@ from PIL import Image
 
 from genattr.store import EmbeddingStore
 
+pytestmark = pytest.mark.slow  # a real extraction killed and resumed: seconds
+
 # A pixel backbone slowed down per batch, so a kill lands mid-run; the same script runs the
 # reference extraction, so every run uses the same model code.
 SCRIPT = """
 import sys, time, torch
 from genattr.features import get_backbone
 from genattr.features.extract import extract
-
-pytestmark = pytest.mark.slow  # subprocesses, servers or a shared kit: seconds each
 
 class Slow(torch.nn.Module):
     def forward(self, x):
