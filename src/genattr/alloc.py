@@ -60,8 +60,3 @@ def tune_for_batch_work() -> bool:
     if not ok:
         logger.debug("mallopt refused the batch settings; the allocator is unchanged")
     return ok
-
-
-def tuned_for_batch_work() -> bool:
-    """Whether `tune_for_batch_work` has taken effect in this process."""
-    return _applied["batch"]
