@@ -1,7 +1,7 @@
 """Extraction against the bare forward of the same model on the same images, in one run.
 
     .venv/bin/python benchmarks/extract_floor.py [--models efficientnet-lite0 resnet50 vit-b16]
-        [--n 1160] [--n-large 192]
+        [--n 1160] [--n-large 192] [--rounds 3]
 
 Images: the world's pre-training PNGs (32 px clip-art; the backbones resize them), written to
 a temporary folder. Models: EfficientNet-Lite0 with its real ImageNet weights (224 px); a
@@ -17,7 +17,9 @@ Every configuration runs in a fresh process, since the allocator setting is proc
 - `bare`: the model alone over the same preprocessed tensors, batch 32, all threads, with
   and without the allocator setting.
 Prints images/s, user and system CPU seconds, and the ratios after / before and after / bare
-(same allocator setting).
+(same allocator setting). With --rounds R the four configurations run R times in turn and the
+table reports each ratio's median over the rounds (this VM's speed moves by tens of percent
+from one minute to the next: a single pair of runs can land anywhere in 0.6-1.1x).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,11 +110,22 @@ def run_one(model: str, mode: str, folder: Path, n: int) -> dict:
     return {"rate": rate, "wall": wall, "user": u1 - u0, "sys": s1 - s0}
 
 
+def median(got: dict[str, list[dict]], mode: str, key: str = "rate") -> float:
+    return statistics.median(g[key] for g in got[mode])
+
+
+def ratio(got: dict[str, list[dict]], a: str, b: str) -> str:
+    """The median of the per-round ratios a / b, with their range."""
+    each = [x["rate"] / y["rate"] for x, y in zip(got[a], got[b], strict=True)]
+    return f"**{statistics.median(each):.2f}x** ({min(each):.2f}-{max(each):.2f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["efficientnet-lite0", "resnet50", "vit-b16"])
     ap.add_argument("--n", type=int, default=1160)
     ap.add_argument("--n-large", type=int, default=192)
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--one", nargs=4, help=argparse.SUPPRESS)  # model mode folder n
     args = ap.parse_args()
     if args.one:
@@ -129,25 +143,26 @@ def main() -> None:
     rows = []
     for model in args.models:
         n = args.n if model == "efficientnet-lite0" else args.n_large
-        got = {}
-        for mode in ("bare-plain", "before", "bare-tuned", "after"):
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", model, mode, str(folder), str(n)],
-                capture_output=True, text=True, check=True, env={**os.environ},
-            )  # fmt: skip
-            got[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-            g = got[mode]
-            print(
-                f"{model:18s} {mode:11s} {g['rate']:7.1f} images/s  "
-                f"user {g['user']:6.1f} s  sys {g['sys']:6.1f} s",
-                flush=True,
-            )
+        got: dict[str, list[dict]] = {}
+        for r in range(args.rounds):
+            for mode in ("bare-plain", "before", "bare-tuned", "after"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", model, mode, str(folder), str(n)],
+                    capture_output=True, text=True, check=True, env={**os.environ},
+                )  # fmt: skip
+                g = json.loads(out.stdout.strip().splitlines()[-1])
+                got.setdefault(mode, []).append(g)
+                print(
+                    f"{model:18s} round {r} {mode:11s} {g['rate']:7.1f} images/s  "
+                    f"user {g['user']:6.1f} s  sys {g['sys']:6.1f} s",
+                    flush=True,
+                )
         rows.append(
-            f"| {model} | {n} | {got['before']['rate']:.1f} | {got['after']['rate']:.1f} | "
-            f"**{got['after']['rate'] / got['before']['rate']:.2f}x** | "
-            f"{got['bare-plain']['rate']:.1f} | {got['bare-tuned']['rate']:.1f} | "
-            f"**{got['after']['rate'] / got['bare-tuned']['rate']:.2f}x** | "
-            f"{got['before']['sys']:.0f} / {got['after']['sys']:.0f} s |"
+            f"| {model} | {n} x {args.rounds} | {median(got, 'before'):.1f} | "
+            f"{median(got, 'after'):.1f} | {ratio(got, 'after', 'before')} | "
+            f"{median(got, 'bare-plain'):.1f} | {median(got, 'bare-tuned'):.1f} | "
+            f"{ratio(got, 'after', 'bare-tuned')} | "
+            f"{median(got, 'before', 'sys'):.0f} / {median(got, 'after', 'sys'):.0f} s |"
         )
     print("| model | images | before images/s | after | after / before | bare plain | "
           "bare tuned | after / bare tuned | sys CPU before / after |")  # fmt: skip

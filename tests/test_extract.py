@@ -345,3 +345,23 @@ def test_convnet_runs_channels_last_and_the_model_is_given_back(tmp_path):
         )
         expected = conv(x).numpy()
     np.testing.assert_allclose(np.asarray(r.store.vectors), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_stack_batch_layouts(channels_last):
+    """Batches hold the same values in either layout, from views of (H, W, 3) memory (what
+    ImagePreprocess gives) and from plain (3, H, W) arrays alike."""
+    import torch
+
+    from genattr.features.embedder import stack_batch
+
+    rng = np.random.default_rng(1)
+    hwc = [rng.random((6, 5, 3), dtype=np.float32) for _ in range(3)]
+    chw = [np.ascontiguousarray(a.transpose(2, 0, 1)) for a in hwc]
+    expected = np.stack(chw)
+    for pixels in ([a.transpose(2, 0, 1) for a in hwc], chw, expected):
+        x = stack_batch(pixels, channels_last)
+        assert x.shape == (3, 3, 6, 5)
+        np.testing.assert_array_equal(x.numpy(), expected)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        assert x.is_contiguous(memory_format=layout)

@@ -145,3 +145,18 @@ def test_output_size() -> None:
     assert backbone_spec("vit-b16-384").preprocess.output_size == (384, 384)
     assert backbone_spec("pixel").preprocess.output_size == (32, 32)
     assert ImagePreprocess(resize=256).output_size is None
+
+
+def test_normalize_is_the_per_pixel_formula_and_a_channels_last_view() -> None:
+    """The tiled-row normalisation computes exactly (x / 255 - mean) / std per pixel, and its
+    (3, H, W) result views (H, W, 3) memory so channels-last batches stack without a
+    transposition."""
+    rng = np.random.default_rng(0)
+    u8 = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    pre = ImagePreprocess(resize=37, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    got = pre.normalize(u8)
+    mean, std = np.float32(pre.mean), np.float32(pre.std)
+    plain = ((u8.astype(np.float32) / np.float32(255) - mean) / std).transpose(2, 0, 1)
+    assert got.dtype == np.float32 and got.shape == (3, 37, 53)
+    np.testing.assert_array_equal(got, plain)  # same float32 operations in the same order
+    assert got.transpose(1, 2, 0).flags.c_contiguous

@@ -54,14 +54,28 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def stack_batch(pixels: Sequence[np.ndarray], channels_last: bool) -> torch.Tensor:
+    """Preprocessed (C, H, W) arrays -> one (B, C, H, W) tensor, in the layout the model runs.
+
+    With `channels_last` the images are stacked as (B, H, W, C) and viewed as (B, C, H, W):
+    one copy, none if `ImagePreprocess` made them (its outputs are views of (H, W, C) memory);
+    the other layout is one plain stack."""
+    arrays = [np.asarray(a, dtype=np.float32) for a in pixels]
+    hwc = channels_last and all(a.ndim == 3 for a in arrays)
+    if hwc:
+        arrays = [a.transpose(1, 2, 0) for a in arrays]
+    batch = np.empty((len(arrays), *arrays[0].shape), np.float32)  # C order, whatever the inputs'
+    np.stack(arrays, out=batch)
+    x = torch.from_numpy(batch)
+    return x.permute(0, 3, 1, 2) if hwc else x
+
+
 def embed_arrays(
-    backbone, pixels: np.ndarray, device: str, dtype: str, channels_last: bool
+    backbone, pixels: Sequence[np.ndarray], device: str, dtype: str, channels_last: bool
 ) -> np.ndarray:
-    """One forward pass: preprocessed (B, ...) float32 -> (B, dim) float32, shape checked."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels))
-    if channels_last and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x = x.to(device, non_blocking=True)
+    """One forward pass: preprocessed images (a list, or a (B, ...) float32 array) ->
+    (B, dim) float32, shape checked."""
+    x = stack_batch(pixels, channels_last).to(device, non_blocking=True)
     with torch.inference_mode(), autocast(device.split(":")[0], dtype):
         y = backbone.embed(x)
     y = y.float().cpu().numpy()
@@ -112,7 +126,7 @@ def embed_images(
     out = np.empty((len(images), backbone.dim), dtype=np.float32)
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        pixels = np.stack([np.asarray(backbone.preprocess(im), dtype=np.float32) for im in chunk])
+        pixels = [backbone.preprocess(im) for im in chunk]
         out[start : start + len(chunk)] = embed_arrays(
             backbone, pixels, device, dtype, channels_last
         )

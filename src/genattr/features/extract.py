@@ -196,9 +196,7 @@ def _embed_decoded(
     def run_batch() -> None:
         nonlocal model_s
         t0 = time.perf_counter()
-        vectors = embed_arrays(
-            job.backbone, np.stack(batch), job.device, job.dtype, job.channels_last
-        )
+        vectors = embed_arrays(job.backbone, batch, job.device, job.dtype, job.channels_last)
         model_s += time.perf_counter() - t0
         writer.add(rows, vectors)
         batch.clear()

@@ -92,12 +92,17 @@ class ImagePreprocess:
     def normalize(self, array: np.ndarray) -> np.ndarray:
         """uint8 (H, W, 3) -> float32 (3, H, W), as ToTensor then Normalize compute it: the
         same float32 operations in the same order, done in place on the contiguous (H, W, 3)
-        array and transposed once at the end (1.7 -> 0.5 ms at 224 px)."""
+        array seen as (H, W * 3) rows, the mean and std tiled along a row (a length-3 innermost
+        loop made numpy 7x slower: 1.0 -> 0.14 ms at 224 px). The result is a (3, H, W) view of
+        that channels-last memory: a batch for a convolutional model (channels_last) then
+        stacks without any transposition (`genattr.features.embedder.stack_batch`)."""
+        h, w, c = array.shape
         x = array.astype(np.float32)
-        x /= np.float32(255)
-        x -= np.asarray(self.mean, dtype=np.float32)
-        x /= np.asarray(self.std, dtype=np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        rows = x.reshape(h, w * c)
+        rows /= np.float32(255)
+        rows -= np.tile(np.asarray(self.mean, dtype=np.float32), w)
+        rows /= np.tile(np.asarray(self.std, dtype=np.float32), w)
+        return x.transpose(2, 0, 1)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         return self.normalize(self.geometry(image))
