@@ -1,0 +1,29 @@
+"""Counterfactual ground truth: retrain without training images and see which attribution
+method predicted what changed (LDS, leave-K-out). In-memory algorithms only; building the
+subset models and measuring their margins from files is `genattr.workflows.counterfactual`."""
+
+from genattr.counterfactual.metrics import (
+    Summary,
+    lds,
+    leave_k_out_masks,
+    paired_difference,
+    seed_ceiling,
+    spearman_rows,
+    subset_predictions,
+    summarize,
+    top_k,
+)
+from genattr.counterfactual.subsets import draw_subsets
+
+__all__ = [
+    "Summary",
+    "draw_subsets",
+    "lds",
+    "leave_k_out_masks",
+    "paired_difference",
+    "seed_ceiling",
+    "spearman_rows",
+    "subset_predictions",
+    "summarize",
+    "top_k",
+]
