@@ -10,7 +10,7 @@ PACKAGE = Path(genattr.__file__).parent
 # docs/architecture.md's layers: algorithms, customization and the world below; the layer
 # that opens files and wires stages, the shells and the reports above.
 LOWER = ("data", "features", "store", "heads", "search", "calibrate", "evaluate", "vectors",
-         "methods", "customize", "attribution", "world")  # fmt: skip
+         "methods", "customize", "attribution", "world", "counterfactual")  # fmt: skip
 UPPER = ("workflows", "serve", "report", "cli")
 
 
