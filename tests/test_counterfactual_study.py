@@ -97,3 +97,37 @@ def test_shards_split_the_units(tiny, case, tmp_path):
     assert len(done) == 4
     second = build_margins([case], base=tiny, work=work, spec=SPEC, shard=(1, 2), progress=False)
     assert set(second) == {"set0"}
+
+
+def test_study_scores_methods_by_lds_and_leave_k_out(tiny, case, tmp_path):
+    """The whole study on the tiny pipeline: every method's scores saved with the controls
+    and random, LDS against scipy on the saved margins, leave-K-out units that remove each
+    method's top images, and the results file."""
+    from genattr.workflows.counterfactual_scores import run_study, slug
+    from genattr.workflows.model_methods import FeatureMethod, make_method
+
+    stats = pytest.importorskip("scipy.stats")
+    work = tmp_path / "study"
+    methods = {"pixel": FeatureMethod(backbone="pixel"), "gradient (loss)": make_method("gradient")}
+    results = run_study(
+        [case], base=tiny, work=work, spec=SPEC, methods=methods, leave_k_out_queries=1,
+        progress=False,
+    )  # fmt: skip
+    assert results is not None
+    assert json.loads((work / "results.json").read_text()) == json.loads(json.dumps(results))
+    rows = results["lds"]["methods"]
+    assert {"pixel", "gradient (loss)", "random", "control: smallest gradient"} <= set(rows)
+    margins = np.load(work / "set0" / "margins.npz")
+    scores = np.load(work / "set0" / "scores" / f"{slug('gradient (loss)')}.npy")
+    assert scores.shape == (4, 4)
+    pred = scores @ margins["masks"].T.astype(float)
+    target = margins["margins"].mean(0)
+    want = np.nanmean([stats.spearmanr(p, t).statistic for p, t in zip(pred, target, strict=True)])
+    assert rows["gradient (loss)"]["lds"]["mean"] == pytest.approx(want, nan_ok=True)
+    assert results["lds"]["ceiling"]["n"] == 4
+
+    loo = results["leave_k_out"]["methods"]
+    # the methods, random and the last control listed
+    assert set(loo) == {"pixel", "gradient (loss)", "random", "control: lowest self-influence"}
+    assert set(loo["pixel"]) == {"0.25", "0.5"}  # K = 1 and 2 of 4 (1/8 rounds up to 1)
+    assert loo["pixel"]["0.25"]["rise"]["n"] == 1

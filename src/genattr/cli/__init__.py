@@ -8,5 +8,6 @@ from genattr.cli import evaluation  # noqa: F401 (registers its commands)
 from genattr.cli import benchmarks  # noqa: F401
 from genattr.cli import service  # noqa: F401
 from genattr.cli import world  # noqa: F401
+from genattr.cli import counterfactual  # noqa: F401
 
 __all__ = ["app"]

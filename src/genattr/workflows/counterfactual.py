@@ -177,7 +177,7 @@ def unit_path(work: Path, case: SetCase, unit: Unit) -> Path:
     return work / case.id / "units" / f"{unit.key}.npy"
 
 
-def _save(path: Path, array: np.ndarray) -> None:
+def save_array(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
@@ -205,7 +205,7 @@ def run_units(
                 advance(1)
                 continue
             retrainer.train(case, unit)
-            _save(path, retrainer.margins(case, spec))
+            save_array(path, retrainer.margins(case, spec))
             advance(1)
     return len(todo)
 
