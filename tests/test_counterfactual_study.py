@@ -4,7 +4,6 @@ resuming, reproducibility on one machine, margins assembled in the documented la
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
