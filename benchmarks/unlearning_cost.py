@@ -52,7 +52,9 @@ def main() -> None:
     loss_s = timed(lambda: image_losses(unet, sched, lat, txt, spec)) / n
 
     def steps(k: int) -> None:
-        with unlearned(unet, sched, lat[0], txt[0], fisher, spec.model_copy(update={"steps": k})):
+        with unlearned(
+            unet, sched, lat[0], txt[0], fisher=fisher, spec=spec.model_copy(update={"steps": k})
+        ):
             pass
 
     step_s = (timed(lambda: steps(6)) - timed(lambda: steps(1))) / 5
@@ -64,7 +66,18 @@ def main() -> None:
     small = spec.model_copy(update={"steps": 5})
     base = image_losses(unet, sched, lat, txt, small)
     whole = timed(
-        lambda: unlearning_scores(unet, sched, lat, txt, lat[:1], txt[:1], fisher, small, base), 2
+        lambda: unlearning_scores(
+            unet,
+            sched,
+            lat,
+            txt,
+            query_latents=lat[:1],
+            query_text=txt[:1],
+            fisher=fisher,
+            spec=small,
+            base_losses=base,
+        ),
+        2,
     )
     print(
         f"one query, 5 steps, {n} gallery images: {whole:.3f} s measured, "

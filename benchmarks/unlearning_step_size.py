@@ -53,7 +53,7 @@ def main() -> None:
         for scale in args.scales:
             spec = UnlearningSpec(steps=10, step_size=eta * 10 * scale)
             t0 = time.perf_counter()
-            with unlearned(pipe.unet, sched, q_lat, q_txt, fisher, spec):
+            with unlearned(pipe.unet, sched, q_lat, q_txt, fisher=fisher, spec=spec):
                 after = image_losses(pipe.unet, sched, lat, txt, spec)
                 q_after = float(image_losses(pipe.unet, sched, q_lat, q_txt, spec)[0])
             q_before = float(image_losses(pipe.unet, sched, q_lat, q_txt, spec)[0])

@@ -194,7 +194,7 @@ def train_single_models(
     if concepts:
         cz.train_concepts([Concept(ex, "style")], cfg, [ex[1]], ["a photo"])
     else:
-        cz.train(ex, "style", None, cfg, [ex[1]], ["a photo"])
+        cz.train(ex, "style", None, cfg, reg_images=[ex[1]], reg_captions=["a photo"])
     cz.save(out / "sty")
 
 

@@ -102,7 +102,9 @@ def test_one_step_is_the_damped_preconditioned_ascent_step(model):
     grads = torch.autograd.grad(loss, params)
     lam = 0.5 * float(torch.cat([f.flatten() for f in fisher]).mean())
     before = [p.detach().clone() for p in params]
-    with unlearned(unet, sched, latents[0], text[0], fisher, spec, batch_size=2) as trace:
+    with unlearned(
+        unet, sched, latents[0], text[0], fisher=fisher, spec=spec, batch_size=2
+    ) as trace:
         after = [p.detach().clone() for p in params]
     assert trace == pytest.approx([float(loss.detach())], rel=1e-5)
     moved = 0.0
@@ -120,11 +122,11 @@ def test_weights_flags_and_mode_come_back_bit_for_bit(model):
     flags = [p.requires_grad for p in unet.parameters()]
     unet.train()
     spec = UnlearningSpec(steps=2, samples_per_step=2, step_size=1e-4)
-    with unlearned(unet, sched, latents[1], text[1], fisher, spec):
+    with unlearned(unet, sched, latents[1], text[1], fisher=fisher, spec=spec):
         assert not torch.equal(_kv(unet)[0], state[select_parameters(unet)[0][0]])
     with (
         pytest.raises(RuntimeError, match="boom"),
-        unlearned(unet, sched, latents[1], text[1], fisher, spec),
+        unlearned(unet, sched, latents[1], text[1], fisher=fisher, spec=spec),
     ):
         raise RuntimeError("boom")
     assert unet.training
@@ -145,23 +147,62 @@ def test_scores_are_loss_changes_with_the_flip_max_and_repeat_exactly(model):
     qt = text[1:3]
     # direct: losses under the unlearned model minus losses under the original one
     base = image_losses(unet, sched, gallery, text, plain, batch_size=3)
-    with unlearned(unet, sched, queries[1], qt[1], fisher, plain, batch_size=3):
+    with unlearned(unet, sched, queries[1], qt[1], fisher=fisher, spec=plain, batch_size=3):
         after = image_losses(unet, sched, gallery, text, plain, batch_size=3)
-    a = unlearning_scores(unet, sched, gallery, text, queries, qt, fisher, plain, batch_size=3)
+    a = unlearning_scores(
+        unet,
+        sched,
+        gallery,
+        text,
+        query_latents=queries,
+        query_text=qt,
+        fisher=fisher,
+        spec=plain,
+        batch_size=3,
+    )
     assert a.shape == (2, 4) and a.dtype == np.float64
     np.testing.assert_array_equal(a[1], after - base)
     assert np.abs(a).max() > 1e-4
     # the flip max, on one query: the elementwise max of the two views scored separately
     q, a = queries[:1], a[:1]
-    b = unlearning_scores(unet, sched, flipped, text, q, qt[:1], fisher, plain, batch_size=3)
+    b = unlearning_scores(
+        unet,
+        sched,
+        flipped,
+        text,
+        query_latents=q,
+        query_text=qt[:1],
+        fisher=fisher,
+        spec=plain,
+        batch_size=3,
+    )
     both = unlearning_scores(
-        unet, sched, gallery, text, q, qt[:1], fisher, with_flip, None, flipped, batch_size=3
+        unet,
+        sched,
+        gallery,
+        text,
+        query_latents=q,
+        query_text=qt[:1],
+        fisher=fisher,
+        spec=with_flip,
+        base_losses=None,
+        gallery_latents_flipped=flipped,
+        batch_size=3,
     )
     np.testing.assert_array_equal(both, np.maximum(a, b))
     assert (a > b).any() and (b > a).any()  # the max takes from both views
     # same inputs, same scores; precomputed base losses give the same scores
     again = unlearning_scores(
-        unet, sched, gallery, text, q, qt[:1], fisher, plain, base, batch_size=3
+        unet,
+        sched,
+        gallery,
+        text,
+        query_latents=q,
+        query_text=qt[:1],
+        fisher=fisher,
+        spec=plain,
+        base_losses=base,
+        batch_size=3,
     )
     np.testing.assert_array_equal(again, a)
 
@@ -172,27 +213,65 @@ def test_bad_inputs_get_clear_errors(model):
     fisher = [torch.full(p.shape, 1e-6, dtype=torch.float64) for p in _kv(unet)]
     q, qt = g[:1], t[:1]
     with pytest.raises(ValueError, match="3 latents but 4 text"):
-        unlearning_scores(unet, sched, g[:3], t, q, qt, fisher, spec)
+        unlearning_scores(
+            unet, sched, g[:3], t, query_latents=q, query_text=qt, fisher=fisher, spec=spec
+        )
     with pytest.raises(ValueError, match="gallery is empty"):
-        unlearning_scores(unet, sched, g[:0], t[:0], q, qt, fisher, spec)
+        unlearning_scores(
+            unet, sched, g[:0], t[:0], query_latents=q, query_text=qt, fisher=fisher, spec=spec
+        )
     with pytest.raises(ValueError, match="differ in shape"):
-        unlearning_scores(unet, sched, g, t, q[:, :, :8], qt, fisher, spec)
+        unlearning_scores(
+            unet, sched, g, t, query_latents=q[:, :, :8], query_text=qt, fisher=fisher, spec=spec
+        )
     nan = [f.clone() for f in fisher]
     nan[2][0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        unlearning_scores(unet, sched, g, t, q, qt, nan, spec)
+        unlearning_scores(unet, sched, g, t, query_latents=q, query_text=qt, fisher=nan, spec=spec)
     with pytest.raises(ValueError, match="Fisher has 7 tensors"):
-        unlearning_scores(unet, sched, g, t, q, qt, fisher[:7], spec)
+        unlearning_scores(
+            unet, sched, g, t, query_latents=q, query_text=qt, fisher=fisher[:7], spec=spec
+        )
     zero = [f.clone() for f in fisher]
     zero[0][1, 1] = 0.0
     with pytest.raises(ValueError, match="set damping > 0"):
-        unlearning_scores(unet, sched, g, t, q, qt, zero, spec)
+        unlearning_scores(unet, sched, g, t, query_latents=q, query_text=qt, fisher=zero, spec=spec)
     with pytest.raises(ValueError, match="no flipped gallery latents"):
-        unlearning_scores(unet, sched, g, t, q, qt, fisher, spec.model_copy(update={"flip": True}))
+        unlearning_scores(
+            unet,
+            sched,
+            g,
+            t,
+            query_latents=q,
+            query_text=qt,
+            fisher=fisher,
+            spec=spec.model_copy(update={"flip": True}),
+        )
     with pytest.raises(ValueError, match=r"spec\.flip is not set"):
-        unlearning_scores(unet, sched, g, t, q, qt, fisher, spec, None, g)
+        unlearning_scores(
+            unet,
+            sched,
+            g,
+            t,
+            query_latents=q,
+            query_text=qt,
+            fisher=fisher,
+            spec=spec,
+            base_losses=None,
+            gallery_latents_flipped=g,
+        )
     with pytest.raises(ValueError, match=r"base_losses must be \(4,\)"):
-        unlearning_scores(unet, sched, g, t, q, qt, fisher, spec, np.zeros(3))
+        unlearning_scores(
+            unet,
+            sched,
+            g,
+            t,
+            query_latents=q,
+            query_text=qt,
+            fisher=fisher,
+            spec=spec,
+            base_losses=np.zeros(3),
+        )
     with pytest.raises(ValueError, match="at least one image"):
         fisher_diagonal(unet, sched, g[:0], t[:0], spec)
 
@@ -230,7 +309,17 @@ def test_planted_image_is_found_by_unlearning_a_query_near_it(tiny):
         spec = UnlearningSpec(seed=seed, steps=5, samples_per_step=8, step_size=1e-5)
         near = torch.randn((2, 4, 16, 16), generator=torch.Generator().manual_seed(1000 + seed))
         queries = gallery[[0, 3]] + 0.1 * near
-        s = unlearning_scores(unet, sched, gallery, text, queries, text[[0, 3]], fisher, spec, base)
+        s = unlearning_scores(
+            unet,
+            sched,
+            gallery,
+            text,
+            query_latents=queries,
+            query_text=text[[0, 3]],
+            fisher=fisher,
+            spec=spec,
+            base_losses=base,
+        )
         hits += int(s[0].argmax() == 0) + int(s[1].argmax() == 3)
         ratios.append(s[0, 0] / np.delete(s[0], 0).max())
     # measured, seeds 0-9: all 20 queries rank their own image first; A's rise is 2.1-4.7

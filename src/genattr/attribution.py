@@ -161,7 +161,7 @@ class Attributor:
                 for i, im in enumerate(images)
             ]
         return attribute_vectors(
-            names, self.embed(images), self.index, self.calibrator, top_ks, self.gallery
+            names, self.embed(images), self.index, self.calibrator, top_ks, gallery=self.gallery
         )
 
 
@@ -218,11 +218,22 @@ def attribute_vectors(
     index: AttributionIndex,
     calibrator: Calibrator | None,
     top_ks: Sequence[int],
+    *,
     gallery: tuple[list[str], list[str]] | None = None,
 ) -> list[Attribution]:
     """Answers for embedded queries (`embed_queries`), each with its own top K. One search
     fetches every query's first candidates (a pass over the gallery serves the whole batch);
-    `gallery` is `index.metadata()`, which a long-lived caller (the web service) reads once."""
+    `gallery` is `index.metadata()`, which a long-lived caller (the web service) reads once.
+
+    Args:
+        names: One name per query, carried into its `Attribution`.
+        vectors: The embedded queries, one row per query (as `embed_queries` returns them).
+        index: The gallery index to search.
+        calibrator: Turns similarities into influence; None gives similarities only.
+        top_ks: How many gallery images to return for each query (one per query).
+        gallery: The gallery's (ids, paths) as `index.metadata()` returns them; read from
+            the index when None.
+    """
     gallery_ids, gallery_paths = index.metadata() if gallery is None else gallery
     first_sims, first_ids = index.search(vectors, min(index.count, max(*top_ks, 64)))
     answers = []

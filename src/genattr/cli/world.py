@@ -244,7 +244,14 @@ def world_quality(
 
     pipe = load_base_pipeline(pipeline, "cpu", "float32")
     world = load_data(data or DEFAULT_DATA_DIR)
-    q = sample_quality(pipe, world, n, gallery, steps, GUIDANCE if guidance is None else guidance)
+    q = sample_quality(
+        pipe,
+        world,
+        n=n,
+        gallery=gallery,
+        steps=steps,
+        guidance=GUIDANCE if guidance is None else guidance,
+    )
     text = json.dumps({"pipeline": str(pipeline), **q.as_dict()}, indent=1)
     if out is not None:
         out.write_text(text)

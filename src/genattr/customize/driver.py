@@ -124,9 +124,9 @@ def build_model(
         spec.mode,
         spec.category,
         spec.train,
-        spec.reg_images or None,
-        spec.reg_captions or None,
-        spec.captions or None,
+        reg_images=spec.reg_images or None,
+        reg_captions=spec.reg_captions or None,
+        captions=spec.captions or None,
     )
     customizer.save(
         bench / "models" / spec.id,

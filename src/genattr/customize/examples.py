@@ -67,12 +67,22 @@ def augment_example(
     size: int,
     latent_size: int,
     rng: np.random.Generator,
+    *,
     hflip: bool,
     augment: bool,
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Custom Diffusion's augmentation: the exemplar rescaled to a random size and either placed
     on a blank canvas (small) or cropped (large). Returns the image (HWC, [-1, 1]), the loss mask
-    at latent resolution (only where the image is) and the prompt prefix that names the scale."""
+    at latent resolution (only where the image is) and the prompt prefix that names the scale.
+
+    Args:
+        im: The exemplar image (center-cropped to a square here).
+        size: The training resolution in pixels (the output image is size x size).
+        latent_size: The latent resolution (the mask is latent_size x latent_size).
+        rng: The random generator for the flip, the scale and the placement.
+        hflip: Whether to flip the image horizontally with probability 0.5.
+        augment: Whether to rescale to a random size; otherwise the image is kept at `size`.
+    """
     im = _square(im)
     if hflip and rng.random() < 0.5:
         im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)

@@ -86,7 +86,7 @@ class Batches:
         pix, masks, prompts = [], [], []
         for i in self.order.take(cfg.train_batch_size):
             example, example_mask, prefix = augment_example(
-                self.images[i], size, latent_size, self.rng, cfg.hflip, cfg.augment
+                self.images[i], size, latent_size, self.rng, hflip=cfg.hflip, augment=cfg.augment
             )
             pix.append(example)
             masks.append(example_mask)

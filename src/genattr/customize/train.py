@@ -180,13 +180,25 @@ class Customizer:
         mode: str,
         category: str | None = None,
         config: CustomizeConfig | None = None,
+        *,
         reg_images: Sequence[str | os.PathLike] | None = None,
         reg_captions: Sequence[str] | None = None,
         captions: Sequence[str] | None = None,
     ) -> TrainStats:
         """Tune the pipeline toward the exemplars (in place); returns timing and losses.
         One concept, with the config's modifier and initializer tokens; a captioned set
-        (`mode="captioned"`) trains each image with its caption from `captions` instead."""
+        (`mode="captioned"`) trains each image with its caption from `captions` instead.
+
+        Args:
+            exemplars: The concept's training images (files or folders).
+            mode: 'object', 'style' or 'captioned'.
+            category: The object's category (objects); None otherwise.
+            config: The training options; the defaults of `CustomizeConfig` when None.
+            reg_images: Regularization images trained beside the exemplars; none when None.
+            reg_captions: The regularization images' captions, one per image in name order
+                or one for all.
+            captions: One caption per exemplar, in `list_images` order (`mode="captioned"`).
+        """
         cfg = config or CustomizeConfig()
         token = None if mode == "captioned" else cfg.modifier_token
         concept = Concept(exemplars, mode, category, token, cfg.initializer_token, captions)
@@ -567,6 +579,14 @@ def customize(
         list_images(exemplars)
     pipe = load_base_pipeline(base, device, dtype)
     cz = Customizer(pipe)
-    stats = cz.train(exemplars, mode, category, config, reg_images, reg_captions, captions)
+    stats = cz.train(
+        exemplars,
+        mode,
+        category,
+        config,
+        reg_images=reg_images,
+        reg_captions=reg_captions,
+        captions=captions,
+    )
     cz.save(out, extra={"base": str(base), "train_seconds": round(stats.seconds, 3)})
     return Path(out), stats

@@ -333,7 +333,7 @@ def abc_json_source(json_file: str | os.PathLike, root: str | os.PathLike | None
         k: [] for k in ("role", "model_index", "class_id", "category", "prompt_type")
     }
 
-    def add(id_, path, role, m, model, ptype):
+    def _add(id_, path, role, m, model, ptype):
         ids.append(id_)
         paths.append(path)
         shown.append(display_name(path))
@@ -343,13 +343,13 @@ def abc_json_source(json_file: str | os.PathLike, root: str | os.PathLike | None
     row = 0
     for m, model in enumerate(manifest.models):
         for p in model.exemplars:
-            add(f"exemplar/{row}", p, "exemplar", m, model, None)
+            _add(f"exemplar/{row}", p, "exemplar", m, model, None)
             row += 1
     for ptype in ptypes:
         row = 0
         for m, model in enumerate(manifest.models):
             for p in model.synth.get(ptype, []):
-                add(f"synth/{ptype}/{row}", p, "synth", m, model, ptype)
+                _add(f"synth/{ptype}/{row}", p, "synth", m, model, ptype)
                 row += 1
     extra = {"testcase": {"n_models": len(manifest.models), "prompt_types": ptypes}}
     return ImageSource(

@@ -155,6 +155,7 @@ def denoising_outputs(
     scheduler: Any,
     latents: torch.Tensor,
     text: torch.Tensor,
+    *,
     timesteps: torch.Tensor,
     noises: torch.Tensor,
     output: str = "loss",
@@ -164,7 +165,17 @@ def denoising_outputs(
     the single-step output). `loss`: the denoising MSE, mean over latent elements, against the
     scheduler's target (the noise, or the velocity for `v_prediction`), as training computes
     it; `square_norm`: D-TRAK's mean of the squared UNet output. Every image sees the same k
-    pairs: this is the one definition the gradient and unlearning attributors share."""
+    pairs: this is the one definition the gradient and unlearning attributors share.
+
+    Args:
+        unet: The denoising UNet.
+        scheduler: The noise scheduler (adds the noise; gives the target).
+        latents: The B images' latents, (B, C, H, W).
+        text: The B images' text embeddings, (B, L, D).
+        timesteps: The k timesteps, (k,).
+        noises: The k noises, (k, C, H, W), one per timestep.
+        output: What to return per pair: 'loss' or 'square_norm'.
+    """
     b, k = len(latents), len(timesteps)
     shape = tuple(latents.shape[1:])
     x0 = latents.unsqueeze(1).expand(b, k, *shape).reshape(b * k, *shape)
@@ -206,9 +217,9 @@ def iter_gradients(
                 scheduler,
                 latent.to(device, dtype)[None],
                 text.to(device, dtype)[None],
-                timesteps,
-                noises,
-                spec.output,
+                timesteps=timesteps,
+                noises=noises,
+                output=spec.output,
             ).sum()
             grads = torch.autograd.grad(out, params)
             yield torch.cat([g.reshape(-1) for g in grads]).float().cpu()

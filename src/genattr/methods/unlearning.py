@@ -130,7 +130,7 @@ def fisher_diagonal(
             x0, c = latent.to(device, dtype)[None], text.to(device, dtype)[None]
             for j in range(len(timesteps)):
                 loss = denoising_outputs(
-                    unet, scheduler, x0, c, timesteps[j : j + 1], noises[j : j + 1]
+                    unet, scheduler, x0, c, timesteps=timesteps[j : j + 1], noises=noises[j : j + 1]
                 ).sum()
                 for acc, g in zip(sums, torch.autograd.grad(loss, params), strict=True):
                     acc += g.double().square()
@@ -187,16 +187,26 @@ def unlearned(
     scheduler: Any,
     query_latents: torch.Tensor,
     query_text: torch.Tensor,
+    *,
     fisher: Sequence[torch.Tensor],
     spec: UnlearningSpec,
-    *,
     batch_size: int = 16,
 ) -> Iterator[list[float]]:
     """Within: the UNet after `spec.steps` Fisher-preconditioned gradient-ascent steps on the
     query's denoising loss (see `UnlearningSpec`); afterwards the selected parameters are put
     back bit for bit, and `requires_grad` flags and train/eval mode as they were (also on
     error). Yields the query's loss at each step's pairs, before that step's update (a trace
-    that should rise). `batch_size` bounds the pairs per UNet call; the gradient is the same."""
+    that should rise). `batch_size` bounds the pairs per UNet call; the gradient is the same.
+
+    Args:
+        unet: The denoising UNet (its selected parameters are changed within, then restored).
+        scheduler: The noise scheduler.
+        query_latents: The query's latents: one image (C, H, W) or a set (N, C, H, W).
+        query_text: The query's text embeddings: (L, D), or (N, L, D) for a set.
+        fisher: The Fisher diagonal (`fisher_diagonal`), one tensor per selected parameter.
+        spec: How the model unlearns the query (`UnlearningSpec`).
+        batch_size: The most (timestep, noise) pairs per UNet call.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, not {batch_size}")
     lat, txt = _query_batch(query_latents, query_text)
@@ -223,7 +233,12 @@ def unlearned(
                 step_loss = 0.0
                 for s in range(0, m, batch_size):
                     out = denoising_outputs(
-                        unet, scheduler, lat, txt, ts[s : s + batch_size], eps[s : s + batch_size]
+                        unet,
+                        scheduler,
+                        lat,
+                        txt,
+                        timesteps=ts[s : s + batch_size],
+                        noises=eps[s : s + batch_size],
                     )
                     loss = out.sum() / out.new_tensor(
                         len(lat) * m
@@ -267,7 +282,9 @@ def image_losses(
         for s in range(0, len(latents), batch_size):
             lat = latents[s : s + batch_size].to(device, dtype)
             txt = text_embeddings[s : s + batch_size].to(device, dtype)
-            per_pair = denoising_outputs(unet, scheduler, lat, txt, timesteps, noises)
+            per_pair = denoising_outputs(
+                unet, scheduler, lat, txt, timesteps=timesteps, noises=noises
+            )
             out[s : s + len(lat)] = per_pair.double().mean(dim=1).cpu().numpy()
     return out
 
@@ -277,13 +294,13 @@ def unlearning_scores(
     scheduler: Any,
     gallery_latents: torch.Tensor,
     gallery_text: torch.Tensor,
+    *,
     query_latents: torch.Tensor,
     query_text: torch.Tensor,
     fisher: Sequence[torch.Tensor],
     spec: UnlearningSpec,
     base_losses: np.ndarray | None = None,
     gallery_latents_flipped: torch.Tensor | None = None,
-    *,
     batch_size: int = 16,
     progress: bool = False,
 ) -> np.ndarray:
@@ -294,7 +311,24 @@ def unlearning_scores(
     two views. `base_losses`: the original losses from `image_losses` at the same
     `batch_size`, (G,) or with flips (2, G) (plain, flipped); computed here when None. Pass
     them when scoring several query batches against one gallery: they are G forward passes
-    (times the pairs) per view that do not depend on the query."""
+    (times the pairs) per view that do not depend on the query.
+
+    Args:
+        unet: The denoising UNet (restored after each query).
+        scheduler: The noise scheduler.
+        gallery_latents: The gallery images' latents, (G, C, H, W).
+        gallery_text: The gallery images' text embeddings, (G, L, D).
+        query_latents: The queries' latents, (Q, C, H, W), one image per query.
+        query_text: The queries' text embeddings, (Q, L, D).
+        fisher: The Fisher diagonal (`fisher_diagonal`), one tensor per selected parameter.
+        spec: How the model unlearns and how losses are measured (`UnlearningSpec`).
+        base_losses: The gallery's original losses, (G,) or (2, G) with flips; computed
+            here when None.
+        gallery_latents_flipped: The flipped gallery images' latents (required with
+            `spec.flip`, otherwise None).
+        batch_size: The most images (losses) or pairs (unlearning) per UNet call.
+        progress: Whether to show a progress bar over the queries.
+    """
     check_latents_and_text(gallery_latents, gallery_text)
     check_latents_and_text(query_latents, query_text)
     if len(gallery_latents) == 0:
@@ -348,8 +382,8 @@ def unlearning_scores(
                 scheduler,
                 query_latents[q],
                 query_text[q],
-                fisher,
-                spec,
+                fisher=fisher,
+                spec=spec,
                 batch_size=batch_size,
             ) as trace:
                 after = losses()

@@ -250,8 +250,9 @@ class UnlearningMethod:
     def scores(self, pipe: Any, queries: ImageSet, progress: bool) -> np.ndarray:
         q_lat, q_txt = encode(pipe, queries.images, queries.prompts)
         return unlearning_scores(
-            pipe.unet, self.scheduler, self.latents, self.text, q_lat, q_txt, self.fisher,
-            self.spec, self.base, self.flipped, progress=progress,
+            pipe.unet, self.scheduler, self.latents, self.text, query_latents=q_lat,
+            query_text=q_txt, fisher=self.fisher, spec=self.spec, base_losses=self.base,
+            gallery_latents_flipped=self.flipped, progress=progress,
         )  # fmt: skip
 
     def controls(self) -> dict[str, np.ndarray]:

@@ -90,11 +90,21 @@ def write_plan(
     data: ClipartData,
     base: str | os.PathLike,
     work: str | os.PathLike,
+    *,
     train: dict[str, Any] | None = None,
     sample: dict[str, Any] | None = None,
     models: list[str] | None = None,
 ) -> Path:
-    """Exemplar PNGs (named by their index in the world data) and `plan.json` in `work`."""
+    """Exemplar PNGs (named by their index in the world data) and `plan.json` in `work`.
+
+    Args:
+        data: The world data whose held-out exemplar sets are planned.
+        base: The base pipeline the plan names (resolved to an absolute path).
+        work: The folder for the exemplar PNGs and `plan.json`.
+        train: Training options over `WORLD_TRAIN`; none when None.
+        sample: Sampling options over `WORLD_SAMPLE`; none when None.
+        models: The held-out sets to plan, by id; all of them when None.
+    """
     work = Path(work)
     held = data.models()
     chosen = sorted(held) if models is None else models
@@ -146,7 +156,7 @@ def build_benchmark(
 ) -> BenchmarkManifest:
     """Customize and sample every held-out set (resumable: finished models are skipped)."""
     data = data or load_data()
-    plan = write_plan(data, base, work, train, sample, models)
+    plan = write_plan(data, base, work, train=train, sample=sample, models=models)
     manifest, _ = make_benchmark(plan, Path(work) / "bench", engine=engine)
     return manifest
 
@@ -155,13 +165,23 @@ def model_pngs(
     data: ClipartData,
     samples: np.ndarray,
     model_id: str,
+    *,
     exemplars: list[int],
     synth: dict[str, list[int]],
     dirs: dict[str, Path],
 ) -> tuple[list[str], dict[str, list[str]]]:
     """A packed model as PNG files: its exemplars (rows of the world data) under
     `dirs["exemplars"]/{id}/`, its samples (prompt type -> [first row, count] of `samples`)
-    under `dirs["synth"]/{type}/{id}/`; their paths."""
+    under `dirs["synth"]/{type}/{id}/`; their paths.
+
+    Args:
+        data: The world data (the exemplars' images).
+        samples: The packed samples, one row per image.
+        model_id: The model's id (its folder name).
+        exemplars: The exemplars' rows of the world data.
+        synth: Per prompt type, [first row, count] of the model's samples in `samples`.
+        dirs: The output folders, with keys 'exemplars' and 'synth'.
+    """
     ex = [
         save_png(data.images[i], dirs["exemplars"] / model_id / f"{i:05d}.png") for i in exemplars
     ]
@@ -195,7 +215,7 @@ class WorldBenchmark:
         models = []
         for m in self.models:
             exemplars, synth = model_pngs(
-                data, self.images, m["id"], m["exemplars"], m["synth"], dirs
+                data, self.images, m["id"], exemplars=m["exemplars"], synth=m["synth"], dirs=dirs
             )
             models.append(
                 CustomizedModel(

@@ -197,7 +197,9 @@ class CaptionedSets:
         dirs = {k: out / k for k in ("exemplars", "synth")}
         models = []
         for m in self.models:
-            exemplars, synth = model_pngs(data, self.images, m["id"], m["images"], m["synth"], dirs)
+            exemplars, synth = model_pngs(
+                data, self.images, m["id"], exemplars=m["images"], synth=m["synth"], dirs=dirs
+            )
             extra = {"prompts": m["prompts"], "captions": m["captions"], "case": case_name(m)}
             models.append(
                 CustomizedModel(m["id"], exemplars, synth, None, "captioned", "test", extra)
@@ -254,7 +256,12 @@ def pack_sets(
         "models": models,
     }
     return write_packed(
-        Path(out), SETS_META.format(size=size), SETS_IMAGES.format(size=size), images, meta, size
+        Path(out),
+        meta_name=SETS_META.format(size=size),
+        img_name=SETS_IMAGES.format(size=size),
+        images=images,
+        meta=meta,
+        size=size,
     )
 
 

@@ -465,10 +465,19 @@ def write_npz_lzma(path: Path, images: np.ndarray) -> None:
 
 
 def write_packed(
-    out: Path, meta_name: str, img_name: str, images: list[np.ndarray], meta: dict, size: int
+    out: Path, *, meta_name: str, img_name: str, images: list[np.ndarray], meta: dict, size: int
 ) -> Path:
     """Write a pack of samples: the images, LZMA inside an npz, and the json metadata; `out`
-    is made if absent. Refuses images that are not (size, size, 3)."""
+    is made if absent. Refuses images that are not (size, size, 3).
+
+    Args:
+        out: The folder to write into.
+        meta_name: The metadata file's name in `out`.
+        img_name: The images' file name (npz) in `out`.
+        images: The samples, each (size, size, 3).
+        meta: The metadata (written as json).
+        size: The samples' side in pixels.
+    """
     if not images or images[0].shape != (size, size, 3):
         raise GenattrError(f"expected {size}x{size} samples to pack")
     out.mkdir(parents=True, exist_ok=True)

@@ -370,7 +370,12 @@ def pack_multiconcept(
         "models": models,
     }
     return write_packed(
-        Path(out), MC_META.format(size=size), MC_IMAGES.format(size=size), images, meta, size
+        Path(out),
+        meta_name=MC_META.format(size=size),
+        img_name=MC_IMAGES.format(size=size),
+        images=images,
+        meta=meta,
+        size=size,
     )
 
 

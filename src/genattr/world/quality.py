@@ -133,13 +133,24 @@ def denoising_error(
 def sample_quality(
     pipe: StableDiffusionPipeline,
     data: ClipartData,
+    *,
     n: int = 64,
     gallery: int = 1000,
     steps: int = 20,
     guidance: float = GUIDANCE,
     seed: int = 0,
 ) -> SampleQuality:
-    """Sample `n` captions of pre-training images and score the samples (see module doc)."""
+    """Sample `n` captions of pre-training images and score the samples (see module doc).
+
+    Args:
+        pipe: The pipeline to sample from.
+        data: The world data (captions and images of the pre-training set).
+        n: How many pre-training captions to sample.
+        gallery: How many other pre-training images to find neighbours among.
+        steps: The sampling steps.
+        guidance: The classifier-free guidance scale.
+        seed: The seed of the caption draw and of sampling.
+    """
     pre = data.indices("pretrain")
     if len(pre) < n + 10:
         raise GenattrError(f"only {len(pre)} pre-training images; need more than {n + 10}")
