@@ -76,6 +76,7 @@ def counterfactual(
 
         base, cases = str(base_model_dir()), world_set_cases(out, size=world_sets, models=models)
     else:
+        assert bench is not None
         base, cases = bench_set_cases(bench)
     results = run_study(
         cases, base=base, work=out, spec=spec, leave_k_out_queries=leave_k_out, shard=part,

@@ -121,7 +121,7 @@ def summarize(
     return Summary(float(v.mean()), se, float(low), float(high), len(v))
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray, **kwargs: float | int) -> Summary:
+def paired_difference(a: np.ndarray, b: np.ndarray | float, *, seed: int = 0) -> Summary:
     """The per-query difference a - b summarized: two methods are apart when its interval
     excludes 0 (queries where either is NaN are left out)."""
-    return summarize(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), **kwargs)
+    return summarize(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), seed=seed)

@@ -152,7 +152,7 @@ class Retrainer:
         self.customizer = Customizer(load_base_pipeline(str(base), device, "float32"))
         self.pipe = self.customizer.pipe
         self.scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
-        self._encoded: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._encoded: dict[str, tuple[torch.Tensor, ...]] = {}
 
     def train(self, case: SetCase, unit: Unit) -> None:
         """Leave the pipeline trained on the unit's images with its seed."""
@@ -226,7 +226,7 @@ def assemble_margins(work: Path, case: SetCase, spec: StudySpec) -> dict[str, np
     assert masks.shape == (m, n) and margins.shape == (spec.seeds, len(case.queries), m)
     path = work / case.id / "margins.npz"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **out)
+        np.savez(f, masks=masks, margins=margins, full=full)
     return out
 
 

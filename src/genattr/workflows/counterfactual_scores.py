@@ -194,7 +194,7 @@ def leave_k_out(
     )
     if not all(unit_path(work, c, u).is_file() for c in cases for u in units[c.id]):
         return None
-    rises: dict[str, dict[int, list[float]]] = {}
+    rises: dict[str, dict[float, list[float]]] = {}
     for case in cases:
         full = np.load(work / case.id / "margins.npz")["full"][0]
         fraction_of = {k: k / len(case.train_paths) for k in plans[case.id][0]}
@@ -238,8 +238,8 @@ def run_study(
     """A whole study, resumable at any point: retrain and measure the subsets, score the
     methods, LDS, and (with `leave_k_out_queries` > 0) leave-K-out on that many queries per
     case (the methods, random and the last query-blind control: the lowest loss where the
-    unlearning method runs); writes and returns WORK/results.json, or None while a shard's units are missing
-    (run the other shards, then any one again)."""
+    unlearning method runs); writes and returns WORK/results.json, or None while a shard's
+    units are missing (run the other shards, then any one again)."""
     from genattr.workflows.counterfactual import build_margins
 
     done = build_margins(cases, base=base, work=work, spec=spec, shard=shard, progress=progress)
