@@ -16,6 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from genattr.cli import app
+from genattr.errors import GenattrError
 from genattr.evaluate import expected_random_ap
 from genattr.workflows.method_runs import evaluate_method
 from genattr.workflows.model_cases import Concept, ImageSet, ModelCase, select_queries
@@ -44,7 +45,9 @@ class Planted:
     name: str = "planted"
     needs_model: bool = False
 
-    def prepare(self, pipe: Any, train: list, work: Path | None, progress: bool) -> None:
+    def prepare(
+        self, pipe: Any, train: list, work: Path | None, progress: bool, *, model_key=None
+    ) -> None:
         self.n_gallery, self.tags = len(train[0]), train[1].prompts
 
     def scores(self, pipe: Any, queries: ImageSet, progress: bool) -> np.ndarray:
@@ -194,14 +197,18 @@ def test_stored_gradients_are_the_models_gradients(bench, tmp_path):
 
     from genattr.methods import GradientSpec, projected_gradients
     from genattr.store import EmbeddingStore
-    from genattr.workflows.model_cases import encode, folder_gallery, manifest_cases
-    from genattr.workflows.model_methods import gradient_store
+    from genattr.workflows.model_cases import encode, folder_gallery, manifest_cases, model_key
+    from genattr.workflows.model_methods import GradientMethod, gradient_store
 
     case = manifest_cases(bench["manifest"], ["box0"])[0]
-    pipe = case.load()
+    model = case.load()
+    assert model.key == model_key(bench["root"] / "bench" / "models" / "box0")
+    pipe = model.pipe
     source = folder_gallery(bench["gallery"], bench["captions"], RES)
     spec = GradientSpec(proj_dim=32)
-    store = gradient_store(pipe, source, spec, tmp_path / "g", batch=3, shard_size=2)
+    store = gradient_store(
+        pipe, source, spec, tmp_path / "g", model_key=model.key, batch=3, shard_size=2
+    )
     assert store.num_shards == 2 and store.ids == source.ids
     latents, text = encode(pipe, *source.block(0, len(source)))
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -209,8 +216,14 @@ def test_stored_gradients_are_the_models_gradients(bench, tmp_path):
     np.testing.assert_allclose(np.asarray(store.vectors), want, rtol=1e-5, atol=1e-7)
     # another spec, or another model, is refused
     with pytest.raises(Exception, match="holds"):
-        gradient_store(pipe, source, GradientSpec(proj_dim=32, seed=1), tmp_path / "g")
+        gradient_store(
+            pipe, source, GradientSpec(proj_dim=32, seed=1), tmp_path / "g", model_key=model.key
+        )
+    with pytest.raises(Exception, match="holds"):
+        gradient_store(pipe, source, spec, tmp_path / "g", model_key="another-model")
     assert EmbeddingStore.open(tmp_path / "g").count == 4
+    with pytest.raises(GenattrError, match="model's key"):  # nothing is kept unkeyed
+        GradientMethod(spec).prepare(pipe, [source], tmp_path / "h", False)
 
 
 @pytest.mark.parametrize(
@@ -254,7 +267,11 @@ def test_attribute_with_gradients_under_the_model(bench, tmp_path):
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)
     assert {x["id"] for x in answer["results"]} <= {f"{i}.png" for i in range(4)}
     assert "gradient" in answer["notes"][0]
-    (store,) = (tmp_path / "work" / "gradient").glob("*/gallery/store.json")
+    from genattr.workflows.model_cases import model_key
+
+    key = model_key(root / "bench" / "models" / "disc0")  # the cache is named by the model
+    store = tmp_path / "work" / "gradient" / key / "gallery" / "store.json"
+    assert json.loads(store.read_text())["preprocess_config"]["model_key"] == key
     before = os.stat(store).st_mtime_ns
     assert _run([*args[:-1], str(tmp_path / "b.json")]).exit_code == 0
     assert os.stat(store).st_mtime_ns == before
@@ -304,7 +321,7 @@ def test_unlearning_flip_max_is_the_larger_of_both_views(bench):
     from genattr.workflows.model_methods import UnlearningMethod
 
     case = manifest_cases(bench["manifest"], ["disc0"], queries=1)[0]
-    pipe = case.load()
+    pipe = case.load().pipe
     source = folder_gallery(bench["gallery"], bench["captions"], RES)
     (queries,) = case.concepts[0].queries.values()
     got = {}

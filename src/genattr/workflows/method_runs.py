@@ -22,7 +22,6 @@ import torch
 from genattr.atomic import check_output
 from genattr.attribution import AttributedImage, Attribution
 from genattr.customize.examples import read_square
-from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
 from genattr.data.official import TestCaseFeatures
 from genattr.devices import resolve_device
@@ -39,10 +38,10 @@ from genattr.workflows.model_cases import (
     ImageSource,
     ModelCase,
     bench_resolution,
+    custom_model,
     folder_gallery,
     image_prompt,
     manifest_cases,
-    model_key,
     multiconcept_cases,
     pipeline_resolution,
     world_cases,
@@ -159,13 +158,16 @@ def evaluate_method(
     offset, n_queries = 0, 0
     for case in cases:
         t0 = time.perf_counter()
-        if method.needs_model:  # a feature method never rebuilds or loads a model
+        pipe: Any = None  # a feature method never rebuilds or loads a model
+        key: str | None = None
+        if method.needs_model:
             logger.info("model %s: loading", case.id)
-        pipe = case.load() if method.needs_model else None
+            loaded = case.load()
+            pipe, key = loaded.pipe, loaded.key
         t1 = time.perf_counter()
         exemplars = case.exemplars()
         folder = None if work is None else Path(work) / method.name / case.id
-        method.prepare(pipe, [gallery, exemplars], folder, progress)
+        method.prepare(pipe, [gallery, exemplars], folder, progress, model_key=key)
         t2 = time.perf_counter()
         per_concept = []
         for concept in case.concepts:
@@ -347,25 +349,22 @@ def attribute_with_model(
     missing = [str(p) for p in images if not Path(p).is_file()]
     if missing:  # before any model is loaded or rebuilt
         raise GenattrError(f"{missing[0]}: no such image file")
-    source: ImageSource
     if model.startswith("world:"):
         if device != "cpu":
             raise GenattrError("the built-in world runs on the CPU; drop --device")
-        pipe = world_model(model.removeprefix("world:"), Path(work))
-        source = world_gallery() if gallery is None else folder_gallery(
-            gallery, captions or "", pipeline_resolution(pipe)
-        )  # fmt: skip
+        loaded = world_model(model.removeprefix("world:"), Path(work))
     else:
         if base is None or gallery is None or captions is None:
             raise GenattrError("--model DIR needs --base, --gallery and --captions")
-        pipe = load_base_pipeline(base, device)
-        load_custom_diffusion(pipe, model)
-        pipe.genattr_model_key = model_key(model)
-        source = folder_gallery(gallery, captions, pipeline_resolution(pipe))
-    queries = _query_set(images, prompt, pipeline_resolution(pipe))
-    folder = Path(work) / scorer.name / pipe.genattr_model_key
-    scorer.prepare(pipe, [source], folder, progress)
-    scores = scorer.scores(pipe, queries, progress)
+        loaded = custom_model(load_base_pipeline(base, device), model)
+    side = pipeline_resolution(loaded.pipe)
+    source: ImageSource = (  # only a world model has a default gallery, its pre-training set
+        world_gallery() if gallery is None else folder_gallery(gallery, captions or "", side)
+    )
+    queries = _query_set(images, prompt, side)
+    folder = Path(work) / scorer.name / loaded.key
+    scorer.prepare(loaded.pipe, [source], folder, progress, model_key=loaded.key)
+    scores = scorer.scores(loaded.pipe, queries, progress)
     paths = getattr(source, "paths", None)
     answers = []
     for q, row in zip(queries.ids, scores, strict=True):

@@ -6,6 +6,8 @@ in the multi-concept case), each with its exemplars (under its training prompt) 
 synthesized queries (under the prompts that made them). Cases come from the built-in world
 (models rebuilt deterministically on demand, since the world ships samples, not weights) or
 from a `genattr make-benchmark` folder (its `manifest.json`, `plan.json` and model folders).
+A model loads as a `LoadedModel`: its pipeline and its key (a hash of its files), under which
+methods cache what they compute for it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,13 +125,22 @@ class Concept:
     queries: dict[str, ImageSet]
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """A customized model's pipeline and its key (`model_key` of its folder): what a method
+    computes for this model is cached, and checked, under the key."""
+
+    pipe: Any
+    key: str
+
+
 @dataclass
 class ModelCase:
-    """One customized model, its concepts, and how to load it (a pipeline, on demand)."""
+    """One customized model, its concepts, and how to load it (on demand)."""
 
     id: str
     concepts: list[Concept]
-    load: Callable[[], Any] = field(repr=False)
+    load: Callable[[], LoadedModel] = field(repr=False)
     case: str = "object"
 
     def exemplars(self) -> ImageSet:
@@ -169,6 +181,13 @@ def model_key(model_dir: str | os.PathLike) -> str:
     return h.hexdigest()[:16]
 
 
+def custom_model(pipe: Any, folder: str | os.PathLike) -> LoadedModel:
+    """`pipe` (the base) with the Custom Diffusion model of `folder` installed, keyed by the
+    folder's files."""
+    load_custom_diffusion(pipe, folder)
+    return LoadedModel(pipe, model_key(folder))
+
+
 # -- the built-in world ------------------------------------------------------------------
 
 
@@ -179,23 +198,15 @@ def world_gallery() -> ImageSet:
     return ImageSet(data.images[pre], data.captions(pre), [f"{i:05d}" for i in pre])
 
 
-def world_model(model_id: str, work: Path) -> Any:
-    """The customized pipeline of a world benchmark model, rebuilt with the benchmark's own
-    code and settings into `work` the first time (deterministic: its samples are the shipped
-    ones), loaded from there afterwards."""
+def world_model(model_id: str, work: Path) -> LoadedModel:
+    """A world benchmark model, rebuilt with the benchmark's own code and settings into
+    `work` the first time (deterministic: its samples are the shipped ones), loaded from there
+    afterwards."""
     bench = work / "world-models"
     if model_id not in {m["id"] for m in load_benchmark().models}:
         raise GenattrError(f"no world model named {model_id!r}")
     build_benchmark(base_model_dir(), bench, models=[model_id])
-    pipe = load_world_base()
-    folder = bench / "bench" / "models" / model_id
-    load_custom_diffusion(pipe, folder)
-    pipe.genattr_model_key = model_key(folder)
-    return pipe
-
-
-def _world_loader(model_id: str, work: Path) -> Callable[[], Any]:
-    return lambda: world_model(model_id, work)
+    return custom_model(load_world_base(), bench / "bench" / "models" / model_id)
 
 
 def world_cases(
@@ -216,9 +227,8 @@ def world_cases(
     for mid in chosen:
         m = by_id[mid]
         concept = _packed_concept(mid, m, data.images, bench.images, queries)
-        cases.append(
-            ModelCase(mid, [concept], _world_loader(mid, Path(work)), m.get("case", m["mode"]))
-        )
+        load = partial(world_model, mid, Path(work))
+        cases.append(ModelCase(mid, [concept], load, m.get("case", m["mode"])))
     return cases
 
 
@@ -248,13 +258,10 @@ def _packed_concept(
     return Concept(cid, record["mode"], exemplars, select_queries(qs, queries))
 
 
-def _multiconcept_loader(model_id: str, work: Path) -> Callable[[], Any]:
-    def load() -> Any:
-        pipe = multiconcept_pipeline(model_id, work / "multiconcept")
-        pipe.genattr_model_key = model_key(work / "multiconcept" / "models" / model_id)
-        return pipe
-
-    return load
+def multiconcept_model(model_id: str, work: Path) -> LoadedModel:
+    """A multi-concept world model, rebuilt into `work` the first time."""
+    pipe = multiconcept_pipeline(model_id, work / "multiconcept")
+    return LoadedModel(pipe, model_key(work / "multiconcept" / "models" / model_id))
 
 
 def multiconcept_cases(
@@ -275,7 +282,8 @@ def multiconcept_cases(
             _packed_concept(f"{mid}/{c['test_model']}", c, data.images, bench.images, queries)
             for c in m["concepts"]
         ]
-        cases.append(ModelCase(mid, concepts, _multiconcept_loader(mid, Path(work)), "multi"))
+        load = partial(multiconcept_model, mid, Path(work))
+        cases.append(ModelCase(mid, concepts, load, "multi"))
     return cases
 
 
@@ -342,11 +350,8 @@ def manifest_cases(
                 [f"{mid}/{ptype}/{f.name}" for f in files],
             )
 
-        def load(folder: Path = root / model_dir) -> Any:
-            pipe = load_base_pipeline(base, device, dtype)
-            load_custom_diffusion(pipe, folder)
-            pipe.genattr_model_key = model_key(folder)
-            return pipe
+        def load(folder: Path = root / model_dir) -> LoadedModel:
+            return custom_model(load_base_pipeline(base, device, dtype), folder)
 
         concept = Concept(mid, m.mode, exemplars, select_queries(qs, queries))
         cases.append(ModelCase(mid, [concept], load, m.mode))

@@ -55,9 +55,16 @@ class ScoringMethod(Protocol):
     needs_model: bool  # False: `prepare` and `scores` get no pipeline (nothing is loaded)
 
     def prepare(
-        self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
+        self,
+        pipe: Any,
+        train: Sequence[ImageSource],
+        work: Path | None,
+        progress: bool,
+        *,
+        model_key: str | None = None,
     ) -> None:
-        """Precompute what every query of this model shares."""
+        """Precompute what every query of this model shares; what is kept for the next run
+        goes under `work` (None: nothing is kept), checked against the model's key."""
 
     def scores(self, pipe: Any, queries: ImageSet, progress: bool) -> np.ndarray:
         """(Q, T) scores against the training set, higher meaning more responsible."""
@@ -90,20 +97,18 @@ def gradient_store(
     spec: GradientSpec,
     out: str | os.PathLike,
     *,
+    model_key: str,
     batch: int = 64,
     shard_size: int = 1024,
     progress: bool = False,
 ) -> EmbeddingStore:
-    """Projected gradients of every image of `source` under `pipe`'s model, as an embedding
-    store (shards committed as they fill, so a killed run resumes at its last shard); refuses
-    a store made under another model, spec or source."""
-    key = getattr(pipe, "genattr_model_key", None)
-    if key is None:
-        raise GenattrError("the pipeline carries no model key; load it through genattr")
+    """Projected gradients of every image of `source` under `pipe`'s model (`model_key`: its
+    key, `LoadedModel.key`), as an embedding store (shards committed as they fill, so a killed
+    run resumes at its last shard); refuses a store made under another model, spec or source."""
     info = BackboneInfo(
         f"gradient/{spec.params}/{spec.output}",
-        f"{key}-{hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]}",
-        {"spec": spec.model_dump(), "model_key": key},
+        f"{model_key}-{hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]}",
+        {"spec": spec.model_dump(), "model_key": model_key},
     )
     out = Path(out)
     state = {"source": _fingerprint(source), "count": len(source)}
@@ -143,7 +148,13 @@ class GradientMethod:
     needs_model: bool = True
 
     def prepare(
-        self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
+        self,
+        pipe: Any,
+        train: Sequence[ImageSource],
+        work: Path | None,
+        progress: bool,
+        *,
+        model_key: str | None = None,
     ) -> None:
         """The gallery's gradients from (or into) its store under `work`, memory-mapped; the
         exemplars' in memory; read as one matrix, block by block."""
@@ -151,9 +162,12 @@ class GradientMethod:
         parts: list[np.ndarray] = []
         for k, source in enumerate(train):
             if k == 0 and work is not None:  # the gallery: large, shared by every query
+                if model_key is None:
+                    raise GenattrError("kept gradients need the model's key (LoadedModel.key)")
                 store = gradient_store(
-                    pipe, source, self.spec, work / "gallery", batch=self.batch, progress=progress
-                )
+                    pipe, source, self.spec, work / "gallery", model_key=model_key,
+                    batch=self.batch, progress=progress,
+                )  # fmt: skip
                 parts += store.vectors.shards
             else:
                 parts.append(self._gradients(pipe, source, progress))
@@ -219,7 +233,13 @@ class UnlearningMethod:
     needs_model: bool = True
 
     def prepare(
-        self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
+        self,
+        pipe: Any,
+        train: Sequence[ImageSource],
+        work: Path | None,
+        progress: bool,
+        *,
+        model_key: str | None = None,
     ) -> None:
         self.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         lat, txt, flipped = [], [], []
@@ -276,7 +296,13 @@ class FeatureMethod:
     needs_model: bool = False
 
     def prepare(
-        self, pipe: Any, train: Sequence[ImageSource], work: Path | None, progress: bool
+        self,
+        pipe: Any,
+        train: Sequence[ImageSource],
+        work: Path | None,
+        progress: bool,
+        *,
+        model_key: str | None = None,
     ) -> None:
         if not hasattr(self, "_backbone"):
             self._backbone = get_backbone(self.backbone)
