@@ -25,6 +25,7 @@ import torch
 
 from genattr.heads.train import PairedFeatures, TrainConfig, train_heads
 from genattr.search.index import build_index
+from harness import emit_row
 
 
 def clustered(n: int, dim: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
@@ -125,6 +126,7 @@ def main() -> None:
     report["head_training_pairs_per_s"] = round(3 * len(ids) / (time.perf_counter() - t0), 0)
     report["torch_threads"] = torch.get_num_threads()
     print(json.dumps(report, indent=2))
+    emit_row("attribute_speed", **report)
 
 
 if __name__ == "__main__":

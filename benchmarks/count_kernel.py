@@ -20,6 +20,7 @@ import torch
 from numba import njit, prange
 
 from genattr._kernels import count_above_sorted
+from harness import emit_row
 
 
 def _bucketed(scores, thresholds, n_valid, counts):  # the kernel before session eight
@@ -90,6 +91,8 @@ def main() -> None:
             f"[{lo:+.2f}, {hi:+.2f}]   | {times[0]:8.2f} ms             | {times[1]:8.2f} ms"
             f"      | {times[2]:8.2f} ms"
         )
+        previous = {"prange": times[1], "serial": times[2]}
+        emit_row("count_kernel", thresholds=[lo, hi], genattr_ms=times[0], previous_ms=previous)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ sys.path.insert(0, str(ROOT))  # tests.server_process: the worst uploads
 def main() -> None:
     from tests.server_process import WORST_UPLOADS, decode_peak
 
+    from harness import emit_row
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", nargs="*", choices=sorted(WORST_UPLOADS))
     args = ap.parse_args()
@@ -38,6 +40,7 @@ def main() -> None:
             f"{m['reserved_mb'] / max(m['peak_mb'], 1):.2f} |",
             flush=True,
         )
+        emit_row("decode_peaks", upload=name, bytes=len(data), **m)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch
 
 from eval_speed import build
 from genattr.evaluate import evaluate_protocol
+from harness import emit_row
 
 
 def stage_times(gallery: np.ndarray, queries: torch.Tensor, block: int = 16384) -> dict:
@@ -62,7 +63,8 @@ def main() -> None:
         queries = torch.nn.functional.normalize(
             torch.cat(list(testcase.synth_feats.values())), dim=-1
         )
-        print("share of the gallery loop:", stage_times(gallery, queries))
+        shares = stage_times(gallery, queries)
+        print("share of the gallery loop:", shares)
         seconds = {}
         for method in ("kernel", "dense"):
             t = time.perf_counter()
@@ -72,6 +74,7 @@ def main() -> None:
             f"whole evaluation: kernel {seconds['kernel']:.1f} s, torch counting "
             f"{seconds['dense']:.1f} s, ratio {seconds['dense'] / seconds['kernel']:.1f}x"
         )
+        emit_row("eval_profile", n_gallery=args.n_gallery, stages=shares, seconds=seconds)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import torch
 
 from genattr.data.official import TestCaseFeatures
 from genattr.evaluate import evaluate_protocol, evaluate_reference
+from harness import emit_row
 
 
 def build(workdir: Path, n_gallery: int, dim: int, n_queries: int, seed: int = 0):
@@ -183,6 +184,7 @@ def main() -> None:
         "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(report, indent=2))
+    emit_row("eval_speed", **report)
 
 
 if __name__ == "__main__":

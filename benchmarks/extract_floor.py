@@ -122,6 +122,8 @@ def ratio(got: dict[str, list[dict]], a: str, b: str) -> str:
 
 
 def main() -> None:
+    from harness import emit_row
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["efficientnet-lite0", "resnet50", "vit-b16"])
     ap.add_argument("--n", type=int, default=1160)
@@ -166,6 +168,7 @@ def main() -> None:
             f"{ratio(got, 'after', 'bare-tuned')} | "
             f"{median(got, 'before', 'sys'):.0f} / {median(got, 'after', 'sys'):.0f} s |"
         )
+        emit_row("extract_floor", model=model, n=n, runs=got)
     print("| model | images | before images/s | after | after / before | bare plain | "
           "bare tuned | after / bare tuned | sys CPU before / after |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from extract_speed import clipart_folder, folder_of_one, make_backbone, pick_images
+from harness import emit_row
 
 
 def run(backbone, folder: Path, out: Path, batch_size: int, **kw) -> tuple[float, object]:
@@ -80,6 +81,7 @@ def main() -> None:
         f"median: local {np.median(rates['local']):.2f} img/s, ray {np.median(rates['ray']):.2f} "
         f"img/s, ray / local {ratio:.2f}"
     )
+    emit_row("extract_ray_speed", backbone=backbone.name, n=args.n, images_per_s=rates, ratio=ratio)
     ray.shutdown()
 
 

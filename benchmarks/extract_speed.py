@@ -33,6 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from harness import emit_row
+from harness import threads as torch_threads
+
 CACHE = Path(__file__).parent / ".cache"
 
 
@@ -120,16 +123,6 @@ def autocast(dtype: str):
     if dtype == "fp32":
         return contextlib.nullcontext()
     return torch.autocast("cpu", dtype=torch.bfloat16 if dtype == "bf16" else torch.float16)
-
-
-@contextlib.contextmanager
-def torch_threads(n: int | None):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n or old)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
@@ -263,6 +256,7 @@ def main() -> None:
         ext = np.array(rates[name])
         print(f"{name} / best bare forward = {np.median(ext / bare):.3f}  (target >= 0.85)")
         print(f"{name} / best plain loop   = {np.median(ext / plain):.3f}  (target > 1)")
+    emit_row("extract_speed", backbone=backbone.name, n=args.n, images_per_s=rates, cpu_s=cpu)
 
 
 if __name__ == "__main__":

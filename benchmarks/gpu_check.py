@@ -17,17 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.tiny_sd's vocabulary
 
 from genattr.attribution import Attributor
 from genattr.data.official import TestCaseFeatures
@@ -36,28 +31,12 @@ from genattr.features import get_backbone
 from genattr.features.embedder import embed_images
 from genattr.features.extract import extract
 from genattr.search.index import build_index
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn: Callable[[], object], device: str, repeat: int = 3) -> float:
-    """Best of `repeat` wall times after one warm-up call."""
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+from harness import emit_row, sd_pipeline, timed
 
 
 def report(rows: list[dict], name: str, genattr_s: float, bare_s: float, unit: str) -> None:
     rows.append({"path": name, "genattr_s": genattr_s, "bare_s": bare_s, "unit": unit})
+    emit_row("gpu_check", **rows[-1])
     print(
         f"{name:<34} genattr {genattr_s * 1e3:9.2f} ms  bare {bare_s * 1e3:9.2f} ms  "
         f"ratio {genattr_s / bare_s:5.2f}  ({unit})",
@@ -98,10 +77,12 @@ def check_features(rows, root: Path, device: str, small: bool, n: int) -> None:
                 for _ in range(n // batch):
                     backbone.model(x)
 
-        t_bare = timed(bare, device) / (n // batch * batch)
+        t_bare = timed(bare, repeat=3, warmup=1, sync_device=device) / (n // batch * batch)
         t_embed = timed(
             lambda dtype=dtype: embed_images(backbone, images, batch_size=batch, dtype=dtype),
-            device,
+            repeat=3,
+            warmup=1,
+            sync_device=device,
         ) / len(images)
         report(rows, f"embed_images ViT-B/16 {dtype}", t_embed, t_bare, "per image")
         runs = iter(range(100))
@@ -110,7 +91,7 @@ def check_features(rows, root: Path, device: str, small: bool, n: int) -> None:
             extract(backbone, folder, root / f"store-{dtype}-{next(runs)}", batch_size=batch,
                     device=device, dtype=dtype, workers=4)  # fmt: skip
 
-        t_extract = timed(run_extract, device, repeat=1) / len(images)
+        t_extract = timed(run_extract, warmup=1, sync_device=device) / len(images)
         report(rows, f"extract (JPEG files) {dtype}", t_extract, t_bare, "per image")
 
     # attribution: 100k-image gallery, one forward per query batch plus search and influence
@@ -124,13 +105,15 @@ def check_features(rows, root: Path, device: str, small: bool, n: int) -> None:
     )
     attributor = Attributor(index, None, backbone, batch_size=batch)
     queries = images[:batch]
-    t_attr = timed(lambda: attributor.attribute(queries, 20), device) / len(queries)
+    t_attr = timed(
+        lambda: attributor.attribute(queries, 20), repeat=3, warmup=1, sync_device=device
+    ) / len(queries)
 
     def bare_one_batch():
         with torch.inference_mode():
             backbone.model(x[: len(queries)])
 
-    t_fwd = timed(bare_one_batch, device) / len(queries)
+    t_fwd = timed(bare_one_batch, repeat=3, warmup=1, sync_device=device) / len(queries)
     report(rows, "Attributor.attribute (100k gallery)", t_attr, t_fwd, "per query")
 
 
@@ -148,7 +131,11 @@ def check_evaluate(rows, device: str, small: bool) -> None:
         {"q": list(range(n_models))},
         {"q": synth},
     )
-    t_eval = timed(lambda: evaluate_protocol(gallery, tc, (5, 10, 100), device=device), device, 1)
+    t_eval = timed(
+        lambda: evaluate_protocol(gallery, tc, (5, 10, 100), device=device),
+        warmup=1,
+        sync_device=device,
+    )
     g = gallery.to(device)
     q = torch.nn.functional.normalize(synth, dim=-1).to(device)
 
@@ -156,57 +143,9 @@ def check_evaluate(rows, device: str, small: bool) -> None:
         for s in range(0, n_gallery, 262_144):
             q @ g[s : s + 262_144].float().T
 
-    t_gemm = timed(gemm, device, 1)
+    t_gemm = timed(gemm, warmup=1, sync_device=device)
     report(rows, f"evaluate_protocol {n_gallery}x{dim}", t_eval / n_models, t_gemm / n_models,
            "per query")  # fmt: skip
-
-
-def sd_pipeline(root: Path, small: bool, device: str):
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from tests.tiny_sd import char_vocab
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    (root / "vocab.json").write_text(json.dumps(char_vocab()))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=77)
-    torch.manual_seed(0)
-    width = (32, 64, 64, 64) if small else (320, 640, 1280, 1280)
-    ctx = 64 if small else 768
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=width,
-        cross_attention_dim=ctx,
-        attention_head_dim=8,
-        norm_num_groups=32 if not small else 16,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64, 64, 64) if small else (128, 256, 512, 512),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        norm_num_groups=32 if not small else 16,
-        sample_size=512,
-    )
-    te = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tok),
-            hidden_size=ctx,
-            intermediate_size=4 * ctx,
-            num_hidden_layers=2 if small else 12,
-            num_attention_heads=4 if small else 12,
-            max_position_embeddings=77,
-        )
-    )
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)  # fmt: skip
-    pipe = StableDiffusionPipeline(unet, vae, te, tok, sched, None, None, False)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    return pipe.to(device, dtype if not small else torch.float32)
 
 
 def check_diffusion(rows, root: Path, device: str, small: bool) -> None:
@@ -214,7 +153,8 @@ def check_diffusion(rows, root: Path, device: str, small: bool) -> None:
     from genattr.customize.sample import SampleConfig, generate_images
     from genattr.customize.train import Customizer
 
-    pipe = sd_pipeline(root, small, device)
+    dtype = torch.float16 if device.startswith("cuda") and not small else torch.float32
+    pipe = sd_pipeline("small" if small else "sd1").to(device, dtype)
     res = 128 if small else 512
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (res, res, 3), np.uint8)).save(
         root / "exemplar.png"
@@ -222,7 +162,11 @@ def check_diffusion(rows, root: Path, device: str, small: bool) -> None:
     steps = 4 if small else 20
     cfg = CustomizeConfig(max_train_steps=steps, resolution=res, train_batch_size=2)
     cz = Customizer(pipe)
-    t_train = timed(lambda: cz.train([root / "exemplar.png"], "object", "dog", cfg), device, 1)
+    t_train = timed(
+        lambda: cz.train([root / "exemplar.png"], "object", "dog", cfg),
+        warmup=1,
+        sync_device=device,
+    )
     unet = pipe.unet
     latents = torch.randn(2, 4, res // 8, res // 8, device=device, dtype=unet.dtype)
     ctx = torch.randn(2, 77, unet.config.cross_attention_dim, device=device, dtype=unet.dtype)
@@ -235,13 +179,15 @@ def check_diffusion(rows, root: Path, device: str, small: bool) -> None:
             out = unet(latents, torch.tensor([500], device=device), ctx).sample
             out.float().pow(2).mean().backward()
 
-    t_bare = timed(bare_step, device, 1)
+    t_bare = timed(bare_step, warmup=1, sync_device=device)
     report(rows, "Customizer.train step (batch 2)", t_train / steps, t_bare / steps, "per step")
     for p in params:
         p.requires_grad_(False)
     sample = SampleConfig(steps=steps, images_per_prompt=2, height=res, width=res)
     t_gen = timed(
-        lambda: generate_images(pipe, ["a photo of a dog"], root / "samples", sample), device, 1
+        lambda: generate_images(pipe, ["a photo of a dog"], root / "samples", sample),
+        warmup=1,
+        sync_device=device,
     )
     latents4 = torch.cat([latents, latents])
     ctx4 = torch.cat([ctx, ctx])
@@ -251,7 +197,7 @@ def check_diffusion(rows, root: Path, device: str, small: bool) -> None:
             for _ in range(steps):
                 unet(latents4, torch.tensor([500], device=device), ctx4)
 
-    t_unet = timed(bare_sampling, device, 1)
+    t_unet = timed(bare_sampling, warmup=1, sync_device=device)
     report(rows, "generate_images (2 images, CFG)", t_gen / steps, t_unet / steps, "per step")
 
 

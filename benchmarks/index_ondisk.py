@@ -27,18 +27,7 @@ import numpy as np
 import torch
 
 from attribute_speed import clustered, per_query_ms
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("RssAnon", "VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
+from harness import emit_row, proc_status
 
 
 def build_in_child(store: Path, out: Path, kind: str, budget: str) -> dict:
@@ -61,14 +50,14 @@ def build_in_child(store: Path, out: Path, kind: str, budget: str) -> dict:
     peak_anon = 0
     result = None
     while result is None:
-        peak_anon = max(peak_anon, _status(proc.pid).get("RssAnon", 0))
+        peak_anon = max(peak_anon, proc_status(proc.pid).get("RssAnon", 0))
         if proc.poll() is not None:
             sys.exit(f"build of {kind} failed")
         line = _ready_line(proc)  # faiss prints to stdout too
         if line and line.startswith("RESULT "):
             result = json.loads(line.removeprefix("RESULT "))
         time.sleep(0.02)
-    result["peak_total_rss"] = _status(proc.pid).get("VmHWM", 0)
+    result["peak_total_rss"] = proc_status(proc.pid).get("VmHWM", 0)
     result["peak_anon_rss"] = peak_anon
     proc.communicate("\n")
     return result
@@ -143,6 +132,7 @@ def main() -> None:
             }
             print(base, "ondisk / in-memory", report[f"{base}: ondisk / in-memory"], flush=True)
     print(json.dumps(report, indent=1))
+    emit_row("index_ondisk", **report)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,9 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -39,30 +36,7 @@ from genattr.calibrate import Calibrator, save_calibrator
 from genattr.search.index import AttributionIndex
 from genattr.serve.world_index import default_world_index
 from genattr.world.clipart import load_data
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit("server did not become healthy")
-
-
-def health(url: str) -> dict:
-    with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
-        return json.load(r)
+from harness import emit_row, health, served
 
 
 async def load(url: str, images: list[bytes], clients: int, seconds: float, top_k: int):
@@ -151,18 +125,12 @@ def main() -> None:
     backbone = backbone_for_index(index, None, "cpu")
     attribute([files[0]], index, calibrator, args.top_k, backbone=backbone)  # warm
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "genattr.cli", "serve", "--index", str(index_path)]
-    cmd += ["--calibrator", str(tmp / "calibrator.json"), "--port", str(port)]
-    cmd += ["--threads", str(args.threads)]
+    cmd += ["--calibrator", str(tmp / "calibrator.json"), "--threads", str(args.threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    log = open(tmp / "server.log", "w")  # noqa: SIM115 (open for the server's lifetime)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     lat, ref, errors, ratios = [], [], [], []
     wall = ref_wall = cpu = ref_cpu = client_cpu = 0.0
-    try:
-        wait_healthy(url, proc)
+    with served(cmd, log=tmp / "server.log", env=env) as (proc, url):
         asyncio.run(load(url, images[:4], 1, 1.0, args.top_k))  # warm
         h0 = health(url)
         for _ in range(args.rounds):
@@ -183,14 +151,10 @@ def main() -> None:
             ref_cpu += f_cpu
             ratios.append((len(r_lat) / r_wall) / (len(f_lat) / sum(f_lat)))
         h1 = health(url)
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
 
     lat_a, ref_a = np.array(lat), np.array(ref)
     batches = h1["batches"] - h0["batches"]
-    served = h1["requests"] - h0["requests"]
+    n_served = h1["requests"] - h0["requests"]
     report = {
         "gallery": {"images": h1["images"], "backbone": h1["backbone"], "kind": h1["index_kind"]},
         "clients": args.clients,
@@ -204,7 +168,7 @@ def main() -> None:
             "p50_ms": ms(lat_a, 50),
             "p99_ms": ms(lat_a, 99),
             "errors": len(errors),
-            "mean_batch": round(served / max(1, batches), 2),
+            "mean_batch": round(n_served / max(1, batches), 2),
             "server_cpu_ms_per_request": round(1000 * cpu / max(1, len(lat_a)), 1),
             "client_cpu_ms_per_request": round(1000 * client_cpu / max(1, len(lat_a)), 1),
         },
@@ -222,6 +186,7 @@ def main() -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
     print(json.dumps(report, indent=1))
+    emit_row("serve_load", **report)
     if errors:
         print("errors:", *errors[:5], sep="\n  ")
         raise SystemExit(1)

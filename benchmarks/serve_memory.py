@@ -29,30 +29,21 @@ import asyncio
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
-from tests.server_process import HOSTILE_UPLOADS, free_port, status_mb
+from tests.server_process import HOSTILE_UPLOADS
 
 from genattr.calibrate import Calibrator, save_calibrator
 from genattr.serve.world_index import default_world_index
 from genattr.world.clipart import load_data
-
-MB = 2**20
-
-
-def reset_peak(pid: int) -> None:
-    """Start VmHWM again from the current RSS (Linux: 5 > clear_refs)."""
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
+from harness import emit_row, health, reset_peak_rss, served, status_mb
 
 
 class Sampler(threading.Thread):
@@ -71,31 +62,6 @@ class Sampler(threading.Thread):
             except (OSError, KeyError):
                 return
             time.sleep(self.every)
-
-
-def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 900) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.3)
-    raise SystemExit("server did not become healthy")
-
-
-def start_server(cmd: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(log_path, "w")  # noqa: SIM115 (open for the server's lifetime)
-    proc = subprocess.Popen(
-        [*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env
-    )
-    proc.log = log  # type: ignore[attr-defined]
-    wait_healthy(url, proc, log_path)
-    return proc, url
 
 
 async def burst(
@@ -159,20 +125,14 @@ async def burst(
     return results, wall, normal_lat, health_lat, normal_errors
 
 
-def health(url: str) -> dict:
-    with urllib.request.urlopen(url + "/healthz", timeout=30) as r:
-        return json.load(r)
-
-
 def measure(args, cmd: list[str], env: dict, tmp: Path, worst: bytes, normal: bytes) -> dict:
-    proc, url = start_server(cmd, env, tmp / "server.log")
-    try:
+    with served(cmd, log=tmp / "server.log", env=env, timeout=900) as (proc, url):
         for _ in range(5):  # warm: first batch, thread pools, allocator
             with httpx.Client(base_url=url, timeout=60) as c:
                 c.post("/attribute", files={"image": ("n.png", normal, "image/png")})
         time.sleep(1.0)
         idle = status_mb(proc.pid, "VmRSS")
-        reset_peak(proc.pid)
+        reset_peak_rss(proc.pid)
         sampler = Sampler(proc.pid)
         sampler.start()
         results, wall, normal_lat, health_lat, normal_errors = asyncio.run(
@@ -186,13 +146,6 @@ def measure(args, cmd: list[str], env: dict, tmp: Path, worst: bytes, normal: by
             time.sleep(wait)
             after[at] = status_mb(proc.pid, "VmRSS")
         h = health(url)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        proc.log.close()  # type: ignore[attr-defined]
     statuses: dict[int, int] = {}
     for status, _, _ in results:
         statuses[status] = statuses.get(status, 0) + 1
@@ -261,6 +214,7 @@ def main() -> None:
             "load_average": [round(x, 2) for x in os.getloadavg()],
         }
         print(json.dumps(report, indent=1), flush=True)
+        emit_row("serve_memory", **report)
         statuses = ", ".join(f"{n} x {s}" for s, n in sorted(m["worst_statuses"].items()))
         rows.append(
             f"| {name} | {len(worst) / 1e3:,.0f} KB | {statuses} | {m['idle_rss_mb']} MB | "

@@ -19,6 +19,7 @@ import torch
 from genattr.world.base import BaseConfig
 from genattr.world.clipart import load_data
 from genattr.world.training import BaseTrainer
+from harness import emit_row
 
 
 def seconds_per_step(
@@ -62,6 +63,8 @@ def main() -> None:
         f"attention at 8x8 and 16x16:   {more:.2f} s/step ({1 / more:.3f} steps/s), UNet {p2:.1f}M"
     )
     print(f"ratio: {more / base:.2f}x  (batch {BaseConfig().batch_size}, {args.threads} thread(s))")
+    steps = {"attention 8x8": base, "attention 8x8 and 16x16": more}
+    emit_row("world_step", threads=args.threads, seconds_per_step=steps, ratio=more / base)
     if args.bf16:
         half, _ = seconds_per_step(1, args.steps, images, captions, bf16=True)
         print(f"8x8 only, bf16 autocast:      {half:.2f} s/step, {half / base:.2f}x fp32's time")

@@ -8,12 +8,12 @@ thread) under whatever kernel family the environment selects and compares them w
 recorded ones in `tests/fixtures/single_concept/`, tensor by tensor: the tolerance of that test
 comes from these figures. Run it once per family on one machine:
 
-    .venv/bin/python benchmarks/kernel_family_drift.py
+    .venv/bin/python experiments/kernel_family_drift.py
     ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 \
-        .venv/bin/python benchmarks/kernel_family_drift.py
+        .venv/bin/python experiments/kernel_family_drift.py
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
-        .venv/bin/python benchmarks/kernel_family_drift.py   # on an AVX-512 machine
-    .venv/bin/python benchmarks/kernel_family_drift.py --steps 5  # a real change, for scale
+        .venv/bin/python experiments/kernel_family_drift.py   # on an AVX-512 machine
+    .venv/bin/python experiments/kernel_family_drift.py --steps 5  # a real change, for scale
 
 `--record` rewrites the fixture from this family instead (it was recorded with the AVX2
 kernels, where it equals the sha256 pins the test used to hold).
@@ -31,6 +31,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' recipe and pipeline
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def main() -> None:
@@ -77,6 +80,7 @@ def main() -> None:
         "per_tensor": drift,
     }
     print(json.dumps({k: v for k, v in report.items() if k != "per_tensor"}, indent=1))
+    emit_row("kernel_family_drift", **{k: v for k, v in report.items() if k != "per_tensor"})
     worst = sorted(drift.items(), key=lambda kv: -kv[1]["rel"])[:5]
     for name, d in worst:
         print(f"  {name}: abs {d['abs']:.3g}, rel {d['rel']:.3g}")

@@ -2,7 +2,7 @@
 the unlearning attributor on the same world test queries, each beside its query-blind
 controls and chance, with cost (precomputation, latency per query, storage).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/method_comparison.py --work DIR \
+    PYTHONPATH=. .venv/bin/python experiments/method_comparison.py --work DIR \
         --heads DEMO/heads --methods features heads gradient trak unlearning
 
 Single-concept AbC models: the first `--objects` object and `--styles` style test models of
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ from genattr.workflows.model_methods import (
 )
 from genattr.world.base import load_world_base
 from genattr.world.benchmark import load_benchmark
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def method(name: str, heads: Path | None, unlearning_steps: int, scale: float) -> ScoringMethod:
@@ -152,6 +157,7 @@ def main() -> None:
                 "full": ev.to_json(),
             }
             path.write_text(json.dumps(doc, indent=1))
+            emit_row("method_comparison", **{k: v for k, v in doc.items() if k != "full"})
             logging.info("%s %s: %s", name, case, json.dumps(doc["abc"]))
     write_table(out)
 

@@ -3,13 +3,14 @@ world test model: 10 unlearning steps at 1, 10, 100 and 1000 times AbU's step si
 to the world UNet (`resolved_step_size`), the query's loss before and after, and the loss
 change and rank of the model's exemplar among 200 random pre-training images.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/unlearning_step_size.py --work DIR --model object-000
+    PYTHONPATH=. .venv/bin/python experiments/unlearning_step_size.py --work DIR --model object-000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,10 @@ from genattr.methods.unlearning import (
 )
 from genattr.workflows.model_cases import encode, world_cases, world_gallery
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     (case,) = world_cases(args.work, [args.model], 4)
-    pipe = case.load()
+    pipe = case.load().pipe  # a LoadedModel: (pipe, key)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     gallery = world_gallery()
     sub = gallery.take(np.random.default_rng(0).choice(len(gallery), 200, replace=False))
@@ -72,6 +77,7 @@ def main() -> None:
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
+            emit_row("unlearning_step_size", model=args.model, **rows[-1])
 
 
 if __name__ == "__main__":

@@ -3,13 +3,14 @@ steps (the same first-order movement: steps x step size fixed) rank the gallery 
 Scores of a few world queries under both settings: Spearman correlation of the score rows,
 overlap of the top 100, the rank of the query model's exemplar, and seconds per query.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/unlearning_steps.py --work DIR --model object-000
+    PYTHONPATH=. .venv/bin/python experiments/unlearning_steps.py --work DIR --model object-000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,10 @@ from genattr.methods.gradient import select_parameters
 from genattr.methods.unlearning import UnlearningSpec, resolved_step_size
 from genattr.workflows.model_cases import world_cases, world_gallery
 from genattr.workflows.model_methods import UnlearningMethod
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -35,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     (case,) = world_cases(args.work, [args.model], args.queries)
-    pipe = case.load()
+    pipe = case.load().pipe  # a LoadedModel: (pipe, key)
     n_params = sum(p.numel() for _, p in select_parameters(pipe.unet, "cross_attn_kv"))
     eta = resolved_step_size(UnlearningSpec(), n_params)
     (concept,) = case.concepts
@@ -62,6 +67,7 @@ def main() -> None:
         "seconds_per_query": {str(k): v[1] for k, v in out.items()},
     }
     print(json.dumps(res, indent=1))
+    emit_row("unlearning_steps", **res)
 
 
 if __name__ == "__main__":

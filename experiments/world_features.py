@@ -8,13 +8,14 @@ pre-training images + the query's own exemplars), the same on the stricter galle
 held-out exemplar of the benchmark is a distractor too), and the query-independent control
 (each gallery image scored by its mean similarity to all queries), on both galleries.
 
-    .venv/bin/python benchmarks/world_features.py --weights runs/enc1/world-cnn32.safetensors \
+    .venv/bin/python experiments/world_features.py --weights runs/enc1/world-cnn32.safetensors \
         [--grids 1 2 4 8] [--split val] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,13 @@ from genattr.evaluate import evaluate_protocol
 from genattr.features.worldcnn import WorldCNN, load_world_cnn
 from genattr.world.benchmark import load_benchmark
 from genattr.world.clipart import load_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
+
+# the mAP columns: AbC gallery, the stricter one, and the query-independent control on each
+COLUMNS = ("abc", "stricter", "query-independent", "query-independent, stricter")
 
 
 def pixel_space(images: np.ndarray) -> torch.Tensor:
@@ -124,6 +132,8 @@ def main() -> None:
                     + " |",
                     flush=True,
                 )
+                maps = dict(zip(COLUMNS, (c[p]["mAP"] for c in cells), strict=True))
+                emit_row("world_features", space=name, case=case, prompt_type=p, mAP=maps)
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 

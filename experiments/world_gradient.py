@@ -7,13 +7,14 @@ three controls: the mean query gradient as the query, the same prompts on unrela
 (what the prompt and its <new1> token alone score), and the smallest gradient first (a
 membership signal that ignores the query: the customized model has fitted its exemplars).
 
-    .venv/bin/python benchmarks/world_gradient.py --models object-000 style-000 --work DIR
+    .venv/bin/python experiments/world_gradient.py --models object-000 style-000 --work DIR
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +29,10 @@ from genattr.methods import GradientSpec, gradient_scores, projected_gradients
 from genattr.world.base import base_model_dir, load_world_base
 from genattr.world.benchmark import build_benchmark, load_benchmark
 from genattr.world.clipart import load_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def text_states(pipe, prompts: list[str]) -> torch.Tensor:
@@ -136,6 +141,7 @@ def main() -> None:
             }
         )
         print(json.dumps(rows[-3:], indent=1), flush=True)
+        emit_row("world_gradient", model=mid, rows=rows[-3:])
     (args.work / "results.json").write_text(json.dumps(rows, indent=1))
 
 

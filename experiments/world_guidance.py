@@ -10,7 +10,7 @@ For each guidance scale, two measurements on the same models and seeds:
   models: how attributable the samples are;
 - the base model (`--quality-n` > 0): `genattr world quality`'s category agreement.
 
-    .venv/bin/python benchmarks/world_guidance.py --bench runs/world/benchmark-XXXX/bench \
+    .venv/bin/python experiments/world_guidance.py --bench runs/world/benchmark-XXXX/bench \
         --guidance 2 3 4 6 [--every 3] [--quality-n 128] [--threads 1]
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,10 +28,15 @@ from PIL import Image
 
 from genattr.customize.loading import load_custom_diffusion
 from genattr.customize.pipeline import load_base_pipeline
+from genattr.evaluate import metrics_from_counts
 from genattr.features import get_backbone
 from genattr.world.base import sample
 from genattr.world.clipart import load_data
 from genattr.world.quality import embed, sample_quality
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -43,9 +49,14 @@ def pixel_features(images: np.ndarray) -> np.ndarray:
 
 
 def average_precision(scores: np.ndarray, gallery_rows: np.ndarray, positives: np.ndarray) -> float:
-    hits = np.isin(gallery_rows[np.argsort(-scores)], positives)
-    ranks = np.nonzero(hits)[0] + 1
-    return float(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+    """AP of the `positives` when `scores` rank the gallery rows `gallery_rows`: the protocol's
+    own (`metrics_from_counts`), from each positive's count of other rows scoring higher."""
+    own = np.isin(gallery_rows, positives)
+    thresholds = np.sort(scores[own])
+    others = np.sort(scores[~own])
+    above = len(others) - np.searchsorted(others, thresholds, side="right")
+    ap, _ = metrics_from_counts(above[None], np.array([len(thresholds)]), (1,))
+    return float(ap[0])
 
 
 def main() -> None:
@@ -89,6 +100,8 @@ def main() -> None:
             for s in ("pixel", "efficientnet")
         ]
         print(f"| {g:g} | " + " | ".join(cells) + " |")
+        mean_ap = {f"{m}, {s}": float(np.mean(v)) for (m, s), v in table.items()}
+        emit_row("world_guidance", guidance=g, models_every=args.every, mean_ap=mean_ap)
     if args.quality_n:
         pipe = load_base_pipeline(base, "cpu", "float32")
         print("\n| guidance | base: category agreement | chance | real | NN cosine |")

@@ -5,7 +5,7 @@ one embedding store per backbone) and, per backbone and head setting, trains a h
 train models with early stopping on the val models (`genattr train-head`'s path), then
 reports the best val mAP and that head's test mAP per test case next to raw features.
 
-    .venv/bin/python benchmarks/world_heads.py --demo demo-out --backbones pixel world-cnn \
+    .venv/bin/python experiments/world_heads.py --demo demo-out --backbones pixel world-cnn \
         [--heads channel linear mlp] [--temperatures 0.03 0.07 0.2] [--lrs 1e-3 3e-3] \
         [--batch-size 128] [--distractors-per-batch 1024] [--patience 5] \
         [--exemplar-negatives all] [--strict-validation]
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +31,10 @@ from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
 from genattr.workflows.demo import stricter_gallery
 from genattr.workflows.train_head import train_heads_from_stores
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def case_maps(
@@ -85,6 +90,7 @@ def main() -> None:
         stores = args.demo / "stores" / name
         raw, raw_strict = (case_maps(manifest, stores, None, strict) for strict in (False, True))
         print(f"| {name} | raw | | | | {fmt(raw)} | {fmt(raw_strict)} |")
+        emit_row("world_heads", backbone=name, head="raw", test=raw, test_stricter=raw_strict)
         for head, temp, lr in itertools.product(args.heads, args.temperatures, args.lrs):
             t0 = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
@@ -118,6 +124,17 @@ def main() -> None:
                 f"{fmt(test)} | {fmt(test_strict)} | "
                 f"<!-- {time.perf_counter() - t0:.0f} s -->",
                 flush=True,
+            )
+            emit_row(
+                "world_heads",
+                backbone=name,
+                head=head,
+                temperature=temp,
+                lr=lr,
+                best_val_mAP=best,
+                best_epoch=result.best_epoch,
+                test=test,
+                test_stricter=test_strict,
             )
 
 

@@ -19,7 +19,7 @@ groups, `--styles` artists), each setting customizes the shipped base model with
 
 Step 0 is the base model with `<new1>` at its initializer's embedding: the reference.
 
-    .venv/bin/python benchmarks/world_imprint.py --objects 8 --styles 4 \
+    .venv/bin/python experiments/world_imprint.py --objects 8 --styles 4 \
         --steps 0 40 80 160 --lr 1e-3 3e-3 1e-2 --guidance 3 [--threads 2]
 """
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from world_guidance import average_precision  # this folder is on sys.path
 
 from genattr.customize import Customizer
 from genattr.customize.config import config_from_dict
@@ -42,7 +44,10 @@ from genattr.world.base import load_world_base, sample
 from genattr.world.benchmark import WORLD_PROMPT_SETS, WORLD_TRAIN, object_category
 from genattr.world.clipart import load_data
 from genattr.world.quality import embed
-from world_guidance import average_precision  # benchmarks/ is on sys.path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:
@@ -145,6 +150,8 @@ def main() -> None:
                 for v in (by_mode[mode][c] for c in cols)
             ]
             print(f"| {lr:g} | {steps} | {g:g} | " + " | ".join(cells) + " |")
+            means = {c: float(np.mean(v)) for c, v in by_mode[mode].items()}
+            emit_row("world_imprint", mode=mode, lr=lr, steps=steps, guidance=g, mean=means)
     print(f"\n{time.perf_counter() - t_start:.0f} s")
 
 

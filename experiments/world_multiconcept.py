@@ -14,13 +14,14 @@ Also a PNG grid per model (row per concept: exemplars | samples) and, with `--ve
 rebuild of one model from nothing that must reproduce its packed samples within one grey
 level.
 
-    .venv/bin/python benchmarks/world_multiconcept.py [--out DIR] [--verify multi-object-0]
+    .venv/bin/python experiments/world_multiconcept.py [--out DIR] [--verify multi-object-0]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,11 +31,15 @@ import torch
 from PIL import Image
 
 from genattr.data.official import TestCaseFeatures
-from genattr.evaluate import evaluate_protocol
+from genattr.evaluate import evaluate_protocol, expected_random_ap
 from genattr.features.registry import get_backbone
 from genattr.world.benchmark import load_benchmark
 from genattr.world.clipart import load_data
 from genattr.world.multiconcept import load_multiconcept, verify_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 
 def embedder(name: str):
@@ -46,17 +51,6 @@ def embedder(name: str):
         return torch.cat(parts)
 
     return f
-
-
-def chance_ap(n_gallery: int, n_own: int, draws: int = 4000, seed: int = 0) -> float:
-    """Expected AP when the n_own relevant items sit at random among n_gallery + n_own."""
-    rng = np.random.default_rng(seed)
-    total = n_gallery + n_own
-    aps = []
-    for _ in range(draws):
-        ranks = np.sort(rng.choice(total, n_own, replace=False)) + 1
-        aps.append(np.mean(np.arange(1, n_own + 1) / ranks))
-    return float(np.mean(aps))
 
 
 def testcase(space, data, concepts, synth_images) -> TestCaseFeatures:
@@ -168,10 +162,13 @@ def main() -> None:
             n_all = sum(len(c["exemplars"]) for c in cs)
             for c in cs:
                 n = len(c["exemplars"])
-                rows.setdefault("chance (a)", []).append(chance_ap(len(pre), n))
-                rows.setdefault("chance (b)", []).append(chance_ap(len(pre) + n_all - n, n))
+                # the expected AP of the n own exemplars ranked at random among: gallery (a),
+                # gallery (b), and the K sets alone (membership known, order random)
+                chance = expected_random_ap(n, [len(pre) + n, len(pre) + n_all, n_all])
+                rows.setdefault("chance (a)", []).append(float(chance[0]))
+                rows.setdefault("chance (b)", []).append(float(chance[1]))
                 rows.setdefault("membership only (a)", []).append(1.0)
-                rows.setdefault("membership only (b)", []).append(chance_ap(n_all - n, n))
+                rows.setdefault("membership only (b)", []).append(float(chance[2]))
             rows.setdefault("draws", []).extend(c["draws"] for c in cs)
         results["summary"][name] = rows
         modes = [m["mode"] for m in mc.models for _ in m["concepts"]]
@@ -185,6 +182,8 @@ def main() -> None:
                 per = [v[[md == mode for md in modes]].mean() for mode in ("object", "style")]
                 cells.append(f"{v.mean():.3f} ({per[0]:.3f} / {per[1]:.3f})")
             print(f"| {label} | {cells[0]} | {cells[1]} |")
+        means = {label: float(np.mean(v)) for label, v in rows.items() if label != "draws"}
+        emit_row("world_multiconcept", backbone=name, k=k, mean_map_per_concept=means)
         for which in ("multi", "single"):
             v = np.asarray(rows[f"{which} own set first"])
             per = [v[[md == mode for md in modes]].mean() for mode in ("object", "style")]

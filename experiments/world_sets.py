@@ -11,18 +11,18 @@ model's mean over its queries, with the standard error across models, for:
 - the same on the stricter gallery (every other set's images added as distractors), and the
   query-independent control (every query replaced by the mean query: a ranking that ignores
   which sample was asked about) on both galleries;
-- chance (the exact expected AP of a random ranking, simulated) and membership (a method that
-  knows which images the model was tuned on ranks the set first: mAP 1 by construction,
-  which is why model-based attributors are not compared on this gallery).
+- chance (the exact expected AP of a random ranking: `expected_random_ap`) and membership (a
+  method that knows which images the model was tuned on ranks the set first: mAP 1 by
+  construction, which is why model-based attributors are not compared on this gallery).
 
 And a finer question membership cannot answer: a `set` prompt is the caption of one image of
 the set; does the sample rank that image first among the set's N images? (top-1 within the
 set, image features raw and through the head; chance = own images / N; text alone would
 score 1, since the prompt is that caption.)
 
-Text-aware features on the same sets: `benchmarks/world_text.py --cases set-4 set-16 ...`.
+Text-aware features on the same sets: `experiments/world_text.py --cases set-4 set-16 ...`.
 
-    .venv/bin/python benchmarks/world_sets.py --demo demo-out [--out sets.json] \
+    .venv/bin/python experiments/world_sets.py --demo demo-out [--out sets.json] \
         [--figure docs/world/sets-vs-n.png]
 """
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,17 +47,11 @@ from genattr.vectors import embed
 from genattr.workflows.demo import stricter_gallery
 from genattr.world.clipart import load_data
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
+
 KS = (10,)
-
-
-def chance_ap(n_gallery: int, n_own: int, draws: int = 4000, seed: int = 0) -> float:
-    """Expected AP when the n_own relevant items sit at random among n_gallery + n_own."""
-    rng = np.random.default_rng(seed)
-    aps = []
-    for _ in range(draws):
-        ranks = np.sort(rng.choice(n_gallery + n_own, n_own, replace=False)) + 1
-        aps.append(np.mean(np.arange(1, n_own + 1) / ranks))
-    return float(np.mean(aps))
 
 
 def per_model(result: EvaluationResult) -> dict[str, dict[str, float]]:
@@ -185,7 +180,10 @@ def main() -> None:
     rows: dict[str, dict[int, dict]] = {}
     within: dict[str, dict[int, float]] = {}
     rows["chance"] = {
-        n: {p: {"mAP": chance_ap(n_gallery, n), "R@10": float("nan")} for p in ("set", "held-out")}
+        n: {
+            p: {"mAP": float(expected_random_ap(n, n_gallery + n)), "R@10": float("nan")}
+            for p in ("set", "held-out")
+        }
         for n in by_size
     }
     rows["membership oracle (the set first, by construction)"] = {
@@ -252,8 +250,9 @@ def main() -> None:
     if args.figure:
         strict_n = n_gallery + sum(len(m.exemplars) for m in manifest.models)
         figure(rows, within, sizes, args.backbones, strict_n, args.figure)
+    doc = {"rows": rows, "own_image_first": within, "models_per_size": models_per}
+    emit_row("world_sets", **doc)
     if args.out:
-        doc = {"rows": rows, "own_image_first": within, "models_per_size": models_per}
         args.out.write_text(json.dumps(doc, indent=1))
 
 

@@ -6,14 +6,14 @@ modifier token removed, cos = (1-w)·cos_img + w·cos_txt (`genattr.features.tex
 For the models of `--splits` (test by default) and each test case of `--cases`, AbC protocol
 (gallery = pre-training images + the query's own exemplars; ties broken at random, see
 `_scores`), every prompt type pooled: mAP and Recall@10 at each text weight w, beside
-- chance: a random ranking of the same gallery (mAP by simulation, Recall@10 exact);
+- chance: a random ranking of the same gallery (exact: `expected_random_ap`, K / gallery);
 - shuffled prompts: each query gets the prompt of a query of another model of the same case
   (mean of `--shuffles` draws): what text adds when it says nothing about this query;
 - category only: the query text is just the model's category word ('animals'), the rest of
   the prompt dropped (object cases; styles have none): how much of what text adds is that
   one word, which names the exemplar's kind but not the exemplar.
 
-    nice .venv/bin/python benchmarks/world_text.py --out world-text.json \
+    nice .venv/bin/python experiments/world_text.py --out world-text.json \
         [--cases object unobserved style] [--splits test] [--text-encoder minilm]
 
 The captioned sets (`genattr.world.captioned`) are the cases `set-4` ... `set-256`: one per
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,12 +36,16 @@ import torch
 from PIL import Image
 
 from genattr.data.official import TestCaseFeatures
-from genattr.evaluate import EvaluationResult, evaluate_scores
+from genattr.evaluate import EvaluationResult, evaluate_scores, expected_random_ap
 from genattr.features.registry import get_backbone
 from genattr.features.text import TextEncoder, clean_prompt, load_text_encoder, text_aware
 from genattr.world.benchmark import load_benchmark
 from genattr.world.captioned import case_name, load_sets
 from genattr.world.clipart import load_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
+
+from harness import emit_row
 
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 K = 10
@@ -120,20 +125,13 @@ def _pooled(res: EvaluationResult) -> dict[str, float]:
     return {"mAP": float(ap.mean()), f"R@{K}": float(recall[:, res.ks.index(K)].mean())}
 
 
-def chance(n_gallery: int, n_own: np.ndarray, draws: int = 2000, seed: int = 0) -> dict:
+def chance(n_gallery: int, n_own: np.ndarray) -> dict:
     """Expected mAP and Recall@K of a random ranking, averaged over queries (which differ
-    only in their exemplar count)."""
-    rng = np.random.default_rng(seed)
-    sizes, counts = np.unique(n_own, return_counts=True)
-    aps, recalls = [], []
-    for n in sizes:
-        total = n_gallery + n
-        ranks = np.sort(rng.random((draws, total)).argsort(1)[:, :n], 1) + 1
-        aps.append(float(np.mean(np.arange(1, n + 1) / ranks)))
-        recalls.append(min(K, total) / total)
+    only in their exemplar count): both exact."""
+    total = n_gallery + np.asarray(n_own)
     return {
-        "mAP": float(np.average(aps, weights=counts)),
-        f"R@{K}": float(np.average(recalls, weights=counts)),
+        "mAP": float(expected_random_ap(n_own, total).mean()),
+        f"R@{K}": float((np.minimum(K, total) / total).mean()),
     }
 
 
@@ -305,6 +303,7 @@ def main() -> None:
         results["cases"][name] = entry
     results["seconds"] = round(time.perf_counter() - t0, 1)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    emit_row("world_text", **results)
     print(f"\ncells: mAP / Recall@{K}; {results['seconds']:.0f} s; results in {args.out}")
 
 
