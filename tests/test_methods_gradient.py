@@ -18,6 +18,7 @@ from genattr.methods.gradient import (
     GradientSpec,
     SparseProjection,
     fixed_noises,
+    iter_gradients,
     loss_gradients,
     projected_gradients,
     select_parameters,
@@ -306,3 +307,15 @@ def test_a_customized_model_takes_gradients_at_its_custom_diffusion_layers(tiny)
     base_kv = [n for n, _ in unet.named_parameters() if KV.search(n)]
     with pytest.raises(RuntimeError, match="not have been used in the graph"):
         _reference_gradients(unet, sched, latents, text, spec, base_kv)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_batched_gradients_equal_one_image_at_a_time(model, batch_size):
+    """The per-sample trick (several images per pass, a partial last batch included) gives
+    each image the gradient plain autograd gives it alone."""
+    unet, sched, latents, text = model
+    spec = GradientSpec(seed=2)
+    names = [n for n, _ in select_parameters(unet)]
+    expected = _reference_gradients(unet, sched, latents, text, spec, names)
+    got = torch.stack(list(iter_gradients(unet, sched, latents, text, spec, batch_size=batch_size)))
+    _close(got, expected)

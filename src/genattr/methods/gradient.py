@@ -201,28 +201,92 @@ def iter_gradients(
     latents: torch.Tensor,
     text_embeddings: torch.Tensor,
     spec: GradientSpec,
+    *,
+    batch_size: int = 8,
 ) -> Iterator[torch.Tensor]:
-    """Each image's flat gradient (float32, CPU), one image at a time: memory holds one
-    image's graph (at the spec's timesteps) and one gradient."""
+    """Each image's flat gradient (float32, CPU), in order. Where every selected weight is a
+    bias-free linear layer's (`cross_attn_kv`), `batch_size` images share one forward and
+    one backward pass (`_linear_batch_gradients`); otherwise one image at a time, memory
+    holding one image's graph (at the spec's timesteps) and one gradient."""
     check_latents_and_text(latents, text_embeddings)
-    params = [p for _, p in select_parameters(unet, spec.params)]
+    chosen = select_parameters(unet, spec.params)
+    params = [p for _, p in chosen]
     ts = spec_timesteps(spec, scheduler.config.num_train_timesteps)
     device, dtype = params[0].device, params[0].dtype
     noises = fixed_noises(spec, tuple(latents.shape[1:]), len(ts)).to(device, dtype)
     timesteps = torch.tensor(ts, dtype=torch.long, device=device)
+    linears = _linear_layers(unet, chosen)
+    step = batch_size if linears is not None else 1
     with grad_only(unet, params):
-        for latent, text in zip(latents, text_embeddings, strict=True):
-            out = denoising_outputs(
-                unet,
-                scheduler,
-                latent.to(device, dtype)[None],
-                text.to(device, dtype)[None],
-                timesteps=timesteps,
-                noises=noises,
-                output=spec.output,
-            ).sum()
-            grads = torch.autograd.grad(out, params)
-            yield torch.cat([g.reshape(-1) for g in grads]).float().cpu()
+        for s in range(0, len(latents), step):
+            lat = latents[s : s + step].to(device, dtype)
+            txt = text_embeddings[s : s + step].to(device, dtype)
+
+            def output(lat: torch.Tensor = lat, txt: torch.Tensor = txt) -> torch.Tensor:
+                return denoising_outputs(
+                    unet, scheduler, lat, txt, timesteps=timesteps, noises=noises,
+                    output=spec.output,
+                ).sum()  # fmt: skip
+
+            if linears is not None:
+                yield from _linear_batch_gradients(output, linears, len(lat)).float().cpu()
+            else:
+                grads = torch.autograd.grad(output(), params)
+                yield torch.cat([g.reshape(-1) for g in grads]).float().cpu()
+
+
+def _linear_layers(unet: Any, chosen: list[tuple[str, Any]]) -> list[torch.nn.Linear] | None:
+    """The linear layer owning each selected weight, or None unless every one is the weight
+    of a bias-free `nn.Linear` (then per-image gradients come from one batched pass)."""
+    layers: list[torch.nn.Linear] = []
+    for name, p in chosen:
+        module = (
+            unet.get_submodule(name.removesuffix(".weight")) if name.endswith(".weight") else None
+        )
+        if (
+            not isinstance(module, torch.nn.Linear)
+            or module.weight is not p
+            or module.bias is not None
+        ):
+            return None
+        layers.append(module)
+    return layers
+
+
+def _linear_batch_gradients(
+    output: Any, linears: list[torch.nn.Linear], images: int
+) -> torch.Tensor:
+    """(images, n_params): each image's gradient of `output()` (a sum over the images' own,
+    independent outputs) w.r.t. the linear layers' weights, flattened as `select_parameters`
+    orders them. A linear layer's weight gradient is, per image, the sum over its rows
+    (tokens, timesteps) of grad_output^T input; one backward pass w.r.t. the layers' outputs
+    gives every image's grad_output, and no parameter gradient is ever summed over images
+    (the per-sample trick; exact up to float rounding)."""
+    seen: dict[torch.nn.Linear, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in linears}
+
+    def record(module: Any, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        seen[module].append((args[0].detach(), out))
+
+    handles = [m.register_forward_hook(record) for m in linears]
+    try:
+        total = output()
+    finally:
+        for h in handles:
+            h.remove()
+    calls = [(x, y) for m in linears for x, y in seen[m]]
+    grads = iter(torch.autograd.grad(total, [y for _, y in calls]))
+    flat = []
+    for m in linears:
+        weight = torch.zeros((images, *m.weight.shape), dtype=torch.float32, device=m.weight.device)
+        for x, _ in seen[m]:  # a layer called several times adds up
+            gy = next(grads)
+            weight += torch.einsum(
+                "bto,bti->boi",
+                gy.reshape(images, -1, gy.shape[-1]).float(),
+                x.reshape(images, -1, x.shape[-1]).float(),
+            )
+        flat.append(weight.reshape(images, -1))
+    return torch.cat(flat, dim=1)
 
 
 def loss_gradients(
