@@ -19,8 +19,8 @@ demo: setup
 	$(BIN)/genattr demo --out demo-out
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks scripts
-	$(BIN)/ruff format --check src tests benchmarks scripts
+	$(BIN)/ruff check src tests benchmarks experiments scripts
+	$(BIN)/ruff format --check src tests benchmarks experiments scripts
 	$(BIN)/mypy
 	$(BIN)/pytest
 

@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from world_guidance import average_precision  # this folder is on sys.path
 
 from genattr.customize import Customizer
 from genattr.customize.config import config_from_dict
@@ -44,6 +43,7 @@ from genattr.world.base import load_world_base, sample
 from genattr.world.benchmark import WORLD_PROMPT_SETS, WORLD_TRAIN, object_category
 from genattr.world.clipart import load_data
 from genattr.world.quality import embed
+from world_guidance import average_precision  # this folder is on sys.path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the harness
 

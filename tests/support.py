@@ -147,7 +147,7 @@ def kill_while_second_model_runs(plan: Path, bench: Path, first: str, second: st
 
 # The files a single-concept model saves on the tiny pipeline (`train_single_models`),
 # recorded with the code before multi-concept training existed (torch 2.13.0+cpu, AVX2 kernels,
-# one thread). Other kernel families round their sums differently (benchmarks/
+# one thread). Other kernel families round their sums differently (experiments/
 # kernel_family_drift.py), so the weights are compared within DRIFT_TOLERANCE of the largest
 # value of each tensor. Measured on one AVX2 machine: the non-vector kernels drift 3.4e-4 (all
 # three libraries switched) and 9.5e-4 (torch's alone); one training step fewer or more moves

@@ -64,7 +64,7 @@ TRAINING_OPTIONS = frozenset(
     }
 )
 # Classifier-free guidance for every sample of the world: grids, quality checks, the benchmark.
-# Measured (benchmarks/world_guidance.py): at 6, Custom Diffusion's default, the base model's
+# Measured (experiments/world_guidance.py): at 6, Custom Diffusion's default, the base model's
 # samples fall to chance category agreement and customized samples are far less attributable.
 GUIDANCE = 3.0
 # Values that reproduce runs saved before an option existed.
