@@ -1,26 +1,32 @@
 """`genattr demo` on the shipped miniature world, end to end through the CLI (every backbone,
 few epochs, to keep CI short): the report exists, its numbers are the ones written to
 results files, customized samples are attributed far above chance in every feature space, a
-trained head beats its raw backbone, and headless Chromium renders every table and image of
-the report (skipped where Chromium/Playwright are missing)."""
+trained head beats its raw backbone, the attributed test queries are a seeded draw whose
+stated exemplar ranks, influence and hit rate are those of the scores, and headless Chromium
+renders every table and image of the report (skipped where Chromium/Playwright are
+missing)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from genattr.cli import app
+from genattr.data.benchmark import BenchmarkManifest, CustomizedModel
 from genattr.evaluate import expected_random_ap
-from genattr.workflows.demo import DEMO_BACKBONES
+from genattr.report.demo_report import kept_epoch, training_figure
+from genattr.workflows.demo import CASES, DEMO_BACKBONES, QUERY_SEED, draw_queries
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the demo itself; the draw and the plot are checked in milliseconds
 ARTIFACTS = Path(__file__).parent / "artifacts"
 
 
@@ -43,6 +49,7 @@ CHANCE_FACTOR = {"object": 10, "unobserved": 8, "style": 1.3}
 CONTROL_FACTOR = {"object": 10, "unobserved": 5, "style": 1.5}
 
 
+@slow
 def test_demo_writes_results_above_chance_and_controls(demo_out) -> None:
     from genattr.world.benchmark import load_benchmark
     from genattr.world.clipart import load_data
@@ -86,6 +93,7 @@ SET_CHANCE_FACTOR = 2
 SET_CONTROL_FACTOR = 3
 
 
+@slow
 def test_demo_evaluates_the_captioned_sets(demo_out) -> None:
     from genattr.world.captioned import load_sets
     from genattr.world.clipart import load_data
@@ -110,6 +118,7 @@ def test_demo_evaluates_the_captioned_sets(demo_out) -> None:
     assert "<th>set-256: held-out</th>" in page and "alt='mAP against set size'" in page
 
 
+@slow
 def test_demo_report_holds_every_section(demo_out) -> None:
     from PIL import Image
 
@@ -137,6 +146,7 @@ def test_demo_report_holds_every_section(demo_out) -> None:
             im.verify()
 
 
+@slow
 def test_report_renders_in_chromium(demo_out) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -159,3 +169,152 @@ def test_report_renders_in_chromium(demo_out) -> None:
         alt for done, width, alt in images if not (done and width > 0)
     ]
     assert rows >= 5
+
+
+def _manifest(models_per_case: int = 5, per_type: int = 4) -> BenchmarkManifest:
+    """Test models of every case, two prompt types each, with made-up sample paths."""
+    return BenchmarkManifest(
+        "made-up",
+        [
+            CustomizedModel(
+                f"{case}-{i}",
+                [f"ex/{case}-{i}.png"],
+                {t: [f"synth/{case}-{i}-{t}-{j}.png" for j in range(per_type)] for t in "ab"},
+                mode="style" if case == "style" else "object",
+                extra={"case": case},
+            )
+            for case in CASES
+            for i in range(models_per_case)
+        ],
+    )
+
+
+def test_draw_queries_is_a_seeded_draw_in_turn_from_each_test_case() -> None:
+    test = _manifest()
+    paths = [p for _, _, p in draw_queries(test, 6)]
+    assert paths == [p for _, _, p in draw_queries(test, 6, QUERY_SEED)]
+    assert paths != [p for _, _, p in draw_queries(test, 6, QUERY_SEED + 1)]
+    # not the first sample of the first models, as the report once showed
+    assert paths != [f"synth/{case}-{i}-a-0.png" for i in range(2) for case in CASES]
+    drawn = draw_queries(test, 6)
+    assert [m.extra["case"] for m, _, _ in drawn] == [*CASES, *CASES]
+    assert all(path in m.synth[ptype] for m, ptype, path in drawn)
+    assert len(set(paths)) == 6
+    # every model of a case once before any twice
+    assert len({m.id for m, _, _ in draw_queries(test, 15)}) == 15
+    # a draw larger than the test set takes every sample once
+    everything = draw_queries(test, 10_000)
+    assert len(everything) == 3 * 5 * 2 * 4 == len({p for _, _, p in everything})
+
+
+def test_training_plot_dots_sit_on_their_curves_and_are_named() -> None:
+    import matplotlib.pyplot as plt
+
+    def history(vals):  # epoch -1 is the untrained heads
+        return [{"epoch": e - 1, "loss": 1.0 / (e + 1), "val_mAP": v} for e, v in enumerate(vals)]
+
+    outcomes = {
+        "a": SimpleNamespace(
+            history=history([0.1, 0.2, 0.3, 0.25]), best_epoch=1, val_gallery="stricter gallery"
+        ),
+        "b": SimpleNamespace(
+            history=history([0.4, 0.3, 0.2]), best_epoch=-1, val_gallery="stricter gallery"
+        ),
+    }
+    fig = training_figure(outcomes)
+    try:
+        ax = fig.axes[1]
+        for line, dots, o in zip(ax.get_lines(), ax.collections, outcomes.values(), strict=True):
+            kept = kept_epoch(o.history, o.best_epoch)
+            assert kept["val_mAP"] == max(h["val_mAP"] for h in o.history)
+            (x, y), curve = dots.get_offsets()[0], dict(zip(*line.get_data(), strict=True))
+            assert (x, y) == (o.best_epoch, kept["val_mAP"]) and curve[x] == y  # on its curve
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert labels == ["a", "b", "epoch kept (best val mAP)"]
+        assert "stricter gallery" in ax.get_ylabel()
+    finally:
+        plt.close(fig)
+
+
+@slow
+def test_demo_plots_the_epoch_each_head_kept(demo_out) -> None:
+    for name in DEMO_BACKBONES:
+        head = json.loads((demo_out / "heads" / name / "head.json").read_text())
+        kept = kept_epoch(head["history"], head["best_epoch"])
+        assert kept is not None and kept["val_mAP"] == max(h["val_mAP"] for h in head["history"])
+    assert "the epoch with the best val mAP (dot) is kept" in (demo_out / "report.html").read_text()
+
+
+@slow
+def test_demo_shows_a_seeded_draw_of_test_queries(demo_out) -> None:
+    from genattr.data.benchmark import read_manifest
+
+    shown = json.loads((demo_out / "summary.json").read_text())["attributed_queries"]
+    assert shown["seed"] == QUERY_SEED and shown["top_k"] == 10
+    test = read_manifest(demo_out / "world" / "manifest.json").split("test")
+    drawn = draw_queries(test, len(shown["queries"]))
+    assert [(q["model"], q["prompt_type"], q["query"]) for q in shown["queries"]] == [
+        (m.id, ptype, path) for m, ptype, path in drawn
+    ]
+    assert {q["case"] for q in shown["queries"]} == set(CASES)
+
+
+@slow
+def test_demo_states_where_each_true_exemplar_ranked(demo_out) -> None:
+    """Each shown query's true exemplars: their stated rank is the rank of their score among
+    the whole gallery's, their influence the calibrator's, and the hit rate (per test case and
+    in all) the fraction of those ranks within the top 10; each query's Recall@10 on the
+    stricter gallery, the evaluation's, agrees with those ranks (the same gallery)."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from genattr.attribution import Attributor
+
+    summary = json.loads((demo_out / "summary.json").read_text())
+    shown, best = summary["attributed_queries"], summary["best"]
+    attributor = Attributor.load(demo_out / "index", demo_out / "calibrators" / f"{best}.json")
+    index = attributor.index
+    row = {os.path.normpath(p): i for i, p in enumerate(index.metadata()[1])}
+    assert shown["gallery_size"] == index.count == len(row)
+    queries = shown["queries"]
+    vectors = attributor.embed([q["query"] for q in queries])
+    scores = (torch.from_numpy(vectors) @ torch.from_numpy(index.exact_vectors).T).numpy()
+    per_query = pq.read_table(
+        demo_out / "results" / f"{best}.head.stricter-gallery.queries.parquet"
+    ).to_pylist()
+    evaluated = {os.path.normpath(r["query_path"]): r for r in per_query}
+    hits: dict[str, list[bool]] = {}
+    for q, s in zip(queries, scores, strict=True):
+        p = attributor.calibrator.probabilities(s)  # elementwise but for the row's max
+        ranks = []
+        for ex in q["exemplars"]:
+            own = s[row[os.path.normpath(ex["path"])]]
+            above, tied = int((s > own).sum()), int((s == own).sum())
+            assert above + 1 <= ex["rank"] <= above + tied, (q["query"], ex)
+            assert ex["influence"] == pytest.approx(p[row[os.path.normpath(ex["path"])]], abs=1e-12)
+            ranks.append(above + 1)
+        assert q["rank"] == min(ex["rank"] for ex in q["exemplars"]) == min(ranks)
+        assert q["influence"] == min(q["exemplars"], key=lambda e: e["rank"])["influence"]
+        assert q["hit"] == (min(ranks) <= 10)
+        hits.setdefault(q["case"], []).append(min(ranks) <= 10)
+        recall = evaluated[os.path.normpath(q["query"])]["recall@10"]
+        assert recall == pytest.approx(np.mean([r <= 10 for r in ranks])), q["query"]
+    for case, found in hits.items():
+        stated = shown["cases"][case]
+        assert (stated["shown"], stated["hits"]) == (len(found), sum(found))
+        assert stated["hit_rate"] == pytest.approx(np.mean(found))
+        rows = [r for r in per_query if r["prompt_type"].split(": ")[0] == case]
+        assert stated["all_hit_rate_stricter"] == pytest.approx(
+            np.mean([r["recall@10"] > 0 for r in rows])
+        )
+        assert stated["recall_stricter"] == pytest.approx(np.mean([r["recall@10"] for r in rows]))
+    every = [h for found in hits.values() for h in found]
+    assert shown["all"]["hits"] == sum(every)
+    assert shown["all"]["hit_rate"] == pytest.approx(np.mean(every))
+    # the page says it: each query's rank and influence, the hit rate beside R@10
+    page = (demo_out / "report.html").read_text()
+    for q in queries:
+        assert f"rank <b>{q['rank']}</b> of {index.count:,}, influence <b>" in page
+    n, tot = len(queries), shown["all"]
+    assert f"in their top 10: <b>{sum(every)} of {n} ({np.mean(every):.2f})</b>" in page
+    assert f"R@10 {tot['recall']:.3f} (AbC protocol)" in page

@@ -145,23 +145,38 @@ def _recall_curves(outcomes: dict, ptypes: Sequence[str]) -> str:
     return _fig_uri(fig)
 
 
-def _training_curves(outcomes: dict) -> str:
-    """A data URI of the heads' loss and val mAP per epoch."""
+def kept_epoch(history: Sequence[dict], best_epoch: int) -> dict | None:
+    """The history entry of the epoch a head kept (entries are looked up by their "epoch":
+    the first, epoch -1, is the untrained heads), or None where it has no val mAP."""
+    return next((h for h in history if h["epoch"] == best_epoch and "val_mAP" in h), None)
+
+
+def training_figure(outcomes: dict) -> Any:
+    """The heads' loss and val mAP per epoch (epoch -1: untrained), a matplotlib figure; a
+    dot on each val curve marks the epoch kept, named in the legend."""
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.2))
     for c, (name, o) in enumerate(outcomes.items()):
         ep = [h["epoch"] for h in o.history]
         a1.plot(ep, [h["loss"] for h in o.history], color=f"C{c}", label=name)
         a2.plot(ep, [h.get("val_mAP", np.nan) for h in o.history], color=f"C{c}", label=name)
-        if o.best_epoch >= 0:
-            a2.scatter([o.best_epoch], [o.history[o.best_epoch]["val_mAP"]], color=f"C{c}")
+        kept = kept_epoch(o.history, o.best_epoch)
+        if kept is not None:
+            a2.scatter([kept["epoch"]], [kept["val_mAP"]], color=f"C{c}", zorder=3)
+    galleries = sorted({o.val_gallery for o in outcomes.values()})
     a1.set(xlabel="epoch", ylabel="NT-Xent loss (train models)")
-    a2.set(xlabel="epoch", ylabel="mAP (val models)")
-    a2.legend(fontsize=7)
+    a2.set(xlabel="epoch", ylabel=f"mAP (val models, {' / '.join(galleries)})")
+    handles, _ = a2.get_legend_handles_labels()
+    dot = Line2D([], [], ls="", marker="o", color="grey", label="epoch kept (best val mAP)")
+    a2.legend(handles=[*handles, dot], fontsize=7)
     for a in (a1, a2):
         a.grid(alpha=0.3)
+        a.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    return _fig_uri(fig)
+    return fig
 
 
 def _model_samples(models: Sequence[Any], per_type: int = 4) -> list[dict]:
@@ -180,6 +195,33 @@ def _model_samples(models: Sequence[Any], per_type: int = 4) -> list[dict]:
     ]
 
 
+def _percent(p: float | None) -> str:
+    """An influence as the report writes it: percent with two decimals, "< 0.01 %" above 0."""
+    if p is None:
+        return "none (no calibrator)"
+    if 0 < p < 5e-5:
+        return "< 0.01 %"
+    return f"{100 * p:.2f} %"
+
+
+def _shown_query(q: Any, top_k: int, describe: Any) -> dict:
+    """One attributed test query (`genattr.workflows.demo.ShownQuery`) as the page shows it."""
+    m = q.model
+    return {
+        "id": m.id,
+        "what": m.mode + (f", {m.category}" if m.category else ""),
+        "prompt_type": q.prompt_type,
+        "truth": [img_tag(p, 64, "exemplar") for p in m.exemplars[:6]],
+        "section": attribution_section(q.answer, set(m.exemplars), caption=describe),
+        "rank": q.rank,
+        "influence": _percent(q.influence),
+        "hit": q.hit,
+        "n_exemplars": len(m.exemplars),
+        "in_top": sum(r <= top_k for r in q.exemplar_ranks),
+        "ranks": sorted(q.exemplar_ranks),
+    }
+
+
 def write_demo_report(
     path: str | os.PathLike,
     *,
@@ -188,15 +230,19 @@ def write_demo_report(
     manifest: Any,
     outcomes: dict,
     best: str,
-    answers: Sequence[Any],
-    queries: Sequence[Any],
+    shown: Sequence[Any],
+    shown_stats: dict[str, Any],
     base_grid: Path,
     base_training: str,
     seconds: dict[str, float],
     sets_manifest: Any,
     sets_info: dict[str, Any],
 ) -> Path:
-    """Write the page; every picture is embedded, so the file can be mailed or archived."""
+    """Write the page; every picture is embedded, so the file can be mailed or archived.
+
+    `shown`: the attributed test queries (`genattr.workflows.demo.ShownQuery`), and
+    `shown_stats` their hit rate beside the evaluation's (`genattr.workflows.demo.shown_summary`).
+    """
     first = next(iter(outcomes.values()))
     ptypes = list(first.raw.per_type)
     n_gallery = len(data.indices("pretrain"))
@@ -233,19 +279,12 @@ def write_demo_report(
         sets_info=sets_info,
         recall_plot=_recall_curves(outcomes, ptypes),
         head_kinds=", ".join(sorted({o.head_kind for o in outcomes.values()})),
-        training_plot=_training_curves(outcomes),
+        training_plot=_fig_uri(training_figure(outcomes)),
         best=best,
         cal=cal,
         reliability_plot=None if b.reliability_plot is None else _file_uri(b.reliability_plot),
-        queries=[
-            {
-                "id": m.id,
-                "what": m.mode + (f", {m.category}" if m.category else ""),
-                "truth": [img_tag(p, 64, "exemplar") for p in m.exemplars[:6]],
-                "section": attribution_section(a, set(m.exemplars), caption=describe),
-            }
-            for a, m in zip(answers, queries, strict=True)
-        ],
+        queries=[_shown_query(q, shown_stats["top_k"], describe) for q in shown],
+        shown_stats=shown_stats,
         base_training=base_training,
         base_grid=_file_uri(base_grid),
         models=_model_samples(
