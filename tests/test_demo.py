@@ -24,7 +24,8 @@ from genattr.cli import app
 from genattr.data.benchmark import BenchmarkManifest, CustomizedModel
 from genattr.evaluate import expected_random_ap
 from genattr.report.demo_report import kept_epoch, training_figure
-from genattr.workflows.demo import CASES, DEMO_BACKBONES, QUERY_SEED, draw_queries
+from genattr.workflows.demo import DEMO_BACKBONES
+from genattr.workflows.demo_queries import CASES, QUERY_SEED, draw_queries
 
 slow = pytest.mark.slow  # the demo itself; the draw and the plot are checked in milliseconds
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -205,7 +205,8 @@ def _percent(p: float | None) -> str:
 
 
 def _shown_query(q: Any, top_k: int, describe: Any) -> dict:
-    """One attributed test query (`genattr.workflows.demo.ShownQuery`) as the page shows it."""
+    """One attributed test query (`genattr.workflows.demo_queries.ShownQuery`) as the page
+    shows it."""
     m = q.model
     return {
         "id": m.id,
@@ -240,8 +241,9 @@ def write_demo_report(
 ) -> Path:
     """Write the page; every picture is embedded, so the file can be mailed or archived.
 
-    `shown`: the attributed test queries (`genattr.workflows.demo.ShownQuery`), and
-    `shown_stats` their hit rate beside the evaluation's (`genattr.workflows.demo.shown_summary`).
+    `shown`: the attributed test queries (`genattr.workflows.demo_queries.ShownQuery`), and
+    `shown_stats` their hit rate beside the evaluation's
+    (`genattr.workflows.demo_queries.shown_summary`).
     """
     first = next(iter(outcomes.values()))
     ptypes = list(first.raw.per_type)
