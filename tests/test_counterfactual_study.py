@@ -130,3 +130,47 @@ def test_study_scores_methods_by_lds_and_leave_k_out(tiny, case, tmp_path):
     assert set(loo) == {"pixel", "gradient (loss)", "random", "control: lowest self-influence"}
     assert set(loo["pixel"]) == {"0.25", "0.5"}  # K = 1 and 2 of 4 (1/8 rounds up to 1)
     assert loo["pixel"]["0.25"]["rise"]["n"] == 1
+
+
+@pytest.mark.slow
+def test_cli_runs_a_study_on_a_make_benchmark_folder(tiny, tmp_path):
+    """`genattr counterfactual --bench` on a captioned make-benchmark folder of the tiny
+    pipeline: margins, scores and results.json; bad options are one-line errors."""
+    from typer.testing import CliRunner
+
+    from genattr.cli import app
+    from genattr.customize.driver import make_benchmark
+
+    root = tmp_path / "plan"
+    for k, (kind, c) in enumerate(KINDS):
+        shape_image(root / "set0" / f"img{k}.png", kind, c)
+    plan = {
+        "base": str(tiny), "device": "cpu", "dtype": "float32",
+        "train": {"max_train_steps": 4, "resolution": RES, "augment": False},
+        "sample": {"steps": 2, "images_per_prompt": 1, "height": RES, "width": RES},
+        "models": [{
+            "id": "set0", "mode": "captioned", "exemplars": "set0", "split": "test",
+            "image_captions": [f"a {kind} number {k}" for k, (kind, _) in enumerate(KINDS)],
+            "prompts": {"set": ["a disc number 0", "a box number 1"]},
+        }],
+    }  # fmt: skip
+    (root / "plan.json").write_text(json.dumps(plan))
+    make_benchmark(root / "plan.json", tmp_path / "bench")
+    manifest = tmp_path / "bench" / "manifest.json"
+    args = ["counterfactual", "--bench", str(manifest), "--out", str(tmp_path / "study"),
+            "--subsets", "2", "--seeds", "2", "--timesteps", "1", "--noises", "1",
+            "--methods", "pixel,gradient-loss", "--no-progress"]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "seed ceiling" in res.output and "gradient (loss)" in res.output
+    results = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert set(results["lds"]["methods"]) >= {"pixel", "gradient (loss)", "random"}
+    assert np.load(tmp_path / "study" / "set0" / "margins.npz")["margins"].shape == (2, 2, 2)
+    for bad, message in (
+        (["--methods", "nope"], "unknown method"),
+        (["--shard", "2/2"], "--shard"),
+        (["--subsets", "1"], "study options"),
+        (["--world-sets", "16"], "one of --world-sets"),
+    ):
+        res = CliRunner().invoke(app, [*args, *bad])
+        assert res.exit_code == 2 and message in res.output, (bad, res.output)

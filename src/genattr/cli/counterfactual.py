@@ -46,6 +46,13 @@ def counterfactual(
     leave_k_out: Annotated[
         int, typer.Option(help="Leave-K-out on this many queries per model (0: none).")
     ] = 0,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated methods (pixel, world-cnn, gradient-loss, "
+            "gradient-square-norm, trak-loss, unlearning); default all."
+        ),
+    ] = None,
     shard: Annotated[
         str, typer.Option(help="I/N: this process's share of the retraining (run N of them).")
     ] = "0/1",
@@ -57,7 +64,7 @@ def counterfactual(
     from pydantic import ValidationError
 
     from genattr.workflows.counterfactual import StudySpec, bench_set_cases, world_set_cases
-    from genattr.workflows.counterfactual_scores import run_study
+    from genattr.workflows.counterfactual_scores import default_methods, run_study
 
     if (world_sets is None) == (bench is None):
         raise GenattrError("give one of --world-sets N or --bench MANIFEST")
@@ -78,9 +85,10 @@ def counterfactual(
     else:
         assert bench is not None
         base, cases = bench_set_cases(bench)
+    chosen = default_methods(None if methods is None else methods.split(","))
     results = run_study(
-        cases, base=base, work=out, spec=spec, leave_k_out_queries=leave_k_out, shard=part,
-        progress=progress,
+        cases, base=base, work=out, spec=spec, methods=chosen, leave_k_out_queries=leave_k_out,
+        shard=part, progress=progress,
     )  # fmt: skip
     if results is None:
         console.print(f"shard {shard} done; run the other shards, then any one again")

@@ -41,10 +41,10 @@ RANDOM = "random"
 RESULTS = "results.json"
 
 
-def default_methods() -> dict[str, ScoringMethod]:
-    """The methods a study compares by default, each with its settings as shipped (none of
-    them tuned on the study's margins)."""
-    return {
+def default_methods(names: Sequence[str] | None = None) -> dict[str, ScoringMethod]:
+    """The methods a study compares (all, or those whose `slug` is in `names`), each with
+    its settings as shipped (none of them tuned on the study's margins)."""
+    every: dict[str, ScoringMethod] = {
         "pixel": FeatureMethod(backbone="pixel"),
         "world-cnn": FeatureMethod(backbone="world-cnn"),
         "gradient (loss)": make_method("gradient"),
@@ -52,6 +52,13 @@ def default_methods() -> dict[str, ScoringMethod]:
         "trak (loss)": make_method("gradient", kernel="trak"),
         "unlearning": make_method("unlearning"),
     }
+    if names is None:
+        return every
+    unknown = sorted(set(names) - {slug(k) for k in every})
+    if unknown:
+        known = ", ".join(slug(k) for k in every)
+        raise GenattrError(f"unknown method(s) {', '.join(unknown)}; known: {known}")
+    return {k: m for k, m in every.items() if slug(k) in names}
 
 
 def slug(label: str) -> str:
@@ -238,17 +245,24 @@ def run_study(
     """A whole study, resumable at any point: retrain and measure the subsets, score the
     methods, LDS, and (with `leave_k_out_queries` > 0) leave-K-out on that many queries per
     case (the methods, random and the last query-blind control: the lowest loss where the
-    unlearning method runs); writes and returns WORK/results.json, or None while a shard's
-    units are missing (run the other shards, then any one again)."""
+    unlearning method runs); writes and returns WORK/results.json, or None while another
+    shard's units or cases are missing (run the shards side by side, then any one again).
+    Shards split the retraining unit by unit and the scoring case by case."""
     from genattr.workflows.counterfactual import build_margins
 
     done = build_margins(cases, base=base, work=work, spec=spec, shard=shard, progress=progress)
     if len(done) < len(cases):
         logger.info(f"{len(done)} of {len(cases)} case(s) have all their margins")
         return None
-    labels = score_cases(
-        cases, base=base, work=work, methods=methods or default_methods(), progress=progress
-    )
+    index, count = shard
+    score_cases(
+        cases[index::count], base=base, work=work, methods=methods or default_methods(),
+        progress=progress,
+    )  # fmt: skip
+    if not all((Path(work) / c.id / "scores" / "labels.json").is_file() for c in cases):
+        logger.info("scores of other shards' cases are missing")
+        return None
+    labels = score_cases(cases, base=base, work=work, methods={}, progress=False)  # all saved
     results: dict[str, Any] = {"spec": spec.model_dump(), "cases": [c.id for c in cases]}
     results["lds"] = lds_results(cases, work=work, labels=labels)
     if leave_k_out_queries > 0:
