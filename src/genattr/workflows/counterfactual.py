@@ -26,7 +26,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -255,15 +255,6 @@ def build_margins(
         if got is not None:
             done[case.id] = got
     return done
-
-
-def iter_case_scores(
-    cases: Sequence[SetCase], work: Path, names: Sequence[str]
-) -> Iterator[tuple[SetCase, dict[str, np.ndarray]]]:
-    """Each case with the scores (Q, N) of the named methods saved under WORK."""
-    for case in cases:
-        folder = work / case.id / "scores"
-        yield case, {name: np.load(folder / f"{name}.npy") for name in names}
 
 
 def world_set_cases(

@@ -225,7 +225,7 @@ def leave_k_out(
     }
 
 
-def write_results(work: str | Path, results: dict[str, Any]) -> Path:
+def write_study_results(work: str | Path, results: dict[str, Any]) -> Path:
     path = Path(work) / RESULTS
     write_text_atomic(path, json.dumps(results, indent=1) + "\n")
     return path
@@ -275,5 +275,5 @@ def run_study(
         if loo is None:
             return None
         results["leave_k_out"] = loo
-    write_results(work, results)
+    write_study_results(work, results)
     return results
