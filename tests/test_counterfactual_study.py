@@ -55,6 +55,7 @@ def test_units_are_the_full_set_and_the_subsets_for_every_seed(case):
     assert len({u.key for u in units}) == len(units)
 
 
+@pytest.mark.slow
 def test_study_runs_resumes_and_reproduces(tiny, case, tmp_path):
     work = tmp_path / "study"
     got = build_margins([case], base=tiny, work=work, spec=SPEC, progress=False)
@@ -88,6 +89,7 @@ def test_study_runs_resumes_and_reproduces(tiny, case, tmp_path):
         build_margins([case], base=tiny, work=work, spec=SPEC.model_copy(update={"seeds": 3}))
 
 
+@pytest.mark.slow
 def test_shards_split_the_units(tiny, case, tmp_path):
     work = tmp_path / "study"
     first = build_margins([case], base=tiny, work=work, spec=SPEC, shard=(0, 2), progress=False)
@@ -98,6 +100,7 @@ def test_shards_split_the_units(tiny, case, tmp_path):
     assert set(second) == {"set0"}
 
 
+@pytest.mark.slow
 def test_study_scores_methods_by_lds_and_leave_k_out(tiny, case, tmp_path):
     """The whole study on the tiny pipeline: every method's scores saved with the controls
     and random, LDS against scipy on the saved margins, leave-K-out units that remove each

@@ -309,7 +309,10 @@ def test_a_customized_model_takes_gradients_at_its_custom_diffusion_layers(tiny)
         _reference_gradients(unet, sched, latents, text, spec, base_kv)
 
 
-@pytest.mark.parametrize("batch_size", [1, 2, 8])
+@pytest.mark.parametrize(
+    "batch_size",
+    [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(8, marks=pytest.mark.slow)],
+)
 def test_batched_gradients_equal_one_image_at_a_time(model, batch_size):
     """The per-sample trick (several images per pass, a partial last batch included) gives
     each image the gradient plain autograd gives it alone."""
