@@ -18,6 +18,7 @@ from PIL import Image
 
 from genattr.customize.config import CustomizeConfig
 from genattr.customize.examples import augment_example, open_training_image, plain_example
+from genattr.customize.pipeline import prompt_ids
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +151,7 @@ class Step:
         tok, device = self.pipe.tokenizer, self.device
         x = torch.from_numpy(np.stack(batch.pix)).permute(0, 3, 1, 2).to(device, self.dtype)
         mask = torch.from_numpy(np.stack(batch.masks))[:, None].to(device)
-        ids = tok(
-            batch.prompts,
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
+        ids = prompt_ids(tok, batch.prompts).to(device)
         return x, mask, ids
 
     def _noised(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

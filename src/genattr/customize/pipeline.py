@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,21 @@ if TYPE_CHECKING:
 
 DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 _ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def prompt_ids(
+    tokenizer: Any, prompts: Sequence[str], max_length: int | None = None
+) -> torch.Tensor:
+    """Token ids (N, max_length) of prompts, padded and truncated to the text encoder's length
+    (the tokenizer's own unless given), as Stable Diffusion's training and sampling read them.
+    The one tokenisation of training, the world's base training and the model-based methods."""
+    return tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=tokenizer.model_max_length if max_length is None else max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

@@ -28,7 +28,7 @@ from PIL import Image
 
 from genattr.customize.examples import read_square
 from genattr.customize.loading import load_custom_diffusion
-from genattr.customize.pipeline import load_base_pipeline
+from genattr.customize.pipeline import load_base_pipeline, prompt_ids
 from genattr.customize.train import read_reg_captions
 from genattr.data.benchmark import read_manifest
 from genattr.data.sources import folder_images
@@ -384,14 +384,7 @@ def encode(pipe: Any, images: np.ndarray, prompts: Sequence[str]) -> tuple[torch
     device = pipe.unet.device
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     x = x.to(device, torch.float32) / 127.5 - 1
-    tok = pipe.tokenizer
-    ids = tok(
-        list(prompts),
-        padding="max_length",
-        max_length=tok.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(device)
+    ids = prompt_ids(pipe.tokenizer, prompts).to(device)
     with torch.no_grad():
         latents = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mean
         latents = latents.float() * pipe.vae.config.scaling_factor

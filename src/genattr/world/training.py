@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from genattr.atomic import atomic_path
+from genattr.customize.pipeline import prompt_ids
 from genattr.errors import GenattrError
 from genattr.world.base import (
     _ABSENT_MEANS,
@@ -210,13 +211,7 @@ class BaseTrainer:
         self._write_record()
 
     def _tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(
-            list(texts),
-            padding="max_length",
-            max_length=self.cfg.max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        return prompt_ids(self.tokenizer, texts, self.cfg.max_length)
 
     def _named_params(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(f"unet.{k}", v) for k, v in self.unet.named_parameters()] + [
