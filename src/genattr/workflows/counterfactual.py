@@ -189,21 +189,25 @@ def run_units(
     *,
     work: Path,
     spec: StudySpec,
-    retrainer: Retrainer,
+    base: str | os.PathLike,
+    device: str = "cpu",
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> int:
     """Train and measure every unit of every case not done yet (this shard's share: units
-    i, i + n, ... of the whole list for shard (i, n)); returns how many it ran."""
+    i, i + n, ... of the whole list for shard (i, n)); returns how many it ran. The base
+    model is loaded only when there is something to train."""
     index, count = shard
     every = [(c, u) for c in cases for u in units[c.id]]
     todo = [(c, u) for c, u in every[index::count] if not unit_path(work, c, u).is_file()]
+    retrainer = Retrainer(base, device) if todo else None
     with progress_bar("retrain", len(todo), enabled=progress) as advance:
         for case, unit in todo:
             path = unit_path(work, case, unit)
             if path.is_file():  # another shard or run finished it meanwhile
                 advance(1)
                 continue
+            assert retrainer is not None
             retrainer.train(case, unit)
             save_array(path, retrainer.margins(case, spec))
             advance(1)
@@ -244,10 +248,10 @@ def build_margins(
     units are all done (with several shards, the last to finish assembles them)."""
     work = open_study(work, spec, cases)
     units = {c.id: study_units(c, spec) for c in cases}
-    retrainer = Retrainer(base, device)
     ran = run_units(
-        cases, units, work=work, spec=spec, retrainer=retrainer, shard=shard, progress=progress
-    )
+        cases, units, work=work, spec=spec, base=base, device=device, shard=shard,
+        progress=progress,
+    )  # fmt: skip
     logger.info(f"{ran} model(s) retrained and measured")
     done = {}
     for case in cases:

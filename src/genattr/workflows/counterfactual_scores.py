@@ -195,7 +195,7 @@ def leave_k_out(
         units,
         work=work,
         spec=spec,
-        retrainer=Retrainer(base),
+        base=base,
         shard=shard,
         progress=progress,
     )
