@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from genattr.customize.config import CustomizeConfig
+from genattr.customize.sample import SampleConfig
 from genattr.errors import GenattrError
 from genattr.workflows.counterfactual import (
     Retrainer,
@@ -43,7 +44,8 @@ def case(tmp_path_factory) -> SetCase:
     )
     train = ImageSet(arrays, captions, [p.name for p in paths])
     queries = ImageSet(arrays[::-1].copy(), captions[::-1], ["q0", "q1", "q2", "q3"])
-    return SetCase("set0", paths, train, queries, config)
+    sample = SampleConfig(steps=2, images_per_prompt=1, height=RES, width=RES)
+    return SetCase("set0", paths, train, queries, config, sample=sample, query_seeds=[0, 1, 2, 3])
 
 
 def test_units_are_the_full_set_and_the_subsets_for_every_seed(case):
@@ -128,11 +130,21 @@ def test_study_scores_methods_by_lds_and_leave_k_out(tiny, case, tmp_path):
     assert rows["gradient (loss)"]["lds"]["mean"] == pytest.approx(want, nan_ok=True)
     assert results["lds"]["ceiling"]["n"] == 4
 
-    loo = results["leave_k_out"]["methods"]
-    # the methods, random and the last control listed
-    assert set(loo) == {"pixel", "gradient (loss)", "random", "control: lowest self-influence"}
-    assert set(loo["pixel"]) == {"0.25", "0.5"}  # K = 1 and 2 of 4 (1/8 rounds up to 1)
-    assert loo["pixel"]["0.25"]["rise"]["n"] == 1
+    loo = results["leave_k_out"]
+    controls = {x: r["lds"]["mean"] for x, r in rows.items() if x.startswith("control: ")}
+    assert loo["control"] == max(controls, key=lambda x: controls[x])  # the strongest one
+    assert set(loo["methods"]) == {"pixel", "gradient (loss)", "random", loo["control"]}
+    pixel = loo["methods"]["pixel"]
+    assert set(pixel) == {"0.25", "0.5"}  # K = 1 and 2 of 4 (1/8 rounds up to 1)
+    assert pixel["0.25"]["rise"]["n"] == 1
+    assert {"rise", "pixel_change", "cnn_change"} <= set(pixel["0.5"])
+    assert set(pixel["0.5"]["minus_control"]) == {"rise", "pixel_change", "cnn_change"}
+    # one unit per (kept images, query): the full model's and each removal's, regenerated
+    units = sorted((work / "set0" / "leave-k-out").glob("*-q0.npz"))
+    full = np.load(next(p for p in units if p.name.startswith("f0-r0")))
+    assert full["image"].shape == (RES, RES, 3) and full["image"].dtype == np.uint8
+    removed = loo["methods"]["random"]["0.5"]
+    assert removed["pixel_change"]["mean"] > 0  # half the set gone: the image moves
 
 
 @pytest.mark.slow
@@ -169,6 +181,18 @@ def test_cli_runs_a_study_on_a_make_benchmark_folder(tiny, tmp_path):
     results = json.loads((tmp_path / "study" / "results.json").read_text())
     assert set(results["lds"]["methods"]) >= {"pixel", "gradient (loss)", "random"}
     assert np.load(tmp_path / "study" / "set0" / "margins.npz")["margins"].shape == (2, 2, 2)
+    # the retrained full model regenerates each query from its recorded seed
+    from genattr.workflows.counterfactual import Unit, bench_set_cases
+
+    _, (bench_case,) = bench_set_cases(manifest)
+    assert bench_case.query_seeds == [0, 1]
+    retrainer = Retrainer(tiny)
+    retrainer.train(bench_case, Unit((True,) * 4, 0))
+    again = retrainer.regenerate(bench_case, 1).astype(float)
+    query = bench_case.queries.images[1].astype(float)
+    assert np.abs(again - query).mean() < 0.5  # grey levels: the same image
+    bench_case.query_seeds = [0, 7]
+    assert np.abs(retrainer.regenerate(bench_case, 1) - query).mean() > 2.0  # other noise
     for bad, message in (
         (["--methods", "nope"], "unknown method"),
         (["--shard", "2/2"], "--shard"),
@@ -177,3 +201,16 @@ def test_cli_runs_a_study_on_a_make_benchmark_folder(tiny, tmp_path):
     ):
         res = CliRunner().invoke(app, [*args, *bad])
         assert res.exit_code == 2 and message in res.output, (bad, res.output)
+
+
+def test_image_changes_measure_how_far_a_regeneration_moved():
+    from genattr.workflows.counterfactual_scores import image_changes
+
+    rng = np.random.default_rng(0)
+    reference = rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)
+    shifted = reference + np.uint8(51)  # every value up by 0.2
+    other = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    got = image_changes(reference, np.stack([reference, shifted, other]))
+    np.testing.assert_allclose(got["pixel"][:2], [0.0, 0.2], atol=1e-12)
+    assert abs(got["world-cnn"][0]) < 1e-5
+    assert got["world-cnn"][2] > got["world-cnn"][0] + 0.01

@@ -99,6 +99,25 @@ class SampleStats:
         return self.images / self.seconds if self.seconds > 0 else float("inf")
 
 
+def render(
+    pipe: StableDiffusionPipeline, prompt: str, seeds: Sequence[int], config: SampleConfig
+) -> list[Any]:
+    """One PIL image of `prompt` per seed, each from its own generator, under the pipeline's
+    current scheduler and the config's steps, guidance and eta."""
+    gens = [torch.Generator(device=pipe.unet.device).manual_seed(s) for s in seeds]
+    with torch.inference_mode():
+        return pipe(
+            prompt,
+            num_images_per_prompt=len(seeds),
+            generator=gens,
+            num_inference_steps=config.steps,
+            guidance_scale=config.guidance_scale,
+            eta=config.eta,
+            height=config.height,
+            width=config.width,
+        ).images
+
+
 def generate_images(
     pipe: StableDiffusionPipeline,
     prompts: Sequence[str],
@@ -115,7 +134,6 @@ def generate_images(
     out.mkdir(parents=True, exist_ok=True)
     original = pipe.scheduler
     scheduler_class = set_scheduler(pipe, cfg.scheduler)
-    device = pipe.unet.device
     k = cfg.images_per_prompt
     settings = {
         "scheduler": scheduler_class,
@@ -132,18 +150,7 @@ def generate_images(
     try:
         for i, prompt in enumerate(prompts):
             seeds = [cfg.seed + i * k + j for j in range(k)]
-            gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-            with torch.inference_mode():
-                images = pipe(
-                    prompt,
-                    num_images_per_prompt=k,
-                    generator=gens,
-                    num_inference_steps=cfg.steps,
-                    guidance_scale=cfg.guidance_scale,
-                    eta=cfg.eta,
-                    height=cfg.height,
-                    width=cfg.width,
-                ).images
+            images = render(pipe, prompt, seeds, cfg)
             for j, (image, seed) in enumerate(zip(images, seeds, strict=True)):
                 name = f"{i * k + j:05d}.png"
                 entry = {"file": name, "prompt": prompt, "prompt_index": i, "seed": seed}

@@ -9,6 +9,9 @@ A study folder (WORK) holds:
     <case>/units/<key>.npy      (Q,) float64 margins of one retrained model; <key> is the kept
                                 images' bit mask in hex and the training seed (`-r<seed>`)
     <case>/margins.npz          `masks` (M, N) bool, `margins` (R, Q, M), `full` (R, Q)
+    <case>/leave-k-out/<key>-q<q>.npz
+                                leave-K-out: `margin` (1,) of query q under the model trained
+                                without some images (seed 0), `image` its regeneration of q
     <case>/scores/<method>.npy  (Q, N) scores of each method against the training set
     results.json                LDS, the seed ceiling and leave-K-out per method
 
@@ -34,12 +37,19 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from genattr.atomic import atomic_path, write_text_atomic
 from genattr.counterfactual import draw_subsets
 from genattr.customize.config import CustomizeConfig
 from genattr.customize.pipeline import load_base_pipeline
+from genattr.customize.sample import (
+    SampleConfig,
+    render,
+    sample_config_from_dict,
+    set_scheduler,
+)
 from genattr.customize.train import Customizer
 from genattr.errors import GenattrError
 from genattr.methods.unlearning import UnlearningSpec, image_losses
@@ -82,7 +92,9 @@ class StudySpec(BaseModel):
 @dataclass
 class SetCase:
     """One customization set: its training images (files, and in memory with their
-    captions), the queries its model made, and the recipe that trained it."""
+    captions), the queries its model made, and the recipe that trained it; with `sample`
+    and `query_seeds` (how and from which seed each query was sampled) a retrained model
+    can regenerate a query from its own noise."""
 
     id: str
     train_paths: list[Path]
@@ -90,6 +102,8 @@ class SetCase:
     queries: ImageSet
     config: CustomizeConfig
     strata: list[int] | None = None
+    sample: SampleConfig | None = None
+    query_seeds: list[int] | None = None
 
     def record(self) -> dict[str, Any]:
         return {
@@ -164,17 +178,55 @@ class Retrainer:
         )
         self.customizer.train(kept, "captioned", config=cfg, captions=captions)
 
-    def margins(self, case: SetCase, spec: StudySpec) -> np.ndarray:
-        """(Q,) minus each query's denoising loss under the pipeline as it is now."""
+    def margins(
+        self, case: SetCase, spec: StudySpec, rows: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Minus each query's denoising loss (those in `rows`, default all) under the
+        pipeline as it is now."""
         if case.id not in self._encoded:  # a captioned set trains neither VAE nor text encoder
             self._encoded[case.id] = encode(self.pipe, case.queries.images, case.queries.prompts)
         latents, text = self._encoded[case.id]
+        if rows is not None:
+            latents, text = latents[list(rows)], text[list(rows)]
         measure = spec.measurement(self.scheduler.config.num_train_timesteps)
         return -image_losses(self.pipe.unet, self.scheduler, latents, text, measure)
+
+    def regenerate(self, case: SetCase, row: int) -> np.ndarray:
+        """Query `row` sampled again from its own seed by the pipeline as it is now, (S, S, 3)
+        uint8 at the query's size."""
+        if case.sample is None or case.query_seeds is None:
+            raise GenattrError(f"case {case.id} does not record how its queries were sampled")
+        original = self.pipe.scheduler
+        set_scheduler(self.pipe, case.sample.scheduler)
+        try:
+            (image,) = render(
+                self.pipe, case.queries.prompts[row], [case.query_seeds[row]], case.sample
+            )
+        finally:
+            self.pipe.scheduler = original
+        size = case.queries.images.shape[1:3]
+        if image.size != size[::-1]:
+            image = image.resize(size[::-1], Image.Resampling.BICUBIC)
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def unit_path(work: Path, case: SetCase, unit: Unit) -> Path:
     return work / case.id / "units" / f"{unit.key}.npy"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit to train and what to measure under it: every query's margin (`query` None,
+    saved as (Q,) .npy), or one query's margin and its regeneration (saved as .npz)."""
+
+    case: SetCase
+    unit: Unit
+    path: Path
+    query: int | None = None
+
+
+def study_jobs(work: Path, case: SetCase, units: Sequence[Unit]) -> list[Job]:
+    return [Job(case, u, unit_path(work, case, u)) for u in units]
 
 
 def save_array(path: Path, array: np.ndarray) -> None:
@@ -184,32 +236,35 @@ def save_array(path: Path, array: np.ndarray) -> None:
 
 
 def run_units(
-    cases: Sequence[SetCase],
-    units: dict[str, list[Unit]],
+    jobs: Sequence[Job],
     *,
-    work: Path,
     spec: StudySpec,
     base: str | os.PathLike,
     device: str = "cpu",
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> int:
-    """Train and measure every unit of every case not done yet (this shard's share: units
-    i, i + n, ... of the whole list for shard (i, n)); returns how many it ran. The base
-    model is loaded only when there is something to train."""
+    """Train and measure every job not done yet (this shard's share: jobs i, i + n, ... of
+    the whole list for shard (i, n)); returns how many it ran. The base model is loaded
+    only when there is something to train."""
     index, count = shard
-    every = [(c, u) for c in cases for u in units[c.id]]
-    todo = [(c, u) for c, u in every[index::count] if not unit_path(work, c, u).is_file()]
+    todo = [j for j in jobs[index::count] if not j.path.is_file()]
     retrainer = Retrainer(base, device) if todo else None
     with progress_bar("retrain", len(todo), enabled=progress) as advance:
-        for case, unit in todo:
-            path = unit_path(work, case, unit)
-            if path.is_file():  # another shard or run finished it meanwhile
+        for job in todo:
+            if job.path.is_file():  # another shard or run finished it meanwhile
                 advance(1)
                 continue
             assert retrainer is not None
-            retrainer.train(case, unit)
-            save_array(path, retrainer.margins(case, spec))
+            retrainer.train(job.case, job.unit)
+            if job.query is None:
+                save_array(job.path, retrainer.margins(job.case, spec))
+            else:
+                margin = retrainer.margins(job.case, spec, [job.query])
+                image = retrainer.regenerate(job.case, job.query)
+                job.path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(job.path) as tmp, open(tmp, "wb") as f:
+                    np.savez(f, margin=margin, image=image)
             advance(1)
     return len(todo)
 
@@ -247,11 +302,8 @@ def build_margins(
     """Run (or resume) a study's retraining in WORK; returns the margins of every case whose
     units are all done (with several shards, the last to finish assembles them)."""
     work = open_study(work, spec, cases)
-    units = {c.id: study_units(c, spec) for c in cases}
-    ran = run_units(
-        cases, units, work=work, spec=spec, base=base, device=device, shard=shard,
-        progress=progress,
-    )  # fmt: skip
+    jobs = [j for c in cases for j in study_jobs(work, c, study_units(c, spec))]
+    ran = run_units(jobs, spec=spec, base=base, device=device, shard=shard, progress=progress)
     logger.info(f"{ran} model(s) retrained and measured")
     done = {}
     for case in cases:
@@ -273,6 +325,7 @@ def world_set_cases(
     from genattr.world.clipart import load_data, save_png
 
     data, sets = load_data(), load_sets()
+    sample = sample_config_from_dict(sets.info["sample"])
     chosen = [m for m in sets.models if m["size"] == size][:models]
     if not chosen:
         raise GenattrError(f"the world has no captioned sets of {size} images ({sets.sizes()})")
@@ -295,6 +348,8 @@ def world_set_cases(
                 ImageSet(data.images[m["images"]], list(m["captions"]), [p.name for p in paths]),
                 ImageSet(sets.images[rows], prompts, ids),
                 options_from_mapping(CustomizeConfig, recipe, "the world's recipe"),
+                sample=sample,
+                query_seeds=[sample.seed + k for span in spans.values() for k in range(len(span))],
             )
         )
     return cases
@@ -305,16 +360,18 @@ def bench_set_cases(
 ) -> tuple[str, list[SetCase]]:
     """The captioned models of a `genattr make-benchmark` folder as study cases, with the
     base model they were tuned from: each model's exemplar files and captions, its recorded
-    recipe (genattr_customize.json) and every sample it made as the queries."""
+    recipe (genattr_customize.json) and every sample it made as the queries, with the
+    plan's sampling options and each sample's recorded seed."""
     from genattr.customize.sample import read_model_info
     from genattr.data.benchmark import read_manifest
     from genattr.options import options_from_mapping
-    from genattr.workflows.model_cases import manifest_cases
+    from genattr.workflows.model_cases import image_record, manifest_cases
 
     manifest = Path(manifest)
     root = manifest.parent.parent
     by_id = {m.id: m for m in read_manifest(manifest).models}
-    base = json.loads((manifest.parent / "plan.json").read_text())["base"]
+    plan = json.loads((manifest.parent / "plan.json").read_text())
+    base, sample = plan["base"], sample_config_from_dict(plan.get("sample"))
     cases = []
     for mc in manifest_cases(manifest, models):
         m, (concept,) = by_id[mc.id], mc.concepts
@@ -322,6 +379,8 @@ def bench_set_cases(
             raise GenattrError(f"{manifest}: model {m.id} is {m.mode}; studies take captioned sets")
         info = read_model_info(root / m.extra["model_dir"])
         queries = list(concept.queries.values())
+        seeds = [image_record(root / p).get("seed") for paths in m.synth.values() for p in paths]
+        known = len(seeds) == sum(len(q) for q in queries) and None not in seeds
         cases.append(
             SetCase(
                 m.id,
@@ -333,6 +392,8 @@ def bench_set_cases(
                     [i for q in queries for i in q.ids],
                 ),
                 options_from_mapping(CustomizeConfig, info["config"], f"model {m.id}'s recipe"),
+                sample=sample,
+                query_seeds=[int(str(x)) for x in seeds] if known else None,
             )
         )
     return base, cases

@@ -16,22 +16,25 @@ import numpy as np
 
 from genattr.atomic import write_text_atomic
 from genattr.counterfactual import (
+    exemplar_ap,
     lds,
     leave_k_out_masks,
     paired_difference,
+    rank_agreement,
     seed_ceiling,
     summarize,
 )
 from genattr.errors import GenattrError
+from genattr.evaluate import expected_random_ap
 from genattr.progress import progress_bar
 from genattr.workflows.counterfactual import (
+    Job,
     Retrainer,
     SetCase,
     StudySpec,
     Unit,
     run_units,
     save_array,
-    unit_path,
 )
 from genattr.workflows.model_methods import FeatureMethod, ScoringMethod, make_method
 
@@ -47,6 +50,8 @@ def default_methods(names: Sequence[str] | None = None) -> dict[str, ScoringMeth
     every: dict[str, ScoringMethod] = {
         "pixel": FeatureMethod(backbone="pixel"),
         "world-cnn": FeatureMethod(backbone="world-cnn"),
+        "world-cnn + text": FeatureMethod(backbone="world-cnn", text_weight=0.5),
+        "text alone": FeatureMethod(backbone="world-cnn", text_weight=1.0),
         "gradient (loss)": make_method("gradient"),
         "gradient (square norm)": make_method("gradient", output="square_norm"),
         "trak (loss)": make_method("gradient", kernel="trak"),
@@ -79,54 +84,63 @@ def score_cases(
     seed: int = 0,
     progress: bool = True,
 ) -> list[str]:
-    """Score every case's queries against its training set with each method, its query-blind
-    controls (named `control: ...`) and seeded random scores, under the case's own model
-    (the full set, seed 0, retrained here); saved as (Q, N) arrays, skipped where saved.
-    Returns the labels, methods first."""
+    """Score every case's queries against its training set with each method not scored
+    there yet, its query-blind controls (named `control: ...`) and seeded random scores,
+    under the case's own model (the full set, seed 0, retrained here); saved as (Q, N)
+    arrays and listed in `labels.json`, so a method added later is scored alone. Returns
+    every case's labels, in the order first scored."""
     work = Path(work)
     retrainer: Retrainer | None = None
     labels: dict[str, None] = {}
     with progress_bar("score", len(cases), enabled=progress) as advance:
         for k, case in enumerate(cases):
-            listed = work / case.id / "scores" / "labels.json"
-            if listed.is_file():
-                labels.update(dict.fromkeys(json.loads(listed.read_text())))
-                advance(1)
-                continue
-            if retrainer is None:
-                retrainer = Retrainer(base)
-            retrainer.train(case, Unit((True,) * len(case.train_paths), 0))
+            known = scored_labels(work, case)
+            missing = {x: m for x, m in methods.items() if x not in known}
             shape = (len(case.queries), len(case.train))
             found: dict[str, np.ndarray] = {}
-            for label, method in methods.items():
+            if missing:
+                if retrainer is None:
+                    retrainer = Retrainer(base)
+                retrainer.train(case, Unit((True,) * len(case.train_paths), 0))
+            for label, method in missing.items():
+                assert retrainer is not None
                 method.prepare(retrainer.pipe, [case.train], None, False)
                 found[label] = method.scores(retrainer.pipe, case.queries, False)
                 for name, control in method.controls().items():
-                    found.setdefault(f"control: {name}", np.broadcast_to(control, shape))
-            found[RANDOM] = np.random.default_rng([seed, k]).normal(size=shape)
+                    if f"control: {name}" not in known:
+                        found.setdefault(f"control: {name}", np.broadcast_to(control, shape))
+            if RANDOM not in known:
+                found[RANDOM] = np.random.default_rng([seed, k]).normal(size=shape)
             for label, scores in found.items():
                 if scores.shape != shape:
                     raise GenattrError(f"{label} gave scores {scores.shape}, expected {shape}")
                 save_array(_scores_path(work, case, label), np.asarray(scores, dtype=np.float64))
-            write_text_atomic(listed, json.dumps(list(found)))
-            labels.update(dict.fromkeys(found))
+            if found:
+                listed = work / case.id / "scores" / "labels.json"
+                write_text_atomic(listed, json.dumps([*known, *found]))
+            labels.update(dict.fromkeys([*known, *found]))
             advance(1)
     return list(labels)
+
+
+def scored_labels(work: str | Path, case: SetCase) -> list[str]:
+    """The labels a case's queries have been scored with so far."""
+    listed = Path(work) / case.id / "scores" / "labels.json"
+    return json.loads(listed.read_text()) if listed.is_file() else []
 
 
 def load_scores(work: Path, case: SetCase, labels: Sequence[str]) -> dict[str, np.ndarray]:
     return {label: np.load(_scores_path(work, case, label)) for label in labels}
 
 
-def lds_results(
+def lds_per_query(
     cases: Sequence[SetCase], *, work: str | Path, labels: Sequence[str]
-) -> dict[str, Any]:
-    """LDS per method (against the seed-mean margins, queries of every case pooled) with
-    mean, standard error and bootstrap interval, its paired difference to random and to the
-    best method, and the retraining-seed ceiling."""
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each method's LDS per query (against the seed-mean margins, every case's queries in
+    order) and the retraining-seed ceiling per query (empty with one seed)."""
     work = Path(work)
     per_query: dict[str, list[np.ndarray]] = {label: [] for label in labels}
-    ceiling: list[np.ndarray] = []
+    ceiling: list[np.ndarray] = [np.empty(0)]
     for case in cases:
         got = np.load(work / case.id / "margins.npz")
         target = got["margins"].mean(axis=0)
@@ -134,11 +148,16 @@ def lds_results(
             per_query[label].append(lds(scores, got["masks"], target))
         if got["margins"].shape[0] >= 2:
             ceiling.append(seed_ceiling(got["margins"]))
-    values = {label: np.concatenate(v) for label, v in per_query.items()}
+    return {k: np.concatenate(v) for k, v in per_query.items()}, np.concatenate(ceiling)
+
+
+def lds_results(values: dict[str, np.ndarray], ceiling: np.ndarray) -> dict[str, Any]:
+    """LDS per method (queries of every case pooled) with mean, standard error and bootstrap
+    interval, its paired difference to random and to the best method, and the ceiling."""
     best = max(values, key=lambda k: np.nanmean(values[k]))
     out: dict[str, Any] = {
         "sign": "margin = -loss; prediction = sum of scores over the kept images",
-        "ceiling": summarize(np.concatenate(ceiling)).as_dict() if ceiling else None,
+        "ceiling": summarize(ceiling).as_dict() if len(ceiling) else None,
         "best": best,
         "methods": {},
     }
@@ -151,8 +170,57 @@ def lds_results(
     return out
 
 
+def exemplar_results(
+    cases: Sequence[SetCase],
+    *,
+    work: str | Path,
+    labels: Sequence[str],
+    lds_values: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """The exemplar-as-answer ground truth on the same models, queries and scores: a query
+    whose prompt is the caption of training images has those images as its answer (AP
+    within the set, chance its expected random AP); each method's mAP beside its LDS on
+    the same queries, and how far the two rankings of the methods agree."""
+    work = Path(work)
+    aps: dict[str, list[np.ndarray]] = {label: [] for label in labels}
+    chance, rows = [], []
+    for case in cases:
+        answers = np.array(
+            [[c == p for c in case.train.prompts] for p in case.queries.prompts], dtype=bool
+        )
+        rows.append(answers.any(axis=1))
+        n_answers = answers.sum(axis=1)
+        chance.append(expected_random_ap(n_answers[n_answers > 0], answers.shape[1]))
+        for label, scores in load_scores(work, case, labels).items():
+            aps[label].append(exemplar_ap(scores, answers))
+    asked = np.concatenate(rows)
+    if not asked.any():
+        return {"queries": 0}
+    ap = {label: np.concatenate(v)[asked] for label, v in aps.items()}
+    same = {label: lds_values[label][asked] for label in labels}
+    means_ap = {k: float(np.nanmean(v)) for k, v in ap.items()}
+    means_lds = {k: float(np.nanmean(v)) for k, v in same.items()}
+    methods_only = [k for k in labels if not k.startswith("control: ") and k != RANDOM]
+    return {
+        "ground_truth": "the training images whose caption is the query's prompt, ranked "
+        "among the set's images",
+        "queries": int(asked.sum()),
+        "chance": float(np.concatenate(chance).mean()),
+        "methods": {
+            k: {"map": summarize(ap[k]).as_dict(), "lds": summarize(same[k]).as_dict()}
+            for k in labels
+        },
+        "agreement": {
+            "all": rank_agreement(means_ap, means_lds),
+            "methods": rank_agreement(
+                {k: means_ap[k] for k in methods_only}, {k: means_lds[k] for k in methods_only}
+            ),
+        },
+    }
+
+
 def leave_k_out_units(
-    case: SetCase, scores: dict[str, np.ndarray], *, ks: Sequence[int], queries: Sequence[int]
+    scores: dict[str, np.ndarray], *, ks: Sequence[int], queries: Sequence[int]
 ) -> dict[tuple[str, int, int], Unit]:
     """(label, k, query) -> the model trained without that method's top-k images for that
     query (seed 0); methods that agree share a unit."""
@@ -164,6 +232,26 @@ def leave_k_out_units(
     }
 
 
+def _leave_k_out_path(work: Path, case: SetCase, unit: Unit, query: int) -> Path:
+    return work / case.id / "leave-k-out" / f"{unit.key}-q{query}.npz"
+
+
+def image_changes(reference: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
+    """How far each regeneration (N, S, S, 3) uint8 moved from the reference image (S, S, 3):
+    mean absolute pixel difference (0-1) and world-cnn cosine distance."""
+    from PIL import Image
+
+    from genattr.features.embedder import embed_images
+    from genattr.features.registry import get_backbone
+
+    pixel = np.abs(images.astype(np.float64) - reference.astype(np.float64)).mean((1, 2, 3))
+    feats = embed_images(
+        get_backbone("world-cnn"), [Image.fromarray(a) for a in [reference, *images]]
+    ).astype(np.float64)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    return {"pixel": pixel / 255.0, "world-cnn": 1.0 - feats[1:] @ feats[0]}
+
+
 def leave_k_out(
     cases: Sequence[SetCase],
     *,
@@ -171,56 +259,74 @@ def leave_k_out(
     work: str | Path,
     spec: StudySpec,
     labels: Sequence[str],
+    control: str | None = None,
     fractions: Sequence[float] = (0.125, 0.25, 0.5),
     queries_per_case: int = 2,
     shard: tuple[int, int] = (0, 1),
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """Retrain each case without each method's top-K images for a few queries (spread over
-    the case's queries), K = fraction x N, and measure how much the query's loss rises
-    over the full model's (seed 0). Returns the summaries once every unit is done."""
+    the case's queries), K = fraction x N, and measure how much the query's loss rises over
+    the full model's (both seed 0) and how far its regeneration from its own noise moves;
+    each against removing K random images and the K the query-blind `control` picks.
+    Returns the summaries once every unit is done."""
     work = Path(work)
-    plans = {}
+    plans, jobs = {}, []
     for case in cases:
         n, q = len(case.train_paths), len(case.queries)
         ks = sorted({max(1, round(f * n)) for f in fractions})
         rows = np.linspace(0, q - 1, min(queries_per_case, q)).round().astype(int).tolist()
-        plans[case.id] = (
-            ks,
-            leave_k_out_units(case, load_scores(work, case, labels), ks=ks, queries=rows),
-        )
-    units = {cid: sorted(set(p[1].values()), key=lambda u: u.key) for cid, p in plans.items()}
-    run_units(
-        cases,
-        units,
-        work=work,
-        spec=spec,
-        base=base,
-        shard=shard,
-        progress=progress,
-    )
-    if not all(unit_path(work, c, u).is_file() for c in cases for u in units[c.id]):
+        plan = leave_k_out_units(load_scores(work, case, labels), ks=ks, queries=rows)
+        full = Unit((True,) * n, 0)
+        needed = {(full, r) for r in rows} | {(u, r) for (_, _, r), u in plan.items()}
+        jobs += [
+            Job(case, u, _leave_k_out_path(work, case, u, r), r)
+            for u, r in sorted(needed, key=lambda x: (x[1], x[0].key))
+        ]
+        plans[case.id] = (ks, plan, full)
+    run_units(jobs, spec=spec, base=base, shard=shard, progress=progress)
+    if not all(j.path.is_file() for j in jobs):
         return None
-    rises: dict[str, dict[float, list[float]]] = {}
+    per: dict[str, dict[float, dict[str, list[float]]]] = {}
     for case in cases:
-        full = np.load(work / case.id / "margins.npz")["full"][0]
-        fraction_of = {k: k / len(case.train_paths) for k in plans[case.id][0]}
-        for (label, k, q), unit in plans[case.id][1].items():
-            rise = float(full[q] - np.load(unit_path(work, case, unit))[q])  # loss up
-            rises.setdefault(label, {}).setdefault(round(fraction_of[k], 4), []).append(rise)
+        ks, plan, full = plans[case.id]
+
+        def read(unit: Unit, row: int, case: SetCase = case) -> tuple[float, np.ndarray]:
+            got = np.load(_leave_k_out_path(work, case, unit, row))
+            return float(got["margin"][0]), got["image"]
+
+        for (label, k, q), unit in plan.items():
+            (full_margin, full_image), (margin, image) = read(full, q), read(unit, q)
+            changes = image_changes(full_image, image[None])
+            got = per.setdefault(label, {}).setdefault(round(k / len(case.train_paths), 4), {})
+            for measure, value in [
+                ("rise", full_margin - margin),  # the query's loss went up by this much
+                ("pixel_change", float(changes["pixel"][0])),
+                ("cnn_change", float(changes["world-cnn"][0])),
+            ]:
+                got.setdefault(measure, []).append(value)
+    baselines = [RANDOM] + ([control] if control else [])
+
+    def summary(values: dict[str, list[float]], f: float) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for measure, v in values.items():
+            out[measure] = summarize(np.array(v)).as_dict()
+            for b in baselines:
+                key = "minus_random" if b == RANDOM else "minus_control"
+                ref = np.array(per[b][f][measure])
+                out.setdefault(key, {})[measure] = paired_difference(np.array(v), ref).as_dict()
+        return out
+
     return {
-        "measure": "loss rise of the query (full model's margin minus the retrained one's)",
+        "measures": {
+            "rise": "loss rise of the query (full model's margin minus the retrained one's)",
+            "pixel_change": "mean absolute pixel change (0-1) of the query regenerated "
+            "from its own noise",
+            "cnn_change": "world-cnn cosine distance between the two regenerations",
+        },
+        "control": control,
         "methods": {
-            label: {
-                str(f): {
-                    "rise": summarize(np.array(v)).as_dict(),
-                    "minus_random": paired_difference(
-                        np.array(v), np.array(rises[RANDOM][f])
-                    ).as_dict(),
-                }
-                for f, v in by_k.items()
-            }
-            for label, by_k in rises.items()
+            label: {str(f): summary(v, f) for f, v in by_k.items()} for label, by_k in per.items()
         },
     }
 
@@ -243,10 +349,11 @@ def run_study(
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """A whole study, resumable at any point: retrain and measure the subsets, score the
-    methods, LDS, and (with `leave_k_out_queries` > 0) leave-K-out on that many queries per
-    case (the methods, random and the last query-blind control: the lowest loss where the
-    unlearning method runs); writes and returns WORK/results.json, or None while another
-    shard's units or cases are missing (run the shards side by side, then any one again).
+    methods (those not scored yet), LDS of every method scored, and (with
+    `leave_k_out_queries` > 0) leave-K-out on that many queries per case for `methods`,
+    random and the query-blind control with the highest LDS; writes and returns
+    WORK/results.json, or None while another shard's units or cases are missing (run the
+    shards side by side, then any one again).
     Shards split the retraining unit by unit and the scoring case by case."""
     from genattr.workflows.counterfactual import build_margins
 
@@ -255,21 +362,23 @@ def run_study(
         logger.info(f"{len(done)} of {len(cases)} case(s) have all their margins")
         return None
     index, count = shard
-    score_cases(
-        cases[index::count], base=base, work=work, methods=methods or default_methods(),
-        progress=progress,
-    )  # fmt: skip
-    if not all((Path(work) / c.id / "scores" / "labels.json").is_file() for c in cases):
+    methods = methods or default_methods()
+    score_cases(cases[index::count], base=base, work=work, methods=methods, progress=progress)
+    if any(set(methods) - set(scored_labels(work, c)) for c in cases):
         logger.info("scores of other shards' cases are missing")
         return None
     labels = score_cases(cases, base=base, work=work, methods={}, progress=False)  # all saved
     results: dict[str, Any] = {"spec": spec.model_dump(), "cases": [c.id for c in cases]}
-    results["lds"] = lds_results(cases, work=work, labels=labels)
+    values, ceiling = lds_per_query(cases, work=work, labels=labels)
+    results["lds"] = lds_results(values, ceiling)
+    results["exemplar"] = exemplar_results(cases, work=work, labels=labels, lds_values=values)
     if leave_k_out_queries > 0:
         controls = [x for x in labels if x.startswith("control: ")]
-        loo_labels = [x for x in labels if x not in controls] + controls[-1:]
+        lds_of = {x: results["lds"]["methods"][x]["lds"]["mean"] for x in controls}
+        control = max(lds_of, key=lambda x: lds_of[x]) if controls else None
+        loo_labels = [*methods, RANDOM] + ([control] if control else [])
         loo = leave_k_out(
-            cases, base=base, work=work, spec=spec, labels=loo_labels,
+            cases, base=base, work=work, spec=spec, labels=loo_labels, control=control,
             queries_per_case=leave_k_out_queries, shard=shard, progress=progress,
         )  # fmt: skip
         if loo is None:

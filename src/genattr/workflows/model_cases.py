@@ -100,19 +100,24 @@ class FolderImages:
 ImageSource = ImageSet | FolderImages
 
 
-def image_prompt(path: str | os.PathLike) -> str | None:
-    """The prompt genattr's sampler wrote into a generated PNG (its `genattr` text chunk)."""
+def image_record(path: str | os.PathLike) -> dict[str, Any]:
+    """What genattr's sampler wrote into a generated PNG (its `genattr` text chunk: prompt,
+    seed, scheduler...); empty for other images."""
     try:
         with Image.open(path) as im:
             text = getattr(im, "text", {}).get("genattr")
     except (OSError, ValueError) as e:
         raise GenattrError(f"{path}: not a readable image ({e})") from None
-    if not text:
-        return None
     try:
-        return json.loads(text).get("prompt")
+        record = json.loads(text) if text else {}
     except json.JSONDecodeError:
-        return None
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def image_prompt(path: str | os.PathLike) -> str | None:
+    """The prompt genattr's sampler wrote into a generated PNG."""
+    return image_record(path).get("prompt")
 
 
 @dataclass
