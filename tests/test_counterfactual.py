@@ -7,9 +7,11 @@ import pytest
 
 from genattr.counterfactual import (
     draw_subsets,
+    exemplar_ap,
     lds,
     leave_k_out_masks,
     paired_difference,
+    rank_agreement,
     seed_ceiling,
     spearman_rows,
     subset_predictions,
@@ -109,3 +111,44 @@ def test_summary_matches_direct_computation():
     assert s.n == 4 and s.mean == pytest.approx(finite.mean())
     assert s.se == pytest.approx(finite.std(ddof=1) / 2)
     assert s.low <= s.mean <= s.high
+
+
+def _ap_by_hand(scores: np.ndarray, answers: np.ndarray) -> float:
+    """AP walking the ranking (ties: answers first, as AbC's strict count does)."""
+    order = np.lexsort((~answers, -scores))
+    hits, total = 0, 0.0
+    for rank, i in enumerate(order, start=1):
+        if answers[i]:
+            hits += 1
+            total += hits / rank
+    return total / answers.sum()
+
+
+def test_exemplar_ap_is_average_precision_of_the_answers():
+    rng = np.random.default_rng(4)
+    scores = rng.integers(0, 6, (30, 16)).astype(float)  # ties everywhere
+    answers = rng.random((30, 16)) < 0.15
+    answers[0] = False
+    got = exemplar_ap(scores, answers)
+    assert np.isnan(got[0])
+    want = [_ap_by_hand(s, a) for s, a in zip(scores[1:], answers[1:], strict=True) if a.any()]
+    np.testing.assert_allclose(got[1:][answers[1:].any(1)], want, atol=1e-12)
+    perfect = exemplar_ap(answers[1:].astype(float), answers[1:])
+    assert np.nanmin(perfect) == 1.0
+    with pytest.raises(GenattrError):
+        exemplar_ap(scores, answers[:, :3])
+
+
+def test_rank_agreement_is_scipys_spearman_and_kendall():
+    rng = np.random.default_rng(5)
+    a = {f"m{i}": float(v) for i, v in enumerate(rng.normal(size=9))}
+    b = {k: v + float(rng.normal(0, 0.7)) for k, v in a.items()}
+    b["m3"] = b["m4"]  # a tie
+    b["only in b"] = 1.0
+    got = rank_agreement(a, b)
+    names = sorted(a)
+    x, y = [a[k] for k in names], [b[k] for k in names]
+    assert got["n"] == 9
+    assert got["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert got["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
+    assert rank_agreement(a, {k: -v for k, v in a.items()})["kendall"] == pytest.approx(-1.0)

@@ -4,9 +4,11 @@ subset models and measuring their margins from files is `genattr.workflows.count
 
 from genattr.counterfactual.metrics import (
     Summary,
+    exemplar_ap,
     lds,
     leave_k_out_masks,
     paired_difference,
+    rank_agreement,
     seed_ceiling,
     spearman_rows,
     subset_predictions,
@@ -18,9 +20,11 @@ from genattr.counterfactual.subsets import draw_subsets
 __all__ = [
     "Summary",
     "draw_subsets",
+    "exemplar_ap",
     "lds",
     "leave_k_out_masks",
     "paired_difference",
+    "rank_agreement",
     "seed_ceiling",
     "spearman_rows",
     "subset_predictions",

@@ -125,3 +125,42 @@ def paired_difference(a: np.ndarray, b: np.ndarray | float, *, seed: int = 0) ->
     """The per-query difference a - b summarized: two methods are apart when its interval
     excludes 0 (queries where either is NaN are left out)."""
     return summarize(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64), seed=seed)
+
+
+def exemplar_ap(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
+    """(Q,) average precision of each query's answer images (`answers` (Q, N) bool) in the
+    ranking of its scores (Q, N), counted as the AbC evaluation counts it (a non-answer
+    outranks an answer only with a strictly higher score); NaN for a query with no answer.
+    The exemplar-as-answer ground truth, to set beside LDS on the same scores."""
+    from genattr.evaluate import metrics_from_counts
+
+    s, a = np.asarray(scores, dtype=np.float64), np.asarray(answers, dtype=bool)
+    if s.shape != a.shape or s.ndim != 2:
+        raise GenattrError(f"need (Q, N) scores and answers, not {s.shape} and {a.shape}")
+    out = np.full(len(s), np.nan)
+    for q in np.flatnonzero(a.any(axis=1)):
+        thresholds = np.sort(s[q, a[q]])
+        others = s[q, ~a[q]]
+        counts = (others[None, :] > thresholds[:, None]).sum(axis=1)
+        ap, _ = metrics_from_counts(counts[None, :], np.array([len(thresholds)]), (1,))
+        out[q] = ap[0]
+    return out
+
+
+def rank_agreement(a: dict[str, float], b: dict[str, float]) -> dict[str, float | int]:
+    """How far two rankings of the same methods agree (each a method -> figure mapping):
+    Spearman's rho and Kendall's tau-b across the methods both name."""
+    names = sorted(set(a) & set(b))
+    x = np.array([[a[k] for k in names]], dtype=np.float64)
+    y = np.array([[b[k] for k in names]], dtype=np.float64)
+    dx = np.sign(x[0][:, None] - x[0][None, :])
+    dy = np.sign(y[0][:, None] - y[0][None, :])
+    upper = np.triu_indices(len(names), 1)
+    concordant = float((dx * dy)[upper].sum())
+    ties_x, ties_y = (dx[upper] != 0).sum(), (dy[upper] != 0).sum()
+    denom = np.sqrt(float(ties_x) * float(ties_y))
+    return {
+        "spearman": float(spearman_rows(x, y)[0]) if len(names) > 1 else float("nan"),
+        "kendall": concordant / denom if denom > 0 else float("nan"),
+        "n": len(names),
+    }
