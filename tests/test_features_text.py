@@ -307,3 +307,24 @@ def test_captions_change_the_ranking(minilm: TextEncoder) -> None:
             assert scores[0] == pytest.approx(scores[1], abs=1e-6)
         else:
             assert int(np.argmax(scores)) == 1
+
+
+def test_feature_method_blends_caption_prompt_cosine(minilm: TextEncoder) -> None:
+    """The study's text-aware method: (1 - w) image cosine + w caption-prompt cosine; at
+    w = 1 the images are not read and the matching caption wins."""
+    from genattr.workflows.model_cases import ImageSet
+    from genattr.workflows.model_methods import FeatureMethod
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    captions = ["a red apple", "a blue car", "a dog in the park", "a house at night"]
+    train = ImageSet(images, captions, ["a", "b", "c", "d"])
+    noise = rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8)
+    queries = ImageSet(noise, captions[::-1], ["q0", "q1", "q2", "q3"])
+    scores = {}
+    for w in (0.0, 0.5, 1.0):
+        method = FeatureMethod(backbone="pixel", text_weight=w)
+        method.prepare(None, [train], None, False)
+        scores[w] = method.scores(None, queries, False)
+    assert (scores[1.0].argmax(1) == [3, 2, 1, 0]).all()
+    np.testing.assert_allclose(scores[0.5], (scores[0.0] + scores[1.0]) / 2, atol=1e-5)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from genattr.attribution import embed
 from genattr.errors import GenattrError, validation_reason
 from genattr.features.embedder import embed_images
 from genattr.features.registry import get_backbone
+from genattr.features.text import clean_prompt, load_text_encoder, text_aware
 from genattr.heads.checkpoint import MapperPair, load_heads
 from genattr.methods import GradientSpec, gradient_scores, projected_gradients
 from genattr.methods.gradient import damped_gram
@@ -143,6 +145,7 @@ class GradientMethod:
 
     spec: GradientSpec = field(default_factory=GradientSpec)
     kernel: Literal["cosine", "trak"] = "cosine"
+    damping: float = 1e-3  # TRAK's lambda over the mean of its Gram matrix's diagonal
     batch: int = 64
     name: str = "gradient"
     needs_model: bool = True
@@ -177,7 +180,7 @@ class GradientMethod:
     def gram(self) -> torch.Tensor:
         """TRAK's damped Gram matrix of this model's training gradients, built once."""
         if self._gram is None:
-            self._gram = damped_gram(self.train)
+            self._gram = damped_gram(self.train, self.damping)
         return self._gram
 
     def _gradients(self, pipe: Any, source: ImageSource, progress: bool) -> np.ndarray:
@@ -288,12 +291,16 @@ class UnlearningMethod:
 @dataclass
 class FeatureMethod:
     """Feature similarity (the paper's method), optionally through a tuned head, scored on
-    exactly the queries the model-based methods see."""
+    exactly the queries the model-based methods see; with `text_weight` w > 0, text-aware
+    (`genattr.features.text.text_aware`: (1 - w) image cosine + w caption-prompt cosine, by
+    `text_encoder`; w = 1 reads the text alone)."""
 
     backbone: str = "world-cnn"
     head: str | None = None
     name: str = "features"
     needs_model: bool = False
+    text_weight: float = 0.0
+    text_encoder: str = "minilm"
 
     def prepare(
         self,
@@ -308,6 +315,7 @@ class FeatureMethod:
             self._backbone = get_backbone(self.backbone)
             self._heads: MapperPair | None = load_heads(self.head)[0] if self.head else None
             self._cache: dict[str, torch.Tensor] = {}
+            self._text = load_text_encoder(self.text_encoder) if self.text_weight > 0 else None
         real = None if self._heads is None else self._heads.real.cpu().eval()
         feats = []
         for source in train:  # the gallery is the same for every model: embedded once
@@ -318,12 +326,17 @@ class FeatureMethod:
         self.train = torch.cat(feats)
 
     def _embed(self, source: ImageSource, head: Any) -> torch.Tensor:
-        out = []
-        for _, images, _prompts in _batches(source, 256):
+        out, prompts = [], []
+        for _, images, texts in _batches(source, 256):
             pil = [Image.fromarray(a) for a in images]
             out.append(torch.from_numpy(embed_images(self._backbone, pil, batch_size=64)))
+            prompts += texts
         with torch.no_grad():
-            return embed(torch.cat(out), head)
+            feats = embed(torch.cat(out), head)
+        if self._text is None:
+            return feats
+        words = self._text.encode([clean_prompt(p) for p in prompts], progress=False)
+        return torch.from_numpy(text_aware(feats, words, self.text_weight))
 
     def scores(self, pipe: Any, queries: ImageSet, progress: bool) -> np.ndarray:
         synth = None if self._heads is None else self._heads.synth.cpu().eval()
@@ -343,13 +356,16 @@ def make_method(name: str, **options: Any) -> ScoringMethod:
     """A scoring method by name; `options` are its settings (GradientSpec fields, kernel...)."""
     if name == "gradient":
         kernel = options.pop("kernel", "cosine")
+        damping = float(options.pop("damping", 1e-3))
         if kernel not in ("cosine", "trak"):
             raise GenattrError(f"--kernel must be cosine or trak, not {kernel!r}")
+        if not (math.isfinite(damping) and damping > 0):
+            raise GenattrError(f"damping must be a positive number, not {damping}")
         try:
             spec = GradientSpec(**options)
         except ValidationError as e:
             raise GenattrError(f"gradient options: {validation_reason(e)}") from None
-        return GradientMethod(spec, cast(Literal["cosine", "trak"], kernel))
+        return GradientMethod(spec, cast(Literal["cosine", "trak"], kernel), damping)
     if name == "unlearning":
         try:
             return UnlearningMethod(UnlearningSpec(**options))
