@@ -103,6 +103,25 @@ def test_shards_split_the_units(tiny, case, tmp_path):
 
 
 @pytest.mark.slow
+def test_ray_engine_gives_the_margins_of_the_local_run(tiny, case, tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray")
+    from genattr.workflows.counterfactual import Engine
+
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    local = build_margins([case], base=tiny, work=tmp_path / "local", spec=SPEC, progress=False)
+    ray.init(num_cpus=2, object_store_memory=256 << 20, include_dashboard=False)
+    try:
+        on_ray = build_margins(
+            [case], base=tiny, work=tmp_path / "ray", spec=SPEC, progress=False,
+            **Engine(name="ray", workers=2).options(),
+        )  # fmt: skip
+    finally:
+        ray.shutdown()
+    np.testing.assert_allclose(on_ray["set0"]["margins"], local["set0"]["margins"], rtol=1e-5)
+    np.testing.assert_array_equal(on_ray["set0"]["masks"], local["set0"]["masks"])
+
+
+@pytest.mark.slow
 def test_study_scores_methods_by_lds_and_leave_k_out(tiny, case, tmp_path):
     """The whole study on the tiny pipeline: every method's scores saved with the controls
     and random, LDS against scipy on the saved margins, leave-K-out units that remove each
@@ -198,6 +217,9 @@ def test_cli_runs_a_study_on_a_make_benchmark_folder(tiny, tmp_path):
         (["--shard", "2/2"], "--shard"),
         (["--subsets", "1"], "study options"),
         (["--world-sets", "16"], "one of --world-sets"),
+        (["--engine", "slurm"], "--engine"),
+        (["--workers", "0"], "--workers"),
+        (["--device", "tpu"], "--device"),
     ):
         res = CliRunner().invoke(app, [*args, *bad])
         assert res.exit_code == 2 and message in res.output, (bad, res.output)

@@ -49,13 +49,20 @@ def counterfactual(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated methods (pixel, world-cnn, gradient-loss, "
-            "gradient-square-norm, trak-loss, unlearning); default all."
+            help="Comma-separated methods (pixel, world-cnn, world-cnn-text, text-alone, "
+            "gradient-loss, gradient-square-norm, trak-loss, unlearning); default all."
         ),
     ] = None,
     shard: Annotated[
         str, typer.Option(help="I/N: this process's share of the retraining (run N of them).")
     ] = "0/1",
+    device: Annotated[str, typer.Option(help="Retrain on cpu, cuda, cuda:N or auto.")] = "cpu",
+    engine: Annotated[
+        str, typer.Option(help="local (in this process) or ray (the retraining over Ray tasks).")
+    ] = "local",
+    workers: Annotated[
+        int | None, typer.Option(help="With --engine ray: tasks (default: one per GPU or CPU).")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -63,12 +70,24 @@ def counterfactual(
     queries' losses, and score every method by LDS (and leave-K-out): results.json in OUT."""
     from pydantic import ValidationError
 
-    from genattr.workflows.counterfactual import StudySpec, bench_set_cases, world_set_cases
+    from genattr.devices import resolve_device
+    from genattr.workflows.counterfactual import (
+        ENGINES,
+        Engine,
+        StudySpec,
+        bench_set_cases,
+        world_set_cases,
+    )
     from genattr.workflows.counterfactual_scores import default_methods, run_study
 
     if (world_sets is None) == (bench is None):
         raise GenattrError("give one of --world-sets N or --bench MANIFEST")
     part = _parse_shard(shard)
+    if engine not in ENGINES:
+        raise GenattrError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if workers is not None and workers < 1:
+        raise GenattrError(f"--workers must be at least 1, not {workers}")
+    run_on = Engine(resolve_device(device), engine, workers)
     out = check_output(out, "dir")
     _set_threads(threads)
     try:
@@ -88,7 +107,7 @@ def counterfactual(
     chosen = default_methods(None if methods is None else methods.split(","))
     results = run_study(
         cases, base=base, work=out, spec=spec, methods=chosen, leave_k_out_queries=leave_k_out,
-        shard=part, progress=progress,
+        shard=part, engine=run_on, progress=progress,
     )  # fmt: skip
     if results is None:
         console.print(f"shard {shard} done; run the other shards, then any one again")

@@ -235,6 +235,22 @@ def save_array(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
+ENGINES = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class Engine:
+    """Where retraining runs: the device, and in this process (`local`) or on Ray over
+    `workers` tasks (None: one per GPU, or per CPU)."""
+
+    device: str = "cpu"
+    name: str = "local"
+    workers: int | None = None
+
+    def options(self) -> dict[str, Any]:
+        return {"device": self.device, "engine": self.name, "workers": self.workers}
+
+
 def run_units(
     jobs: Sequence[Job],
     *,
@@ -242,13 +258,20 @@ def run_units(
     base: str | os.PathLike,
     device: str = "cpu",
     shard: tuple[int, int] = (0, 1),
+    engine: str = "local",
+    workers: int | None = None,
     progress: bool = True,
 ) -> int:
     """Train and measure every job not done yet (this shard's share: jobs i, i + n, ... of
     the whole list for shard (i, n)); returns how many it ran. The base model is loaded
-    only when there is something to train."""
+    only when there is something to train. `engine` ray spreads them over `workers` Ray
+    tasks (default: one per GPU, or per CPU on the CPU), each loading the base model once."""
+    if engine not in ENGINES:
+        raise GenattrError(f"--engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     index, count = shard
     todo = [j for j in jobs[index::count] if not j.path.is_file()]
+    if engine == "ray" and todo:
+        return _run_units_ray(todo, spec=spec, base=base, device=device, workers=workers)
     retrainer = Retrainer(base, device) if todo else None
     with progress_bar("retrain", len(todo), enabled=progress) as advance:
         for job in todo:
@@ -265,6 +288,36 @@ def run_units(
                 job.path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(job.path) as tmp, open(tmp, "wb") as f:
                     np.savez(f, margin=margin, image=image)
+            advance(1)
+    return len(todo)
+
+
+def _units_task(jobs: list[Job], spec: StudySpec, base: str, device: str) -> int:
+    """One Ray task: a share of the jobs, in one process with one loaded base model."""
+    return run_units(jobs, spec=spec, base=base, device=device, progress=False)
+
+
+def _run_units_ray(
+    todo: list[Job], *, spec: StudySpec, base: str | os.PathLike, device: str, workers: int | None
+) -> int:
+    try:
+        import ray
+    except ImportError:
+        raise GenattrError(
+            "--engine ray needs Ray: pip install 'genattr[ray]' (or run without --engine ray)"
+        ) from None
+    if not ray.is_initialized():
+        ray.init()
+    gpu = device.startswith("cuda")
+    if workers is None:
+        workers = int(ray.available_resources().get("GPU" if gpu else "CPU", 1)) or 1
+    workers = min(workers, len(todo))
+    task = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)(_units_task)
+    refs = [task.remote(todo[i::workers], spec, str(base), device) for i in range(workers)]
+    with progress_bar("retrain (ray)", len(refs), unit="worker") as advance:
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            ray.get(done)  # a worker's failure is raised here
             advance(1)
     return len(todo)
 
@@ -297,13 +350,18 @@ def build_margins(
     spec: StudySpec,
     device: str = "cpu",
     shard: tuple[int, int] = (0, 1),
+    engine: str = "local",
+    workers: int | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Run (or resume) a study's retraining in WORK; returns the margins of every case whose
     units are all done (with several shards, the last to finish assembles them)."""
     work = open_study(work, spec, cases)
     jobs = [j for c in cases for j in study_jobs(work, c, study_units(c, spec))]
-    ran = run_units(jobs, spec=spec, base=base, device=device, shard=shard, progress=progress)
+    ran = run_units(
+        jobs, spec=spec, base=base, device=device, shard=shard, engine=engine, workers=workers,
+        progress=progress,
+    )  # fmt: skip
     logger.info(f"{ran} model(s) retrained and measured")
     done = {}
     for case in cases:

@@ -28,6 +28,7 @@ from genattr.errors import GenattrError
 from genattr.evaluate import expected_random_ap
 from genattr.progress import progress_bar
 from genattr.workflows.counterfactual import (
+    Engine,
     Job,
     Retrainer,
     SetCase,
@@ -82,6 +83,7 @@ def score_cases(
     work: str | Path,
     methods: dict[str, ScoringMethod],
     seed: int = 0,
+    device: str = "cpu",
     progress: bool = True,
 ) -> list[str]:
     """Score every case's queries against its training set with each method not scored
@@ -100,7 +102,7 @@ def score_cases(
             found: dict[str, np.ndarray] = {}
             if missing:
                 if retrainer is None:
-                    retrainer = Retrainer(base)
+                    retrainer = Retrainer(base, device)
                 retrainer.train(case, Unit((True,) * len(case.train_paths), 0))
             for label, method in missing.items():
                 assert retrainer is not None
@@ -263,6 +265,7 @@ def leave_k_out(
     fractions: Sequence[float] = (0.125, 0.25, 0.5),
     queries_per_case: int = 2,
     shard: tuple[int, int] = (0, 1),
+    engine: Engine | None = None,
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """Retrain each case without each method's top-K images for a few queries (spread over
@@ -284,7 +287,10 @@ def leave_k_out(
             for u, r in sorted(needed, key=lambda x: (x[1], x[0].key))
         ]
         plans[case.id] = (ks, plan, full)
-    run_units(jobs, spec=spec, base=base, shard=shard, progress=progress)
+    run_units(
+        jobs, spec=spec, base=base, shard=shard, **(engine or Engine()).options(),
+        progress=progress,
+    )  # fmt: skip
     if not all(j.path.is_file() for j in jobs):
         return None
     per: dict[str, dict[float, dict[str, list[float]]]] = {}
@@ -346,6 +352,7 @@ def run_study(
     methods: dict[str, ScoringMethod] | None = None,
     leave_k_out_queries: int = 0,
     shard: tuple[int, int] = (0, 1),
+    engine: Engine | None = None,
     progress: bool = True,
 ) -> dict[str, Any] | None:
     """A whole study, resumable at any point: retrain and measure the subsets, score the
@@ -357,13 +364,19 @@ def run_study(
     Shards split the retraining unit by unit and the scoring case by case."""
     from genattr.workflows.counterfactual import build_margins
 
-    done = build_margins(cases, base=base, work=work, spec=spec, shard=shard, progress=progress)
+    engine = engine or Engine()
+    done = build_margins(
+        cases, base=base, work=work, spec=spec, shard=shard, **engine.options(), progress=progress
+    )
     if len(done) < len(cases):
         logger.info(f"{len(done)} of {len(cases)} case(s) have all their margins")
         return None
     index, count = shard
     methods = methods or default_methods()
-    score_cases(cases[index::count], base=base, work=work, methods=methods, progress=progress)
+    score_cases(
+        cases[index::count], base=base, work=work, methods=methods, device=engine.device,
+        progress=progress,
+    )  # fmt: skip
     if any(set(methods) - set(scored_labels(work, c)) for c in cases):
         logger.info("scores of other shards' cases are missing")
         return None
@@ -379,7 +392,7 @@ def run_study(
         loo_labels = [*methods, RANDOM] + ([control] if control else [])
         loo = leave_k_out(
             cases, base=base, work=work, spec=spec, labels=loo_labels, control=control,
-            queries_per_case=leave_k_out_queries, shard=shard, progress=progress,
+            queries_per_case=leave_k_out_queries, shard=shard, engine=engine, progress=progress,
         )  # fmt: skip
         if loo is None:
             return None
