@@ -25,7 +25,7 @@ import numpy as np
 
 from genattr.atomic import write_text_atomic
 from genattr.workflows.counterfactual import world_set_cases
-from genattr.workflows.counterfactual_scores import lds_per_query, score_cases
+from genattr.workflows.counterfactual_scores import lds_per_query, read_outcomes, score_cases
 from genattr.workflows.model_methods import FeatureMethod, ScoringMethod, make_method
 from genattr.world.base import base_model_dir
 
@@ -44,7 +44,7 @@ def grid() -> dict[str, dict[str, tuple[str, ScoringMethod]]]:
                 "trak (loss)" if d == 1e-3 else f"trak (loss) [damping={d:g}]",
                 gradient(kernel="trak", damping=d),
             )
-            for d in (1e-3, 1e-2, 1e-1, 1.0)
+            for d in (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
         },
         "gradient (loss)": {
             "timesteps=4": ("gradient (loss)", gradient()),
@@ -83,7 +83,7 @@ def main() -> None:
     families = grid()
     every = {label: m for settings in families.values() for label, m in settings.values()}
     score_cases(val, base=base, work=args.study, methods=every)
-    values, _ = lds_per_query(val, work=args.study, labels=list(every))
+    values, _ = lds_per_query(read_outcomes(val, work=args.study, labels=list(every)), list(every))
     out: dict[str, Any] = {"validation": args.validation, "families": {}}
     chosen = {}
     for family, settings in families.items():

@@ -152,3 +152,43 @@ def test_rank_agreement_is_scipys_spearman_and_kendall():
     assert got["spearman"] == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     assert got["kendall"] == pytest.approx(stats.kendalltau(x, y).statistic, abs=1e-12)
     assert rank_agreement(a, {k: -v for k, v in a.items()})["kendall"] == pytest.approx(-1.0)
+
+
+def test_packed_study_round_trips_and_feeds_the_demo_summary(tmp_path):
+    """A planted study packed as the world's is (margins and scores, no weights): loaded back
+    bit for bit, and the demo's summary recomputes LDS from it, truth near the top."""
+    from genattr.workflows.counterfactual_scores import (
+        CaseOutcome,
+        load_packed_outcomes,
+        pack_outcomes,
+    )
+    from genattr.workflows.demo import counterfactual_summary
+
+    weights, masks, margins = planted(seeds=2, noise=2.0, q=8)
+    rng = np.random.default_rng(3)
+    scores = {"truth": weights, "random": rng.normal(size=weights.shape)}
+    answers = np.zeros(weights.shape, dtype=bool)
+    answers[np.arange(4), weights[:4].argmax(1)] = True  # the first 4 queries have an answer
+    outcomes = [
+        CaseOutcome(f"c{k}", masks, margins, scores, answers, ["set"] * 4 + ["held-out"] * 4)
+        for k in range(2)
+    ]
+    path = pack_outcomes(
+        outcomes, labels=list(scores), path=tmp_path / "pack.npz", extra={"spec": {"seeds": 2}}
+    )
+    back, meta = load_packed_outcomes(path)
+    assert meta["labels"] == ["truth", "random"] and meta["spec"] == {"seeds": 2}
+    for a, b in zip(outcomes, back, strict=True):
+        assert a.id == b.id and a.prompt_types == b.prompt_types
+        np.testing.assert_array_equal(a.margins, b.margins)
+        np.testing.assert_array_equal(a.scores["truth"], b.scores["truth"])
+        np.testing.assert_array_equal(a.answers, b.answers)
+    got = counterfactual_summary(path)
+    assert got is not None and got["queries"] == 16 and got["models"] == ["c0", "c1"]
+    rows = got["lds"]["methods"]
+    assert rows["truth"]["lds"]["mean"] > 0.7 and abs(rows["random"]["lds"]["mean"]) < 0.3
+    assert got["exemplar"]["methods"]["truth"]["map"]["mean"] == 1.0  # argmax is the answer
+    assert counterfactual_summary(tmp_path / "absent.npz") is None
+    np.savez(tmp_path / "other.npz", meta=np.array("{}"))
+    with pytest.raises(GenattrError, match="not a packed"):
+        load_packed_outcomes(tmp_path / "other.npz")

@@ -121,6 +121,57 @@ def _sets_plot(outcomes: dict, ptypes: Sequence[str], chance: dict) -> str:
     return _fig_uri(fig)
 
 
+def _counterfactual_view(study: dict[str, Any]) -> dict[str, Any]:
+    """The counterfactual section's rows (best LDS first; exemplar mAP beside), the
+    leave-K-out rows and the LDS figure."""
+    lds, ex = study["lds"], study["exemplar"]
+    order = sorted(lds["methods"], key=lambda k: -lds["methods"][k]["lds"]["mean"])
+    rows = [
+        {
+            "name": k,
+            "lds": lds["methods"][k]["lds"],
+            "vs_random": lds["methods"][k]["minus_random"],
+            "map": ex.get("methods", {}).get(k, {}).get("map"),
+            "control": k.startswith("control: ") or k == "random",
+        }
+        for k in order
+    ]
+    loo = study.get("leave_k_out")
+    loo_rows, fractions = [], []
+    if loo:
+        fractions = sorted(next(iter(loo["methods"].values())), key=float)
+        loo_rows = [
+            {
+                "name": k,
+                "cells": [by_k[f] for f in fractions],
+                "control": k == loo["control"] or k == "random",
+            }
+            for k, by_k in loo["methods"].items()
+        ]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(rows) + 1.0))
+    y = np.arange(len(rows))[::-1]
+    for yy, r in zip(y, rows, strict=True):
+        s = r["lds"]
+        ax.errorbar(s["mean"], yy, xerr=[[s["mean"] - s["low"]], [s["high"] - s["mean"]]],
+                    fmt="o", color="grey" if r["control"] else "C0", capsize=3)  # fmt: skip
+    if lds.get("ceiling"):
+        ax.axvline(lds["ceiling"]["mean"], color="C3", ls="--", label="retraining-seed ceiling")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_yticks(y, [r["name"] for r in rows], fontsize=8)
+    ax.set_xlabel("LDS (mean over queries, 95 % bootstrap interval)")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return {
+        **study,
+        "rows": rows,
+        "loo_rows": loo_rows,
+        "fractions": fractions,
+        "plot": _fig_uri(fig),
+    }
+
+
 def _recall_curves(outcomes: dict, ptypes: Sequence[str]) -> str:
     """A data URI of Recall@K against K, one panel per prompt type."""
     plt = _pyplot()
@@ -238,12 +289,14 @@ def write_demo_report(
     seconds: dict[str, float],
     sets_manifest: Any,
     sets_info: dict[str, Any],
+    counterfactual: dict[str, Any] | None = None,
 ) -> Path:
     """Write the page; every picture is embedded, so the file can be mailed or archived.
 
     `shown`: the attributed test queries (`genattr.workflows.demo_queries.ShownQuery`), and
     `shown_stats` their hit rate beside the evaluation's
-    (`genattr.workflows.demo_queries.shown_summary`).
+    (`genattr.workflows.demo_queries.shown_summary`); `counterfactual`: the packed study's
+    summary (`genattr.workflows.demo.counterfactual_summary`), its section left out if None.
     """
     first = next(iter(outcomes.values()))
     ptypes = list(first.raw.per_type)
@@ -289,6 +342,7 @@ def write_demo_report(
         shown_stats=shown_stats,
         base_training=base_training,
         base_grid=_file_uri(base_grid),
+        counterfactual=None if counterfactual is None else _counterfactual_view(counterfactual),
         models=_model_samples(
             [m for m in manifest.models if m.split == "test"][:6]
             + [next(m for m in sets_manifest.models if len(m.exemplars) == n) for n in (4, 16)]

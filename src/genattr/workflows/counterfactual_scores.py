@@ -9,12 +9,13 @@ import json
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from genattr.atomic import write_text_atomic
+from genattr.atomic import atomic_path, write_text_atomic
 from genattr.counterfactual import (
     exemplar_ap,
     lds,
@@ -135,21 +136,56 @@ def load_scores(work: Path, case: SetCase, labels: Sequence[str]) -> dict[str, n
     return {label: np.load(_scores_path(work, case, label)) for label in labels}
 
 
-def lds_per_query(
+@dataclass
+class CaseOutcome:
+    """One case of a study in memory: its subsets, margins and every method's scores, with
+    each query's exemplar answers (the training images captioned with its prompt) and
+    prompt type; what LDS, the ceiling and the exemplar comparison are computed from."""
+
+    id: str
+    masks: np.ndarray  # (M, N) bool
+    margins: np.ndarray  # (R, Q, M)
+    scores: dict[str, np.ndarray]  # label -> (Q, N)
+    answers: np.ndarray  # (Q, N) bool
+    prompt_types: list[str]
+
+
+def read_outcomes(
     cases: Sequence[SetCase], *, work: str | Path, labels: Sequence[str]
+) -> list[CaseOutcome]:
+    """The cases' outcomes from a study folder (margins assembled, scores saved)."""
+    out = []
+    for case in cases:
+        got = np.load(Path(work) / case.id / "margins.npz")
+        out.append(
+            CaseOutcome(
+                case.id,
+                got["masks"],
+                got["margins"],
+                load_scores(Path(work), case, labels),
+                np.array(
+                    [[c == p for c in case.train.prompts] for p in case.queries.prompts],
+                    dtype=bool,
+                ),
+                [i.split("/")[-2] if i.count("/") >= 2 else "" for i in case.queries.ids],
+            )
+        )
+    return out
+
+
+def lds_per_query(
+    outcomes: Sequence[CaseOutcome], labels: Sequence[str]
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Each method's LDS per query (against the seed-mean margins, every case's queries in
     order) and the retraining-seed ceiling per query (empty with one seed)."""
-    work = Path(work)
     per_query: dict[str, list[np.ndarray]] = {label: [] for label in labels}
     ceiling: list[np.ndarray] = [np.empty(0)]
-    for case in cases:
-        got = np.load(work / case.id / "margins.npz")
-        target = got["margins"].mean(axis=0)
-        for label, scores in load_scores(work, case, labels).items():
-            per_query[label].append(lds(scores, got["masks"], target))
-        if got["margins"].shape[0] >= 2:
-            ceiling.append(seed_ceiling(got["margins"]))
+    for case in outcomes:
+        target = case.margins.mean(axis=0)
+        for label in labels:
+            per_query[label].append(lds(case.scores[label], case.masks, target))
+        if case.margins.shape[0] >= 2:
+            ceiling.append(seed_ceiling(case.margins))
     return {k: np.concatenate(v) for k, v in per_query.items()}, np.concatenate(ceiling)
 
 
@@ -173,28 +209,20 @@ def lds_results(values: dict[str, np.ndarray], ceiling: np.ndarray) -> dict[str,
 
 
 def exemplar_results(
-    cases: Sequence[SetCase],
-    *,
-    work: str | Path,
-    labels: Sequence[str],
-    lds_values: dict[str, np.ndarray],
+    outcomes: Sequence[CaseOutcome], labels: Sequence[str], lds_values: dict[str, np.ndarray]
 ) -> dict[str, Any]:
     """The exemplar-as-answer ground truth on the same models, queries and scores: a query
     whose prompt is the caption of training images has those images as its answer (AP
     within the set, chance its expected random AP); each method's mAP beside its LDS on
     the same queries, and how far the two rankings of the methods agree."""
-    work = Path(work)
     aps: dict[str, list[np.ndarray]] = {label: [] for label in labels}
     chance, rows = [], []
-    for case in cases:
-        answers = np.array(
-            [[c == p for c in case.train.prompts] for p in case.queries.prompts], dtype=bool
-        )
-        rows.append(answers.any(axis=1))
-        n_answers = answers.sum(axis=1)
-        chance.append(expected_random_ap(n_answers[n_answers > 0], answers.shape[1]))
-        for label, scores in load_scores(work, case, labels).items():
-            aps[label].append(exemplar_ap(scores, answers))
+    for case in outcomes:
+        rows.append(case.answers.any(axis=1))
+        n_answers = case.answers.sum(axis=1)
+        chance.append(expected_random_ap(n_answers[n_answers > 0], case.answers.shape[1]))
+        for label in labels:
+            aps[label].append(exemplar_ap(case.scores[label], case.answers))
     asked = np.concatenate(rows)
     if not asked.any():
         return {"queries": 0}
@@ -382,9 +410,10 @@ def run_study(
         return None
     labels = score_cases(cases, base=base, work=work, methods={}, progress=False)  # all saved
     results: dict[str, Any] = {"spec": spec.model_dump(), "cases": [c.id for c in cases]}
-    values, ceiling = lds_per_query(cases, work=work, labels=labels)
+    outcomes = read_outcomes(cases, work=work, labels=labels)
+    values, ceiling = lds_per_query(outcomes, labels)
     results["lds"] = lds_results(values, ceiling)
-    results["exemplar"] = exemplar_results(cases, work=work, labels=labels, lds_values=values)
+    results["exemplar"] = exemplar_results(outcomes, labels, values)
     if leave_k_out_queries > 0:
         controls = [x for x in labels if x.startswith("control: ")]
         lds_of = {x: results["lds"]["methods"][x]["lds"]["mean"] for x in controls}
@@ -399,3 +428,56 @@ def run_study(
         results["leave_k_out"] = loo
     write_study_results(work, results)
     return results
+
+
+PACK_KIND = "genattr.counterfactual_pack"
+PACK_FORMAT_VERSION = 1
+
+
+def pack_outcomes(
+    outcomes: Sequence[CaseOutcome],
+    *,
+    labels: Sequence[str],
+    path: str | Path,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """A study's outcomes in one small .npz (no weights, no images): `meta` (JSON: labels,
+    cases with their prompt types, and `extra`, e.g. the spec and leave-K-out summaries) and
+    per case `<id>/masks`, `<id>/margins`, `<id>/answers`, `<id>/scores/<slug>`; what a
+    report recomputes LDS and the exemplar comparison from (`load_packed_outcomes`)."""
+    meta = {
+        "kind": PACK_KIND,
+        "format_version": PACK_FORMAT_VERSION,
+        "labels": list(labels),
+        "cases": [{"id": o.id, "prompt_types": o.prompt_types} for o in outcomes],
+        **(extra or {}),
+    }
+    arrays: dict[str, np.ndarray] = {"meta": np.array(json.dumps(meta))}
+    for o in outcomes:
+        arrays.update({f"{o.id}/masks": o.masks, f"{o.id}/margins": o.margins})
+        arrays[f"{o.id}/answers"] = o.answers
+        arrays.update({f"{o.id}/scores/{slug(k)}": o.scores[k] for k in labels})
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, allow_pickle=False, **arrays)
+    return path
+
+
+def load_packed_outcomes(path: str | Path) -> tuple[list[CaseOutcome], dict[str, Any]]:
+    """The outcomes and meta `pack_outcomes` wrote."""
+    with np.load(path, allow_pickle=False) as got:
+        meta = json.loads(str(got["meta"]))
+        if meta.get("kind") != PACK_KIND or meta.get("format_version") != PACK_FORMAT_VERSION:
+            raise GenattrError(f"{path}: not a packed counterfactual study (version 1)")
+        outcomes = [
+            CaseOutcome(
+                c["id"],
+                got[f"{c['id']}/masks"],
+                got[f"{c['id']}/margins"],
+                {k: got[f"{c['id']}/scores/{slug(k)}"] for k in meta["labels"]},
+                got[f"{c['id']}/answers"],
+                c["prompt_types"],
+            )
+            for c in meta["cases"]
+        ]
+    return outcomes, meta

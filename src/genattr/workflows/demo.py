@@ -40,6 +40,12 @@ from genattr.report.demo_report import write_demo_report
 from genattr.store import EmbeddingStore
 from genattr.store.join import testcase_from_stores
 from genattr.workflows.calibrate import calibrate_from_stores
+from genattr.workflows.counterfactual_scores import (
+    exemplar_results,
+    lds_per_query,
+    lds_results,
+    load_packed_outcomes,
+)
 from genattr.workflows.demo_queries import CASES, ShownQuery, attribute_queries, shown_summary
 from genattr.workflows.train_head import train_heads_from_stores
 from genattr.world.base import (
@@ -51,8 +57,8 @@ from genattr.world.base import (
     sample,
 )
 from genattr.world.benchmark import WorldBenchmark, load_benchmark
-from genattr.world.captioned import CaptionedSets, load_sets
-from genattr.world.clipart import ClipartData, load_data
+from genattr.world.captioned import COUNTERFACTUAL_PACK, CaptionedSets, load_sets
+from genattr.world.clipart import DEFAULT_DATA_DIR, ClipartData, load_data
 
 logger = logging.getLogger(__name__)
 
@@ -163,9 +169,14 @@ def run_demo(
         logger.info("sampling the base model")
         base_grid = _base_model_grid(world.data, out / "figures" / "base_samples.png")
 
+    with _timed(seconds, "counterfactual"):
+        counterfactual = counterfactual_summary()
+
     seconds["total"] = time.perf_counter() - t_start
-    report = _write_report(out, world, outcomes, best, shown, shown_stats, base_grid, seconds)
-    _write_summary(out, best, outcomes, shown_stats)
+    report = _write_report(
+        out, world, outcomes, best, shown, shown_stats, base_grid, seconds, counterfactual
+    )
+    _write_summary(out, best, outcomes, shown_stats, counterfactual)
     return DemoResult(out, report, outcomes, best, seconds, shown)
 
 
@@ -316,6 +327,7 @@ def _write_report(
     shown_stats: dict[str, Any],
     base_grid: Path,
     seconds: dict[str, float],
+    counterfactual: dict[str, Any] | None,
 ) -> Path:
     """`out/report.html`, from every stage's results and the base model's training record."""
     return write_demo_report(
@@ -335,14 +347,41 @@ def _write_report(
             "models": Counter(m["size"] for m in world.sets.models),
             "draws": world.sets.info["draws_per_image"],
         },
+        counterfactual=counterfactual,
     )
 
 
+def counterfactual_summary(path: Path | None = None) -> dict[str, Any] | None:
+    """LDS, the seed ceiling and the exemplar comparison recomputed from the world's packed
+    counterfactual study (`COUNTERFACTUAL_PACK`; margins and scores, no retraining), with
+    the study's leave-K-out and tuning records; None where the pack is absent."""
+    path = path or DEFAULT_DATA_DIR / COUNTERFACTUAL_PACK
+    if not path.is_file():
+        logger.info(f"no packed counterfactual study at {path}")
+        return None
+    outcomes, meta = load_packed_outcomes(path)
+    values, ceiling = lds_per_query(outcomes, meta["labels"])
+    return {
+        "models": [o.id for o in outcomes],
+        "queries": int(sum(o.margins.shape[1] for o in outcomes)),
+        "spec": meta.get("spec"),
+        "validation": meta.get("validation"),
+        "tuning": meta.get("tuning"),
+        "lds": lds_results(values, ceiling),
+        "exemplar": exemplar_results(outcomes, meta["labels"], values),
+        "leave_k_out": meta.get("leave_k_out"),
+    }
+
+
 def _write_summary(
-    out: Path, best: str, outcomes: dict[str, BackboneOutcome], shown_stats: dict[str, Any]
+    out: Path,
+    best: str,
+    outcomes: dict[str, BackboneOutcome],
+    shown_stats: dict[str, Any],
+    counterfactual: dict[str, Any] | None,
 ) -> None:
     """`out/summary.json`: the best backbone and each one's results, controls and timings,
-    and the report's attributed test queries (`shown_summary`)."""
+    the report's attributed test queries (`shown_summary`) and the counterfactual study."""
     summary = {
         name: {
             "raw": o.raw.summary(),
@@ -354,7 +393,12 @@ def _write_summary(
         }
         for name, o in outcomes.items()
     }
-    doc = {"best": best, "backbones": summary, "attributed_queries": shown_stats}
+    doc = {
+        "best": best,
+        "backbones": summary,
+        "attributed_queries": shown_stats,
+        "counterfactual": counterfactual,
+    }
     (out / "summary.json").write_text(json.dumps(doc, indent=1))
 
 

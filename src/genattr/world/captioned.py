@@ -59,6 +59,9 @@ logger = logging.getLogger(__name__)
 SETS_FORMAT_VERSION = 1
 SETS_IMAGES = "world_sets{size}.npz"
 SETS_META = "world_sets{size}.json"
+# The counterfactual study of the 16-image sets (`genattr counterfactual --world-sets 16`),
+# packed by experiments/counterfactual_table.py --pack: margins and scores, no weights.
+COUNTERFACTUAL_PACK = "world_counterfactual16.npz"
 SEED = 23
 # Models per set size, in stages cut one after the other from the shuffled pool (each stage:
 # its sets, then its models' held-out captions). N = 256 came later, from what the first
