@@ -236,6 +236,20 @@ def _ray_task(bench: str, plan_path: str, model_id: str, device: str, dtype: str
     return asdict(result)
 
 
+def ray_session(address: str | None = None) -> Any:
+    """The `ray` module, connected (to a local Ray unless `address` names a cluster); a
+    one-line error where Ray is not installed."""
+    try:
+        import ray
+    except ImportError:
+        raise GenattrError(
+            "--engine ray needs Ray: pip install 'genattr[ray]' (or run without --engine ray)"
+        ) from None
+    if not ray.is_initialized():
+        ray.init(address=address)
+    return ray
+
+
 def _ray(
     bench: Path,
     plan_path: Path,
@@ -245,14 +259,7 @@ def _ray(
     address,
     gpus_per_model: float,
 ) -> list[ModelResult]:
-    try:
-        import ray
-    except ImportError:
-        raise GenattrError(
-            "--engine ray needs Ray: pip install 'genattr[ray]' (or run without --engine ray)"
-        ) from None
-    if not ray.is_initialized():
-        ray.init(address=address)
+    ray = ray_session(address)
     task = ray.remote(num_gpus=gpus_per_model)(_ray_task)
     pending = {}
     results: dict[str, ModelResult] = {}

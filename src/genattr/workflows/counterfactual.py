@@ -300,14 +300,9 @@ def _units_task(jobs: list[Job], spec: StudySpec, base: str, device: str) -> int
 def _run_units_ray(
     todo: list[Job], *, spec: StudySpec, base: str | os.PathLike, device: str, workers: int | None
 ) -> int:
-    try:
-        import ray
-    except ImportError:
-        raise GenattrError(
-            "--engine ray needs Ray: pip install 'genattr[ray]' (or run without --engine ray)"
-        ) from None
-    if not ray.is_initialized():
-        ray.init()
+    from genattr.customize.driver import ray_session
+
+    ray = ray_session()
     gpu = device.startswith("cuda")
     if workers is None:
         workers = int(ray.available_resources().get("GPU" if gpu else "CPU", 1)) or 1
