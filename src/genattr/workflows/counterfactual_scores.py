@@ -89,9 +89,9 @@ def score_cases(
 ) -> list[str]:
     """Score every case's queries against its training set with each method not scored
     there yet, its query-blind controls (named `control: ...`) and seeded random scores,
-    under the case's own model (the full set, seed 0, retrained here); saved as (Q, N)
-    arrays and listed in `labels.json`, so a method added later is scored alone. Returns
-    every case's labels, in the order first scored."""
+    under the case's own model (the full set, seed 0, retrained here for the methods that
+    read a model); saved as (Q, N) arrays and listed in `labels.json`, so a method added
+    later is scored alone. Returns every case's labels, in the order first scored."""
     work = Path(work)
     retrainer: Retrainer | None = None
     labels: dict[str, None] = {}
@@ -101,14 +101,15 @@ def score_cases(
             missing = {x: m for x, m in methods.items() if x not in known}
             shape = (len(case.queries), len(case.train))
             found: dict[str, np.ndarray] = {}
-            if missing:
+            pipe = None  # only methods that read the model get the case's own model
+            if any(m.needs_model for m in missing.values()):
                 if retrainer is None:
                     retrainer = Retrainer(base, device)
                 retrainer.train(case, Unit((True,) * len(case.train_paths), 0))
+                pipe = retrainer.pipe
             for label, method in missing.items():
-                assert retrainer is not None
-                method.prepare(retrainer.pipe, [case.train], None, False)
-                found[label] = method.scores(retrainer.pipe, case.queries, False)
+                method.prepare(pipe, [case.train], None, False)
+                found[label] = method.scores(pipe, case.queries, False)
                 for name, control in method.controls().items():
                     if f"control: {name}" not in known:
                         found.setdefault(f"control: {name}", np.broadcast_to(control, shape))
