@@ -236,3 +236,33 @@ def test_image_changes_measure_how_far_a_regeneration_moved():
     np.testing.assert_allclose(got["pixel"][:2], [0.0, 0.2], atol=1e-12)
     assert abs(got["world-cnn"][0]) < 1e-5
     assert got["world-cnn"][2] > got["world-cnn"][0] + 0.01
+
+
+def test_scores_are_added_method_by_method_and_on_chosen_queries(case, tmp_path):
+    """Methods that read no model are scored without one; a method added later is scored
+    alone; `rows` scores a slow method on some queries (NaN elsewhere), and LDS and the
+    exemplar AP leave those queries out."""
+    from genattr.counterfactual import exemplar_ap, lds
+    from genattr.workflows.counterfactual_scores import load_scores, score_cases
+    from genattr.workflows.model_methods import FeatureMethod
+
+    work = tmp_path / "study"
+    first = score_cases(
+        [case], base="no model is loaded", work=work,
+        methods={"pixel": FeatureMethod(backbone="pixel")}, progress=False,
+    )  # fmt: skip
+    assert first == ["pixel", "random"]
+    before = load_scores(work, case, first)
+    labels = score_cases(
+        [case], base="no model is loaded", work=work, rows=[1, 2], progress=False,
+        methods={"pixel": FeatureMethod(backbone="world-cnn"), "cnn": FeatureMethod()},
+    )  # fmt: skip
+    assert labels == ["pixel", "random", "cnn"]
+    got = load_scores(work, case, labels)
+    np.testing.assert_array_equal(got["pixel"], before["pixel"])  # kept, not rescored
+    assert np.isnan(got["cnn"][[0, 3]]).all() and np.isfinite(got["cnn"][[1, 2]]).all()
+    masks = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=bool)
+    per_query = lds(got["cnn"], masks, np.random.default_rng(0).normal(size=(4, 3)))
+    assert np.isnan(per_query[[0, 3]]).all() and np.isfinite(per_query[[1, 2]]).all()
+    ap = exemplar_ap(got["cnn"], np.eye(4, dtype=bool))
+    assert np.isnan(ap[[0, 3]]).all() and np.isfinite(ap[[1, 2]]).all()

@@ -134,6 +134,7 @@ def test_demo_report_holds_every_section(demo_out) -> None:
         "Calibrated influence",
         "Attributed test queries",
         "The world's models",
+        "Counterfactual ground truth: which method predicts retraining",
     ):
         assert f"<h2>{title}</h2>" in page
     steps = json.loads((base_model_dir() / "training.json").read_text())["step"]
@@ -145,6 +146,28 @@ def test_demo_report_holds_every_section(demo_out) -> None:
     for _, data in uris:
         with Image.open(io.BytesIO(base64.b64decode(data))) as im:
             im.verify()
+
+
+@slow
+def test_demo_recomputes_the_packed_counterfactual_study(demo_out) -> None:
+    """The world's packed study (margins and scores): LDS recomputed in the demo, the same
+    as a direct computation, every method with its controls, and the ceiling above them."""
+    from genattr.counterfactual import lds
+    from genattr.workflows.counterfactual_scores import load_packed_outcomes
+    from genattr.world.captioned import COUNTERFACTUAL_PACK
+    from genattr.world.clipart import DEFAULT_DATA_DIR
+
+    study = json.loads((demo_out / "summary.json").read_text())["counterfactual"]
+    outcomes, meta = load_packed_outcomes(DEFAULT_DATA_DIR / COUNTERFACTUAL_PACK)
+    assert study["models"] == [o.id for o in outcomes] and len(outcomes) >= 6
+    rows = study["lds"]["methods"]
+    assert {"world-cnn", "random", "control: self-influence"} <= set(rows)
+    direct = np.concatenate(
+        [lds(o.scores["world-cnn"], o.masks, o.margins.mean(0)) for o in outcomes]
+    )
+    assert rows["world-cnn"]["lds"]["mean"] == pytest.approx(float(np.nanmean(direct)))
+    assert study["lds"]["ceiling"]["mean"] > max(r["lds"]["mean"] for r in rows.values())
+    assert study["leave_k_out"] == meta["leave_k_out"]
 
 
 @slow

@@ -58,8 +58,9 @@ def subset_predictions(scores: np.ndarray, masks: np.ndarray) -> np.ndarray:
 def lds(scores: np.ndarray, masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
     """(Q,) linear datamodeling score per query: Spearman across the M subsets between the
     method's predictions (`subset_predictions`) and the measured margins (Q, M), usually
-    the mean over training seeds."""
-    return spearman_rows(subset_predictions(scores, masks), margins)
+    the mean over training seeds; NaN for a query the method did not score (NaN scores)."""
+    out = spearman_rows(subset_predictions(scores, masks), margins)
+    return np.where(np.isfinite(np.asarray(scores, dtype=np.float64)).all(axis=1), out, np.nan)
 
 
 def seed_ceiling(margins: np.ndarray) -> np.ndarray:
@@ -130,7 +131,8 @@ def paired_difference(a: np.ndarray, b: np.ndarray | float, *, seed: int = 0) ->
 def exemplar_ap(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
     """(Q,) average precision of each query's answer images (`answers` (Q, N) bool) in the
     ranking of its scores (Q, N), counted as the AbC evaluation counts it (a non-answer
-    outranks an answer only with a strictly higher score); NaN for a query with no answer.
+    outranks an answer only with a strictly higher score); NaN for a query with no answer
+    or not scored (NaN scores).
     The exemplar-as-answer ground truth, to set beside LDS on the same scores."""
     from genattr.evaluate import metrics_from_counts
 
@@ -138,7 +140,7 @@ def exemplar_ap(scores: np.ndarray, answers: np.ndarray) -> np.ndarray:
     if s.shape != a.shape or s.ndim != 2:
         raise GenattrError(f"need (Q, N) scores and answers, not {s.shape} and {a.shape}")
     out = np.full(len(s), np.nan)
-    for q in np.flatnonzero(a.any(axis=1)):
+    for q in np.flatnonzero(a.any(axis=1) & np.isfinite(s).all(axis=1)):
         thresholds = np.sort(s[q, a[q]])
         others = s[q, ~a[q]]
         counts = (others[None, :] > thresholds[:, None]).sum(axis=1)

@@ -85,13 +85,16 @@ def score_cases(
     methods: dict[str, ScoringMethod],
     seed: int = 0,
     device: str = "cpu",
+    rows: Sequence[int] | None = None,
     progress: bool = True,
 ) -> list[str]:
     """Score every case's queries against its training set with each method not scored
     there yet, its query-blind controls (named `control: ...`) and seeded random scores,
     under the case's own model (the full set, seed 0, retrained here for the methods that
     read a model); saved as (Q, N) arrays and listed in `labels.json`, so a method added
-    later is scored alone. Returns every case's labels, in the order first scored."""
+    later is scored alone. `rows`: score only these queries of each case (NaN elsewhere;
+    for methods too slow for all, compared on the queries they scored). Returns every
+    case's labels, in the order first scored."""
     work = Path(work)
     retrainer: Retrainer | None = None
     labels: dict[str, None] = {}
@@ -107,9 +110,13 @@ def score_cases(
                     retrainer = Retrainer(base, device)
                 retrainer.train(case, Unit((True,) * len(case.train_paths), 0))
                 pipe = retrainer.pipe
+            asked = case.queries if rows is None else case.queries.take(rows)
             for label, method in missing.items():
                 method.prepare(pipe, [case.train], None, False)
-                found[label] = method.scores(pipe, case.queries, False)
+                found[label] = np.full(shape, np.nan)
+                found[label][slice(None) if rows is None else list(rows)] = method.scores(
+                    pipe, asked, False
+                )
                 for name, control in method.controls().items():
                     if f"control: {name}" not in known:
                         found.setdefault(f"control: {name}", np.broadcast_to(control, shape))
@@ -215,7 +222,8 @@ def exemplar_results(
     """The exemplar-as-answer ground truth on the same models, queries and scores: a query
     whose prompt is the caption of training images has those images as its answer (AP
     within the set, chance its expected random AP); each method's mAP beside its LDS on
-    the same queries, and how far the two rankings of the methods agree."""
+    the same queries, and how far the two rankings of the methods agree (of the methods
+    that scored every query)."""
     aps: dict[str, list[np.ndarray]] = {label: [] for label in labels}
     chance, rows = [], []
     for case in outcomes:
@@ -229,9 +237,10 @@ def exemplar_results(
         return {"queries": 0}
     ap = {label: np.concatenate(v)[asked] for label, v in aps.items()}
     same = {label: lds_values[label][asked] for label in labels}
-    means_ap = {k: float(np.nanmean(v)) for k, v in ap.items()}
-    means_lds = {k: float(np.nanmean(v)) for k, v in same.items()}
-    methods_only = [k for k in labels if not k.startswith("control: ") and k != RANDOM]
+    complete = [k for k in labels if np.isfinite(same[k]).all()]  # partly scored: left out
+    means_ap = {k: float(np.nanmean(ap[k])) for k in complete}
+    means_lds = {k: float(np.nanmean(same[k])) for k in complete}
+    methods_only = [k for k in complete if not k.startswith("control: ") and k != RANDOM]
     return {
         "ground_truth": "the training images whose caption is the query's prompt, ranked "
         "among the set's images",
@@ -260,6 +269,7 @@ def leave_k_out_units(
         for label, s in scores.items()
         for k in ks
         for q in queries
+        if np.isfinite(s[q]).all()  # a query the method did not score has no top-k
     }
 
 
