@@ -126,9 +126,10 @@ def score_cases(
                 if scores.shape != shape:
                     raise GenattrError(f"{label} gave scores {scores.shape}, expected {shape}")
                 save_array(_scores_path(work, case, label), np.asarray(scores, dtype=np.float64))
-            if found:
+            if found:  # re-read: another process may have added labels meanwhile
+                now = scored_labels(work, case)
                 listed = work / case.id / "scores" / "labels.json"
-                write_text_atomic(listed, json.dumps([*known, *found]))
+                write_text_atomic(listed, json.dumps([*now, *(x for x in found if x not in now)]))
             labels.update(dict.fromkeys([*known, *found]))
             advance(1)
     return list(labels)
