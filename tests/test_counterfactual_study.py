@@ -232,7 +232,7 @@ def test_image_changes_measure_how_far_a_regeneration_moved():
     reference = rng.integers(0, 200, (32, 32, 3), dtype=np.uint8)
     shifted = reference + np.uint8(51)  # every value up by 0.2
     other = rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    got = image_changes(reference, np.stack([reference, shifted, other]))
+    got = image_changes(np.stack([reference] * 3), np.stack([reference, shifted, other]))
     np.testing.assert_allclose(got["pixel"][:2], [0.0, 0.2], atol=1e-12)
     assert abs(got["world-cnn"][0]) < 1e-5
     assert got["world-cnn"][2] > got["world-cnn"][0] + 0.01

@@ -278,20 +278,21 @@ def _leave_k_out_path(work: Path, case: SetCase, unit: Unit, query: int) -> Path
     return work / case.id / "leave-k-out" / f"{unit.key}-q{query}.npz"
 
 
-def image_changes(reference: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
-    """How far each regeneration (N, S, S, 3) uint8 moved from the reference image (S, S, 3):
-    mean absolute pixel difference (0-1) and world-cnn cosine distance."""
+def image_changes(references: np.ndarray, images: np.ndarray) -> dict[str, np.ndarray]:
+    """How far each regeneration moved from its reference, pair by pair (both (N, S, S, 3)
+    uint8): mean absolute pixel difference (0-1) and world-cnn cosine distance."""
     from PIL import Image
 
     from genattr.features.embedder import embed_images
     from genattr.features.registry import get_backbone
 
-    pixel = np.abs(images.astype(np.float64) - reference.astype(np.float64)).mean((1, 2, 3))
-    feats = embed_images(
-        get_backbone("world-cnn"), [Image.fromarray(a) for a in [reference, *images]]
-    ).astype(np.float64)
+    a, b = references.astype(np.float64), images.astype(np.float64)
+    pixel = np.abs(a - b).mean((1, 2, 3)) / 255.0
+    both = [Image.fromarray(x) for x in [*references, *images]]
+    feats = embed_images(get_backbone("world-cnn"), both).astype(np.float64)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    return {"pixel": pixel / 255.0, "world-cnn": 1.0 - feats[1:] @ feats[0]}
+    n = len(references)
+    return {"pixel": pixel, "world-cnn": 1.0 - (feats[:n] * feats[n:]).sum(axis=1)}
 
 
 def leave_k_out(
@@ -333,7 +334,7 @@ def leave_k_out(
     )  # fmt: skip
     if not all(j.path.is_file() for j in jobs):
         return None
-    per: dict[str, dict[float, dict[str, list[float]]]] = {}
+    keys, rises, pairs = [], [], []
     for case in cases:
         ks, plan, full = plans[case.id]
 
@@ -343,14 +344,19 @@ def leave_k_out(
 
         for (label, k, q), unit in plan.items():
             (full_margin, full_image), (margin, image) = read(full, q), read(unit, q)
-            changes = image_changes(full_image, image[None])
-            got = per.setdefault(label, {}).setdefault(round(k / len(case.train_paths), 4), {})
-            for measure, value in [
-                ("rise", full_margin - margin),  # the query's loss went up by this much
-                ("pixel_change", float(changes["pixel"][0])),
-                ("cnn_change", float(changes["world-cnn"][0])),
-            ]:
-                got.setdefault(measure, []).append(value)
+            keys.append((label, round(k / len(case.train_paths), 4)))
+            rises.append(full_margin - margin)  # the query's loss went up by this much
+            pairs.append((full_image, image))
+    changes = image_changes(np.stack([a for a, _ in pairs]), np.stack([b for _, b in pairs]))
+    per: dict[str, dict[float, dict[str, list[float]]]] = {}
+    for i, (label, f) in enumerate(keys):
+        got = per.setdefault(label, {}).setdefault(f, {})
+        for measure, value in [
+            ("rise", rises[i]),
+            ("pixel_change", changes["pixel"][i]),
+            ("cnn_change", changes["world-cnn"][i]),
+        ]:
+            got.setdefault(measure, []).append(float(value))
     baselines = [RANDOM] + ([control] if control else [])
 
     def summary(values: dict[str, list[float]], f: float) -> dict[str, Any]:
