@@ -12,7 +12,7 @@ shows.
 
 Recomputed from each case's margins.npz and scores/ with `genattr.counterfactual` (no model
 is loaded). Labels of settings not chosen on the validation models (STUDY/tuning.json) are
-left out.
+left out; `--shipped` leaves out every tuned setting (the table of all models).
 """
 
 from __future__ import annotations
@@ -35,12 +35,15 @@ from genattr.workflows.counterfactual_scores import (
 )
 
 
-def _labels(study: Path, every: list[str]) -> list[str]:
-    """Every label but the grid settings tuning did not choose."""
+def _labels(study: Path, every: list[str], shipped: bool) -> list[str]:
+    """Every label but the grid settings tuning did not choose (with `shipped`, every grid
+    setting left out: the methods as shipped, none tuned on any of the study's margins)."""
     tuning = study / "tuning.json"
-    if not tuning.is_file():
-        return every
-    chosen = set(json.loads(tuning.read_text())["chosen_labels"])
+    chosen = (
+        set()
+        if shipped or not tuning.is_file()
+        else set(json.loads(tuning.read_text())["chosen_labels"])
+    )
     return [x for x in every if "[" not in x or x in chosen]
 
 
@@ -51,11 +54,14 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--exclude", nargs="*", default=[], help="case ids to leave out")
     ap.add_argument("--pack", type=Path, help="also pack the cases shown into this .npz")
+    ap.add_argument("--shipped", action="store_true", help="only the shipped settings")
     args = ap.parse_args()
     cases = world_set_cases(args.study, size=args.world_sets, models=args.models)
     cases = [c for c in cases if c.id not in args.exclude]
     common = set.intersection(*(set(scored_labels(args.study, c)) for c in cases))
-    labels = _labels(args.study, [x for x in scored_labels(args.study, cases[0]) if x in common])
+    labels = _labels(
+        args.study, [x for x in scored_labels(args.study, cases[0]) if x in common], args.shipped
+    )
     outcomes = read_outcomes(cases, work=args.study, labels=labels)
     values, ceiling = lds_per_query(outcomes, labels)
     kind = np.array([t for o in outcomes for t in o.prompt_types])
@@ -64,18 +70,19 @@ def main() -> None:
     spec = json.loads((args.study / "study.json").read_text())["spec"]
     print(f"{len(cases)} models ({', '.join(c.id for c in cases)}), {len(kind)} queries; {spec}")
     print(f"seed ceiling {c.mean:.3f} +- {c.se:.3f} [{c.low:.3f}, {c.high:.3f}]\n")
-    print("| method | LDS, all queries | set prompts | held-out prompts | minus random | "
-          f"minus best ({best}) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    refs = [RANDOM, *(["text alone"] if "text alone" in values else []), best]
+    print("| method | LDS, all queries | set prompts | held-out prompts | "
+          + " | ".join(f"minus {r}" for r in refs) + " |")  # fmt: skip
+    print("|---|---|---|---|" + "---|" * len(refs))
     for label, v in sorted(values.items(), key=lambda kv: -np.nanmean(kv[1])):
         s = summarize(v)
         by = [summarize(v[kind == t]) for t in ("set", "held-out")]
-        r, b = paired_difference(v, values[RANDOM]), paired_difference(v, values[best])
+        diffs = [paired_difference(v, values[r]) for r in refs]
         print(
-            f"| {label} | {s.mean:+.3f} +- {s.se:.3f} [{s.low:+.3f}, {s.high:+.3f}] | "
+            f"| {label} | {s.mean:+.3f} +- {s.se:.3f} [{s.low:+.3f}, {s.high:+.3f}] (n={s.n}) | "
             + " | ".join(f"{x.mean:+.3f} +- {x.se:.3f}" for x in by)
-            + f" | {r.mean:+.3f} [{r.low:+.3f}, {r.high:+.3f}] | "
-            f"{b.mean:+.3f} [{b.low:+.3f}, {b.high:+.3f}] |"
+            + "".join(f" | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in diffs)
+            + " |"
         )
     ex = exemplar_results(outcomes, labels, values)
     print(f"\nexemplar ground truth: {ex['queries']} queries, chance mAP {ex['chance']:.3f}")

@@ -132,7 +132,7 @@ def _counterfactual_view(study: dict[str, Any]) -> dict[str, Any]:
             "lds": lds["methods"][k]["lds"],
             "vs_random": lds["methods"][k]["minus_random"],
             "map": ex.get("methods", {}).get(k, {}).get("map"),
-            "control": k.startswith("control: ") or k == "random",
+            "control": k.startswith("control: ") or k in ("random", "text alone"),
         }
         for k in order
     ]
