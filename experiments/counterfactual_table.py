@@ -65,7 +65,8 @@ def main() -> None:
     outcomes = read_outcomes(cases, work=args.study, labels=labels)
     values, ceiling = lds_per_query(outcomes, labels)
     kind = np.array([t for o in outcomes for t in o.prompt_types])
-    best = max(values, key=lambda k: np.nanmean(values[k]))
+    complete = [k for k, v in values.items() if np.isfinite(v).all()]
+    best = max(complete, key=lambda k: np.nanmean(values[k]))  # of those scored everywhere
     c = summarize(ceiling)
     spec = json.loads((args.study / "study.json").read_text())["spec"]
     print(f"{len(cases)} models ({', '.join(c.id for c in cases)}), {len(kind)} queries; {spec}")

@@ -200,8 +200,10 @@ def lds_per_query(
 
 def lds_results(values: dict[str, np.ndarray], ceiling: np.ndarray) -> dict[str, Any]:
     """LDS per method (queries of every case pooled) with mean, standard error and bootstrap
-    interval, its paired difference to random and to the best method, and the ceiling."""
-    best = max(values, key=lambda k: np.nanmean(values[k]))
+    interval, its paired difference to random and to the best method (of those that scored
+    every query; a pair counts the queries both scored), and the ceiling."""
+    complete = [k for k, v in values.items() if np.isfinite(v).all()] or list(values)
+    best = max(complete, key=lambda k: np.nanmean(values[k]))  # among those scored everywhere
     out: dict[str, Any] = {
         "sign": "margin = -loss; prediction = sum of scores over the kept images",
         "ceiling": summarize(ceiling).as_dict() if len(ceiling) else None,
