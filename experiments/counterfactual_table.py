@@ -85,6 +85,14 @@ def main() -> None:
             + "".join(f" | {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" for d in diffs)
             + " |"
         )
+    for partial in (k for k in values if k not in complete):
+        rows = np.isfinite(values[partial])
+        print(f"\non the {rows.sum()} queries {partial} scored:")
+        print("| method | LDS | minus " + partial + " |\n|---|---|---|")
+        for label, v in sorted(values.items(), key=lambda kv: -np.nanmean(kv[1][rows])):
+            s, d = summarize(v[rows]), paired_difference(v[rows], values[partial][rows])
+            diff = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]"
+            print(f"| {label} | {s.mean:+.3f} +- {s.se:.3f} | {diff} |")
     ex = exemplar_results(outcomes, labels, values)
     print(f"\nexemplar ground truth: {ex['queries']} queries, chance mAP {ex['chance']:.3f}")
     print("| method | exemplar mAP | LDS on the same queries |\n|---|---|---|")
