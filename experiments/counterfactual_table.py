@@ -118,7 +118,10 @@ def main() -> None:
         print(f"packed: {args.pack} ({args.pack.stat().st_size:,} bytes)")
     if not loo:
         return
-    print(f"\nleave-K-out (control: {loo['control']}); mean over queries +- se, [paired vs random]")
+    print(
+        f"\nleave-K-out ({loo['control']}); mean over queries +- se, "
+        "[paired vs random] {paired vs the control}"
+    )
     fractions = sorted(next(iter(loo["methods"].values())))
     for measure in ("rise", "pixel_change", "cnn_change"):
         print(f"\n{measure}\n| method | " + " | ".join(f"K = {f} N" for f in fractions) + " |")
@@ -127,8 +130,10 @@ def main() -> None:
             cells = []
             for f in fractions:
                 s, d = by_k[f][measure], by_k[f]["minus_random"][measure]
+                c = by_k[f]["minus_control"][measure]
                 cells.append(
-                    f"{s['mean']:.4f} +- {s['se']:.4f} [{d['low']:+.4f}, {d['high']:+.4f}]"
+                    f"{s['mean']:.3f} +- {s['se']:.3f} [{d['low']:+.3f}, {d['high']:+.3f}] "
+                    f"{{{c['low']:+.3f}, {c['high']:+.3f}}}"
                 )
             print(f"| {label} | " + " | ".join(cells) + " |")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from genattr.atomic import check_output
 from genattr.cli._app import _batch_work, _friendly_errors, _set_threads, app, console
@@ -118,5 +119,5 @@ def counterfactual(
         console.print(f"seed ceiling {ceiling['mean']:.3f} +- {ceiling['se']:.3f}")
     for label, row in sorted(lds["methods"].items(), key=lambda kv: -kv[1]["lds"]["mean"]):
         s = row["lds"]
-        console.print(f"{label:32s} LDS {s['mean']:+.3f} +- {s['se']:.3f} (n={s['n']})")
+        console.print(f"{escape(label):32s} LDS {s['mean']:+.3f} +- {s['se']:.3f} (n={s['n']})")
     console.print(f"results: {out / 'results.json'}")

@@ -428,7 +428,9 @@ def run_study(
     if any(set(methods) - set(scored_labels(work, c)) for c in cases):
         logger.info("scores of other shards' cases are missing")
         return None
-    labels = score_cases(cases, base=base, work=work, methods={}, progress=False)  # all saved
+    every = score_cases(cases, base=base, work=work, methods={}, progress=False)  # all saved
+    common = set.intersection(*(set(scored_labels(work, c)) for c in cases))
+    labels = [x for x in every if x in common]  # a setting tuned on some cases: left out
     results: dict[str, Any] = {"spec": spec.model_dump(), "cases": [c.id for c in cases]}
     outcomes = read_outcomes(cases, work=work, labels=labels)
     values, ceiling = lds_per_query(outcomes, labels)
