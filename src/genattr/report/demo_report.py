@@ -126,9 +126,15 @@ def _counterfactual_view(study: dict[str, Any]) -> dict[str, Any]:
     leave-K-out rows and the LDS figure."""
     lds, ex = study["lds"], study["exemplar"]
     order = sorted(lds["methods"], key=lambda k: -lds["methods"][k]["lds"]["mean"])
+    most = max(lds["methods"][k]["lds"]["n"] for k in order)
+
+    def name(k: str) -> str:  # a method scored on fewer queries says so
+        n = lds["methods"][k]["lds"]["n"]
+        return k if n == most else f"{k} ({n} queries)"
+
     rows = [
         {
-            "name": k,
+            "name": name(k),
             "lds": lds["methods"][k]["lds"],
             "vs_random": lds["methods"][k]["minus_random"],
             "map": ex.get("methods", {}).get(k, {}).get("map"),
