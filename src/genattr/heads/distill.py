@@ -1,0 +1,148 @@
+"""Heads distilled from a slow attribution method: FastGDA's objective (Wang et al., NeurIPS
+2025) on genattr's heads.
+
+A teacher scores every (query, candidate) pair, higher = more responsible (any method's
+scores, or counterfactual margins). For each query the teacher's top `cutoff` candidates are
+ranked; a training pair is (query, candidate at rank position j) with target j / cutoff,
+and with probability `outlier_fraction` a candidate from outside the top list with target
+(cutoff - 1) / cutoff (FastGDA's outliers). The student's similarity is the cosine of the
+synth head's query and the real head's candidate, times a learned scale plus a learned bias;
+minus it is the logit of a binary cross-entropy against the target, so the teacher's first
+candidate is pushed to the highest similarity. Scale and bias do not change a ranking, so
+the result is an ordinary `MapperPair`, saved, indexed and served as any head.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from genattr.counterfactual import exemplar_ap
+from genattr.errors import GenattrError
+from genattr.heads.checkpoint import MapperPair
+from genattr.heads.networks import create_head
+from genattr.vectors import embed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation options (checked by `genattr.options.options_from_mapping`)."""
+
+    head: Literal["linear", "channel", "mlp"] = "linear"
+    cutoff: Annotated[int, Field(ge=2)] = 1000  # the teacher's top list per query
+    outlier_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-4
+    batch_size: Annotated[int, Field(ge=1)] = 1024
+    epochs: Annotated[int, Field(ge=1)] = 30
+    init_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
+    seed: int = 0
+
+
+@dataclass
+class DistillResult:
+    mappers: MapperPair
+    history: list[dict] = field(default_factory=list)  # per epoch: mean loss
+
+
+def teacher_ranks(teacher: np.ndarray, cutoff: int) -> np.ndarray:
+    """(Q, cutoff) the candidates of each query in the teacher's order, best first (ties
+    in candidate order); `cutoff` at most the number of candidates."""
+    t = np.asarray(teacher, dtype=np.float64)
+    if t.ndim != 2 or not np.isfinite(t).all():
+        raise GenattrError(
+            f"teacher scores must be a finite (queries, candidates) matrix: {t.shape}"
+        )
+    if cutoff > t.shape[1]:
+        raise GenattrError(f"cutoff {cutoff} is more than the {t.shape[1]} candidates")
+    return np.argsort(-t, axis=1, kind="stable")[:, :cutoff]
+
+
+def rank_position_loss(
+    similarity: torch.Tensor, positions: torch.Tensor, cutoff: int, scale: torch.Tensor,
+    bias: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """FastGDA's loss: binary cross-entropy of the logit -(scale x similarity + bias)
+    against the rank position over the cutoff (0 for the teacher's first)."""
+    logits = -(scale * similarity + bias)
+    return torch.nn.functional.binary_cross_entropy_with_logits(
+        logits, positions.to(logits.dtype) / cutoff
+    )
+
+
+def teacher_map(student: np.ndarray, teacher: np.ndarray, k: int) -> np.ndarray:
+    """(Q,) AP of the teacher's top-k candidates in the student's ranking (FastGDA's mAP@k
+    against the teacher)."""
+    top = teacher_ranks(teacher, k)
+    answers = np.zeros(np.shape(teacher), dtype=bool)
+    np.put_along_axis(answers, top, True, axis=1)
+    return exemplar_ap(student, answers)
+
+
+def _pairs(ranks: np.ndarray, n_candidates: int, config: DistillConfig, rng: np.random.Generator):
+    """One epoch's (query, candidate, position) triples, shuffled, outliers mixed in."""
+    q, c = ranks.shape
+    query = np.repeat(np.arange(q), c)
+    position = np.tile(np.arange(c), q)
+    candidate = ranks.reshape(-1).copy()
+    outlier = rng.random(len(query)) < config.outlier_fraction
+    if outlier.any() and c < n_candidates:
+        inside = np.zeros((q, n_candidates), dtype=bool)
+        np.put_along_axis(inside, ranks, True, axis=1)
+        for i in np.flatnonzero(outlier):
+            outside = np.flatnonzero(~inside[query[i]])
+            candidate[i] = outside[rng.integers(len(outside))]
+            position[i] = c - 1
+    order = rng.permutation(len(query))
+    return query[order], candidate[order], position[order]
+
+
+def distill_heads(
+    queries: torch.Tensor,
+    candidates: torch.Tensor,
+    teacher: np.ndarray,
+    config: DistillConfig | None = None,
+) -> DistillResult:
+    """Train a head pair on features (queries (Q, D) through the synth head, candidates
+    (C, D) through the real head) to reproduce the teacher's ranking (Q, C)."""
+    config = config or DistillConfig()
+    if queries.ndim != 2 or candidates.ndim != 2 or queries.shape[1] != candidates.shape[1]:
+        raise GenattrError(f"features {tuple(queries.shape)} and {tuple(candidates.shape)}")
+    if np.shape(teacher) != (len(queries), len(candidates)):
+        raise GenattrError(
+            f"teacher {np.shape(teacher)}, expected ({len(queries)}, {len(candidates)})"
+        )
+    cutoff = min(config.cutoff, len(candidates))
+    ranks = teacher_ranks(teacher, cutoff)
+    torch.manual_seed(config.seed)
+    dim = queries.shape[1]
+    real, synth = create_head(config.head, dim), create_head(config.head, dim)
+    scale = torch.nn.Parameter(torch.tensor(float(config.init_scale)))
+    bias = torch.nn.Parameter(torch.tensor(0.0))
+    params = [*real.parameters(), *synth.parameters(), scale, bias]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    rng = np.random.default_rng(config.seed)
+    result = DistillResult(MapperPair(real, synth, config.head))
+    for epoch in range(config.epochs):
+        q, c, pos = (torch.from_numpy(a) for a in _pairs(ranks, len(candidates), config, rng))
+        losses = []
+        for s in range(0, len(q), config.batch_size):
+            rows = slice(s, s + config.batch_size)
+            sim = (embed(queries[q[rows]], synth) * embed(candidates[c[rows]], real)).sum(-1)
+            loss = rank_position_loss(sim, pos[rows], cutoff, scale, bias)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        result.history.append({"epoch": epoch, "loss": float(np.mean(losses))})
+        logger.info(f"distill epoch {epoch}: loss {result.history[-1]['loss']:.4f}")
+    real.eval()
+    synth.eval()
+    return result

@@ -1,0 +1,65 @@
+"""Heads distilled from a teacher's ranking (FastGDA's rank-position objective)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from genattr.errors import GenattrError
+from genattr.heads.distill import (
+    DistillConfig,
+    distill_heads,
+    rank_position_loss,
+    teacher_map,
+    teacher_ranks,
+)
+from genattr.vectors import embed
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    return (embed(a, None) @ embed(b, None).T).numpy()
+
+
+def test_rank_position_loss_is_bce_against_the_normalised_rank():
+    sim = torch.tensor([0.9, 0.1, -0.3])
+    pos = torch.tensor([0, 5, 9])
+    scale, bias = torch.tensor(4.0), torch.tensor(0.5)
+    got = rank_position_loss(sim, pos, 10, scale, bias)
+    p = 1 / (1 + np.exp(4.0 * sim.numpy() + 0.5))  # sigmoid of the logit -(s x sim + b)
+    y = pos.numpy() / 10
+    want = -(y * np.log(p) + (1 - y) * np.log(1 - p)).mean()
+    assert got.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_teacher_ranks_and_map():
+    teacher = np.array([[0.1, 0.9, 0.5, 0.5], [3.0, 2.0, 1.0, 0.0]])
+    np.testing.assert_array_equal(teacher_ranks(teacher, 3), [[1, 2, 3], [0, 1, 2]])
+    np.testing.assert_allclose(teacher_map(teacher, teacher, 2), [1.0, 1.0])
+    np.testing.assert_allclose(teacher_map(-teacher[1:], teacher[1:], 1), [0.25])  # last of 4
+    with pytest.raises(GenattrError, match="cutoff"):
+        teacher_ranks(teacher, 5)
+    with pytest.raises(GenattrError, match="finite"):
+        teacher_ranks(np.array([[np.nan, 1.0]]), 1)
+
+
+def test_distilled_linear_head_recovers_a_planted_teacher():
+    """The teacher ranks by the cosine in a hidden linear map of the features; raw features
+    rank otherwise; the distilled head learns the map (mAP@k against the teacher near 1)."""
+    gen = torch.Generator().manual_seed(0)
+    d, q, c, k = 16, 160, 300, 10
+    hidden = torch.randn(d, d, generator=gen)
+    queries, candidates = torch.randn(q, d, generator=gen), torch.randn(c, d, generator=gen)
+    teacher = _cos(queries @ hidden.T, candidates @ hidden.T)
+    train, held = slice(0, 120), slice(120, None)
+    config = DistillConfig(cutoff=50, epochs=40, batch_size=512, lr=1e-2)
+    result = distill_heads(queries[train], candidates, teacher[train], config)
+    raw = teacher_map(_cos(queries[held], candidates), teacher[held], k).mean()
+    with torch.no_grad():
+        student = (
+            embed(queries[held], result.mappers.synth) @ embed(candidates, result.mappers.real).T
+        ).numpy()
+    got = teacher_map(student, teacher[held], k).mean()
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+    # measured over seeds 0-2: raw features 0.38-0.42, the distilled head 0.80-0.84
+    assert raw < 0.5 and got > 0.7 and got - raw > 0.3, (raw, got)
