@@ -247,7 +247,10 @@ def extract(
 @_batch_work
 def train_head(
     *,
-    bench: Annotated[Path, typer.Option(help="Benchmark manifest (train/val splits by model).")],
+    bench: Annotated[
+        Path | None,
+        typer.Option(help="Benchmark manifest (train/val splits by model); for nt-xent."),
+    ] = None,
     store_real: Annotated[Path, typer.Option(help="Store with the exemplar (real) images.")],
     store_synth: Annotated[Path, typer.Option(help="Store with the synthesized images.")],
     out: Annotated[Path, typer.Option(help="Head directory: head.safetensors + head.json.")],
@@ -268,11 +271,44 @@ def train_head(
     strict_validation: Annotated[
         bool, typer.Option(help="Validate on the stricter gallery (every exemplar a distractor).")
     ] = False,
+    objective: Annotated[
+        str,
+        typer.Option(help="nt-xent (exemplars as positives) or distill (a teacher's ranking)."),
+    ] = "nt-xent",
+    teacher: Annotated[
+        Path | None, typer.Option(help="With --objective distill: the teacher file (.npz).")
+    ] = None,
+    cutoff: Annotated[
+        int, typer.Option(help="With --objective distill: the teacher's top list per query.")
+    ] = 1000,
 ) -> None:
-    """Train the real and synth attribution heads with NT-Xent (the authors released none)."""
+    """Train the real and synth attribution heads with NT-Xent (the authors released none),
+    or distil them from a slow method's ranking (FastGDA's objective)."""
     from genattr.heads.train import TrainConfig
     from genattr.options import options_from_mapping
-    from genattr.workflows.train_head import train_heads_from_stores
+    from genattr.workflows.train_head import distill_head_from_stores, train_heads_from_stores
+
+    if objective not in ("nt-xent", "distill"):
+        raise GenattrError(f"--objective must be nt-xent or distill, not {objective!r}")
+    if objective == "distill":
+        from genattr.heads.distill import DistillConfig
+
+        if teacher is None:
+            raise GenattrError("--objective distill needs --teacher FILE")
+        dconfig = options_from_mapping(
+            DistillConfig,
+            {"head": head, "cutoff": cutoff, "lr": lr, "weight_decay": weight_decay,
+             "batch_size": batch_size, "epochs": epochs, "seed": seed},
+            "train-head --objective distill",
+        )  # fmt: skip
+        distilled = distill_head_from_stores(teacher, store_real, store_synth, out, dconfig)
+        console.print(
+            f"distilled {head} heads for {epochs} epochs; final loss "
+            f"{distilled.history[-1]['loss']:.4f}; head written to {out}/"
+        )
+        return
+    if bench is None:
+        raise GenattrError("--objective nt-xent needs --bench MANIFEST")
 
     config = options_from_mapping(
         TrainConfig,

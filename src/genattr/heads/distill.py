@@ -14,14 +14,18 @@ the result is an ordinary `MapperPair`, saved, indexed and served as any head.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
 import torch
 from pydantic import Field
 
+from genattr.atomic import atomic_path
 from genattr.counterfactual import exemplar_ap
 from genattr.errors import GenattrError
 from genattr.heads.checkpoint import MapperPair
@@ -146,3 +150,62 @@ def distill_heads(
     real.eval()
     synth.eval()
     return result
+
+
+TEACHER_KIND = "genattr.teacher"
+TEACHER_FORMAT_VERSION = 1
+
+
+@dataclass
+class Teacher:
+    """What a head is distilled from: a method's scores (Q, C), higher = more responsible,
+    of query images against candidate training images, both named by the path their
+    embedding stores record. Written as one .npz (`write_teacher`), so any slow method's
+    output can be handed to `genattr train-head --objective distill`."""
+
+    query_paths: list[str]
+    candidate_paths: list[str]
+    scores: np.ndarray
+    method: str = ""
+
+    def __post_init__(self) -> None:
+        if self.scores.shape != (len(self.query_paths), len(self.candidate_paths)):
+            raise GenattrError(
+                f"teacher scores {self.scores.shape} for {len(self.query_paths)} queries and "
+                f"{len(self.candidate_paths)} candidates"
+            )
+
+
+def write_teacher(teacher: Teacher, path: str | os.PathLike) -> Path:
+    """`scores` float32 (Q, C), `query_paths` and `candidate_paths` (text), `meta` (JSON)."""
+    meta = {
+        "kind": TEACHER_KIND,
+        "format_version": TEACHER_FORMAT_VERSION,
+        "method": teacher.method,
+    }
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f,
+            scores=np.asarray(teacher.scores, dtype=np.float32),
+            query_paths=np.array(teacher.query_paths, dtype=str),
+            candidate_paths=np.array(teacher.candidate_paths, dtype=str),
+            meta=np.array(json.dumps(meta)),
+        )
+    return path
+
+
+def read_teacher(path: str | os.PathLike) -> Teacher:
+    try:
+        with np.load(path, allow_pickle=False) as got:
+            meta = json.loads(str(got["meta"]))
+            if meta.get("kind") != TEACHER_KIND or meta.get("format_version") != 1:
+                raise GenattrError(f"{path}: not a genattr teacher file (version 1)")
+            return Teacher(
+                [str(p) for p in got["query_paths"]],
+                [str(p) for p in got["candidate_paths"]],
+                np.asarray(got["scores"], dtype=np.float32),
+                str(meta.get("method", "")),
+            )
+    except (OSError, ValueError, KeyError) as e:
+        raise GenattrError(f"{path}: not a readable teacher file ({e})") from None

@@ -13,7 +13,14 @@ from genattr.atomic import check_output
 from genattr.data.benchmark import read_benchmark
 from genattr.data.official import TestCaseFeatures
 from genattr.errors import GenattrError
-from genattr.heads.checkpoint import MapperPair, load_heads, load_mapper_pth, save_mapper_pth
+from genattr.heads.checkpoint import (
+    MapperPair,
+    load_heads,
+    load_mapper_pth,
+    save_mapper_pth,
+    write_head_folder,
+)
+from genattr.heads.distill import DistillConfig, DistillResult, distill_heads, read_teacher
 from genattr.heads.train import PairedFeatures, TrainConfig, TrainResult, save_heads, train_heads
 from genattr.options import options_from_mapping
 from genattr.store import EmbeddingStore, check_same_backbone
@@ -131,3 +138,46 @@ def import_mapper_pth(
         **provenance,
     )
     return mappers
+
+
+def distill_head_from_stores(
+    teacher: str | os.PathLike,
+    store_real: str | os.PathLike,
+    store_synth: str | os.PathLike,
+    out: str | os.PathLike,
+    config: DistillConfig,
+) -> DistillResult:
+    """`genattr train-head --objective distill`: a head trained to reproduce a teacher's
+    ranking (`genattr.heads.distill`); the teacher's queries are looked up in the synth
+    store and its candidates in the real store, by path (view 0)."""
+    config = options_from_mapping(DistillConfig, asdict(config), "train-head --objective distill")
+    check_output(out, "dir")
+    target = read_teacher(teacher)
+    real, synth = EmbeddingStore.open(store_real), EmbeddingStore.open(store_synth)
+    check_same_backbone(real, synth)
+    features = []
+    for store, paths, what in (
+        (synth, target.query_paths, "query"),
+        (real, target.candidate_paths, "candidate"),
+    ):
+        rows = rows_by_path(store)
+        missing = [p for p in paths if os.path.normpath(p) not in rows]
+        if missing:
+            raise GenattrError(
+                f"{len(missing)} {what} image(s) not in {store.path}, e.g. {missing[0]}"
+            )
+        index = np.array([rows[os.path.normpath(p)][0] for p in paths])
+        features.append(torch.from_numpy(np.asarray(store.vectors[index], dtype=np.float32)))
+    result = distill_heads(features[0], features[1], target.scores, config)
+    write_head_folder(
+        result.mappers,
+        out,
+        objective="distill",
+        config=asdict(config),
+        history=result.history,
+        teacher=str(teacher),
+        teacher_method=target.method,
+        backbone=real.backbone.name,
+        weights_id=real.backbone.weights_id,
+    )
+    return result
