@@ -123,3 +123,19 @@ def test_train_head_distills_a_teacher_file_into_a_head_that_indexes(tmp_path):
     ):
         res = CliRunner().invoke(app, ["train-head", *stores, *bad])
         assert res.exit_code == 2 and message in res.output, (bad, res.output)
+
+
+def test_training_pairs_are_the_top_list_with_outliers_from_outside_it():
+    from genattr.heads.distill import _pairs
+
+    teacher = np.random.default_rng(0).normal(size=(30, 100))
+    ranks = teacher_ranks(teacher, 20)
+    config = DistillConfig(outlier_fraction=0.3)
+    q, c, pos = _pairs(ranks, 100, config, np.random.default_rng(1))
+    assert len(q) == 30 * 20
+    inside = np.zeros((30, 100), dtype=bool)
+    np.put_along_axis(inside, ranks, True, axis=1)
+    regular = ranks[q, pos] == c
+    outliers = ~regular
+    assert (pos[outliers] == 19).all() and not inside[q[outliers], c[outliers]].any()
+    assert 0.2 < outliers.mean() < 0.4  # about the fraction asked for

@@ -96,14 +96,17 @@ def _pairs(ranks: np.ndarray, n_candidates: int, config: DistillConfig, rng: np.
     query = np.repeat(np.arange(q), c)
     position = np.tile(np.arange(c), q)
     candidate = ranks.reshape(-1).copy()
-    outlier = rng.random(len(query)) < config.outlier_fraction
-    if outlier.any() and c < n_candidates:
-        inside = np.zeros((q, n_candidates), dtype=bool)
-        np.put_along_axis(inside, ranks, True, axis=1)
-        for i in np.flatnonzero(outlier):
-            outside = np.flatnonzero(~inside[query[i]])
-            candidate[i] = outside[rng.integers(len(outside))]
-            position[i] = c - 1
+    todo = np.flatnonzero(rng.random(len(query)) < config.outlier_fraction)
+    if c < n_candidates:
+        # (query, candidate) keys of every top-list pair, sorted: membership by bisection,
+        # memory O(Q x cutoff) whatever the number of candidates
+        top = np.sort((np.arange(q)[:, None] * n_candidates + ranks).reshape(-1))
+        position[todo] = c - 1
+        while len(todo):  # draw outside the query's top list (rejection: inside is rarer)
+            candidate[todo] = rng.integers(n_candidates, size=len(todo))
+            keys = query[todo] * n_candidates + candidate[todo]
+            at = np.minimum(np.searchsorted(top, keys), len(top) - 1)
+            todo = todo[top[at] == keys]
     order = rng.permutation(len(query))
     return query[order], candidate[order], position[order]
 
