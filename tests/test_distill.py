@@ -99,7 +99,7 @@ def test_train_head_distills_a_teacher_file_into_a_head_that_indexes(tmp_path):
     args = ["train-head", "--objective", "distill", "--teacher", str(path),
             "--store-real", str(tmp_path / "real"), "--store-synth", str(tmp_path / "synth"),
             "--out", str(tmp_path / "head"), "--cutoff", "50", "--epochs", "40",
-            "--batch-size", "512", "--lr", "0.01"]  # fmt: skip
+            "--batch-size", "512", "--lr", "0.01", "--no-shared"]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     mappers, doc = load_heads(tmp_path / "head")
@@ -139,3 +139,14 @@ def test_training_pairs_are_the_top_list_with_outliers_from_outside_it():
     outliers = ~regular
     assert (pos[outliers] == 19).all() and not inside[q[outliers], c[outliers]].any()
     assert 0.2 < outliers.mean() < 0.4  # about the fraction asked for
+
+
+def test_a_shared_map_serves_queries_and_candidates_alike():
+    gen = torch.Generator().manual_seed(2)
+    queries, candidates = torch.randn(40, 8, generator=gen), torch.randn(60, 8, generator=gen)
+    teacher = _cos(queries, candidates @ torch.randn(8, 8, generator=gen))
+    config = DistillConfig(cutoff=10, epochs=3, shared=True)
+    mappers = distill_heads(queries, candidates, teacher, config).mappers
+    assert mappers.real is mappers.synth
+    two = distill_heads(queries, candidates, teacher, DistillConfig(cutoff=10, epochs=3)).mappers
+    assert not torch.equal(two.real.weight, two.synth.weight)  # trained apart

@@ -281,6 +281,9 @@ def train_head(
     cutoff: Annotated[
         int, typer.Option(help="With --objective distill: the teacher's top list per query.")
     ] = 1000,
+    shared: Annotated[
+        bool, typer.Option(help="With --objective distill: one map for both sides (FastGDA).")
+    ] = False,
 ) -> None:
     """Train the real and synth attribution heads with NT-Xent (the authors released none),
     or distil them from a slow method's ranking (FastGDA's objective)."""
@@ -298,7 +301,7 @@ def train_head(
         dconfig = options_from_mapping(
             DistillConfig,
             {"head": head, "cutoff": cutoff, "lr": lr, "weight_decay": weight_decay,
-             "batch_size": batch_size, "epochs": epochs, "seed": seed},
+             "batch_size": batch_size, "epochs": epochs, "seed": seed, "shared": shared},
             "train-head --objective distill",
         )  # fmt: skip
         distilled = distill_head_from_stores(teacher, store_real, store_synth, out, dconfig)

@@ -47,6 +47,7 @@ class DistillConfig:
     batch_size: Annotated[int, Field(ge=1)] = 1024
     epochs: Annotated[int, Field(ge=1)] = 30
     init_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 10.0
+    shared: bool = False  # one map for queries and candidates (FastGDA's), not two
     seed: int = 0
 
 
@@ -130,10 +131,12 @@ def distill_heads(
     ranks = teacher_ranks(teacher, cutoff)
     torch.manual_seed(config.seed)
     dim = queries.shape[1]
-    real, synth = create_head(config.head, dim), create_head(config.head, dim)
+    real = create_head(config.head, dim)
+    synth = real if config.shared else create_head(config.head, dim)
     scale = torch.nn.Parameter(torch.tensor(float(config.init_scale)))
     bias = torch.nn.Parameter(torch.tensor(0.0))
-    params = [*real.parameters(), *synth.parameters(), scale, bias]
+    maps = [real] if config.shared else [real, synth]
+    params = [*(p for m in maps for p in m.parameters()), scale, bias]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rng = np.random.default_rng(config.seed)
     result = DistillResult(MapperPair(real, synth, config.head))
