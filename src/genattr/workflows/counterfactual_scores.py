@@ -337,15 +337,15 @@ def leave_k_out(
     if not all(j.path.is_file() for j in jobs):
         return None
     keys, rises, pairs = [], [], []
+    read: dict[Path, tuple[float, np.ndarray]] = {}  # each unit once: methods share them
+    for job in jobs:
+        got = np.load(job.path)
+        read[job.path] = float(got["margin"][0]), got["image"]
     for case in cases:
         ks, plan, full = plans[case.id]
-
-        def read(unit: Unit, row: int, case: SetCase = case) -> tuple[float, np.ndarray]:
-            got = np.load(_leave_k_out_path(work, case, unit, row))
-            return float(got["margin"][0]), got["image"]
-
         for (label, k, q), unit in plan.items():
-            (full_margin, full_image), (margin, image) = read(full, q), read(unit, q)
+            full_margin, full_image = read[_leave_k_out_path(work, case, full, q)]
+            margin, image = read[_leave_k_out_path(work, case, unit, q)]
             keys.append((label, round(k / len(case.train_paths), 4)))
             rises.append(full_margin - margin)  # the query's loss went up by this much
             pairs.append((full_image, image))
