@@ -10,6 +10,7 @@ from genattr.counterfactual import (
     exemplar_ap,
     lds,
     leave_k_out_masks,
+    margin_contrast,
     paired_difference,
     rank_agreement,
     seed_ceiling,
@@ -65,6 +66,26 @@ def test_planted_datamodel_true_weights_reach_the_ceiling_and_shuffled_ones_zero
     assert paired_difference(lds(weights, masks, margins.mean(0)), shuffled.mean).low > 0.5
     noiseless = lds(weights, masks, (masks @ weights.T).T)
     np.testing.assert_allclose(noiseless, 1.0, atol=1e-12)
+
+
+def test_margin_contrast_is_kept_mean_minus_dropped_mean_and_finds_planted_weights():
+    masks = np.array([[1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 0, 0]], dtype=bool)
+    margins = np.array([[1.0, 2.0, 4.0, 8.0]])
+    # image 0 kept in subsets 0, 1, 3, dropped in 2; image 2 kept in 1, 2, dropped in 0, 3
+    want = [[(1 + 2 + 8) / 3 - 4, (1 + 4) / 2 - (2 + 8) / 2, (2 + 4) / 2 - (1 + 8) / 2]]
+    np.testing.assert_allclose(margin_contrast(masks, margins), want)
+    assert np.isnan(margin_contrast(np.ones((2, 2), dtype=bool), np.ones((1, 2)))).all()
+    rng = np.random.default_rng(0)
+    weights = rng.normal(size=(5, 16))
+    masks = draw_subsets(16, 64, alpha=0.5, seed=0)
+    margins = weights @ masks.T + rng.normal(scale=0.1, size=(5, 64))
+    found = margin_contrast(masks, margins)
+    mine = [np.corrcoef(found[i], weights[i])[0, 1] for i in range(5)]
+    other = [abs(np.corrcoef(found[i], weights[(i + 1) % 5])[0, 1]) for i in range(5)]
+    # measured over seeds 0-9: worst own query 0.80-0.92, best other query 0.21-0.56
+    assert min(mine) > 0.7 and max(other) < 0.65, (mine, other)
+    with pytest.raises(GenattrError, match="do not fit"):
+        margin_contrast(masks, margins.T)
 
 
 def test_seed_ceiling_falls_with_retraining_noise():

@@ -39,8 +39,13 @@ def test_teacher_ranks_and_map():
     np.testing.assert_allclose(teacher_map(-teacher[1:], teacher[1:], 1), [0.25])  # last of 4
     with pytest.raises(GenattrError, match="cutoff"):
         teacher_ranks(teacher, 5)
-    with pytest.raises(GenattrError, match="finite"):
-        teacher_ranks(np.array([[np.nan, 1.0]]), 1)
+    with pytest.raises(GenattrError, match="finite or NaN"):
+        teacher_ranks(np.array([[np.inf, 1.0]]), 1)
+    # NaN: not a candidate of that query (another model's image); never ranked
+    pooled = np.array([[np.nan, 0.2, 0.7], [0.4, 0.9, np.nan]])
+    np.testing.assert_array_equal(teacher_ranks(pooled, 2), [[2, 1], [1, 0]])
+    with pytest.raises(GenattrError, match="2 candidates scored"):
+        teacher_ranks(pooled, 3)
 
 
 def test_distilled_linear_head_recovers_a_planted_teacher():
@@ -150,3 +155,27 @@ def test_a_shared_map_serves_queries_and_candidates_alike():
     assert mappers.real is mappers.synth
     two = distill_heads(queries, candidates, teacher, DistillConfig(cutoff=10, epochs=3)).mappers
     assert not torch.equal(two.real.weight, two.synth.weight)  # trained apart
+
+
+def test_fastgda_head_has_their_shape_and_round_trips_through_a_head_folder(tmp_path):
+    """FastGDA's shared MLP (768-768-768 hidden, 768 out, dropout 0.1) distilled with a
+    shared map; the head folder reloads as kind `fastgda` with the same outputs."""
+    from genattr.heads.checkpoint import load_heads, write_head_folder
+    from genattr.heads.networks import FastGDAHead, infer_head_kind
+
+    head = FastGDAHead(20)
+    widths = [(m.in_features, m.out_features) for m in head.modules() if hasattr(m, "in_features")]
+    assert widths == [(20, 768), (768, 768), (768, 768), (768, 768)]
+    assert [m.p for m in head.modules() if isinstance(m, torch.nn.Dropout)] == [0.1] * 3
+    assert infer_head_kind(head.state_dict()) == "fastgda"
+    gen = torch.Generator().manual_seed(3)
+    queries, candidates = torch.randn(60, 20, generator=gen), torch.randn(80, 20, generator=gen)
+    teacher = _cos(queries, candidates @ torch.randn(20, 20, generator=gen))
+    config = DistillConfig(head="fastgda", cutoff=10, epochs=2, shared=True)
+    mappers = distill_heads(queries, candidates, teacher, config).mappers
+    assert mappers.real is mappers.synth and not mappers.real.training
+    write_head_folder(mappers, tmp_path / "head", objective="distill")
+    back, doc = load_heads(tmp_path / "head")
+    assert back.kind == "fastgda" and doc["head"] == "fastgda"
+    with torch.no_grad():
+        torch.testing.assert_close(back.synth(queries), mappers.synth(queries))

@@ -63,6 +63,21 @@ def lds(scores: np.ndarray, masks: np.ndarray, margins: np.ndarray) -> np.ndarra
     return np.where(np.isfinite(np.asarray(scores, dtype=np.float64)).all(axis=1), out, np.nan)
 
 
+def margin_contrast(masks: np.ndarray, margins: np.ndarray) -> np.ndarray:
+    """(Q, N) each image's counterfactual effect read off the subsets: the query's mean
+    margin (Q, M) over the subsets (M, N bool) that kept the image minus over those that
+    dropped it (higher = keeping it fits the query better; NaN where an image was always
+    or never kept). The margins themselves as an attribution, e.g. a teacher to distil;
+    its LDS on the subsets it was read from is in-sample."""
+    masks = np.asarray(masks, dtype=bool)
+    margins = np.asarray(margins, dtype=np.float64)
+    if masks.ndim != 2 or margins.ndim != 2 or margins.shape[1] != masks.shape[0]:
+        raise GenattrError(f"margins {margins.shape} and subsets {masks.shape} do not fit")
+    kept, dropped = masks.sum(axis=0), (~masks).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return margins @ masks / kept - margins @ ~masks / dropped
+
+
 def seed_ceiling(margins: np.ndarray) -> np.ndarray:
     """(Q,) the retraining-seed ceiling from margins (R, Q, M) of R >= 2 training seeds: the
     mean over seeds r of the Spearman correlation between seed r's margins and the mean of

@@ -36,7 +36,7 @@ class HeadHeader(BaseModel):
 
     kind: Literal["genattr.head"]
     format_version: Literal[1]
-    head: Literal["linear", "channel", "mlp"]
+    head: Literal["linear", "channel", "mlp", "fastgda"]
     in_dim: Annotated[int, Field(gt=0)]
     out_dim: Annotated[int, Field(gt=0)]
 
@@ -68,7 +68,13 @@ def write_head_folder(mappers: MapperPair, out_dir: str | os.PathLike, **doc: An
     """head.safetensors + head.json (kind, dims and whatever `doc` records), both atomic."""
     out = Path(out_dir)
     tensors = {f"real.{k}": v.contiguous() for k, v in mappers.real.state_dict().items()}
-    tensors.update({f"synth.{k}": v.contiguous() for k, v in mappers.synth.state_dict().items()})
+    shared = mappers.synth is mappers.real  # one map for both sides: written twice, apart
+    tensors.update(
+        {
+            f"synth.{k}": v.clone() if shared else v.contiguous()
+            for k, v in mappers.synth.state_dict().items()
+        }
+    )
     head = {
         "kind": "genattr.head",
         "format_version": HEAD_FORMAT_VERSION,

@@ -5,7 +5,9 @@ A teacher scores every (query, candidate) pair, higher = more responsible (any m
 scores, or counterfactual margins). For each query the teacher's top `cutoff` candidates are
 ranked; a training pair is (query, candidate at rank position j) with target j / cutoff,
 and with probability `outlier_fraction` a candidate from outside the top list with target
-(cutoff - 1) / cutoff (FastGDA's outliers). The student's similarity is the cosine of the
+(cutoff - 1) / cutoff (FastGDA's outliers). A NaN score marks a candidate that is not the
+query's at all (one teacher over several models' training sets: another model's images);
+it is never ranked and may be drawn as an outlier. The student's similarity is the cosine of the
 synth head's query and the real head's candidate, times a learned scale plus a learned bias;
 minus it is the logit of a binary cross-entropy against the target, so the teacher's first
 candidate is pushed to the highest similarity. Scale and bias do not change a ranking, so
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 class DistillConfig:
     """Distillation options (checked by `genattr.options.options_from_mapping`)."""
 
-    head: Literal["linear", "channel", "mlp"] = "linear"
+    head: Literal["linear", "channel", "mlp", "fastgda"] = "linear"
     cutoff: Annotated[int, Field(ge=2)] = 1000  # the teacher's top list per query
     outlier_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.1
     lr: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
@@ -57,17 +59,26 @@ class DistillResult:
     history: list[dict] = field(default_factory=list)  # per epoch: mean loss
 
 
+def scored_per_query(teacher: np.ndarray) -> int:
+    """The fewest candidates the teacher scored for any query (NaN: not a candidate of that
+    query, e.g. an image its model was not trained on when one teacher pools several
+    models); checks the teacher is a (queries, candidates) matrix without infinities."""
+    t = np.asarray(teacher, dtype=np.float64)
+    if t.ndim != 2 or np.isinf(t).any():
+        raise GenattrError(
+            f"teacher scores must be a (queries, candidates) matrix, finite or NaN: {t.shape}"
+        )
+    return int(np.isfinite(t).sum(axis=1).min()) if len(t) else 0
+
+
 def teacher_ranks(teacher: np.ndarray, cutoff: int) -> np.ndarray:
     """(Q, cutoff) the candidates of each query in the teacher's order, best first (ties
-    in candidate order); `cutoff` at most the number of candidates."""
+    in candidate order, NaN never listed); `cutoff` at most the candidates scored."""
+    scored = scored_per_query(teacher)
+    if cutoff > scored:
+        raise GenattrError(f"cutoff {cutoff} is more than the {scored} candidates scored")
     t = np.asarray(teacher, dtype=np.float64)
-    if t.ndim != 2 or not np.isfinite(t).all():
-        raise GenattrError(
-            f"teacher scores must be a finite (queries, candidates) matrix: {t.shape}"
-        )
-    if cutoff > t.shape[1]:
-        raise GenattrError(f"cutoff {cutoff} is more than the {t.shape[1]} candidates")
-    return np.argsort(-t, axis=1, kind="stable")[:, :cutoff]
+    return np.argsort(-np.where(np.isnan(t), -np.inf, t), axis=1, kind="stable")[:, :cutoff]
 
 
 def rank_position_loss(
@@ -127,7 +138,7 @@ def distill_heads(
         raise GenattrError(
             f"teacher {np.shape(teacher)}, expected ({len(queries)}, {len(candidates)})"
         )
-    cutoff = min(config.cutoff, len(candidates))
+    cutoff = min(config.cutoff, scored_per_query(teacher))
     ranks = teacher_ranks(teacher, cutoff)
     torch.manual_seed(config.seed)
     dim = queries.shape[1]

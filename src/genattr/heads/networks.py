@@ -1,4 +1,5 @@
-"""The three head families of the paper, with the authors' parameter names.
+"""The three head families of the paper, with the authors' parameter names, and FastGDA's
+shared MLP.
 
 State-dict keys match the authors' `networks.py` mappers exactly (`weight`/`bias`, `weights`,
 and an `nn.Sequential` for the MLP), so their `.pth` checkpoints load without renaming.
@@ -54,10 +55,38 @@ def mlp_head(
     return nn.Sequential(*layers)
 
 
+class FastGDAHead(nn.Module):
+    """FastGDA's feature MLP (Wang et al., NeurIPS 2025, `fastgda/models.py` FCModel):
+    (Linear, ReLU, Dropout) per hidden width, then a Linear to `out_dim`; Xavier-uniform
+    weights. Their shipped shape: hidden 768-768-768, out 768, dropout 0.1."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: tuple[int, ...] = (768, 768, 768),
+        out_dim: int = 768,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        layers: list[nn.Module] = []
+        widths = (dim, *hidden)
+        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
+        layers.append(nn.Linear(widths[-1], out_dim))
+        self.net = nn.Sequential(*layers)
+        for p in self.parameters():
+            if p.ndim > 1:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 HEADS: dict[str, Callable[..., nn.Module]] = {
     "linear": LinearHead,
     "channel": ChannelHead,
     "mlp": mlp_head,
+    "fastgda": FastGDAHead,
 }
 
 
@@ -81,6 +110,8 @@ def infer_head_kind(state_dict: Mapping[str, torch.Tensor]) -> str:
         return "channel"
     if keys == {"weight", "bias"}:
         return "linear"
+    if keys and all(k.startswith("net.") for k in keys):
+        return "fastgda"
     if keys and all(k.split(".", 1)[0].isdigit() for k in keys):
         return "mlp"
     raise ValueError(f"state dict keys {sorted(keys)[:6]} match no known head")
@@ -96,6 +127,13 @@ def head_from_state_dict(
     head: nn.Module
     if found == "channel":
         head = ChannelHead(state_dict["weights"].shape[-1])
+    elif found == "fastgda":
+        weights = [state_dict[k] for k in sorted(state_dict, key=_fastgda_order) if "weight" in k]
+        head = FastGDAHead(
+            weights[0].shape[1],
+            hidden=tuple(w.shape[0] for w in weights[:-1]),
+            out_dim=weights[-1].shape[0],
+        )
     elif found == "linear":
         out_dim, in_dim = state_dict["weight"].shape
         if out_dim != in_dim:
@@ -113,6 +151,10 @@ def head_from_state_dict(
         )
     head.load_state_dict(dict(state_dict))
     return head.eval()
+
+
+def _fastgda_order(key: str) -> int:
+    return int(key.split(".")[1])
 
 
 def _layer_order(key: str) -> int:

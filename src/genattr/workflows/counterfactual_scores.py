@@ -122,17 +122,24 @@ def score_cases(
                         found.setdefault(f"control: {name}", np.broadcast_to(control, shape))
             if RANDOM not in known:
                 found[RANDOM] = np.random.default_rng([seed, k]).normal(size=shape)
-            for label, scores in found.items():
-                if scores.shape != shape:
-                    raise GenattrError(f"{label} gave scores {scores.shape}, expected {shape}")
-                save_array(_scores_path(work, case, label), np.asarray(scores, dtype=np.float64))
-            if found:  # re-read: another process may have added labels meanwhile
-                now = scored_labels(work, case)
-                listed = work / case.id / "scores" / "labels.json"
-                write_text_atomic(listed, json.dumps([*now, *(x for x in found if x not in now)]))
+            save_scores(work, case, found)
             labels.update(dict.fromkeys([*known, *found]))
             advance(1)
     return list(labels)
+
+
+def save_scores(work: str | Path, case: SetCase, found: dict[str, np.ndarray]) -> None:
+    """Add (or replace) scores (Q, N) of the case's queries under these labels; scores
+    computed elsewhere (a distilled head, a teacher) join the study's tables this way."""
+    shape = (len(case.queries), len(case.train))
+    for label, scores in found.items():
+        if scores.shape != shape:
+            raise GenattrError(f"{label} gave scores {scores.shape}, expected {shape}")
+        save_array(_scores_path(Path(work), case, label), np.asarray(scores, dtype=np.float64))
+    if found:  # re-read: another process may have added labels meanwhile
+        now = scored_labels(work, case)
+        listed = Path(work) / case.id / "scores" / "labels.json"
+        write_text_atomic(listed, json.dumps([*now, *(x for x in found if x not in now)]))
 
 
 def scored_labels(work: str | Path, case: SetCase) -> list[str]:
