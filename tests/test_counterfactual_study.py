@@ -4,6 +4,7 @@ resuming, reproducibility on one machine, margins assembled in the documented la
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,7 +213,15 @@ def test_cli_runs_a_study_on_a_make_benchmark_folder(tiny, tmp_path):
     assert np.abs(again - query).mean() < 0.5  # grey levels: the same image
     bench_case.query_seeds = [0, 7]
     assert np.abs(retrainer.regenerate(bench_case, 1) - query).mean() > 2.0  # other noise
+    res = CliRunner().invoke(app, [*args, "--write-teacher", "gradient-loss"])  # resumed
+    assert res.exit_code == 0 and "teacher:" in res.output, res.output
+    from genattr.heads.distill import read_teacher
+
+    teacher = read_teacher(tmp_path / "study" / "teachers" / "gradient-loss.npz")
+    assert teacher.scores.shape == (2, 4) and teacher.method == "gradient-loss"
+    assert all(Path(p).is_file() for p in [*teacher.query_paths, *teacher.candidate_paths])
     for bad, message in (
+        (["--write-teacher", "trak-loss"], "no scores"),
         (["--methods", "nope"], "unknown method"),
         (["--shard", "2/2"], "--shard"),
         (["--subsets", "1"], "study options"),
@@ -266,3 +275,40 @@ def test_scores_are_added_method_by_method_and_on_chosen_queries(case, tmp_path)
     assert np.isnan(per_query[[0, 3]]).all() and np.isfinite(per_query[[1, 2]]).all()
     ap = exemplar_ap(got["cnn"], np.eye(4, dtype=bool))
     assert np.isnan(ap[[0, 3]]).all() and np.isfinite(ap[[1, 2]]).all()
+
+
+def test_a_study_teacher_pools_every_model_with_nan_off_its_own_images(case, tmp_path):
+    """One teacher over two models: each query scored on its own model's images only (NaN
+    on the other's), slow-method rows not scored left out, the margins read as
+    `margin_contrast`; the query images written where the file says."""
+    import dataclasses
+
+    from genattr.counterfactual import margin_contrast
+    from genattr.heads.distill import read_teacher
+    from genattr.workflows.counterfactual_scores import save_scores
+    from genattr.workflows.teachers import write_study_teacher
+
+    other = dataclasses.replace(case, id="set1")
+    rng = np.random.default_rng(0)
+    first, second = rng.normal(size=(4, 4)), rng.normal(size=(4, 4))
+    second[1] = np.nan  # a slow method left this query out
+    save_scores(tmp_path, case, {"slow": first})
+    save_scores(tmp_path, other, {"slow": second})
+    teacher = read_teacher(write_study_teacher(tmp_path, [case, other], "slow"))
+    assert teacher.scores.shape == (7, 8)
+    np.testing.assert_allclose(teacher.scores[:4, :4], first, rtol=1e-6)
+    np.testing.assert_allclose(teacher.scores[4:, 4:], second[[0, 2, 3]], rtol=1e-6)
+    assert np.isnan(teacher.scores[:4, 4:]).all() and np.isnan(teacher.scores[4:, :4]).all()
+    assert teacher.query_paths[4:] == [
+        str(tmp_path / "set1" / "queries" / f"{r:05d}.png") for r in (0, 2, 3)
+    ]
+    saved = np.asarray(Image.open(teacher.query_paths[5]).convert("RGB"))
+    np.testing.assert_array_equal(saved, case.queries.images[2])
+    with pytest.raises(GenattrError, match="no margins"):
+        write_study_teacher(tmp_path, [case], "margins")
+    masks = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 0, 1]], dtype=bool)
+    margins = rng.normal(size=(2, 4, 3))
+    np.savez(tmp_path / "set0" / "margins.npz", masks=masks, margins=margins)
+    teacher = read_teacher(write_study_teacher(tmp_path, [case], "margins"))
+    want = margin_contrast(masks, margins.mean(axis=0))
+    np.testing.assert_allclose(teacher.scores, want, rtol=1e-5)

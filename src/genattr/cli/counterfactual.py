@@ -64,11 +64,20 @@ def counterfactual(
     workers: Annotated[
         int | None, typer.Option(help="With --engine ray: tasks (default: one per GPU or CPU).")
     ] = None,
+    write_teacher: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Also write a teacher file (OUT/teachers/NAME.npz) from this scored method "
+            "(e.g. gradient-square-norm) or 'margins', for train-head --objective distill; "
+            "repeatable."
+        ),
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="torch threads.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """Retrain each customized model on random subsets of its training set, measure its
-    queries' losses, and score every method by LDS (and leave-K-out): results.json in OUT."""
+    queries' losses, and score every method by LDS (and leave-K-out): results.json in OUT;
+    with --write-teacher, teacher files to distil a head from."""
     from pydantic import ValidationError
 
     from genattr.devices import resolve_device
@@ -121,3 +130,8 @@ def counterfactual(
         s = row["lds"]
         console.print(f"{escape(label):32s} LDS {s['mean']:+.3f} +- {s['se']:.3f} (n={s['n']})")
     console.print(f"results: {out / 'results.json'}")
+    if write_teacher:
+        from genattr.workflows.teachers import write_study_teacher
+
+        for label in write_teacher:
+            console.print(f"teacher: {write_study_teacher(out, cases, label)}")
