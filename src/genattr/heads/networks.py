@@ -7,6 +7,7 @@ and an `nn.Sequential` for the MLP), so their `.pth` checkpoints load without re
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -70,7 +71,7 @@ class FastGDAHead(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         widths = (dim, *hidden)
-        for d_in, d_out in zip(widths[:-1], widths[1:], strict=True):
+        for d_in, d_out in itertools.pairwise(widths):
             layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
         layers.append(nn.Linear(widths[-1], out_dim))
         self.net = nn.Sequential(*layers)
