@@ -38,8 +38,7 @@ def case_teacher_scores(work: str | Path, case: SetCase, label: str) -> np.ndarr
     known = scored_labels(work, case)
     if label not in known and label not in {slug(x) for x in known}:
         raise GenattrError(
-            f"{case.id} has no scores {label!r}; scored: {', '.join(known) or 'none'}, "
-            f"or {MARGINS}"
+            f"{case.id} has no scores {label!r}; scored: {', '.join(known) or 'none'}, or {MARGINS}"
         )
     name = label if label in known else next(x for x in known if slug(x) == label)
     return load_scores(work, case, [name])[name]
