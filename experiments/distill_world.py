@@ -17,12 +17,17 @@ head kind and epochs are chosen on the validation pair only, by mAP@4 against th
 (STUDY/distill/tuning.json). The heads' scores join STUDY as labels 'distilled (<teacher>)'
 and the margins teacher as 'margin contrast', so `counterfactual_table.py` and leave-K-out
 read them like any method. Prints the FastGDA-shaped table over the test models.
+
+`--more-teachers DIR`: a folder where `score_cases` scored the square-norm gradient on more
+world models (e.g. the 8 sets of 64 images); a third student learns that teacher from them
+as well (does more teacher data help?).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,7 @@ import torch
 from PIL import Image
 
 from genattr.atomic import write_text_atomic
-from genattr.counterfactual import lds, margin_contrast, summarize
+from genattr.counterfactual import lds, margin_contrast, paired_difference, summarize
 from genattr.features.embedder import embed_images
 from genattr.features.registry import get_backbone
 from genattr.features.text import clean_prompt, load_text_encoder, text_aware
@@ -43,6 +48,7 @@ from genattr.workflows.counterfactual_scores import (
     exemplar_results,
     lds_per_query,
     leave_k_out,
+    load_scores,
     read_outcomes,
     save_scores,
     scored_labels,
@@ -121,30 +127,60 @@ def config_of(setting: str, epochs: int) -> DistillConfig:
     return DistillConfig(cutoff=16, epochs=epochs, batch_size=256, **GRID[setting])
 
 
-def tune(
-    ids: list[str], val: list[str], feats: dict, teachers: dict[str, dict[str, np.ndarray]]
-) -> dict[str, Any]:
+@dataclass
+class Plan:
+    """One student: whose ranking it learns (`teacher`, on the study's models), its label,
+    the teacher's scores per model id, and models outside the study always trained on."""
+
+    teacher: str
+    label: str
+    scores: dict[str, np.ndarray]
+    extra: list[str] = field(default_factory=list)
+    epochs: tuple[int, ...] = EPOCHS
+
+
+def tune(plan: Plan, ids: list[str], val: list[str], feats: dict) -> dict[str, Any]:
     """Every setting trained on the non-validation models, scored on the validation ones."""
-    train = [c for c in ids if c not in val]
-    out: dict[str, Any] = {"validation": val, "k": K, "teachers": {}}
-    for name, teacher in teachers.items():
-        raw = [teacher_map(feats[c][0] @ feats[c][1].T, teacher[c], K) for c in val]
-        print(f"{name}: raw features: validation mAP@{K} {np.concatenate(raw).mean():.3f}")
-        scored = {}
-        for setting in GRID:
-            for epochs in EPOCHS:
-                mappers = fit(train, feats, teacher, config_of(setting, epochs))
-                ap = [teacher_map(head_scores(mappers, feats[c]), teacher[c], K) for c in val]
-                key = f"{setting}, {epochs} epochs"
-                scored[key] = float(np.concatenate(ap).mean())
-                print(f"{name}: {key}: validation mAP@{K} {scored[key]:.3f}")
-        best = max(scored, key=lambda s: scored[s])
-        out["teachers"][name] = {
-            "raw_validation_map": float(np.concatenate(raw).mean()),
-            "validation_map": scored,
-            "chosen": best,
-        }
-    return out
+    train = [c for c in ids if c not in val] + plan.extra
+    teacher = plan.scores
+    raw = float(
+        np.concatenate(
+            [teacher_map(feats[c][0] @ feats[c][1].T, teacher[c], K) for c in val]
+        ).mean()
+    )
+    print(f"{plan.label}: raw features: validation mAP@{K} {raw:.3f}")
+    scored = {}
+    for setting in GRID:
+        for epochs in plan.epochs:
+            mappers = fit(train, feats, teacher, config_of(setting, epochs))
+            ap = [teacher_map(head_scores(mappers, feats[c]), teacher[c], K) for c in val]
+            key = f"{setting}, {epochs} epochs"
+            scored[key] = float(np.concatenate(ap).mean())
+            print(f"{plan.label}: {key}: validation mAP@{K} {scored[key]:.3f}")
+    best = max(scored, key=lambda s: scored[s])
+    return {"raw_validation_map": raw, "validation_map": scored, "chosen": best}
+
+
+def plans_of(args: argparse.Namespace, outcomes: list, feats: dict) -> list[Plan]:
+    """The students: one per teacher on the study's models; with --more-teachers, the
+    square-norm student also trained on that folder's models (their teacher scored by
+    `score_cases`, no margins needed)."""
+    gradient = {o.id: o.scores[GRADIENT] for o in outcomes}
+    plans = [
+        Plan(GRADIENT, student_label(GRADIENT), gradient),
+        Plan(
+            CONTRAST,
+            student_label(CONTRAST),
+            {o.id: margin_contrast(o.masks, o.margins.mean(axis=0)) for o in outcomes},
+        ),
+    ]
+    if args.more_teachers:
+        more = world_set_cases(args.more_teachers, size=args.more_sets)
+        feats.update(case_features(more, args.more_teachers / "distill-features.npz"))
+        scores = {c.id: load_scores(args.more_teachers, c, [GRADIENT])[GRADIENT] for c in more}
+        label = f"distilled (square norm, +{len(more)} models of {args.more_sets})"
+        plans.append(Plan(GRADIENT, label, {**gradient, **scores}, list(scores), (3, 10, 30)))
+    return plans
 
 
 def main() -> None:
@@ -153,7 +189,15 @@ def main() -> None:
     ap.add_argument("--world-sets", type=int, default=16)
     ap.add_argument("--models", type=int, default=8)
     ap.add_argument("--validation", nargs="+", required=True, help="case ids to tune on")
+    ap.add_argument("--more-teachers", type=Path, help="a folder of more scored world models")
+    ap.add_argument("--more-sets", type=int, default=64, help="their set size")
+    ap.add_argument(
+        "--abc", action="store_true", help="AbC mAP of students trained on every study model"
+    )
     ap.add_argument("--leave-k-out", type=int, default=0, help="queries per model")
+    ap.add_argument(
+        "--fractions", type=float, nargs="+", default=[0.25], help="leave-K-out's K / N"
+    )
     ap.add_argument("--shard", default="0/1", help="I/N: this process's share of retraining")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -166,32 +210,41 @@ def main() -> None:
         np.testing.assert_allclose(
             feats[case.id][0] @ feats[case.id][1].T, o.scores["world-cnn + text"], atol=1e-4
         )
-    teachers = {
-        GRADIENT: {o.id: o.scores[GRADIENT] for o in outcomes},
-        CONTRAST: {o.id: margin_contrast(o.masks, o.margins.mean(axis=0)) for o in outcomes},
-    }
+    plans = plans_of(args, outcomes, feats)
     tuning_path = work / "tuning.json"
-    if not tuning_path.is_file():
-        write_text_atomic(
-            tuning_path, json.dumps(tune(ids, args.validation, feats, teachers), indent=1)
-        )
-    tuning = json.loads(tuning_path.read_text())
-    missing = [c for c in cases if student_label(CONTRAST) not in scored_labels(args.study, c)]
-    if missing:
-        folds = [ids[i : i + 2] for i in range(0, len(ids), 2)]
-        found: dict[str, dict[str, np.ndarray]] = {c: {} for c in ids}
-        for name, teacher in teachers.items():
-            setting, epochs = tuning["teachers"][name]["chosen"].split(", ")
-            for held in folds:
-                train = [c for c in ids if c not in held]
-                mappers = fit(train, feats, teacher, config_of(setting, int(epochs.split()[0])))
-                for c in held:
-                    found[c][student_label(name)] = head_scores(mappers, feats[c])
+    tuning = (
+        json.loads(tuning_path.read_text())
+        if tuning_path.is_file()
+        else {"validation": args.validation, "k": K, "students": {}}
+    )
+    for plan in plans:
+        if plan.label not in tuning["students"]:
+            tuning["students"][plan.label] = tune(plan, ids, args.validation, feats)
+            write_text_atomic(tuning_path, json.dumps(tuning, indent=1))
+    folds = [ids[i : i + 2] for i in range(0, len(ids), 2)]
+    for plan in plans:
+        if all(plan.label in scored_labels(args.study, c) for c in cases):
+            continue
+        setting, epochs = tuning["students"][plan.label]["chosen"].split(", ")
+        found: dict[str, np.ndarray] = {}
+        for held in folds:
+            train = [c for c in ids if c not in held] + plan.extra
+            config = config_of(setting, int(epochs.split()[0]))
+            mappers = fit(train, feats, plan.scores, config)
+            for c in held:
+                found[c] = head_scores(mappers, feats[c])
         for case in cases:
-            save_scores(args.study, case, {CONTRAST: teachers[CONTRAST][case.id], **found[case.id]})
+            save_scores(args.study, case, {plan.label: found[case.id]})
+    contrast = plans[1].scores
+    for case in cases:
+        if CONTRAST not in scored_labels(args.study, case):
+            save_scores(args.study, case, {CONTRAST: contrast[case.id]})
+    teachers = {GRADIENT: plans[0].scores, CONTRAST: contrast}
     report(args, cases, teachers, tuning)
+    if args.abc:
+        abc(args, plans, ids, feats, tuning)
     if args.leave_k_out:
-        run_leave_k_out(args, cases)
+        run_leave_k_out(args, cases, [p.label for p in plans])
 
 
 def report(args: argparse.Namespace, cases: list[SetCase], teachers: dict, tuning: dict) -> None:
@@ -241,9 +294,54 @@ def report(args: argparse.Namespace, cases: list[SetCase], teachers: dict, tunin
             + " | ".join(f"{row[c]['mean']:.3f} +- {row[c]['se']:.3f}" for c in cols)
             + " |"
         )
+    for label in (x for x in rows if x.startswith("distilled")):
+        teacher = GRADIENT if "square norm" in label else CONTRAST
+        kept = rows[label]["lds"]["mean"] / rows[teacher]["lds"]["mean"]
+        d = paired_difference(values[label], values[teacher])
+        start = paired_difference(values[label], values["world-cnn + text"])
+        print(
+            f"{label}: keeps {kept:.0%} of {teacher}'s LDS "
+            f"(difference {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]); minus its start, "
+            f"world-cnn + text: {start.mean:+.3f} [{start.low:+.3f}, {start.high:+.3f}]"
+        )
 
 
-def run_leave_k_out(args: argparse.Namespace, cases: list[SetCase]) -> None:
+def abc(args: argparse.Namespace, plans: list[Plan], ids: list[str], feats: dict, tuning: dict):
+    """The world benchmark's AbC test cases (gallery: the pre-training images and the query's
+    exemplars; `world_text.py`'s protocol at w = 0.5) through each student trained on every
+    study model, beside the raw features, with the shuffled-prompt control and chance."""
+    from world_text import chance, evaluate_case, image_space, shuffled, text_space, world_cases
+
+    heads: dict[str, Any] = {"world-cnn + text": None}
+    for plan in plans:
+        setting, epochs = tuning["students"][plan.label]["chosen"].split(", ")
+        config = config_of(setting, int(epochs.split()[0]))
+        heads[plan.label] = fit(ids + plan.extra, feats, plan.scores, config)
+    embed_image, embed_text = image_space("world-cnn"), text_space(load_text_encoder("minilm"))
+    out: dict[str, Any] = {}
+    print("\nAbC protocol, world test models, w = 0.5: mAP / Recall@10 (shuffled prompt)")
+    print("| case | chance | " + " | ".join(heads) + " |\n|---|---|" + "---|" * len(heads))
+    for name, (case, _) in world_cases(["object", "unobserved", "style"], ["test"]).items():
+        rng = np.random.default_rng(0)
+        draws = [shuffled(case.query_prompts, case.query_model_ids, rng) for _ in range(3)]
+        n_own = np.diff(np.asarray(case.exemplar_chunks), axis=1)[case.query_model_ids, 0]
+        out[name] = {"chance": chance(len(case.gallery_images), n_own)}
+        for label, mappers in heads.items():
+            got = evaluate_case(
+                case, embed_image, embed_text, (0.5,), {"shuffled prompt": draws}, heads=mappers
+            )
+            out[name][label] = {v: r["0.5"] for v, r in got.items()}
+        cells = [
+            f"{r['prompt']['mAP']:.3f} / {r['prompt']['R@10']:.2f} "
+            f"({r['shuffled prompt']['mAP']:.3f})"
+            for label, r in out[name].items()
+            if label != "chance"
+        ]
+        print(f"| {name} | {out[name]['chance']['mAP']:.4f} | " + " | ".join(cells) + " |")
+    write_text_atomic(args.study / "distill" / "abc.json", json.dumps(out, indent=1))
+
+
+def run_leave_k_out(args: argparse.Namespace, cases: list[SetCase], students: list[str]) -> None:
     """Leave-K-out for the students beside the teachers, the best feature method, random and
     the strongest query-blind control, on the queries the study's table used (units that
     exist are read, not retrained)."""
@@ -251,13 +349,14 @@ def run_leave_k_out(args: argparse.Namespace, cases: list[SetCase]) -> None:
     study = json.loads((args.study / "results.json").read_text())
     control = study.get("leave_k_out", {}).get("control")
     labels = [
-        *(student_label(t) for t in TEACHERS), GRADIENT, CONTRAST, "world-cnn + text", RANDOM,
+        *students, GRADIENT, CONTRAST, "world-cnn + text", RANDOM,
         *([control] if control else []),
     ]  # fmt: skip
     index, count = (int(x) for x in args.shard.split("/"))
     loo = leave_k_out(
         cases, base=base_model_dir(), work=args.study, spec=StudySpec(**doc["spec"]),
         labels=labels, control=control, queries_per_case=args.leave_k_out,
+        fractions=args.fractions,
         shard=(index, count), engine=Engine(),
     )  # fmt: skip
     if loo is None:

@@ -39,6 +39,8 @@ from genattr.data.official import TestCaseFeatures
 from genattr.evaluate import EvaluationResult, evaluate_scores, expected_random_ap
 from genattr.features.registry import get_backbone
 from genattr.features.text import TextEncoder, clean_prompt, load_text_encoder, text_aware
+from genattr.heads.checkpoint import MapperPair
+from genattr.vectors import embed
 from genattr.world.benchmark import load_benchmark
 from genattr.world.captioned import case_name, load_sets
 from genattr.world.clipart import load_data
@@ -151,11 +153,21 @@ def evaluate_case(
     weights: Sequence[float] = WEIGHTS,
     query_texts: dict[str, list[list[str]]] | None = None,
     seed: int = 0,
+    heads: MapperPair | None = None,
 ) -> dict[str, dict[str, dict[str, float]]]:
     """{text variant: {w: {"mAP", "R@10"}}}. Variant "prompt" uses the queries' own prompts
     (cleaned); `query_texts` adds controls, each a list of alternative query texts per draw
     (averaged over draws). Gallery and exemplar texts are always their captions. Ties are
-    broken at random (seeded), not in the exemplar's favour as `evaluate_protocol` does."""
+    broken at random (seeded), not in the exemplar's favour as `evaluate_protocol` does.
+    `heads`: a head pair over the text-aware features (real for gallery and exemplars,
+    synth for queries), e.g. one distilled by `distill_world.py`."""
+
+    def mapped(x: np.ndarray, side: str) -> np.ndarray:
+        if heads is None:
+            return x
+        with torch.no_grad():
+            return embed(torch.from_numpy(x), getattr(heads, side)).numpy()
+
     img = {
         "gallery": embed_image(case.gallery_images),
         "exemplars": embed_image(case.exemplar_images),
@@ -172,11 +184,11 @@ def evaluate_case(
     for name, draws in variants.items():
         q_txts = [embed_text([clean_prompt(t) for t in d]) for d in draws]
         for w in weights:
-            gallery = text_aware(img["gallery"], txt["gallery"], w)
-            exemplars = text_aware(img["exemplars"], txt["exemplars"], w)
+            gallery = mapped(text_aware(img["gallery"], txt["gallery"], w), "real")
+            exemplars = mapped(text_aware(img["exemplars"], txt["exemplars"], w), "real")
             runs = []
             for q_txt in q_txts:
-                queries = text_aware(img["queries"], q_txt, w)[order]
+                queries = mapped(text_aware(img["queries"], q_txt, w), "synth")[order]
                 res = evaluate_scores(
                     _scores(queries, gallery, rng), _scores(queries, exemplars, rng), tc, ks=(K,)
                 )
