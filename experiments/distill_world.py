@@ -18,9 +18,10 @@ head kind and epochs are chosen on the validation pair only, by mAP@4 against th
 and the margins teacher as 'margin contrast', so `counterfactual_table.py` and leave-K-out
 read them like any method. Prints the FastGDA-shaped table over the test models.
 
-`--more-teachers DIR`: a folder where `score_cases` scored the square-norm gradient on more
-world models (e.g. the 8 sets of 64 images); a third student learns that teacher from them
-as well (does more teacher data help?).
+`--more-teachers DIR`: a folder where the square-norm gradient is scored (`score_cases`,
+each model retrained once; 22 min for the 8 sets of 64 images on one core) on more world
+models, of `--more-sets` images; a third student learns that teacher from them as well
+(does more teacher data help?).
 """
 
 from __future__ import annotations
@@ -51,8 +52,10 @@ from genattr.workflows.counterfactual_scores import (
     load_scores,
     read_outcomes,
     save_scores,
+    score_cases,
     scored_labels,
 )
+from genattr.workflows.model_methods import make_method
 from genattr.world.base import base_model_dir
 
 GRADIENT = "gradient (square norm)"
@@ -176,6 +179,8 @@ def plans_of(args: argparse.Namespace, outcomes: list, feats: dict) -> list[Plan
     ]
     if args.more_teachers:
         more = world_set_cases(args.more_teachers, size=args.more_sets)
+        method = {GRADIENT: make_method("gradient", output="square_norm")}  # as shipped
+        score_cases(more, base=base_model_dir(), work=args.more_teachers, methods=method)
         feats.update(case_features(more, args.more_teachers / "distill-features.npz"))
         scores = {c.id: load_scores(args.more_teachers, c, [GRADIENT])[GRADIENT] for c in more}
         label = f"distilled (square norm, +{len(more)} models of {args.more_sets})"
