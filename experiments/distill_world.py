@@ -322,6 +322,10 @@ def abc(args: argparse.Namespace, plans: list[Plan], ids: list[str], feats: dict
         setting, epochs = tuning["students"][plan.label]["chosen"].split(", ")
         config = config_of(setting, int(epochs.split()[0]))
         heads[plan.label] = fit(ids + plan.extra, feats, plan.scores, config)
+        if setting == "channel":  # how much the rescaling leans on the text dimensions
+            w = heads[plan.label].real.weights.detach().numpy().ravel() ** 2
+            text = w[-load_text_encoder("minilm").dim :].sum() / w.sum()
+            print(f"{plan.label}: text dimensions' share of the squared weights {text:.3f}")
     embed_image, embed_text = image_space("world-cnn"), text_space(load_text_encoder("minilm"))
     out: dict[str, Any] = {}
     print("\nAbC protocol, world test models, w = 0.5: mAP / Recall@10 (shuffled prompt)")
