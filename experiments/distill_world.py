@@ -17,6 +17,8 @@ head kind and epochs are chosen on the validation pair only, by mAP@4 against th
 (STUDY/distill/tuning.json). The heads' scores join STUDY as labels 'distilled (<teacher>)'
 and the margins teacher as 'margin contrast', so `counterfactual_table.py` and leave-K-out
 read them like any method. Prints the FastGDA-shaped table over the test models.
+`--abc-head DIR`: also score a head trained on the world's AbC benchmark (`genattr demo
+--out D`: D/heads/world-cnn), on image features alone and beneath the text blend.
 
 `--more-teachers DIR`: a folder where the square-norm gradient is scored (`score_cases`,
 each model retrained once; 22 min for the 8 sets of 64 images on one core) on more world
@@ -55,7 +57,7 @@ from genattr.workflows.counterfactual_scores import (
     score_cases,
     scored_labels,
 )
-from genattr.workflows.model_methods import make_method
+from genattr.workflows.model_methods import FeatureMethod, make_method
 from genattr.world.base import base_model_dir
 
 GRADIENT = "gradient (square norm)"
@@ -188,6 +190,17 @@ def plans_of(args: argparse.Namespace, outcomes: list, feats: dict) -> list[Plan
     return plans
 
 
+def abc_heads(args: argparse.Namespace) -> dict[str, FeatureMethod]:
+    """The AbC-trained head (image features) alone and beneath the text-aware blend."""
+    head = str(args.abc_head)
+    return {
+        "world-cnn, AbC head": FeatureMethod(backbone="world-cnn", head=head),
+        "world-cnn + text, AbC head": FeatureMethod(
+            backbone="world-cnn", head=head, text_weight=TEXT_WEIGHT
+        ),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("study", type=Path)
@@ -199,6 +212,7 @@ def main() -> None:
     ap.add_argument(
         "--abc", action="store_true", help="AbC mAP of students trained on every study model"
     )
+    ap.add_argument("--abc-head", type=Path, help="a head folder trained on the AbC world")
     ap.add_argument("--leave-k-out", type=int, default=0, help="queries per model")
     ap.add_argument(
         "--fractions", type=float, nargs="+", default=[0.25], help="leave-K-out's K / N"
@@ -216,6 +230,8 @@ def main() -> None:
             feats[case.id][0] @ feats[case.id][1].T, o.scores["world-cnn + text"], atol=1e-4
         )
     plans = plans_of(args, outcomes, feats)
+    if args.abc_head:  # heads trained on the world's AbC benchmark (`genattr demo`'s)
+        score_cases(cases, base="no model is loaded", work=args.study, methods=abc_heads(args))
     tuning_path = work / "tuning.json"
     tuning = (
         json.loads(tuning_path.read_text())
@@ -358,7 +374,8 @@ def run_leave_k_out(args: argparse.Namespace, cases: list[SetCase], students: li
     study = json.loads((args.study / "results.json").read_text())
     control = study.get("leave_k_out", {}).get("control")
     labels = [
-        *students, GRADIENT, CONTRAST, "world-cnn + text", RANDOM,
+        *students, GRADIENT, CONTRAST, "world-cnn + text",
+        *(abc_heads(args) if args.abc_head else []), RANDOM,
         *([control] if control else []),
     ]  # fmt: skip
     index, count = (int(x) for x in args.shard.split("/"))
