@@ -315,6 +315,9 @@ def report(args: argparse.Namespace, cases: list[SetCase], teachers: dict, tunin
             + " | ".join(f"{row[c]['mean']:.3f} +- {row[c]['se']:.3f}" for c in cols)
             + " |"
         )
+    for label in (x for x in rows if x.endswith(", AbC head")):
+        d = paired_difference(values[label], values[label.removesuffix(", AbC head")])
+        print(f"{label}: LDS minus without the head {d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]")
     for label in (x for x in rows if x.startswith("distilled")):
         teacher = GRADIENT if "square norm" in label else CONTRAST
         kept = rows[label]["lds"]["mean"] / rows[teacher]["lds"]["mean"]
