@@ -23,7 +23,9 @@ read them like any method. Prints the FastGDA-shaped table over the test models.
 `--more-teachers DIR`: a folder where the square-norm gradient is scored (`score_cases`,
 each model retrained once; 22 min for the 8 sets of 64 images on one core) on more world
 models, of `--more-sets` images; a third student learns that teacher from them as well
-(does more teacher data help?).
+(does more teacher data help?). `--more-queries N`: another square-norm student also
+trained on N new samples of each prompt of each training model (its teacher scored under
+the retrained full-set model): more queries from the same models.
 """
 
 from __future__ import annotations
@@ -45,7 +47,14 @@ from genattr.features.registry import get_backbone
 from genattr.features.text import clean_prompt, load_text_encoder, text_aware
 from genattr.heads.distill import DistillConfig, distill_heads, teacher_map
 from genattr.vectors import embed
-from genattr.workflows.counterfactual import Engine, SetCase, StudySpec, world_set_cases
+from genattr.workflows.counterfactual import (
+    Engine,
+    Retrainer,
+    SetCase,
+    StudySpec,
+    Unit,
+    world_set_cases,
+)
 from genattr.workflows.counterfactual_scores import (
     RANDOM,
     exemplar_results,
@@ -57,6 +66,7 @@ from genattr.workflows.counterfactual_scores import (
     score_cases,
     scored_labels,
 )
+from genattr.workflows.model_cases import ImageSet
 from genattr.workflows.model_methods import FeatureMethod, make_method
 from genattr.world.base import base_model_dir
 
@@ -100,20 +110,34 @@ def case_features(cases: list[SetCase], cache: Path) -> dict[str, tuple[np.ndarr
     return out
 
 
-def fit(
-    train: list[str],
-    feats: dict[str, tuple[np.ndarray, ...]],
-    teacher: dict[str, np.ndarray],
-    config: DistillConfig,
-) -> Any:
-    """One head over the training models' queries and images; a query's teacher row is NaN
-    on every other model's images."""
-    queries = np.concatenate([feats[c][0] for c in train])
-    candidates = np.concatenate([feats[c][1] for c in train])
+@dataclass
+class Plan:
+    """One student: whose ranking it learns (`teacher`, on the study's models), its label,
+    the teacher's scores per model id, and models outside the study always trained on."""
+
+    teacher: str
+    label: str
+    scores: dict[str, np.ndarray]
+    extra: list[str] = field(default_factory=list)
+    epochs: tuple[int, ...] = EPOCHS
+    more: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # id ->
+    # (features, teacher rows) of more queries of that model, for training only
+
+
+def fit(train: list[str], feats: dict, plan: Plan, config: DistillConfig) -> Any:
+    """One head over the training models' queries (with the plan's extra queries of those
+    models) and images; a query's teacher row is NaN on every other model's images."""
+    blocks = []
+    for case in train:
+        q, t = feats[case][0], plan.scores[case]
+        if case in plan.more:
+            q, t = np.concatenate([q, plan.more[case][0]]), np.concatenate([t, plan.more[case][1]])
+        blocks.append((q, feats[case][1], t))
+    queries = np.concatenate([b[0] for b in blocks])
+    candidates = np.concatenate([b[1] for b in blocks])
     scores = np.full((len(queries), len(candidates)), np.nan)
     r = c = 0
-    for case in train:
-        t = teacher[case]
+    for _, _, t in blocks:
         scores[r : r + t.shape[0], c : c + t.shape[1]] = t
         r, c = r + t.shape[0], c + t.shape[1]
     return distill_heads(
@@ -132,18 +156,6 @@ def config_of(setting: str, epochs: int) -> DistillConfig:
     return DistillConfig(cutoff=16, epochs=epochs, batch_size=256, **GRID[setting])
 
 
-@dataclass
-class Plan:
-    """One student: whose ranking it learns (`teacher`, on the study's models), its label,
-    the teacher's scores per model id, and models outside the study always trained on."""
-
-    teacher: str
-    label: str
-    scores: dict[str, np.ndarray]
-    extra: list[str] = field(default_factory=list)
-    epochs: tuple[int, ...] = EPOCHS
-
-
 def tune(plan: Plan, ids: list[str], val: list[str], feats: dict) -> dict[str, Any]:
     """Every setting trained on the non-validation models, scored on the validation ones."""
     train = [c for c in ids if c not in val] + plan.extra
@@ -157,13 +169,43 @@ def tune(plan: Plan, ids: list[str], val: list[str], feats: dict) -> dict[str, A
     scored = {}
     for setting in GRID:
         for epochs in plan.epochs:
-            mappers = fit(train, feats, teacher, config_of(setting, epochs))
+            mappers = fit(train, feats, plan, config_of(setting, epochs))
             ap = [teacher_map(head_scores(mappers, feats[c]), teacher[c], K) for c in val]
             key = f"{setting}, {epochs} epochs"
             scored[key] = float(np.concatenate(ap).mean())
             print(f"{plan.label}: {key}: validation mAP@{K} {scored[key]:.3f}")
     best = max(scored, key=lambda s: scored[s])
     return {"raw_validation_map": raw, "validation_map": scored, "chosen": best}
+
+
+def more_queries(
+    cases: list[SetCase], work: Path, per_prompt: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """case id -> (features, square-norm teacher rows) of `per_prompt` new samples of each of
+    its model's prompts (seeds from 10,000, the recorded sampler), under the full-set model
+    (seed 0) retrained here; cached per case in WORK."""
+    out = {}
+    retrainer, method = None, make_method("gradient", output="square_norm")
+    backbone, text = get_backbone("world-cnn"), load_text_encoder("minilm")
+    for case in cases:
+        path = work / f"{case.id}-{per_prompt}.npz"
+        if not path.is_file():
+            retrainer = retrainer or Retrainer(base_model_dir())
+            retrainer.train(case, Unit((True,) * len(case.train), 0))
+            prompts = [p for p in case.queries.prompts for _ in range(per_prompt)]
+            seeds = [10_000 + k for k in range(len(prompts))]
+            images = retrainer.sample(case, prompts, seeds)
+            queries = ImageSet(images, prompts, [f"{case.id}/more/{k}" for k in seeds])
+            method.prepare(retrainer.pipe, [case.train], None, False)
+            teacher = method.scores(retrainer.pipe, queries, False)
+            img = embed_images(backbone, [Image.fromarray(a) for a in images])
+            words = text.encode([clean_prompt(w) for w in prompts], progress=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            feats = text_aware(img, words, TEXT_WEIGHT)
+            np.savez(path, images=images, features=feats, teacher=teacher)
+        got = np.load(path)
+        out[case.id] = (got["features"], got["teacher"])
+    return out
 
 
 def plans_of(args: argparse.Namespace, outcomes: list, feats: dict) -> list[Plan]:
@@ -187,6 +229,12 @@ def plans_of(args: argparse.Namespace, outcomes: list, feats: dict) -> list[Plan
         scores = {c.id: load_scores(args.more_teachers, c, [GRADIENT])[GRADIENT] for c in more}
         label = f"distilled (square norm, +{len(more)} models of {args.more_sets})"
         plans.append(Plan(GRADIENT, label, {**gradient, **scores}, list(scores), (3, 10, 30)))
+    if args.more_queries:
+        cases = world_set_cases(args.study, size=args.world_sets, models=args.models)
+        more = more_queries(cases, args.study / "distill" / "more-queries", args.more_queries)
+        n = len(cases[0].queries) * args.more_queries
+        label = f"distilled (square norm, +{n} queries per model)"
+        plans.append(Plan(GRADIENT, label, gradient, epochs=(3, 10, 30), more=more))
     return plans
 
 
@@ -213,6 +261,9 @@ def main() -> None:
         "--abc", action="store_true", help="AbC mAP of students trained on every study model"
     )
     ap.add_argument("--abc-head", type=Path, help="a head folder trained on the AbC world")
+    ap.add_argument(
+        "--more-queries", type=int, default=0, help="new samples per prompt, square norm"
+    )
     ap.add_argument("--leave-k-out", type=int, default=0, help="queries per model")
     ap.add_argument(
         "--fractions", type=float, nargs="+", default=[0.25], help="leave-K-out's K / N"
@@ -251,7 +302,7 @@ def main() -> None:
         for held in folds:
             train = [c for c in ids if c not in held] + plan.extra
             config = config_of(setting, int(epochs.split()[0]))
-            mappers = fit(train, feats, plan.scores, config)
+            mappers = fit(train, feats, plan, config)
             for c in held:
                 found[c] = head_scores(mappers, feats[c])
         for case in cases:
@@ -340,7 +391,7 @@ def abc(args: argparse.Namespace, plans: list[Plan], ids: list[str], feats: dict
     for plan in plans:
         setting, epochs = tuning["students"][plan.label]["chosen"].split(", ")
         config = config_of(setting, int(epochs.split()[0]))
-        heads[plan.label] = fit(ids + plan.extra, feats, plan.scores, config)
+        heads[plan.label] = fit(ids + plan.extra, feats, plan, config)
         if setting == "channel":  # how much the rescaling leans on the text dimensions
             w = heads[plan.label].real.weights.detach().numpy().ravel() ** 2
             text = w[-load_text_encoder("minilm").dim :].sum() / w.sum()

@@ -194,20 +194,28 @@ class Retrainer:
     def regenerate(self, case: SetCase, row: int) -> np.ndarray:
         """Query `row` sampled again from its own seed by the pipeline as it is now, (S, S, 3)
         uint8 at the query's size."""
-        if case.sample is None or case.query_seeds is None:
+        if case.query_seeds is None:
+            raise GenattrError(f"case {case.id} does not record how its queries were sampled")
+        return self.sample(case, [case.queries.prompts[row]], [case.query_seeds[row]])[0]
+
+    def sample(self, case: SetCase, prompts: Sequence[str], seeds: Sequence[int]) -> np.ndarray:
+        """(n, S, S, 3) uint8: each prompt sampled from its seed by the pipeline as it is now,
+        with the case's recorded sampler, at the queries' size (new queries of the model)."""
+        if case.sample is None:
             raise GenattrError(f"case {case.id} does not record how its queries were sampled")
         original = self.pipe.scheduler
         set_scheduler(self.pipe, case.sample.scheduler)
+        size = case.queries.images.shape[1:3]
+        out = []
         try:
-            (image,) = render(
-                self.pipe, case.queries.prompts[row], [case.query_seeds[row]], case.sample
-            )
+            for prompt, seed in zip(prompts, seeds, strict=True):
+                (image,) = render(self.pipe, prompt, [seed], case.sample)
+                if image.size != size[::-1]:
+                    image = image.resize(size[::-1], Image.Resampling.BICUBIC)
+                out.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
         finally:
             self.pipe.scheduler = original
-        size = case.queries.images.shape[1:3]
-        if image.size != size[::-1]:
-            image = image.resize(size[::-1], Image.Resampling.BICUBIC)
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return np.stack(out) if out else np.zeros((0, *size, 3), np.uint8)
 
 
 def unit_path(work: Path, case: SetCase, unit: Unit) -> Path:
