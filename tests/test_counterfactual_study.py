@@ -213,6 +213,10 @@ def test_cli_runs_a_study_on_a_make_benchmark_folder(tiny, tmp_path):
     assert np.abs(again - query).mean() < 0.5  # grey levels: the same image
     bench_case.query_seeds = [0, 7]
     assert np.abs(retrainer.regenerate(bench_case, 1) - query).mean() > 2.0  # other noise
+    # new queries: any prompt and seed with the same sampler (seed 1 is query 1 again)
+    more = retrainer.sample(bench_case, [bench_case.queries.prompts[1]] * 2, [1, 7])
+    assert more.shape == (2, *query.shape) and more.dtype == np.uint8
+    assert np.abs(more[0] - query).mean() < 0.5 and np.abs(more[1] - query).mean() > 2.0
     res = CliRunner().invoke(app, [*args, "--write-teacher", "gradient-loss"])  # resumed
     assert res.exit_code == 0 and "teacher:" in res.output, res.output
     from genattr.heads.distill import read_teacher
