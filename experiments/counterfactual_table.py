@@ -8,7 +8,8 @@ ranking of the methods agrees with LDS's; leave-K-out from STUDY/results.json.
         --exclude set016-0 set016-1 --pack src/genattr/world/data/world_counterfactual16.npz
 
 `--exclude`: the validation models the settings were tuned on; `--pack`: what `genattr demo`
-shows.
+shows; `--drop`: labels left out (the margin contrast written by `distill_world.py`, a
+teacher whose LDS on these margins is in-sample).
 
 Recomputed from each case's margins.npz and scores/ with `genattr.counterfactual` (no model
 is loaded). Labels of settings not chosen on the validation models (STUDY/tuning.json) are
@@ -55,12 +56,18 @@ def main() -> None:
     ap.add_argument("--exclude", nargs="*", default=[], help="case ids to leave out")
     ap.add_argument("--pack", type=Path, help="also pack the cases shown into this .npz")
     ap.add_argument("--shipped", action="store_true", help="only the shipped settings")
+    ap.add_argument(
+        "--drop", nargs="*", default=["margin contrast"],
+        help="labels left out (default: the margins teacher, whose LDS is in-sample)",
+    )  # fmt: skip
     args = ap.parse_args()
     cases = world_set_cases(args.study, size=args.world_sets, models=args.models)
     cases = [c for c in cases if c.id not in args.exclude]
     common = set.intersection(*(set(scored_labels(args.study, c)) for c in cases))
     labels = _labels(
-        args.study, [x for x in scored_labels(args.study, cases[0]) if x in common], args.shipped
+        args.study,
+        [x for x in scored_labels(args.study, cases[0]) if x in common and x not in args.drop],
+        args.shipped,
     )
     outcomes = read_outcomes(cases, work=args.study, labels=labels)
     values, ceiling = lds_per_query(outcomes, labels)
