@@ -254,7 +254,9 @@ def train_head(
     store_real: Annotated[Path, typer.Option(help="Store with the exemplar (real) images.")],
     store_synth: Annotated[Path, typer.Option(help="Store with the synthesized images.")],
     out: Annotated[Path, typer.Option(help="Head directory: head.safetensors + head.json.")],
-    head: Annotated[str, typer.Option(help="linear, mlp or channel.")] = "linear",
+    head: Annotated[
+        str, typer.Option(help="linear, mlp, channel, or fastgda (FastGDA's MLP; distill only).")
+    ] = "linear",
     distractors: Annotated[
         Path | None, typer.Option(help="Store of distractor training images (negatives).")
     ] = None,
