@@ -179,3 +179,58 @@ def test_fastgda_head_has_their_shape_and_round_trips_through_a_head_folder(tmp_
     assert back.kind == "fastgda" and doc["head"] == "fastgda"
     with torch.no_grad():
         torch.testing.assert_close(back.synth(queries), mappers.synth(queries))
+
+
+def test_a_head_distilled_over_extracted_stores_attributes_as_it_ranks(tmp_path):
+    """Stores from `genattr extract` (pixel backbone), a teacher over their paths, FastGDA's
+    shared MLP distilled, `index build`, then `genattr attribute`: each query's answers are
+    the head's own ranking of the training images, computed here in memory."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from genattr.cli import app
+    from genattr.heads.checkpoint import load_heads
+    from genattr.heads.distill import Teacher, write_teacher
+    from genattr.store import EmbeddingStore
+    from tests.support import shape_image
+
+    rng = np.random.default_rng(0)
+    colours = rng.integers(0, 255, (12, 3))
+    for k, c in enumerate(colours):
+        folder = tmp_path / ("queries" if k < 4 else "train")
+        shape_image(folder / f"{k:02d}.png", "disc" if k % 2 else "box", tuple(int(x) for x in c))
+
+    def run(*args: object) -> str:
+        res = CliRunner().invoke(app, [str(a) for a in args])
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    for part in ("queries", "train"):
+        run("extract", "--features", "pixel", "--images", tmp_path / part, "--out",
+            tmp_path / f"store_{part}", "--no-progress")  # fmt: skip
+    synth, real = (EmbeddingStore.open(tmp_path / f"store_{p}") for p in ("queries", "train"))
+    teacher = rng.normal(size=(len(synth.paths), len(real.paths)))
+    write_teacher(Teacher(synth.paths, real.paths, teacher, "planted"), tmp_path / "t.npz")
+    run("train-head", "--objective", "distill", "--teacher", tmp_path / "t.npz",
+        "--store-real", tmp_path / "store_train", "--store-synth", tmp_path / "store_queries",
+        "--out", tmp_path / "head", "--head", "fastgda", "--shared", "--cutoff", "4",
+        "--epochs", "2")  # fmt: skip
+    run("index", "build", "--store", tmp_path / "store_train", "--head", tmp_path / "head",
+        "--out", tmp_path / "index", "--no-progress")  # fmt: skip
+    run("attribute", *synth.paths, "--index", tmp_path / "index", "--top-k", "8",
+        "--format", "json", "--out", tmp_path / "a.json")  # fmt: skip
+    answers = json.loads((tmp_path / "a.json").read_text())
+    mappers, doc = load_heads(tmp_path / "head")
+    assert doc["head"] == "fastgda" and doc["objective"] == "distill"
+    q = torch.from_numpy(np.asarray(synth.vectors[np.arange(len(synth.paths))], np.float32))
+    t = torch.from_numpy(np.asarray(real.vectors[np.arange(len(real.paths))], np.float32))
+    with torch.no_grad():
+        scores = (embed(q, mappers.synth) @ embed(t, mappers.real).T).numpy()
+    column = {path: i for i, path in enumerate(real.paths)}
+    for row, answer in zip(scores, answers, strict=True):  # every image, by the head's cosine
+        got = [(column[r["path"]], r["similarity"]) for r in answer["results"]]
+        assert sorted(i for i, _ in got) == list(range(len(real.paths)))
+        np.testing.assert_allclose([s for _, s in got], row[[i for i, _ in got]], atol=1e-5)
+        similarities = [s for _, s in got]
+        assert similarities == sorted(similarities, reverse=True)  # best first
