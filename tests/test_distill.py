@@ -57,7 +57,7 @@ def test_distilled_linear_head_recovers_a_planted_teacher():
     queries, candidates = torch.randn(q, d, generator=gen), torch.randn(c, d, generator=gen)
     teacher = _cos(queries @ hidden.T, candidates @ hidden.T)
     train, held = slice(0, 120), slice(120, None)
-    config = DistillConfig(cutoff=50, epochs=40, batch_size=512, lr=1e-2)
+    config = DistillConfig(cutoff=50, epochs=100, batch_size=512, lr=1e-2)
     result = distill_heads(queries[train], candidates, teacher[train], config)
     raw = teacher_map(_cos(queries[held], candidates), teacher[held], k).mean()
     with torch.no_grad():
@@ -66,8 +66,9 @@ def test_distilled_linear_head_recovers_a_planted_teacher():
         ).numpy()
     got = teacher_map(student, teacher[held], k).mean()
     assert result.history[-1]["loss"] < result.history[0]["loss"]
-    # measured over seeds 0-2: raw features 0.38-0.42, the distilled head 0.80-0.84
-    assert raw < 0.5 and got > 0.7 and got - raw > 0.3, (raw, got)
+    # measured over seeds 0-2: raw features 0.38-0.42, the distilled head 0.96-0.97 (100
+    # epochs; 0.81-0.83 after 40)
+    assert raw < 0.5 and got > 0.9, (raw, got)
 
 
 def _store(path, feats: torch.Tensor, names: list[str]):
