@@ -45,7 +45,7 @@ from genattr.counterfactual import lds, margin_contrast, paired_difference, summ
 from genattr.features.embedder import embed_images
 from genattr.features.registry import get_backbone
 from genattr.features.text import clean_prompt, load_text_encoder, text_aware
-from genattr.heads.distill import DistillConfig, distill_heads, teacher_map
+from genattr.heads.distill import DistillConfig, distill_heads, pool_teachers, teacher_map
 from genattr.vectors import embed
 from genattr.workflows.counterfactual import (
     Engine,
@@ -88,23 +88,27 @@ def student_label(teacher: str) -> str:
     return f"distilled ({TEACHERS[teacher]})"
 
 
+def joint_features(space: tuple[Any, Any], images: np.ndarray, words: list[str]) -> np.ndarray:
+    """The students' space: world-cnn image features and MiniLM text features, text-aware."""
+    backbone, text = space
+    img = embed_images(backbone, [Image.fromarray(a) for a in images])
+    txt = text.encode([clean_prompt(w) for w in words], progress=False)
+    return text_aware(img, txt, TEXT_WEIGHT)
+
+
 def case_features(cases: list[SetCase], cache: Path) -> dict[str, tuple[np.ndarray, ...]]:
     """case id -> (query features, training-image features), text-aware, cached."""
     if cache.is_file():
         got = np.load(cache)
         return {c.id: (got[f"{c.id}/q"], got[f"{c.id}/t"]) for c in cases}
-    backbone, text = get_backbone("world-cnn"), load_text_encoder("minilm")
-    out = {}
-    for case in cases:
-        pair = []
-        for images, words in (
-            (case.queries.images, case.queries.prompts),
-            (case.train.images, case.train.prompts),
-        ):
-            img = embed_images(backbone, [Image.fromarray(a) for a in images])
-            txt = text.encode([clean_prompt(w) for w in words], progress=False)
-            pair.append(text_aware(img, txt, TEXT_WEIGHT))
-        out[case.id] = tuple(pair)
+    space = get_backbone("world-cnn"), load_text_encoder("minilm")
+    out = {
+        case.id: (
+            joint_features(space, case.queries.images, case.queries.prompts),
+            joint_features(space, case.train.images, case.train.prompts),
+        )
+        for case in cases
+    }
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **{f"{k}/{s}": v[i] for k, v in out.items() for i, s in enumerate("qt")})
     return out
@@ -135,11 +139,7 @@ def fit(train: list[str], feats: dict, plan: Plan, config: DistillConfig) -> Any
         blocks.append((q, feats[case][1], t))
     queries = np.concatenate([b[0] for b in blocks])
     candidates = np.concatenate([b[1] for b in blocks])
-    scores = np.full((len(queries), len(candidates)), np.nan)
-    r = c = 0
-    for _, _, t in blocks:
-        scores[r : r + t.shape[0], c : c + t.shape[1]] = t
-        r, c = r + t.shape[0], c + t.shape[1]
+    scores = pool_teachers([b[2] for b in blocks])
     return distill_heads(
         torch.from_numpy(queries), torch.from_numpy(candidates), scores, config
     ).mappers
@@ -186,7 +186,7 @@ def more_queries(
     (seed 0) retrained here; cached per case in WORK."""
     out = {}
     retrainer, method = None, make_method("gradient", output="square_norm")
-    backbone, text = get_backbone("world-cnn"), load_text_encoder("minilm")
+    space = None  # models loaded only for a case not cached yet
     for case in cases:
         path = work / f"{case.id}-{per_prompt}.npz"
         if not path.is_file():
@@ -198,10 +198,9 @@ def more_queries(
             queries = ImageSet(images, prompts, [f"{case.id}/more/{k}" for k in seeds])
             method.prepare(retrainer.pipe, [case.train], None, False)
             teacher = method.scores(retrainer.pipe, queries, False)
-            img = embed_images(backbone, [Image.fromarray(a) for a in images])
-            words = text.encode([clean_prompt(w) for w in prompts], progress=False)
+            space = space or (get_backbone("world-cnn"), load_text_encoder("minilm"))
+            feats = joint_features(space, images, prompts)
             path.parent.mkdir(parents=True, exist_ok=True)
-            feats = text_aware(img, words, TEXT_WEIGHT)
             np.savez(path, images=images, features=feats, teacher=teacher)
         got = np.load(path)
         out[case.id] = (got["features"], got["teacher"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
@@ -69,6 +70,17 @@ def scored_per_query(teacher: np.ndarray) -> int:
             f"teacher scores must be a (queries, candidates) matrix, finite or NaN: {t.shape}"
         )
     return int(np.isfinite(t).sum(axis=1).min()) if len(t) else 0
+
+
+def pool_teachers(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    """One teacher over several models from each model's (Q_i, C_i) scores: the blocks on
+    the diagonal, NaN elsewhere (a query is no candidate's but its own model's)."""
+    out = np.full((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)), np.nan)
+    r = c = 0
+    for block in blocks:
+        out[r : r + block.shape[0], c : c + block.shape[1]] = block
+        r, c = r + block.shape[0], c + block.shape[1]
+    return out
 
 
 def teacher_ranks(teacher: np.ndarray, cutoff: int) -> np.ndarray:

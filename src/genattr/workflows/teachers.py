@@ -17,7 +17,7 @@ import numpy as np
 
 from genattr.counterfactual import margin_contrast
 from genattr.errors import GenattrError
-from genattr.heads.distill import Teacher, write_teacher
+from genattr.heads.distill import Teacher, pool_teachers, write_teacher
 from genattr.workflows.counterfactual import SetCase
 from genattr.workflows.counterfactual_scores import load_scores, scored_labels, slug
 from genattr.world.clipart import save_png
@@ -58,12 +58,8 @@ def study_teacher(work: str | Path, cases: Sequence[SetCase], label: str) -> Tea
             for r in rows
         ]
         candidate_paths += [str(p) for p in case.train_paths]
-    out = np.full((len(query_paths), len(candidate_paths)), np.nan, dtype=np.float32)
-    r = c = 0
-    for block in blocks:
-        out[r : r + block.shape[0], c : c + block.shape[1]] = block
-        r, c = r + block.shape[0], c + block.shape[1]
-    return Teacher(query_paths, candidate_paths, out, label)
+    scores = pool_teachers(blocks).astype(np.float32)
+    return Teacher(query_paths, candidate_paths, scores, label)
 
 
 def write_study_teacher(
